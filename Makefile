@@ -1,0 +1,53 @@
+# poststack-relay: `make run` starts sandbox + relay on loopback, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN := .run
+RELAY_PORT ?= 8587
+SANDBOX_PORT ?= 8025
+# The sandbox's service key, from etc/sandbox.json (a sandbox secret, not a real one).
+SANDBOX_SERVICE_KEY ?= sk_test_sandbox_service
+export PYTHONPATH := .
+
+.PHONY: run test venv cert clean lint
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+cert: $(RUN)/cert.pem
+
+$(RUN)/cert.pem:
+	mkdir -p $(RUN)
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+	    -keyout $(RUN)/key.pem -out $(RUN)/cert.pem -days 365 -subj /CN=localhost \
+	    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+	chmod 600 $(RUN)/key.pem
+
+run: venv cert
+	@if [ -f $(RUN)/sandbox.pid ] && kill -0 $$(cat $(RUN)/sandbox.pid) 2>/dev/null; then \
+	    kill $$(cat $(RUN)/sandbox.pid); sleep 1; fi
+	$(VENV)/bin/twistd --pidfile $(RUN)/sandbox.pid --logfile $(RUN)/sandbox.log \
+	    poststack-sandbox --port $(SANDBOX_PORT) --interface 127.0.0.1 \
+	    --db $(RUN)/sandbox.sqlite3 --data etc/sandbox.json
+	@echo
+	@echo "Sandbox API: http://127.0.0.1:$(SANDBOX_PORT) (stored emails: curl http://127.0.0.1:$(SANDBOX_PORT)/_sandbox/emails)"
+	@echo "Relay: implicit TLS on 127.0.0.1:$(RELAY_PORT). Send a test mail with:"
+	@echo "  $(PY) -m poststack_relay.sendtest --port $(RELAY_PORT) --cafile $(RUN)/cert.pem"
+	@echo "Stop with Ctrl-C."
+	@echo
+	trap 'kill $$(cat $(RUN)/sandbox.pid) 2>/dev/null' EXIT INT TERM; \
+	POSTSTACK_RELAY_SERVICE_KEY=$(SANDBOX_SERVICE_KEY) \
+	$(VENV)/bin/twistd -n --pidfile= poststack-relay --port $(RELAY_PORT) --interface 127.0.0.1 \
+	    --tls-cert $(RUN)/cert.pem --tls-key $(RUN)/key.pem \
+	    --api-url http://127.0.0.1:$(SANDBOX_PORT) --hostname localhost
+
+test: venv
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+clean:
+	rm -rf $(RUN) build *.egg-info _trial_temp

@@ -1,0 +1,14 @@
+# -*- test-case-name: tests -*-
+"""
+poststack-relay: an implicit-TLS SMTP submission gateway to the PostStack
+email API.
+
+The public surface is small: L{RelayConfig} and L{makeRelayService} for
+embedding, the twistd plugin C{poststack-relay} for running.
+"""
+
+from ._version import __version__
+from .config import ConfigError, RelayConfig
+from .service import makeRelayService
+
+__all__ = ["__version__", "ConfigError", "RelayConfig", "makeRelayService"]

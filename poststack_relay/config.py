@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The relay's configuration: one frozen attrs value, built once at start-up.
+
+Everything downstream of option parsing takes a L{RelayConfig}.  Secrets
+(the service key) are kept out of C{repr()} so a logged config never leaks
+them.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Optional
+
+import attrs
+
+DEFAULT_API_URL = "https://api.poststack.dev"
+DEFAULT_PORT = 587
+# Postfix's message_size_limit is 10240000; PostStack accepts larger emails
+# and users send attachments, so the relay defaults to 25 MiB of MIME.
+DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
+DEFAULT_MAX_RECIPIENTS = 50
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_TLS_DETECT_TIMEOUT = 2.0
+DEFAULT_API_TIMEOUT = 25.0
+DEFAULT_AUTH_CACHE_TTL = 60.0
+DEFAULT_AUTH_NEGATIVE_TTL = 10.0
+
+
+class ConfigError(Exception):
+    """
+    A configuration value cannot be used; the message is one line for the
+    operator.
+    """
+
+
+def mask_secret(value: Optional[str]) -> str:
+    """
+    Show only a short prefix of a secret: C{sk_live_ab…}.
+    """
+    if not value:
+        return "(unset)"
+    return value[:10] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def _default_hostname() -> str:
+    try:
+        return socket.getfqdn() or "localhost"
+    except OSError:  # pragma: no cover - depends on the host
+        return "localhost"
+
+
+def _positive(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be positive, not {value}")
+
+
+def _not_negative(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must not be negative, not {value}")
+
+
+def _port(instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, not {value}")
+
+
+@attrs.frozen
+class RelayConfig:
+    """
+    Everything the relay needs to run.
+
+    @ivar port: TCP port of the implicit-TLS listener (0: any free port).
+    @ivar interface: address to bind; C{""} means all interfaces.
+    @ivar tls_cert: path of a PEM file with the certificate, optionally
+        followed by its chain (and optionally the key).
+    @ivar tls_key: path of the PEM private key; C{None} if in C{tls_cert}.
+    @ivar api_url: base URL of the PostStack API.
+    @ivar service_key: the relay's own key, used for mailbox logins and
+        mailbox users' sends; C{None} disables mailbox logins.
+    @ivar hostname: the name in the greeting and the EHLO reply.
+    @ivar max_message_size: largest message accepted, in octets (SIZE).
+    @ivar max_recipients: most RCPT TO per message.
+    @ivar idle_timeout: seconds a client may stay silent.
+    @ivar tls_detect_timeout: seconds to wait for a TLS ClientHello before
+        telling a plaintext client that the port needs TLS; 0 disables.
+    @ivar api_timeout: seconds one API request may take.
+    @ivar auth_cache_ttl: seconds a successful credential check is reused.
+    @ivar auth_negative_ttl: seconds a failed credential check is reused.
+    """
+
+    tls_cert: str
+    tls_key: Optional[str] = None
+    port: int = attrs.field(default=DEFAULT_PORT, validator=_port)
+    interface: str = ""
+    api_url: str = DEFAULT_API_URL
+    service_key: Optional[str] = attrs.field(default=None, repr=mask_secret)
+    hostname: str = attrs.field(factory=_default_hostname)
+    max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
+    max_recipients: int = attrs.field(default=DEFAULT_MAX_RECIPIENTS, validator=_positive)
+    idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=_positive)
+    tls_detect_timeout: float = attrs.field(
+        default=DEFAULT_TLS_DETECT_TIMEOUT, validator=_not_negative
+    )
+    api_timeout: float = attrs.field(default=DEFAULT_API_TIMEOUT, validator=_positive)
+    auth_cache_ttl: float = attrs.field(default=DEFAULT_AUTH_CACHE_TTL, validator=_not_negative)
+    auth_negative_ttl: float = attrs.field(
+        default=DEFAULT_AUTH_NEGATIVE_TTL, validator=_not_negative
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if not self.api_url.startswith(("https://", "http://")):
+            raise ConfigError(f"api-url must start with https:// or http://, not {self.api_url!r}")
+        if not self.hostname or any(c.isspace() for c in self.hostname):
+            raise ConfigError(f"hostname must be a host name, not {self.hostname!r}")

@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_delivery -*-
+"""
+Message delivery: one SMTP transaction becomes one C{POST /emails}.
+
+L{RelayDelivery} is the avatar an authenticated session gets from the
+cred realm.  The relay's protocol hands it the whole transaction at once
+(envelope + raw message) through L{RelayDelivery.deliver}, so there is
+exactly one API call per transaction however many recipients it has.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from . import replies
+from .api import APIError, IEmailAPI
+from .auth import Identity
+from .replies import Reply
+from .translate import Envelope, TranslationError, translate
+
+_log = Logger()
+
+
+class IRelayDelivery(Interface):
+    """
+    The avatar of an authenticated SMTP session: it validates the envelope
+    sender and delivers whole transactions.
+
+    (Twisted's C{IMessageDelivery} hands out one message object per
+    recipient and replies C{250} or C{550} itself; the relay needs one API
+    call per transaction and exact replies, so it uses this interface.)
+    """
+
+    identity = Attribute("The L{Identity} that logged in.")
+
+    def validate_sender(address: str) -> Optional[Reply]:
+        """
+        C{None} if C{address} may be the envelope sender, else the reply.
+        """
+
+    def deliver(envelope: Envelope, raw: bytes, session: str) -> "Deferred[Reply]":
+        """
+        Translate and send one transaction; fires with the client's reply.
+        """
+
+
+def sender_reply(identity: Identity, address: str) -> Optional[Reply]:
+    """
+    Is C{address} (from C{MAIL FROM}) an acceptable envelope sender for
+    C{identity}?  C{None} if so, else the rejection.
+    """
+    if address == "":
+        # The null sender: permitted; the From header then names the sender.
+        return None
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or "." not in domain.strip("."):
+        return replies.SENDER_NO_DOMAIN
+    if identity.mailbox is not None and address.lower() != identity.mailbox.lower():
+        return replies.SENDER_NOT_OWNED
+    return None
+
+
+@implementer(IRelayDelivery)
+class RelayDelivery:
+    """
+    The delivery avatar of one authenticated identity.
+
+    @param identity: who logged in.
+    @param api: where the emails go.
+    """
+
+    def __init__(self, identity: Identity, api: IEmailAPI) -> None:
+        self.identity = identity
+        self._api = api
+
+    def validate_sender(self, address: str) -> Optional[Reply]:
+        """
+        See L{sender_reply}.
+        """
+        return sender_reply(self.identity, address)
+
+    def deliver(self, envelope: Envelope, raw: bytes, session: str = "-") -> "Deferred[Reply]":
+        """
+        Translate and send one message.  Always fires with the reply for the
+        client (never fails): 250 only when the API returned an email id.
+        """
+        started = time.monotonic()
+        identity = self.identity
+
+        def log(reply: Reply, email_id: Optional[str] = None, status: Optional[int] = None,
+                api_ms: Optional[float] = None) -> None:
+            _log.info(
+                "{session} {outcome} from={mail_from} rcpts={rcpt_count} size={size} "
+                "identity={identity} api_status={api_status} id={email_id} "
+                "reply={reply_code} {reply_enhanced} api_ms={api_ms} ms={total_ms}",
+                event="smtp_transaction",
+                outcome="relayed" if email_id else "rejected",
+                session=session,
+                mail_from=envelope.mail_from,
+                rcpt_count=len(envelope.rcpt_to),
+                size=len(raw),
+                identity=identity.label,
+                api_status=status,
+                email_id=email_id,
+                reply_code=reply.code,
+                reply_enhanced=reply.enhanced,
+                reply_text=reply.text,
+                api_ms=None if api_ms is None else round(api_ms, 1),
+                total_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
+        try:
+            request = translate(raw, envelope, mailbox=identity.mailbox)
+        except TranslationError as e:
+            reply = Reply(e.code, e.enhanced, replies.clean_text(e.text))
+            log(reply)
+            return _succeed(reply)
+        except Exception:  # never crash on input; never a wrong 250
+            _log.failure("translation failed unexpectedly", event="translate_crash", session=session)
+            reply = replies.LOCAL_ERROR
+            log(reply)
+            return _succeed(reply)
+
+        api_started = time.monotonic()
+        d = self._api.send_email(identity.api_key, request)
+
+        def sent(email_id: str) -> Reply:
+            reply = replies.queued(email_id)
+            log(reply, email_id, 202, (time.monotonic() - api_started) * 1000)
+            return reply
+
+        def failed(failure: Any) -> Reply:
+            api_ms = (time.monotonic() - api_started) * 1000
+            if failure.check(APIError):
+                err: APIError = failure.value
+                log(err.reply, None, err.status, api_ms)
+                return err.reply
+            _log.failure(
+                "API call failed unexpectedly", failure, event="api_crash", session=session
+            )
+            log(replies.LOCAL_ERROR, None, None, api_ms)
+            return replies.LOCAL_ERROR
+
+        d.addCallbacks(sent, failed)
+        return d
+
+
+def _succeed(value: Any) -> "Deferred[Any]":
+    d: Deferred[Any] = Deferred()
+    d.callback(value)
+    return d

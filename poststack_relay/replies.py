@@ -1,0 +1,166 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""
+Every SMTP reply the relay sends, in one table.
+
+A reply is a three-digit code, an RFC 3463 enhanced status code and a text
+that tells the user what to do.  Replies are never assembled ad hoc in the
+protocol: the protocol picks one from here, or builds one with the helpers
+below, which keep the text on one line and in printable ASCII.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+
+@attrs.frozen
+class Reply:
+    """
+    One SMTP reply.
+
+    @ivar code: the basic reply code, e.g. C{250}.
+    @ivar enhanced: the RFC 3463 enhanced status code, e.g. C{"2.0.0"}.
+    @ivar text: a single line of printable ASCII.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    def line(self) -> bytes:
+        """
+        The reply as one wire line, CRLF included.
+        """
+        return b"%d %s %s\r\n" % (
+            self.code,
+            self.enhanced.encode("ascii"),
+            self.text.encode("ascii", "replace"),
+        )
+
+    def with_text(self, text: str) -> "Reply":
+        """
+        The same codes with another text.
+        """
+        return Reply(self.code, self.enhanced, clean_text(text))
+
+    @property
+    def is_success(self) -> bool:
+        """
+        True for 2xx and 3xx replies.
+        """
+        return self.code < 400
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+def clean_text(text: str, limit: int = 400) -> str:
+    """
+    Make C{text} safe for one SMTP reply line: printable ASCII, no CR/LF,
+    at most C{limit} characters.
+    """
+    text = _UNPRINTABLE.sub(" ", text).strip()
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+# Connection and session
+GREETING = Reply(220, "", "")  # built by the protocol from the host name
+CLOSING = Reply(221, "2.0.0", "Bye")
+TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors, closing connection")
+NOT_TLS = Reply(
+    554,
+    "5.7.0",
+    "This port requires TLS from the first byte (implicit TLS, RFC 8314): "
+    "set secure: true (nodemailer) / use smtplib.SMTP_SSL / "
+    "smtp_tls_wrappermode = yes (Postfix); STARTTLS is not offered",
+)
+
+# Generic command replies
+OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+HELP = Reply(
+    214,
+    "2.0.0",
+    "Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT; see the PostStack SMTP docs",
+)
+VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+UNKNOWN_COMMAND = Reply(502, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+HELO_REQUIRES_DOMAIN = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+SEND_HELO_FIRST = Reply(503, "5.5.1", "Error: send EHLO first")
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: command takes no arguments")
+
+# AUTH
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_REQUIRED = Reply(
+    530,
+    "5.7.0",
+    "Authentication required: log in with username poststack and your API key, "
+    "or your mailbox address and mailbox password",
+)
+AUTH_FAILED = Reply(
+    535,
+    "5.7.8",
+    "Authentication credentials invalid: use username poststack with an API key "
+    "(sk_live_...), or your mailbox address with its mailbox password",
+)
+AUTH_UNAVAILABLE = Reply(
+    454,
+    "4.7.0",
+    "Temporary authentication failure: the PostStack API could not be reached, try again later",
+)
+AUTH_ALREADY = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+AUTH_UNKNOWN_MECHANISM = Reply(
+    504, "5.5.4", "Unrecognized authentication type: use PLAIN or LOGIN"
+)
+AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response: not valid base64")
+AUTH_MALFORMED = Reply(501, "5.5.2", "Malformed authentication response")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
+AUTH_AUTHZID = Reply(
+    535, "5.7.8", "Authentication failed: authorization identity must be empty or equal the username"
+)
+
+# MAIL / RCPT / DATA
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+SENDER_NO_DOMAIN = Reply(
+    553,
+    "5.1.7",
+    "Sender address rejected: the sender must be an address on a verified domain "
+    "(e.g. you@yourdomain.com); the SMTP username is not a sender address",
+)
+SENDER_BAD_SYNTAX = Reply(553, "5.1.7", "Sender address rejected: bad address syntax")
+SENDER_NOT_OWNED = Reply(
+    550,
+    "5.7.1",
+    "Sender address rejected: a mailbox login may only send from its own address",
+)
+RECIPIENT_BAD_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
+BAD_SIZE_PARAMETER = Reply(501, "5.5.4", "Bad message size syntax")
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+
+
+def queued(email_id: str) -> Reply:
+    """
+    The success reply after the API accepted the email.
+    """
+    return Reply(250, "2.0.0", "Ok: queued as " + clean_text(email_id, 100))

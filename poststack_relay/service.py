@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+Service assembly: from a L{RelayConfig} to a running relay.
+
+L{makeRelayService} is the public embedding API:
+
+    from poststack_relay import RelayConfig, makeRelayService
+    makeRelayService(RelayConfig(tls_cert="fullchain.pem", tls_key="key.pem"),
+                     reactor).setServiceParent(application)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from .api import HTTPEmailAPI, IEmailAPI
+from .auth import PostStackChecker, RelayRealm
+from .config import RelayConfig, mask_secret
+from .delivery import RelayDelivery
+from .smtp import RelayFactory
+from .tls import ImplicitTLSFactory, load_certificate_options
+
+_log = Logger()
+
+
+class _PoolService(Service):
+    """
+    Closes the API connection pool when the relay stops.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return self._pool.closeCachedConnections()
+
+
+class RelayService(MultiService):
+    """
+    The relay: a listener and the API client's pool.
+
+    @ivar factory: the SMTP factory (unwrapped).
+    @ivar listener: the listening service; its C{_waitingForPort} Deferred
+        fires with the C{IListeningPort} once bound.
+    """
+
+    factory: RelayFactory
+    listener: StreamServerEndpointService
+
+    def port(self) -> Any:
+        """
+        A Deferred firing with the listening port (for tests using port 0).
+        """
+        return self.listener._waitingForPort
+
+
+def _endpoint(config: RelayConfig, reactor: Any) -> IStreamServerEndpoint:
+    if ":" in config.interface:
+        return TCP6ServerEndpoint(reactor, config.port, interface=config.interface)
+    return TCP4ServerEndpoint(reactor, config.port, interface=config.interface)
+
+
+def makeRelayService(
+    config: RelayConfig,
+    reactor: Any,
+    api: Optional[IEmailAPI] = None,
+    endpoint: Optional[IStreamServerEndpoint] = None,
+) -> RelayService:
+    """
+    Build the relay as one C{IService}.
+
+    @param config: the settings.
+    @param reactor: provides C{IReactorTCP} and C{IReactorTime} (and
+        C{IReactorPluggableNameResolver} for a real API URL).
+    @param api: the API client; by default an L{HTTPEmailAPI} over a
+        persistent treq connection pool to C{config.api_url}.
+    @param endpoint: where to listen; by default TCP on C{config.port} and
+        C{config.interface}.  It is wrapped in implicit TLS.
+    @raise poststack_relay.config.ConfigError: if the certificate or key
+        cannot be used.
+    """
+    tls = load_certificate_options(config.tls_cert, config.tls_key)
+    service = RelayService()
+    if api is None:
+        import treq.client
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 64
+        pool.retryAutomatically = False  # POST retries are the relay's decision
+        client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+        api = HTTPEmailAPI(client, config.api_url, config.api_timeout, config.service_key)
+        _PoolService(pool).setServiceParent(service)
+
+    checker = PostStackChecker(
+        api,
+        reactor,
+        config.service_key,
+        positive_ttl=config.auth_cache_ttl,
+        negative_ttl=config.auth_negative_ttl,
+    )
+    portal = Portal(RelayRealm(lambda identity: RelayDelivery(identity, api)), [checker])
+    factory = RelayFactory(portal, config, reactor)
+    wrapped = ImplicitTLSFactory(tls, factory, config.tls_detect_timeout, reactor)
+    listener = StreamServerEndpointService(endpoint or _endpoint(config, reactor), wrapped)
+    listener._raiseSynchronously = True  # a failed bind stops start-up
+    listener.setServiceParent(service)
+    service.factory = factory
+    service.listener = listener
+    _log.info(
+        "poststack-relay listening on {interface}:{port} (implicit TLS), API {api_url}, "
+        "service key {service_key}",
+        interface=config.interface or "*",
+        port=config.port,
+        api_url=config.api_url,
+        service_key=mask_secret(config.service_key),
+        event="relay_configured",
+    )
+    return service

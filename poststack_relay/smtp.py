@@ -1,0 +1,659 @@
+# -*- test-case-name: tests.test_smtp -*-
+"""
+The SMTP side: an ESMTP submission server that only relays for
+authenticated users, one transaction at a time, with exact replies.
+
+L{RelaySMTP} subclasses Twisted's C{ESMTP} but replaces its command loop,
+because Twisted's (see docs/design.md):
+
+  - builds one message object per recipient and answers C{250 Delivery in
+    progress} or C{550} by itself, where the relay needs one API call per
+    transaction and the API's own outcome in the reply;
+  - has no enhanced status codes, answers malformed AUTH with an exception,
+    and tries an anonymous login when nobody authenticated;
+  - feeds DATA line by line through Python, where the relay scans chunks
+    for the one terminator RFC 5321 allows (C{<CRLF>.<CRLF>}).
+
+Commands are handled strictly in order: while an AUTH check or a delivery
+waits on the API, later (pipelined) input is buffered and processed after
+the reply is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import os
+import re
+from typing import Any, Callable, Optional
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.mail import smtp
+
+from . import replies
+from .auth import AuthUnavailable
+from .config import RelayConfig
+from .delivery import IRelayDelivery
+from .replies import Reply
+from .translate import Envelope
+
+_log = Logger()
+
+# Longest command line accepted (Postfix: line_length_limit = 2048), and the
+# longest SASL response line (RFC 4954 section 4: 12288 octets).
+MAX_COMMAND_LINE = 2048
+MAX_AUTH_LINE = 12288
+# Postfix's smtpd_hard_error_limit.
+MAX_ERRORS = 20
+# Input buffered while waiting on the API before the socket is paused.
+MAX_PENDING_INPUT = 1024 * 1024
+# A partial DATA line held back while looking for the terminator.
+DATA_HOLD_LIMIT = 65536
+
+_TERMINATOR = b"\r\n.\r\n"
+
+_PATH = rb"<(?P<path>[^<>]*)>|(?P<bare>[^\s<>]+)"
+_MAIL_RE = re.compile(rb"FROM:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", re.I)
+_RCPT_RE = re.compile(rb"TO:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", re.I)
+_ROUTE_RE = re.compile(r"^@[^:]*:")
+_SESSION_PREFIX = os.urandom(3).hex()
+_session_ids = itertools.count(1)
+
+_CHALLENGE_USERNAME = base64.b64encode(b"Username:")
+_CHALLENGE_PASSWORD = base64.b64encode(b"Password:")
+
+# Modes of the command loop.
+_COMMAND = "command"
+_AUTH = "auth"
+_DATA = "data"
+_WAIT = "wait"
+_CLOSED = "closed"
+
+
+def _b64decode(data: bytes) -> Optional[bytes]:
+    if data == b"=":  # RFC 4954: an empty initial response
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def parse_path(match: "re.Match[bytes]") -> Optional[str]:
+    """
+    The address of a MAIL/RCPT path: angle brackets and source routes
+    removed, C{""} for C{<>}; C{None} if it is not UTF-8.
+    """
+    raw = match.group("path")
+    if raw is None:
+        raw = match.group("bare")
+    try:
+        address = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return _ROUTE_RE.sub("", address)
+
+
+def _has_domain(address: str) -> bool:
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain and not domain.startswith(".") and "." in domain.strip("."))
+
+
+class RelaySMTP(smtp.ESMTP):
+    """
+    One SMTP session over an already-encrypted (implicit TLS) transport.
+    """
+
+    noisy = False
+    factory: "RelayFactory"
+
+    def __init__(self, factory: "RelayFactory") -> None:
+        smtp.ESMTP.__init__(self, chal={}, contextFactory=None)
+        self.factory = factory
+        self.portal = factory.portal
+        self.host = factory.config.hostname.encode("ascii", "replace")
+        self.timeout = factory.config.idle_timeout
+        self._mode = _COMMAND
+        self._buf = b""
+        self._skip_line = False
+        self._paused = False
+        self._errors = 0
+        self._helo: Optional[bytes] = None
+        self._delivery: Optional[Any] = None
+        self._mail_from: Optional[str] = None
+        self._rcpts: list[str] = []
+        self._rcpt_keys: set[str] = set()
+        self._auth_step: Optional[Callable[[bytes], None]] = None
+        self._auth_user: Optional[bytes] = None
+        self.session = f"{_SESSION_PREFIX}{next(_session_ids):x}"
+        self.client = "?"
+        self._reset_data()
+
+    # -- connection -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client = str(getattr(peer, "host", peer))
+        self.setTimeout(self.timeout)
+        self.transport.write(b"220 " + self.host + b" ESMTP PostStack relay\r\n")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._mode = _CLOSED
+        self.setTimeout(None)
+        self._chunks = []
+
+    def timeoutConnection(self) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._send(replies.TIMEOUT)
+        self._close()
+
+    def _close(self) -> None:
+        self._mode = _CLOSED
+        self.transport.loseConnection()
+
+    def _send(self, reply: Reply) -> None:
+        if self._mode == _CLOSED:
+            return
+        if reply.code >= 400:
+            self._errors += 1
+        self.transport.write(reply.line())
+
+    def _send_raw(self, line: bytes) -> None:
+        if self._mode != _CLOSED:
+            self.transport.write(line)
+
+    def lineReceived(self, line: bytes) -> None:  # pragma: no cover
+        raise NotImplementedError("RelaySMTP parses its own input")
+
+    # -- input ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _CLOSED:
+            return
+        self.resetTimeout()
+        self._buf = self._buf + data if self._buf else data
+        if self._mode == _WAIT:
+            if len(self._buf) > MAX_PENDING_INPUT and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        while self._buf and self._mode in (_COMMAND, _AUTH, _DATA):
+            if self._mode == _DATA:
+                data, self._buf = self._buf, b""
+                self._data_feed(data)
+                continue
+            i = self._buf.find(b"\n")
+            limit = MAX_AUTH_LINE if self._mode == _AUTH else MAX_COMMAND_LINE
+            if i < 0:
+                if len(self._buf) > limit:
+                    self._buf = b""
+                    if not self._skip_line:
+                        self._skip_line = True
+                        self._line_too_long()
+                return
+            line = self._buf[:i]
+            self._buf = self._buf[i + 1 :]
+            if self._skip_line:
+                self._skip_line = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > limit:
+                self._line_too_long()
+                continue
+            if self._mode == _AUTH:
+                self._auth_line(line)
+            else:
+                self._command(line)
+            if self._errors > MAX_ERRORS and self._mode != _CLOSED:
+                self._send(replies.TOO_MANY_ERRORS)
+                self._close()
+        if self._mode not in (_WAIT, _CLOSED) and self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _line_too_long(self) -> None:
+        if self._mode == _AUTH:
+            self._mode = _COMMAND
+            self._auth_step = None
+        self._send(replies.LINE_TOO_LONG)
+
+    def _resume(self, reply: Optional[Reply] = None) -> None:
+        """
+        An asynchronous step finished: reply, then go on with buffered input.
+        """
+        if self._mode == _CLOSED:
+            return
+        self._mode = _COMMAND
+        if reply is not None:
+            self._send(reply)
+        self._process()
+
+    # -- commands -------------------------------------------------------
+
+    def _command(self, line: bytes) -> None:
+        verb, _, arg = line.strip().partition(b" ")
+        if not verb:
+            self._send(replies.BAD_SYNTAX)
+            return
+        handler = _COMMANDS.get(verb.upper())
+        if handler is None:
+            self._send(replies.UNKNOWN_COMMAND)
+            return
+        handler(self, arg.strip())
+
+    def _reset_transaction(self) -> None:
+        self._mail_from = None
+        self._rcpts = []
+        self._rcpt_keys = set()
+
+    def cmd_HELO(self, arg: bytes) -> None:
+        if not arg:
+            self._send(replies.HELO_REQUIRES_DOMAIN.with_text("Syntax: HELO hostname"))
+            return
+        self._helo = arg
+        self._reset_transaction()
+        self._send_raw(b"250 " + self.host + b"\r\n")
+
+    def cmd_EHLO(self, arg: bytes) -> None:
+        if not arg:
+            self._send(replies.HELO_REQUIRES_DOMAIN)
+            return
+        self._helo = arg
+        self._reset_transaction()
+        self._send_raw(self.factory.ehlo_reply)
+
+    def cmd_AUTH(self, arg: bytes) -> None:
+        if self._helo is None:
+            self._send(replies.SEND_HELO_FIRST)
+            return
+        if self._delivery is not None:
+            self._send(replies.AUTH_ALREADY)
+            return
+        if self._mail_from is not None:
+            self._send(replies.AUTH_IN_TRANSACTION)
+            return
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            self._send(replies.AUTH_SYNTAX)
+            return
+        mechanism = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism == b"PLAIN":
+            if initial is None:
+                self._challenge(b"", self._auth_plain)
+            else:
+                self._auth_plain(initial)
+        elif mechanism == b"LOGIN":
+            if initial is None:
+                self._challenge(_CHALLENGE_USERNAME, self._auth_login_user)
+            else:
+                self._auth_login_user(initial)
+        else:
+            self._send(replies.AUTH_UNKNOWN_MECHANISM)
+
+    def _challenge(self, challenge: bytes, step: Callable[[bytes], None]) -> None:
+        self._mode = _AUTH
+        self._auth_step = step
+        self._send_raw(b"334 " + challenge + b"\r\n")
+
+    def _auth_line(self, line: bytes) -> None:
+        step = self._auth_step
+        self._mode = _COMMAND
+        self._auth_step = None
+        if line.strip() == b"*":
+            self._send(replies.AUTH_ABORTED)
+            return
+        assert step is not None
+        step(line.strip())
+
+    def _auth_plain(self, response: bytes) -> None:
+        decoded = _b64decode(response)
+        if decoded is None:
+            self._send(replies.AUTH_BAD_BASE64)
+            return
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            self._send(replies.AUTH_MALFORMED)
+            return
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            self._send(replies.AUTH_AUTHZID)
+            return
+        self._login(authcid, password)
+
+    def _auth_login_user(self, response: bytes) -> None:
+        decoded = _b64decode(response)
+        if decoded is None:
+            self._send(replies.AUTH_BAD_BASE64)
+            return
+        self._auth_user = decoded
+        self._challenge(_CHALLENGE_PASSWORD, self._auth_login_password)
+
+    def _auth_login_password(self, response: bytes) -> None:
+        decoded = _b64decode(response)
+        if decoded is None:
+            self._send(replies.AUTH_BAD_BASE64)
+            return
+        user, self._auth_user = self._auth_user or b"", None
+        self._login(user, decoded)
+
+    def _login(self, username: bytes, password: bytes) -> None:
+        self._mode = _WAIT
+        shown = _username_label(username)
+        d = self.portal.login(UsernamePassword(username, password), None, IRelayDelivery)
+
+        def succeeded(result: Any) -> None:
+            _, avatar, _ = result
+            self._delivery = avatar
+            _log.info(
+                "{session} auth ok user={user} identity={identity} client={client}",
+                event="auth_ok",
+                session=self.session,
+                user=shown,
+                identity=avatar.identity.label,
+                client=self.client,
+            )
+            self._resume(replies.AUTH_OK)
+
+        def failed(failure: Any) -> None:
+            if failure.check(UnauthorizedLogin):
+                reply = replies.AUTH_FAILED
+                outcome = "invalid"
+            elif failure.check(AuthUnavailable):
+                reply = replies.AUTH_UNAVAILABLE
+                outcome = "unavailable"
+            else:
+                _log.failure("credential check crashed", failure, event="auth_crash")
+                reply = replies.AUTH_UNAVAILABLE
+                outcome = "error"
+            _log.info(
+                "{session} auth failed ({outcome}) user={user} client={client}",
+                event="auth_failed",
+                session=self.session,
+                outcome=outcome,
+                user=shown,
+                client=self.client,
+            )
+            self._resume(reply)
+
+        d.addCallbacks(succeeded, failed)
+
+    def cmd_MAIL(self, arg: bytes) -> None:
+        if self._delivery is None:
+            self._send(replies.AUTH_REQUIRED)
+            return
+        if self._mail_from is not None:
+            self._send(replies.NESTED_MAIL)
+            return
+        m = _MAIL_RE.match(arg)
+        if m is None:
+            self._send(replies.MAIL_SYNTAX)
+            return
+        address = parse_path(m)
+        if address is None:
+            self._send(replies.SENDER_BAD_SYNTAX)
+            return
+        bad = self._mail_params(m.group("params"))
+        if bad is not None:
+            self._send(bad)
+            return
+        if address and not _has_domain(address):
+            self._send(replies.SENDER_NO_DOMAIN)
+            return
+        rejection = self._delivery.validate_sender(address)
+        if rejection is not None:
+            self._send(rejection)
+            return
+        self._mail_from = address
+        self._rcpts = []
+        self._rcpt_keys = set()
+        self._send(replies.SENDER_OK)
+
+    def _mail_params(self, params: bytes) -> Optional[Reply]:
+        for param in params.split():
+            key, _, value = param.partition(b"=")
+            key = key.upper()
+            if key == b"SIZE":
+                if not value.isdigit():
+                    return replies.BAD_SIZE_PARAMETER
+                if int(value) > self.factory.config.max_message_size:
+                    return replies.MESSAGE_TOO_BIG.with_text(
+                        "Message size exceeds fixed limit of %d octets"
+                        % self.factory.config.max_message_size
+                    )
+            elif key == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return replies.UNSUPPORTED_PARAMETER.with_text(
+                        "Unsupported BODY type: use 7BIT or 8BITMIME"
+                    )
+            elif key == b"AUTH":
+                continue
+            else:
+                return replies.UNSUPPORTED_PARAMETER.with_text(
+                    "Unsupported option: " + key.decode("ascii", "replace")
+                )
+        return None
+
+    def cmd_RCPT(self, arg: bytes) -> None:
+        if self._mail_from is None:
+            self._send(replies.NEED_MAIL if self._delivery else replies.AUTH_REQUIRED)
+            return
+        m = _RCPT_RE.match(arg)
+        if m is None:
+            self._send(replies.RCPT_SYNTAX)
+            return
+        address = parse_path(m)
+        if address is None or not _has_domain(address):
+            self._send(replies.RECIPIENT_BAD_SYNTAX)
+            return
+        for param in m.group("params").split():
+            key = param.partition(b"=")[0].upper()
+            return self._send(
+                replies.UNSUPPORTED_PARAMETER.with_text(
+                    "Unsupported option: " + key.decode("ascii", "replace")
+                )
+            )
+        key = address.lower()
+        if key not in self._rcpt_keys:
+            if len(self._rcpts) >= self.factory.config.max_recipients:
+                self._send(
+                    replies.TOO_MANY_RECIPIENTS.with_text(
+                        "Error: too many recipients (at most %d per message)"
+                        % self.factory.config.max_recipients
+                    )
+                )
+                return
+            self._rcpt_keys.add(key)
+            self._rcpts.append(address)
+        self._send(replies.RECIPIENT_OK)
+
+    def cmd_DATA(self, arg: bytes) -> None:
+        if arg:
+            self._send(replies.NO_ARGUMENTS)
+            return
+        if self._mail_from is None:
+            self._send(replies.NEED_MAIL if self._delivery else replies.AUTH_REQUIRED)
+            return
+        if not self._rcpts:
+            self._send(replies.NEED_RCPT)
+            return
+        self._reset_data()
+        self._mode = _DATA
+        self._send_raw(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+    def cmd_BDAT(self, arg: bytes) -> None:
+        self._send(replies.NOT_IMPLEMENTED.with_text("Error: BDAT (CHUNKING) is not supported, use DATA"))
+
+    def cmd_RSET(self, arg: bytes) -> None:
+        self._reset_transaction()
+        self._send(replies.OK)
+
+    def cmd_NOOP(self, arg: bytes) -> None:
+        self._send(replies.OK)
+
+    def cmd_QUIT(self, arg: bytes) -> None:
+        self._send(replies.CLOSING)
+        self._close()
+
+    def cmd_HELP(self, arg: bytes) -> None:
+        self._send(replies.HELP)
+
+    def cmd_VRFY(self, arg: bytes) -> None:
+        self._send(replies.VRFY_DISABLED)
+
+    def cmd_EXPN(self, arg: bytes) -> None:
+        self._send(replies.VRFY_DISABLED.with_text("EXPN command is disabled"))
+
+    def cmd_STARTTLS(self, arg: bytes) -> None:
+        self._send(replies.TLS_ALREADY_ACTIVE)
+
+    # -- DATA -----------------------------------------------------------
+
+    def _reset_data(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._too_big = False
+        self._held = b""
+        self._at_line_start = True
+
+    def _data_feed(self, data: bytes) -> None:
+        """
+        Take DATA input; on the terminator, start the delivery and leave
+        what followed it in the input buffer.
+        """
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        prefixed = self._at_line_start
+        probe = b"\r\n" + data if prefixed else data
+        i = probe.find(_TERMINATOR)
+        if i >= 0:
+            self._emit(probe[: i + 2], prefixed)
+            self._buf = probe[i + 5 :] + self._buf
+            self._end_of_data()
+            return
+        j = probe.rfind(b"\r\n")
+        if j >= (2 if prefixed else 0) and j + 2 > (2 if prefixed else 0):
+            self._emit(probe[: j + 2], prefixed)
+            self._at_line_start = True
+            self._held = probe[j + 2 :]
+        else:
+            self._held = data
+        if len(self._held) > DATA_HOLD_LIMIT:
+            # An overlong line: pass all but its last byte (which may be
+            # the CR of the terminator) on as mid-line content.
+            held, self._held = self._held, self._held[-1:]
+            if self._at_line_start:
+                self._emit(b"\r\n" + held[:-1], True)
+            else:
+                self._emit(held[:-1], False)
+            self._at_line_start = False
+
+    def _emit(self, segment: bytes, prefixed: bool) -> None:
+        if b"\r\n." in segment:
+            segment = segment.replace(b"\r\n.", b"\r\n")
+        if prefixed:
+            segment = segment[2:]
+        if not segment:
+            return
+        self._size += len(segment)
+        if self._too_big:
+            return
+        if self._size > self.factory.config.max_message_size:
+            self._too_big = True
+            self._chunks = []
+            return
+        self._chunks.append(segment)
+
+    def _end_of_data(self) -> None:
+        mail_from = self._mail_from if self._mail_from is not None else ""
+        rcpts = tuple(self._rcpts)
+        self._reset_transaction()
+        if self._too_big:
+            self._reset_data()
+            self._mode = _COMMAND
+            self._send(
+                replies.MESSAGE_TOO_BIG.with_text(
+                    "Message size exceeds fixed maximum message size of %d octets"
+                    % self.factory.config.max_message_size
+                )
+            )
+            return
+        raw = b"".join(self._chunks)
+        self._reset_data()
+        self._mode = _WAIT
+        assert self._delivery is not None
+        d = self._delivery.deliver(Envelope(mail_from, rcpts), raw, self.session)
+        d.addCallback(self._resume)
+        d.addErrback(self._delivery_crashed)
+
+    def _delivery_crashed(self, failure: Any) -> None:
+        _log.failure("delivery crashed", failure, event="delivery_crash", session=self.session)
+        self._resume(replies.LOCAL_ERROR)
+
+
+def _username_label(username: bytes) -> str:
+    """
+    What a log may say about a login name: the name for mailboxes and
+    C{poststack}, a placeholder for anything else (it may be a pasted key).
+    """
+    try:
+        name = username.decode("utf-8")
+    except UnicodeDecodeError:
+        return "(not UTF-8)"
+    if name.lower() == "poststack" or ("@" in name and len(name) <= 254 and " " not in name):
+        return replies.clean_text(name, 254)
+    return "(other)"
+
+
+_COMMANDS: dict[bytes, Callable[[RelaySMTP, bytes], None]] = {
+    name[4:].encode("ascii"): getattr(RelaySMTP, name)
+    for name in dir(RelaySMTP)
+    if name.startswith("cmd_")
+}
+
+
+class RelayFactory(smtp.SMTPFactory):
+    """
+    Builds L{RelaySMTP} sessions.
+
+    @param portal: checks AUTH credentials; yields L{IRelayDelivery} avatars.
+    @param config: the relay's settings.
+    @param clock: for idle time-outs.
+    """
+
+    protocol = RelaySMTP  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, portal: Portal, config: RelayConfig, clock: IReactorTime) -> None:
+        smtp.SMTPFactory.__init__(self, portal)
+        self.config = config
+        self.clock = clock
+        host = config.hostname.encode("ascii", "replace")
+        extensions = [
+            b"AUTH PLAIN LOGIN",
+            b"SIZE %d" % config.max_message_size,
+            b"8BITMIME",
+            b"PIPELINING",
+            b"ENHANCEDSTATUSCODES",
+        ]
+        lines = [host] + extensions
+        self.ehlo_reply = b"".join(
+            (b"250-" if n < len(lines) - 1 else b"250 ") + line + b"\r\n"
+            for n, line in enumerate(lines)
+        )
+
+    def buildProtocol(self, addr: Any) -> RelaySMTP:
+        p = RelaySMTP(self)
+        p.callLater = self.clock.callLater  # type: ignore[method-assign]
+        return p

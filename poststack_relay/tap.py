@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The C{twistd poststack-relay} command: options in, service out.
+
+Every option may also come from the environment as C{POSTSTACK_RELAY_}
+followed by the option's name in capitals with C{_} for C{-} (for example
+C{POSTSTACK_RELAY_SERVICE_KEY}), so secrets stay off the command line.
+Precedence: command line, then environment, then the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.python import usage
+
+from . import config as _config
+from .config import ConfigError, RelayConfig
+
+ENV_PREFIX = "POSTSTACK_RELAY_"
+
+# (name, converter, RelayConfig field, help)
+_OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
+    ("port", int, "port", f"TCP port for implicit TLS [default: {_config.DEFAULT_PORT}]"),
+    ("interface", str, "interface", "address to listen on [default: all interfaces]"),
+    ("tls-cert", str, "tls_cert", "PEM certificate, may hold the full chain (required)"),
+    ("tls-key", str, "tls_key", "PEM private key [default: read from --tls-cert]"),
+    ("api-url", str, "api_url", f"PostStack API base URL [default: {_config.DEFAULT_API_URL}]"),
+    ("service-key", str, "service_key", "the relay's own API key, for mailbox logins (prefer the environment)"),
+    ("hostname", str, "hostname", "name in the greeting and EHLO reply [default: this host's FQDN]"),
+    ("max-message-size", int, "max_message_size",
+     f"largest message in octets [default: {_config.DEFAULT_MAX_MESSAGE_SIZE}]"),
+    ("max-recipients", int, "max_recipients",
+     f"most recipients per message [default: {_config.DEFAULT_MAX_RECIPIENTS}]"),
+    ("idle-timeout", float, "idle_timeout",
+     f"seconds a client may stay silent [default: {_config.DEFAULT_IDLE_TIMEOUT:g}]"),
+    ("tls-detect-timeout", float, "tls_detect_timeout",
+     "seconds to wait for a TLS ClientHello before telling a plaintext client the port "
+     f"needs TLS; 0 disables [default: {_config.DEFAULT_TLS_DETECT_TIMEOUT:g}]"),
+    ("api-timeout", float, "api_timeout",
+     f"seconds one API request may take [default: {_config.DEFAULT_API_TIMEOUT:g}]"),
+    ("auth-cache-ttl", float, "auth_cache_ttl",
+     f"seconds a good credential check is reused [default: {_config.DEFAULT_AUTH_CACHE_TTL:g}]"),
+]
+
+
+def env_name(option: str) -> str:
+    """
+    The environment variable for an option: C{tls-cert} -> C{POSTSTACK_RELAY_TLS_CERT}.
+    """
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd poststack-relay}; C{postOptions} builds
+    C{self.config}, a L{RelayConfig}.
+    """
+
+    synopsis = "[options]"
+    longdesc = """\
+PostStack SMTP relay: implicit-TLS SMTP submission (RFC 8314) in, one
+PostStack POST /emails per message out.
+
+Every option can also be set in the environment, e.g.
+POSTSTACK_RELAY_TLS_CERT=/etc/poststack-relay/fullchain.pem or
+POSTSTACK_RELAY_SERVICE_KEY=sk_live_...; the command line wins.
+
+Example:
+  twistd -n poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem \\
+      --hostname smtp.example.com
+"""
+
+    optParameters = [[name, None, None, help] for name, _, _, help in _OPTIONS]
+
+    config: RelayConfig
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def postOptions(self) -> None:
+        values: dict[str, Any] = {}
+        for name, convert, field, _ in _OPTIONS:
+            raw = self[name]
+            source = f"--{name}"
+            if raw is None:
+                raw = self._environ.get(env_name(name))
+                source = env_name(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[field] = convert(raw)
+            except ValueError:
+                raise usage.UsageError(f"{source}: not a valid {convert.__name__}: {raw!r}")
+        if "tls_cert" not in values:
+            raise usage.UsageError(
+                f"--tls-cert (or {env_name('tls-cert')}) is required: implicit TLS needs a certificate"
+            )
+        try:
+            self.config = RelayConfig(**values)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def makeService(options: Options) -> Any:
+    """
+    Build the relay for twistd.  A certificate or key that cannot be used
+    ends the command with one line on stderr and exit status 1.
+    """
+    from twisted.internet import reactor
+
+    from .service import makeRelayService
+
+    try:
+        return makeRelayService(options.config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"poststack-relay: error: {e}")

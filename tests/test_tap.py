@@ -1,0 +1,123 @@
+"""
+Tests for the twistd plugin and its options (L{poststack_relay.tap}).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from poststack_relay import tap
+from poststack_relay.config import RelayConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> RelayConfig:
+    options = tap.Options(environ=environ or {})
+    options.parseOptions(argv)
+    return options.config
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """Only --tls-cert is needed; the rest has the documented defaults."""
+        config = parse(["--tls-cert", "c.pem"])
+        self.assertEqual(config.port, 587)
+        self.assertEqual(config.interface, "")
+        self.assertEqual(config.api_url, "https://api.poststack.dev")
+        self.assertEqual(config.idle_timeout, 300.0)
+        self.assertEqual(config.tls_detect_timeout, 2.0)
+        self.assertIsNone(config.service_key)
+
+    def test_all_contract_options(self) -> None:
+        """Every option name of the contract parses into the config."""
+        config = parse(
+            [
+                "--port", "2587", "--interface", "127.0.0.1", "--tls-cert", "c.pem",
+                "--tls-key", "k.pem", "--api-url", "http://127.0.0.1:9", "--service-key", "sk_x",
+                "--hostname", "smtp.example.com", "--max-message-size", "1000",
+                "--max-recipients", "3", "--idle-timeout", "60",
+            ]
+        )
+        self.assertEqual(
+            (config.port, config.interface, config.tls_key, config.api_url, config.service_key,
+             config.hostname, config.max_message_size, config.max_recipients, config.idle_timeout),
+            (2587, "127.0.0.1", "k.pem", "http://127.0.0.1:9", "sk_x", "smtp.example.com", 1000, 3, 60.0),
+        )
+
+    def test_environment(self) -> None:
+        """Options come from POSTSTACK_RELAY_* variables; the command line wins."""
+        env = {
+            "POSTSTACK_RELAY_TLS_CERT": "env.pem",
+            "POSTSTACK_RELAY_SERVICE_KEY": "sk_env",
+            "POSTSTACK_RELAY_PORT": "2525",
+        }
+        config = parse(["--port", "2600"], env)
+        self.assertEqual((config.tls_cert, config.service_key, config.port), ("env.pem", "sk_env", 2600))
+
+    def test_bad_values(self) -> None:
+        """Bad values are UsageErrors naming the option."""
+        for argv, env, word in [
+            (["--tls-cert", "c", "--port", "x"], {}, "--port"),
+            (["--tls-cert", "c"], {"POSTSTACK_RELAY_IDLE_TIMEOUT": "soon"}, "POSTSTACK_RELAY_IDLE_TIMEOUT"),
+            (["--tls-cert", "c", "--port", "70000"], {}, "port"),
+            (["--tls-cert", "c", "--api-url", "ftp://x"], {}, "api-url"),
+            ([], {}, "--tls-cert"),
+        ]:
+            with self.assertRaises(usage.UsageError) as ctx:
+                parse(argv, env)
+            self.assertIn(word, str(ctx.exception))
+
+    def test_secret_not_in_repr(self) -> None:
+        """The service key never appears in the config's repr."""
+        config = parse(["--tls-cert", "c", "--service-key", "sk_live_supersecret123"])
+        self.assertNotIn("supersecret", repr(config))
+
+    def test_plugin_discovered(self) -> None:
+        """getPlugins finds poststack-relay with the source tree on sys.path."""
+        names = {p.tapname for p in getPlugins(IServiceMaker)}
+        self.assertIn("poststack-relay", names)
+
+
+class CommandLineTests(SynchronousTestCase):
+    def run_twistd(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        environ = dict(os.environ)
+        environ["PYTHONPATH"] = ROOT
+        environ.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "twisted", *args] if False else
+            [os.path.join(os.path.dirname(sys.executable), "twistd"), *args],
+            capture_output=True, text=True, timeout=60, env=environ, cwd=self.mktemp_dir(),
+        )
+
+    def mktemp_dir(self) -> str:
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
+
+    def test_missing_certificate(self) -> None:
+        """A missing certificate is one line on stderr and exit status 1, no traceback."""
+        result = self.run_twistd("-n", "--pidfile=", "poststack-relay", "--tls-cert", "/nonexistent/cert.pem", "--port", "0")
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+        self.assertIn("poststack-relay: error: cannot read TLS certificate '/nonexistent/cert.pem'", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+
+    def test_unreadable_key(self) -> None:
+        """A key file that is not a key is one line and exit status 1."""
+        from poststack_relay.testing import write_certificate
+
+        cert, key = write_certificate(self.mktemp())
+        with open(key, "w") as f:
+            f.write("not a key\n")
+        result = self.run_twistd("-n", "--pidfile=", "poststack-relay", "--tls-cert", cert, "--tls-key", key, "--port", "0")
+        self.assertEqual(result.returncode, 1)
+        self.assertNotIn("Traceback", result.stderr + result.stdout)
+        self.assertIn("holds no usable unencrypted PEM private key", result.stderr)
