@@ -6,7 +6,7 @@ RUN := .run
 RELAY_PORT ?= 8587
 SANDBOX_PORT ?= 8025
 # The sandbox's service key, from etc/sandbox.json (a sandbox secret, not a real one).
-SANDBOX_SERVICE_KEY ?= sk_test_sandbox_service
+SANDBOX_SERVICE_KEY ?= sk_test_relay_service
 export PYTHONPATH := .
 
 .PHONY: run test venv cert clean lint

@@ -213,9 +213,9 @@ class HTTPEmailAPI:
     ) -> None:
         self._client = client
         base = base_url.rstrip("/")
-        self._emails_url = (base + "/emails").encode("ascii")
-        self._check_url = (base + "/emails?per_page=1").encode("ascii")
-        self._mailbox_url = (base + "/mailboxes/authenticate").encode("ascii")
+        self._emails_url = base + "/emails"
+        self._check_url = base + "/emails?per_page=1"
+        self._mailbox_url = base + "/mailboxes/authenticate"
         self._timeout = timeout
         self._service_key = service_key
 
@@ -230,7 +230,7 @@ class HTTPEmailAPI:
         return headers
 
     async def _request(
-        self, method: bytes, url: bytes, headers: Mapping[bytes, list[bytes]], data: Optional[bytes]
+        self, method: str, url: str, headers: Mapping[bytes, list[bytes]], data: Optional[bytes]
     ) -> tuple[int, Any, Any]:
         """
         One request: (status, decoded JSON body or None, response).
@@ -277,7 +277,7 @@ class HTTPEmailAPI:
     def check_api_key(self, api_key: str) -> "Deferred[bool]":
         async def check() -> bool:
             status = await self._check(
-                self._request(b"GET", self._check_url, self._headers(api_key), None)
+                self._request("GET", self._check_url, self._headers(api_key), None)
             )
             if status == 200:
                 return True
@@ -294,7 +294,7 @@ class HTTPEmailAPI:
             data = json.dumps({"email": email, "password": password}).encode("utf-8")
             try:
                 status, body, _ = await self._request(
-                    b"POST", self._mailbox_url, self._headers(self._service_key), data
+                    "POST", self._mailbox_url, self._headers(self._service_key), data
                 )
             except APIError:
                 raise APIUnavailable() from None
@@ -321,7 +321,7 @@ class HTTPEmailAPI:
                     Reply(554, "5.6.0", "Message could not be converted to an API request")
                 ) from None
             status, body, response = await self._request(
-                b"POST", self._emails_url, self._headers(api_key, request.idempotency_key), data
+                "POST", self._emails_url, self._headers(api_key, request.idempotency_key), data
             )
             request_id = _first_header(response, b"x-request-id")
             if 200 <= status < 300:

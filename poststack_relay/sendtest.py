@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=587)
     parser.add_argument("--cafile", help="PEM file to trust (self-signed certificates)")
     parser.add_argument("--user", default="poststack")
-    parser.add_argument("--password", default="sk_test_sandbox_full_access")
+    parser.add_argument("--password", default="sk_test_full_access")
     parser.add_argument("--from", dest="sender", default="you@yourdomain.com")
     parser.add_argument("--to", default="user@example.com")
     parser.add_argument("--subject", default="Hello from poststack-relay")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
@@ -79,9 +79,9 @@ def load_certificate_options(cert_path: str, key_path: Optional[str]) -> Certifi
             f"TLS key does not match the first certificate in {cert_path!r}"
         )
     options = CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+        privateKey=key,
+        certificate=leaf,
+        extraCertChain=list(certs[1:]),
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
     )
