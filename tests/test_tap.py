@@ -114,7 +114,7 @@ class CommandLineTests(SynchronousTestCase):
         """A key file that is not a key is one line and exit status 1."""
         from poststack_relay.testing import write_certificate
 
-        cert, key = write_certificate(self.mktemp())
+        cert, key = write_certificate(os.path.abspath(self.mktemp()))
         with open(key, "w") as f:
             f.write("not a key\n")
         result = self.run_twistd("-n", "--pidfile=", "poststack-relay", "--tls-cert", cert, "--tls-key", key, "--port", "0")

@@ -1,0 +1,1096 @@
+# -*- test-case-name: tests.test_translate -*-
+"""
+Translate one SMTP message (raw MIME bytes plus its envelope) into the JSON
+body of one ``POST /emails`` call.
+
+This module is pure: it imports nothing from Twisted, does no I/O and keeps no
+state between calls.  :func:`translate` either returns an :class:`EmailRequest`
+or raises :class:`TranslationError`, which carries the complete SMTP reply
+(code, enhanced code, text) the relay must give to the client.
+
+The mapping rules, and the reasons for each choice, are written down in
+``docs/mime-mapping.md``.
+
+Speed matters (this runs once per message on the reactor thread), so the
+message is parsed with the stdlib ``compat32`` policy, which is an order of
+magnitude cheaper than ``email.policy.default``, and header values are
+decoded here with small precompiled helpers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import functools
+import json
+import mimetypes
+import re
+from collections.abc import Iterable
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import getaddresses
+from typing import Any, Final
+
+import attrs
+
+__all__ = [
+    "MAX_MIME_DEPTH",
+    "MAX_MIME_PARTS",
+    "EmailRequest",
+    "Envelope",
+    "TranslationError",
+    "translate",
+]
+
+#: Deepest allowed nesting of MIME containers (multipart/* and message/*).
+MAX_MIME_DEPTH: Final = 20
+
+#: Largest allowed number of MIME parts (containers and leaves) in a message.
+MAX_MIME_PARTS: Final = 1000
+
+
+def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    """Freeze any iterable of recipient addresses into a tuple."""
+    return tuple(value)
+
+
+@attrs.frozen
+class Envelope:
+    """
+    The SMTP envelope of one transaction.
+
+    :ivar mail_from: The envelope sender address from ``MAIL FROM``, or
+        ``""`` for the null sender ``<>``.
+    :ivar rcpt_to: The envelope recipients from ``RCPT TO``, addresses only,
+        in the order they were given.
+    """
+
+    mail_from: str
+    rcpt_to: tuple[str, ...] = attrs.field(converter=_as_tuple)
+
+
+@attrs.frozen
+class EmailRequest:
+    """
+    One ``POST /emails`` call.
+
+    :ivar payload: The JSON-ready request body.
+    :ivar idempotency_key: The ``X-PostStack-Idempotency-Key`` of the message,
+        or ``None``.  When set it is also in ``payload["idempotency_key"]``;
+        the HTTP layer sends it as the ``Idempotency-Key`` header.
+    """
+
+    payload: dict[str, Any]
+    idempotency_key: str | None
+
+
+_UNPRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]+")
+
+
+class TranslationError(Exception):
+    """
+    The message cannot be turned into an API call.
+
+    Carries the full SMTP reply to send back for the DATA command.
+
+    :ivar code: The SMTP reply code, e.g. ``554``.
+    :ivar enhanced: The RFC 3463 enhanced status code, e.g. ``"5.6.0"``.
+    :ivar text: Human-readable ASCII text without CR or LF, saying what to do.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        text = _UNPRINTABLE_ASCII.sub("?", text).strip()
+        super().__init__(f"{code} {enhanced} {text}")
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+
+# ---------------------------------------------------------------------------
+# Module-level constants, built once.
+
+
+class _Part(Message):
+    """
+    A compat32 message (part) that hands out its payload bytes untouched.
+
+    ``Message.get_payload()`` without ``decode`` re-decodes 8-bit payloads
+    with the declared charset (lossy, and it raises on some hostile charset
+    parameters), and with ``decode=True`` it applies its own, less lenient
+    base64 handling; the relay wants the wire bytes and decodes them itself.
+    """
+
+    _payload: Any  # assigned by Message; declared here for type checkers
+
+    def payload_bytes(self) -> bytes:
+        """The payload of a leaf part as received (no transfer decoding)."""
+        payload = self._payload
+        if isinstance(payload, str):
+            return payload.encode("utf-8", "surrogateescape")
+        if isinstance(payload, bytes):  # pragma: no cover - not from the parser
+            return payload
+        return b""
+
+
+_PARSER: Final = BytesParser(_class=_Part, policy=compat32)
+_MIMETYPES: Final = mimetypes.MimeTypes()
+
+_ENCODED_WORD: Final = re.compile(r"=\?([^?\s]*)\?([bBqQ])\?([^?]*)\?=")
+_LINEBREAKS: Final = re.compile(r"[\r\n]+")
+_NEWLINE: Final = re.compile(r"\r?\n")
+_CONTROLS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_OTHER_CONTROLS: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
+_SURROGATES: Final = re.compile("[\\ud800-\\udfff]")
+_BASE64_JUNK: Final = re.compile(rb"[^A-Za-z0-9+/]+")
+_SPECIALS: Final = re.compile(r'[][\\()<>@,:;".]')
+_ESCAPES: Final = re.compile(r'([\\"])')
+_HEADER_NAME: Final = re.compile(r"[!-9;-~]+")
+_CONTENT_TYPE: Final = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+_TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
+_ATOM_PART: Final = r'[^\s<>()\[\],;:\\@"]+'
+_BLANKS: Final = re.compile(r"[ \t]+")
+_NOT_SIMPLE: Final = re.compile(r'["()\\:;\[\]]')
+_SIMPLE_ADDR: Final = r"[^\s<>(),;:\\\"@\[\]]+@[^\s<>(),;:\\\"@\[\]]+"
+_SIMPLE_MAILBOX: Final = re.compile(
+    rf"[ \t]*(?:([^<>@]*?)[ \t]*<({_SIMPLE_ADDR})>|({_SIMPLE_ADDR}))[ \t]*"
+)
+_ADDRESS: Final = re.compile(
+    rf'(?:"[^"\r\n]*"|{_ATOM_PART})@(?:{_ATOM_PART}|\[[^\[\]\s\\]+\])'
+)
+
+# Charset labels mapped to the codec that real senders mean by them: the
+# Windows or modern superset of the declared charset, as the WHATWG Encoding
+# Standard (and so every browser and most mail clients) does.  E.g. mail
+# labelled iso-8859-1 with bytes 0x80-0x9F means windows-1252 quotes and
+# the euro sign, not C1 control characters.
+_CHARSET_ALIASES: Final[dict[str, str]] = {
+    "iso-8859-1": "cp1252",
+    "iso8859-1": "cp1252",
+    "iso_8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "euc-cn": "gb18030",
+    "ks_c_5601-1987": "cp949",
+    "euc-kr": "cp949",
+    "shift_jis": "cp932",
+    "shift-jis": "cp932",
+    "sjis": "cp932",
+    "x-sjis": "cp932",
+    "ms_kanji": "cp932",
+    "tis-620": "cp874",
+    "unicode-1-1-utf-7": "utf-7",
+}
+
+# Codecs never used for mail text: slow pure-Python decoders (punycode is
+# quadratic), escape decoders, and codecs that cannot decode at all.
+_REFUSED_CODECS: Final = frozenset(
+    {
+        "idna",
+        "punycode",
+        "raw-unicode-escape",
+        "raw_unicode_escape",
+        "unicode-escape",
+        "unicode_escape",
+        "undefined",
+        "mbcs",
+        "oem",
+        "charmap",
+    }
+)
+
+# Codecs whose strict decoding can never produce a lone surrogate.
+_SURROGATE_FREE_CODECS: Final = frozenset({"utf-8", "ascii", "latin-1", "cp1252"})
+
+_EXTENSION_OVERRIDES: Final[dict[str, str]] = {
+    "text/calendar": ".ics",
+    "application/ics": ".ics",
+    "message/rfc822": ".eml",
+    "message/global": ".eml",
+    "text/plain": ".txt",
+    "application/octet-stream": ".bin",
+    "image/jpeg": ".jpg",
+}
+
+_JSON_KINDS: Final[dict[type, str]] = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+_HEADER_TAGS: Final = "x-poststack-tags"
+_HEADER_TEMPLATE: Final = "x-poststack-template-id"
+_HEADER_VARIABLES: Final = "x-poststack-variables"
+_HEADER_IDEMPOTENCY: Final = "x-poststack-idempotency-key"
+
+# Headers (besides X-*) copied into payload["headers"]: the ones that matter
+# to recipients and that the API would not produce itself.  The values of
+# structured ones are passed through as written (unfolded, never RFC 2047
+# decoded: encoded-words are not allowed in them); unstructured ones are
+# decoded like X-* headers.
+_PASSED_STRUCTURED: Final = frozenset(
+    {
+        "in-reply-to",
+        "references",
+        "list-id",
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "list-help",
+        "list-subscribe",
+        "list-post",
+        "list-owner",
+        "list-archive",
+        "auto-submitted",
+        "precedence",
+        "importance",
+        "priority",
+        "sensitivity",
+        "disposition-notification-to",
+        "thread-index",
+        "feedback-id",
+    }
+)
+_PASSED_UNSTRUCTURED: Final = frozenset(
+    {"comments", "keywords", "organization", "thread-topic"}
+)
+# Duplicates of these are joined with a space (they are lists of msg-ids);
+# duplicates of every other passed header are joined with ", ".
+_SPACE_JOINED: Final = frozenset({"in-reply-to", "references"})
+
+
+# ---------------------------------------------------------------------------
+# Small decoding helpers.
+
+
+@functools.lru_cache(maxsize=256)
+def _codec(charset: str) -> str | None:
+    """
+    Map a MIME charset label to a Python text codec name.
+
+    Returns ``None`` for an unknown, refused or non-text codec.
+    """
+    label = charset.strip().strip("\"'").lower()
+    star = label.find("*")
+    if star >= 0:  # RFC 2231 language suffix inside an encoded-word
+        label = label[:star]
+    if not label or len(label) > 40:
+        return None
+    label = _CHARSET_ALIASES.get(label, label)
+    try:
+        name = codecs.lookup(label).name
+        b"".decode(name)  # LookupError for bytes-to-bytes codecs (base64, ...)
+    except (LookupError, ValueError, TypeError, UnicodeError):
+        return None
+    if name in _REFUSED_CODECS:
+        return None
+    return name
+
+
+def _utf8_safe(text: str) -> str:
+    """Replace lone surrogates, which cannot be encoded as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text)
+    return text
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    """
+    Decode text bytes leniently; never raises.
+
+    The declared charset is tried strictly first, then UTF-8 strictly (many
+    senders mislabel UTF-8), then the declared charset with replacement
+    characters, or ISO-8859-1 when the declared charset is unknown or ASCII.
+    """
+    codec = _codec(charset) if charset else None
+    if codec is not None:
+        try:
+            text = data.decode(codec)
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            pass
+        else:
+            if codec in _SURROGATE_FREE_CODECS:
+                return text
+            return _utf8_safe(text)
+    if codec != "utf-8":
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    if codec is not None and codec != "ascii":
+        try:
+            return _utf8_safe(data.decode(codec, "replace"))
+        except (UnicodeError, LookupError, ValueError, TypeError):
+            pass
+    return data.decode("latin-1")
+
+
+def _b64decode(data: bytes) -> bytes:
+    """Decode base64 leniently: junk is skipped and padding is repaired."""
+    try:
+        return binascii.a2b_base64(data)
+    except binascii.Error:
+        pass
+    cleaned = _BASE64_JUNK.sub(b"", data)
+    extra = len(cleaned) % 4
+    if extra == 1:  # a lone trailing character carries no full byte
+        cleaned = cleaned[:-1]
+    elif extra:
+        cleaned += b"=" * (4 - extra)
+    try:
+        return binascii.a2b_base64(cleaned)
+    except binascii.Error:  # pragma: no cover - cleaned input always decodes
+        return b""
+
+
+def _raw_header_text(value: object) -> str:
+    """
+    Turn a raw header value from the compat32 parser into text.
+
+    The parser keeps 8-bit bytes as surrogate escapes; they are decoded as
+    UTF-8 (RFC 6532), else ISO-8859-1.  The value is unfolded.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if not text.isascii():
+        raw = text.encode("utf-8", "surrogateescape")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    if "\r" in text or "\n" in text:
+        text = text.replace("\r", "").replace("\n", "")
+    return text
+
+
+def _decode_words(text: str) -> str:
+    """
+    Decode RFC 2047 encoded-words leniently.
+
+    Adjacent encoded-words separated only by whitespace are joined, and
+    consecutive words in the same charset are decoded together, so that a
+    multi-byte character split over two words survives.
+    """
+    if "=?" not in text:
+        return text
+    out: list[str] = []
+    pending = bytearray()
+    pending_charset: str | None = None
+    position = 0
+    for match in _ENCODED_WORD.finditer(text):
+        between = text[position : match.start()]
+        if pending_charset is None or between.strip(" \t"):
+            if pending_charset is not None:
+                out.append(_decode_bytes(bytes(pending), pending_charset))
+                pending.clear()
+                pending_charset = None
+            out.append(between)
+        charset, encoding, encoded = match.groups()
+        if encoding in "bB":
+            chunk = _b64decode(encoded.encode("ascii", "ignore"))
+        else:
+            chunk = binascii.a2b_qp(
+                encoded.encode("utf-8", "surrogateescape"), header=True
+            )
+        charset = charset.lower()
+        if pending_charset is not None and charset != pending_charset:
+            out.append(_decode_bytes(bytes(pending), pending_charset))
+            pending.clear()
+        pending_charset = charset
+        pending += chunk
+        position = match.end()
+    if pending_charset is not None:
+        out.append(_decode_bytes(bytes(pending), pending_charset))
+    out.append(text[position:])
+    return "".join(out)
+
+
+def _clean(text: str) -> str:
+    """Make text safe as a header value: no CR, LF, NUL or other controls."""
+    if _CONTROLS.search(text) is None:
+        return text
+    text = _LINEBREAKS.sub(" ", text)
+    return _OTHER_CONTROLS.sub("", text)
+
+
+def _unstructured(raw: object) -> str:
+    """Unfold, decode RFC 2047 and sanitize an unstructured header value."""
+    return _clean(_decode_words(_raw_header_text(raw))).strip()
+
+
+def _format_address(name: str, address: str) -> str:
+    """Format ``Name <address>``, quoting the name when needed (UTF-8 kept)."""
+    if not name:
+        return address
+    if _SPECIALS.search(name) is not None:
+        name = '"' + _ESCAPES.sub(r"\\\1", name) + '"'
+    return f"{name} <{address}>"
+
+
+def _simple_addresses(value: str) -> list[tuple[str, str]] | None:
+    """
+    Parse the common simple shapes of an address list quickly.
+
+    Handles comma-separated ``addr`` and ``Name <addr>`` entries without
+    quotes, comments, groups, brackets or backslashes (the stdlib
+    parser is pure Python and the slowest step of a translation).  Returns
+    ``None`` for anything else; the result is what ``getaddresses`` gives.
+    """
+    if _NOT_SIMPLE.search(value) is not None:
+        return None
+    pairs: list[tuple[str, str]] = []
+    for entry in value.split(","):
+        match = _SIMPLE_MAILBOX.fullmatch(entry)
+        if match is None:
+            if entry.strip(" \t"):
+                return None
+            continue
+        name, bracketed, bare = match.groups()
+        address = bare if bare is not None else bracketed
+        if "=?" in address:  # leave the legacy fully-encoded case to the slow path
+            return None
+        if bare is not None:
+            pairs.append(("", bare))
+        else:
+            pairs.append((_BLANKS.sub(" ", name).strip(" \t"), bracketed))
+    return pairs
+
+
+def _parse_addresses(values: list[str]) -> list[tuple[str, str]]:
+    """
+    Parse address header values (raw, unfolded) into (name, address) pairs.
+
+    Display names are RFC 2047 decoded after parsing, so that an encoded
+    comma cannot split an address.  Empty entries (groups, ``<>``) are
+    skipped.
+    """
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        parsed = _simple_addresses(value)
+        if parsed is None:
+            parsed = getaddresses([value])
+            if "=?" in value and any("=?" in address for _, address in parsed):
+                # Python's legacy API (msg["To"] = "Jörg <j@example.de>")
+                # encodes the whole field, addresses included.
+                parsed = getaddresses([_decode_words(value)])
+        for name, address in parsed:
+            address = _clean(address).strip()
+            if address:
+                pairs.append((_clean(_decode_words(name)).strip(), address))
+    return pairs
+
+
+def _bare_address(address: str) -> str:
+    """Strip whitespace and one pair of angle brackets from an address."""
+    address = _utf8_safe(address.strip())
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    return address
+
+
+# ---------------------------------------------------------------------------
+# MIME structure.
+
+
+def _measure(root: Message) -> None:
+    """Reject a MIME tree that is nested too deeply or has too many parts."""
+    stack: list[tuple[Message, int]] = [(root, 0)]
+    count = 0
+    while stack:
+        part, depth = stack.pop()
+        count += 1
+        if count > MAX_MIME_PARTS:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                f"Message has more than {MAX_MIME_PARTS} MIME parts;"
+                " send fewer attachments per message",
+            )
+        if part.is_multipart():
+            if depth >= MAX_MIME_DEPTH:
+                raise TranslationError(
+                    554,
+                    "5.6.0",
+                    f"MIME parts are nested more than {MAX_MIME_DEPTH} levels"
+                    " deep; flatten the message structure",
+                )
+            for child in part.get_payload():
+                if isinstance(child, Message):
+                    stack.append((child, depth + 1))
+
+
+def _structural_header(part: Message, name: str) -> str | None:
+    """
+    Return a MIME header of a part as text, repairing 8-bit values in place.
+
+    compat32 returns a ``Header`` object for values holding raw 8-bit bytes;
+    such a value is decoded (UTF-8, else ISO-8859-1) and written back, so
+    that ``get_param`` then sees real text (e.g. a raw UTF-8 filename).
+    """
+    value = part.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        for raw_name, raw_value in part.raw_items():
+            if raw_name.lower() == name:
+                text = _raw_header_text(raw_value)
+                part.replace_header(name, text)
+                return text
+        return str(value)  # pragma: no cover - get() found it, so did raw_items()
+    return value
+
+
+def _params(part: Message, header: str) -> dict[str, str]:
+    """
+    The parameters of a Content-Type/-Disposition header, parsed once.
+
+    Names are lowercased; RFC 2231 values (also continued ones) are decoded
+    with their declared charset; the first of repeated names wins.
+    """
+    try:
+        params = part.get_params(None, header)
+    except (ValueError, IndexError, TypeError, LookupError, UnicodeError):
+        return {}
+    result: dict[str, str] = {}
+    for key, value in (params or [])[1:]:
+        key = str(key).lower()
+        if key in result:
+            continue
+        if isinstance(value, tuple):  # RFC 2231: (charset, language, value)
+            charset, _language, text = value
+            text = str(text)
+            try:
+                raw = text.encode("latin-1")
+            except UnicodeEncodeError:
+                result[key] = text
+                continue
+            result[key] = _decode_bytes(raw, str(charset) if charset else None)
+        else:
+            result[key] = str(value)
+    return result
+
+
+def _filename(type_params: dict[str, str], disposition_params: dict[str, str]) -> str | None:
+    """The decoded, sanitized filename of a part; ``None`` when it has none."""
+    value = disposition_params.get("filename")
+    if value is None:
+        value = type_params.get("name")
+        if value is None:
+            return None
+    value = _clean(_decode_words(value)).strip()
+    # Keep the last path component only: "C:\\x\\a.pdf" -> "a.pdf".
+    value = value.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if value in (".", ".."):
+        return ""
+    return value
+
+
+def _flatten(part: Message, out: list[bytes]) -> None:
+    """
+    Write a parsed (sub)message back out as bytes, as close to the received
+    bytes as the parser allows: original header folding, original body bytes.
+
+    Used for message/rfc822 attachments, which the parser has split up.  (The
+    stdlib generator is not used: on hostile input it re-decodes 8-bit
+    payloads through their declared charset and can raise.)
+    """
+    for name, value in part.raw_items():
+        text = _NEWLINE.sub("\r\n", value if isinstance(value, str) else str(value))
+        out.append(f"{name}: {text}\r\n".encode("utf-8", "surrogateescape"))
+    out.append(b"\r\n")
+    if not part.is_multipart():
+        if isinstance(part, _Part):
+            out.append(part.payload_bytes())
+        return
+    children = [child for child in part.get_payload() if isinstance(child, Message)]
+    if part.get_content_maintype() == "message":
+        for child in children:
+            _flatten(child, out)
+        return
+    boundary = part.get_boundary() or "=_poststack-relay"
+    delimiter = f"--{boundary}".encode("utf-8", "surrogateescape")
+    if part.preamble is not None:
+        out.append(part.preamble.encode("utf-8", "surrogateescape") + b"\r\n")
+    for child in children:
+        out.append(delimiter + b"\r\n")
+        _flatten(child, out)
+        out.append(b"\r\n")
+    out.append(delimiter + b"--")
+    if part.epilogue is not None:
+        out.append(b"\r\n" + part.epilogue.encode("utf-8", "surrogateescape"))
+
+
+def _transfer_decoded(part: Message) -> bytes:
+    """The bytes of a leaf part, undoing its Content-Transfer-Encoding."""
+    if part.is_multipart():  # message/*: the parser split it up, rebuild it
+        chunks: list[bytes] = []
+        for inner in part.get_payload():
+            if isinstance(inner, Message):
+                _flatten(inner, chunks)
+        data = b"".join(chunks)
+    elif isinstance(part, _Part):
+        data = part.payload_bytes()
+    else:  # pragma: no cover - every part comes from _PARSER
+        data = b""
+    encoding = part.get("content-transfer-encoding")
+    if encoding is None:
+        return data
+    encoding = str(encoding).strip().lower()
+    if encoding == "base64":
+        return _b64decode(data)
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(data)
+    return data
+
+
+def _unflow(text: str, delsp: bool) -> str:
+    """
+    Undo RFC 3676 format=flowed soft line breaks.
+
+    A line ending in a space continues on the next line of the same quote
+    depth; a leading space is space-stuffing; ``"-- "`` (the signature
+    separator) is never flowed.  With DelSp=yes the trailing space of a
+    flowed line belongs to the encoding and is removed.
+    """
+    out: list[str] = []
+    pending: list[str] | None = None
+    pending_depth = 0
+    for line in text.split("\n"):
+        stripped = line.lstrip(">")
+        depth = len(line) - len(stripped)
+        if stripped.startswith(" "):
+            stripped = stripped[1:]
+        if pending is not None and depth != pending_depth:
+            out.append(_quoted(pending_depth, "".join(pending)))
+            pending = None
+        flowed = stripped.endswith(" ") and stripped != "-- "
+        if flowed:
+            piece = stripped[:-1] if delsp else stripped
+            if pending is None:
+                pending, pending_depth = [piece], depth
+            else:
+                pending.append(piece)
+            continue
+        if pending is not None:
+            pending.append(stripped)
+            out.append(_quoted(depth, "".join(pending)))
+            pending = None
+        else:
+            out.append(_quoted(depth, stripped))
+    if pending is not None:
+        out.append(_quoted(pending_depth, "".join(pending)))
+    return "\n".join(out)
+
+
+def _quoted(depth: int, content: str) -> str:
+    """Rebuild a quoted line: quote markers, then one space, then content."""
+    if not depth:
+        return content
+    return ">" * depth + (" " + content if content else "")
+
+
+def _body_text(part: Message, content_type: str, params: dict[str, str]) -> str:
+    """Decode a text/plain or text/html body part to text with LF newlines."""
+    text = _decode_bytes(_transfer_decoded(part), params.get("charset") or "us-ascii")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if (
+        content_type == "text/plain"
+        and params.get("format", "").strip().lower() == "flowed"
+    ):
+        delsp = params.get("delsp", "").strip().lower() == "yes"
+        text = _unflow(text, delsp)
+    return text
+
+
+def _extension(content_type: str) -> str:
+    """A filename extension for a content type (``.bin`` when unknown)."""
+    extension = _EXTENSION_OVERRIDES.get(content_type)
+    if extension is None:
+        extension = _guess_extension(content_type)
+    return extension
+
+
+@functools.lru_cache(maxsize=128)
+def _guess_extension(content_type: str) -> str:
+    """Ask the built-in (machine-independent) mimetypes table, once per type."""
+    return _MIMETYPES.guess_extension(content_type, strict=False) or ".bin"
+
+
+@attrs.define
+class _Body:
+    """What the walk over the MIME tree collects."""
+
+    text: str | None = None
+    html: str | None = None
+    attachments: list[dict[str, str]] = attrs.field(factory=list)
+
+
+def _attachment(
+    part: Message,
+    content_type: str,
+    params: dict[str, str],
+    filename: str | None,
+    index: int,
+) -> dict[str, str]:
+    """Build one API attachment object from a leaf part."""
+    full_type = content_type
+    if content_type.startswith("text/"):
+        charset = params.get("charset", "").strip()
+        if charset and _TOKEN.fullmatch(charset):
+            full_type += f"; charset={charset}"
+        if content_type == "text/calendar":
+            method = params.get("method", "").strip()
+            if method and _TOKEN.fullmatch(method):
+                full_type += f"; method={method.upper()}"
+    if not filename:
+        filename = f"attachment-{index}{_extension(content_type)}"
+    return {
+        "filename": filename,
+        "content": base64.b64encode(_transfer_decoded(part)).decode("ascii"),
+        "content_type": full_type,
+    }
+
+
+def _walk(root: Message) -> _Body:
+    """
+    Collect the text body, the html body and the attachments, in order.
+
+    The first text/plain and the first text/html leaf that are not
+    attachments are the bodies; any other leaf is an attachment, except
+    alternative renderings (text/* other than plain, html and calendar
+    directly inside multipart/alternative, e.g. AMP or watch-html), which
+    are dropped.
+    """
+    body = _Body()
+    stack: list[tuple[Message, bool]] = [(root, False)]
+    while stack:
+        part, in_alternative = stack.pop()
+        _structural_header(part, "content-type")
+        content_type = part.get_content_type()
+        main_type = content_type.partition("/")[0]
+        if main_type == "multipart" and part.is_multipart():
+            alternative = content_type == "multipart/alternative"
+            children = [c for c in part.get_payload() if isinstance(c, Message)]
+            stack.extend((child, alternative) for child in reversed(children))
+            continue
+        if main_type == "multipart":
+            # A multipart without a usable boundary: its body is plain text.
+            content_type = "text/plain"
+        elif _CONTENT_TYPE.fullmatch(content_type) is None:
+            content_type = "application/octet-stream"
+        type_params = _params(part, "content-type")
+        disposition = _structural_header(part, "content-disposition")
+        if disposition is None:
+            filename = _filename(type_params, {})
+            is_attachment = bool(filename)
+        else:
+            filename = _filename(type_params, _params(part, "content-disposition"))
+            is_attachment = bool(filename) or (
+                disposition.partition(";")[0].strip().lower() == "attachment"
+            )
+        if not is_attachment:
+            if content_type == "text/plain" and body.text is None:
+                body.text = _body_text(part, content_type, type_params)
+                continue
+            if content_type == "text/html" and body.html is None:
+                body.html = _body_text(part, content_type, type_params)
+                continue
+            if (
+                in_alternative
+                and content_type.startswith("text/")
+                and content_type not in ("text/plain", "text/html", "text/calendar")
+            ):
+                continue
+        body.attachments.append(
+            _attachment(
+                part, content_type, type_params, filename, len(body.attachments) + 1
+            )
+        )
+    return body
+
+
+# ---------------------------------------------------------------------------
+# Headers.
+
+
+def _single(values: list[str], header: str) -> str | None:
+    """The one value of a header that may appear once; ``None`` if absent."""
+    distinct = list(dict.fromkeys(value for value in values if value))
+    if len(distinct) > 1:
+        raise TranslationError(
+            554,
+            "5.6.0",
+            f"{header} appears more than once with different values;"
+            " send it once",
+        )
+    return distinct[0] if distinct else None
+
+
+def _variables(value: str) -> dict[str, Any]:
+    """Parse X-PostStack-Variables, which must hold one JSON object."""
+
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        variables = json.loads(value, parse_constant=refuse_constant)
+    except RecursionError:
+        reason = "nested too deeply"
+    except ValueError as error:  # includes json.JSONDecodeError
+        reason = str(error)
+    else:
+        if isinstance(variables, dict):
+            try:
+                json.dumps(variables, ensure_ascii=False).encode("utf-8")
+            except (UnicodeEncodeError, RecursionError, ValueError):
+                reason = "it contains invalid Unicode"
+            else:
+                return variables
+        else:
+            reason = f"got a JSON {_JSON_KINDS.get(type(variables), 'value')}"
+    raise TranslationError(
+        554, "5.6.0", f"X-PostStack-Variables must be a JSON object: {reason[:120]}"
+    )
+
+
+def _sender(
+    from_values: list[str], envelope: Envelope, mailbox: str | None
+) -> str:
+    """Work out the API ``from`` value, enforcing the mailbox rule."""
+    if from_values:
+        pairs = _parse_addresses(from_values)
+        if len(pairs) != 1:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                f"From header must contain exactly one address, found {len(pairs)};"
+                " put other authors in Reply-To",
+            )
+        name, address = pairs[0]
+        if _ADDRESS.fullmatch(address) is None:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                "From header address is not valid; use name@domain",
+            )
+        formatted = _format_address(name, address)
+    else:
+        address = _bare_address(envelope.mail_from)
+        if not address:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                "Message has no From header and the envelope sender is empty;"
+                " add a From header",
+            )
+        if _ADDRESS.fullmatch(address) is None:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                "Message has no From header and the envelope sender is not a"
+                " valid address; add a From header",
+            )
+        formatted = address
+    if mailbox is not None and address.lower() != mailbox.strip().lower():
+        raise TranslationError(
+            550,
+            "5.7.1",
+            f"From must be your mailbox address <{mailbox.strip()}>;"
+            " change the From header",
+        )
+    return formatted
+
+
+def _recipients(
+    to_values: list[str], cc_values: list[str], envelope: Envelope
+) -> tuple[list[str], list[str], list[str]]:
+    """
+    Split the envelope recipients into API ``to``, ``cc`` and ``bcc``.
+
+    The envelope decides who receives the message; the To and Cc headers
+    only decide in which list (and with which display name) a recipient
+    appears.  Header addresses that are not envelope recipients are dropped.
+    """
+    envelope_keys: dict[str, str] = {}
+    for recipient in envelope.rcpt_to:
+        address = _bare_address(recipient)
+        if address:
+            envelope_keys.setdefault(address.lower(), address)
+    if not envelope_keys:
+        raise TranslationError(554, "5.5.1", "No valid recipients")
+    placed: set[str] = set()
+    lists: list[list[str]] = []
+    for values in (to_values, cc_values):
+        found: list[str] = []
+        for name, address in _parse_addresses(values):
+            key = address.lower()
+            if key in envelope_keys and key not in placed:
+                placed.add(key)
+                found.append(_format_address(name, address))
+        lists.append(found)
+    to, cc = lists
+    bcc = [address for key, address in envelope_keys.items() if key not in placed]
+    if not to:
+        if cc:
+            to, cc = cc, []
+        else:
+            to, bcc = bcc, []
+    return to, cc, bcc
+
+
+def _parse(raw: bytes) -> Message:
+    """Parse the message and check the size of its MIME tree."""
+    try:
+        message = _PARSER.parsebytes(raw)
+    except RecursionError:
+        raise TranslationError(
+            554,
+            "5.6.0",
+            f"MIME parts are nested more than {MAX_MIME_DEPTH} levels deep;"
+            " flatten the message structure",
+        ) from None
+    except MemoryError:  # pragma: no cover - not a property of the message
+        raise
+    except Exception:
+        # The stdlib parser is lenient, but a few hostile header parameters
+        # still make it raise (e.g. boundary*=undefined''x raises
+        # UnicodeError).  Whatever it raises, the message is malformed.
+        raise TranslationError(
+            554, "5.6.0", "Message could not be parsed as MIME; check its headers"
+        ) from None
+    _measure(message)
+    return message
+
+
+def translate(
+    raw: bytes, envelope: Envelope, *, mailbox: str | None = None
+) -> EmailRequest:
+    """
+    Translate one received message into one ``POST /emails`` request.
+
+    :param raw: The message as received in DATA, dot-unstuffed, with CRLF
+        (or bare LF) line endings.
+    :param envelope: The SMTP envelope of the transaction.
+    :param mailbox: When the client authenticated as a mailbox, its address:
+        the From address must then be that mailbox.
+    :raises TranslationError: When the message cannot be sent; the error
+        carries the SMTP reply for the DATA command.
+    :return: The request to make.
+    """
+    message = _parse(raw)
+
+    from_values: list[str] = []
+    to_values: list[str] = []
+    cc_values: list[str] = []
+    reply_to_values: list[str] = []
+    subject: str | None = None
+    tags: dict[str, None] = {}
+    template_values: list[str] = []
+    variables_values: list[str] = []
+    idempotency_values: list[str] = []
+    passed: dict[str, tuple[str, list[str]]] = {}
+
+    for name, value in message.raw_items():
+        key = name.lower()
+        if key == "from":
+            from_values.append(_raw_header_text(value))
+        elif key == "to":
+            to_values.append(_raw_header_text(value))
+        elif key == "cc":
+            cc_values.append(_raw_header_text(value))
+        elif key == "reply-to":
+            reply_to_values.append(_raw_header_text(value))
+        elif key == "subject":
+            if subject is None:
+                subject = _unstructured(value)
+        elif key.startswith("x-poststack-"):
+            text = _unstructured(value)
+            if key == _HEADER_TAGS:
+                for tag in text.split(","):
+                    tag = tag.strip()
+                    if tag:
+                        tags.setdefault(tag, None)
+            elif key == _HEADER_TEMPLATE:
+                template_values.append(text)
+            elif key == _HEADER_VARIABLES:
+                variables_values.append(text)
+            elif key == _HEADER_IDEMPOTENCY:
+                idempotency_values.append(text)
+            # Any other X-PostStack-* header is ours and is not passed on.
+        elif (
+            key.startswith("x-") or key in _PASSED_UNSTRUCTURED
+        ) and _HEADER_NAME.fullmatch(name):
+            text = _unstructured(value)
+            if text:
+                passed.setdefault(key, (name, []))[1].append(text)
+        elif key in _PASSED_STRUCTURED:
+            text = _clean(_raw_header_text(value)).strip()
+            if text:
+                passed.setdefault(key, (name, []))[1].append(text)
+
+    template_id = _single(template_values, "X-PostStack-Template-Id")
+    variables_text = _single(variables_values, "X-PostStack-Variables")
+    idempotency_key = _single(idempotency_values, "X-PostStack-Idempotency-Key")
+    variables = _variables(variables_text) if variables_text is not None else None
+
+    sender = _sender(from_values, envelope, mailbox)
+    to, cc, bcc = _recipients(to_values, cc_values, envelope)
+    body = _walk(message)
+
+    payload: dict[str, Any] = {"from": sender, "to": to}
+    if cc:
+        payload["cc"] = cc
+    if bcc:
+        payload["bcc"] = bcc
+    reply_to = [
+        _format_address(name, address)
+        for name, address in _parse_addresses(reply_to_values)
+        if _ADDRESS.fullmatch(address) is not None
+    ]
+    if reply_to:
+        payload["reply_to"] = ", ".join(reply_to)
+
+    if template_id is None:
+        payload["subject"] = subject or ""
+        if body.text is not None:
+            payload["text"] = body.text
+        if body.html is not None:
+            payload["html"] = body.html
+        if body.text is None and body.html is None:
+            payload["text"] = ""
+    else:
+        if subject:
+            payload["subject"] = subject
+        if body.text:
+            payload["text"] = body.text
+        if body.html:
+            payload["html"] = body.html
+
+    if passed:
+        payload["headers"] = {
+            name: (" " if key in _SPACE_JOINED else ", ").join(values)
+            for key, (name, values) in passed.items()
+        }
+    if tags:
+        payload["tags"] = list(tags)
+    if body.attachments:
+        payload["attachments"] = body.attachments
+    if template_id is not None:
+        payload["template_id"] = template_id
+    if variables is not None:
+        payload["variables"] = variables
+    if idempotency_key is not None:
+        payload["idempotency_key"] = idempotency_key
+    return EmailRequest(payload=payload, idempotency_key=idempotency_key)

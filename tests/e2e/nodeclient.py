@@ -1,0 +1,362 @@
+# -*- test-case-name: tests.e2e.test_nodeclient -*-
+"""
+Run the pinned nodemailer scripts of C{tests/e2e/node/} from trial tests.
+
+The scripts (see C{tests/e2e/node/_harness.mjs}) read C{SMTP_HOST},
+C{SMTP_PORT}, C{SMTP_CA} (a PEM file trusted with servername C{localhost}) and
+optionally C{SMTP_USER}/C{SMTP_PASS}, and print one JSON line on stdout.
+
+Typical use in a C{twisted.trial.unittest.TestCase}::
+
+    def setUp(self) -> None:
+        reason = node_available()
+        if reason is not None:
+            raise SkipTest(reason)
+        ensure_node_modules()
+
+    async def test_send(self) -> None:
+        result = await run_node_script(reactor, "page_html_tags.mjs", [], {
+            "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(port), "SMTP_CA": pem_path,
+        })
+        self.assertTrue(result["ok"], result)
+
+The scripts run in a child process spawned with C{reactor.spawnProcess}, so
+the relay under test keeps running in the same reactor while nodemailer talks
+to it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProcessTransport,
+    IReactorProcess,
+    IReactorTime,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+__all__ = [
+    "NODE_DIR",
+    "MINIMUM_NODE_MAJOR",
+    "NodeScriptError",
+    "node_available",
+    "ensure_node_modules",
+    "run_node_script",
+]
+
+NODE_DIR: Path = Path(__file__).resolve().parent / "node"
+"""The directory holding C{package.json}, C{package-lock.json} and the scripts."""
+
+MINIMUM_NODE_MAJOR = 20
+"""The oldest Node.js major version the pinned nodemailer supports."""
+
+NPM_CI_TIMEOUT = 300.0
+"""Seconds C{npm ci} may take before L{ensure_node_modules} gives up."""
+
+_MAX_OUTPUT = 4 * 1024 * 1024
+"""Bytes kept per output stream of a script; more is a harness bug."""
+
+_KILL_GRACE = 5.0
+"""Seconds to wait for a killed script to be reaped before giving up on it."""
+
+_BASE_ENV_KEYS = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "SYSTEMROOT")
+"""Variables of our own environment handed to the scripts; nothing else leaks in."""
+
+_ensured = False
+
+
+class NodeScriptError(Exception):
+    """
+    A script did not produce its JSON line: it timed out, crashed, exited
+    with a non-zero status (2 means a harness bug) or printed something else.
+    The message includes the script's stderr and stdout.
+    """
+
+
+def _node_major(node: str) -> int | None:
+    """Return the major version of the C{node} binary, or L{None} if unknown."""
+    try:
+        out = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
+        return int(out.lstrip("v").split(".", 1)[0])
+    except ValueError:
+        return None
+
+
+@functools.cache
+def node_available() -> str | None:
+    """
+    Say whether the nodemailer scripts can run here (asked once per process).
+
+    @return: L{None} if C{node} (at least version L{MINIMUM_NODE_MAJOR}) and
+        C{npm} are on C{PATH}; otherwise a reason suitable for C{SkipTest}.
+    """
+    node = shutil.which("node")
+    if node is None:
+        return "node is not installed (needed for the nodemailer end-to-end tests)"
+    if shutil.which("npm") is None:
+        return "npm is not installed (needed to install the pinned nodemailer)"
+    major = _node_major(node)
+    if major is None:
+        return f"cannot tell the version of {node}"
+    if major < MINIMUM_NODE_MAJOR:
+        return f"node {major} is too old: the pinned nodemailer needs node >= {MINIMUM_NODE_MAJOR}"
+    return None
+
+
+def _modules_current() -> bool:
+    """
+    Whether C{node_modules} was installed from the current lockfile: npm
+    writes C{node_modules/.package-lock.json} on every install, so it must
+    be at least as new as C{package-lock.json}, and nodemailer must be there.
+    """
+    marker = NODE_DIR / "node_modules" / ".package-lock.json"
+    lock = NODE_DIR / "package-lock.json"
+    nodemailer = NODE_DIR / "node_modules" / "nodemailer" / "package.json"
+    try:
+        return (
+            marker.stat().st_mtime >= lock.stat().st_mtime and nodemailer.is_file()
+        )
+    except FileNotFoundError:
+        return False
+
+
+def _tail(data: bytes | str | None, limit: int = 4000) -> str:
+    """
+    Some process output as text, at most about C{limit} characters: the start
+    (where npm and node put the cause) and the end, with the middle elided.
+    """
+    if data is None:
+        return ""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    return f"{text[:head]}\n[... {len(text) - limit} characters elided ...]\n{text[-(limit - head):]}"
+
+
+def ensure_node_modules() -> None:
+    """
+    Install the pinned nodemailer into C{tests/e2e/node/node_modules} with
+    C{npm ci --no-audit --no-fund}, unless it is already installed from the
+    current C{package-lock.json}.
+
+    Blocks (at most L{NPM_CI_TIMEOUT} seconds); call it from C{setUp}, not while
+    a relay is serving. Concurrent callers (several test processes) are
+    serialised with a lock file in the temporary directory.
+
+    @raise RuntimeError: if C{npm ci} fails or times out; the message holds
+        the start and end of its output.
+    """
+    global _ensured
+    if _ensured and _modules_current():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm is not installed; call node_available() first")
+    digest = hashlib.sha256(str(NODE_DIR).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"poststack-relay-npm-ci-{digest}.lock"
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if not _modules_current():
+                try:
+                    done = subprocess.run(
+                        [npm, "ci", "--no-audit", "--no-fund"],
+                        cwd=NODE_DIR,
+                        capture_output=True,
+                        timeout=NPM_CI_TIMEOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
+                except subprocess.TimeoutExpired as e:
+                    raise RuntimeError(
+                        f"npm ci in {NODE_DIR} did not finish within {NPM_CI_TIMEOUT:.0f} s;"
+                        f"\nstdout: {_tail(e.stdout)}\nstderr: {_tail(e.stderr)}"
+                    ) from e
+                if done.returncode != 0:
+                    raise RuntimeError(
+                        f"npm ci in {NODE_DIR} failed with exit status {done.returncode};"
+                        f"\nstdout: {_tail(done.stdout)}\nstderr: {_tail(done.stderr)}"
+                    )
+                if not _modules_current():
+                    raise RuntimeError(
+                        f"npm ci in {NODE_DIR} succeeded but node_modules/nodemailer is missing"
+                    )
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    _ensured = True
+
+
+class _ScriptProtocol(ProcessProtocol):
+    """Collects a script's output and calls C{ended} with the reason it exited."""
+
+    def __init__(self, description: str, ended: Callable[[Failure], None]) -> None:
+        self.description = description
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.overflow = False
+        self._ended = ended
+
+    def _keep(self, buffer: bytearray, data: bytes) -> None:
+        if len(buffer) + len(data) > _MAX_OUTPUT:
+            self.overflow = True
+            if self.transport is not None:
+                _kill(self.transport)
+            return
+        buffer.extend(data)
+
+    def outReceived(self, data: bytes) -> None:
+        self._keep(self.stdout, data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._keep(self.stderr, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._ended(reason)
+
+
+def _parse_result(proto: _ScriptProtocol, reason: Failure) -> dict[str, Any]:
+    """Turn a finished script's output into its JSON dict, or raise L{NodeScriptError}."""
+    out = proto.stdout.decode("utf-8", "replace")
+    err = proto.stderr.decode("utf-8", "replace")
+    details = f"\nstderr: {_tail(err)}\nstdout: {_tail(out)}"
+    if proto.overflow:
+        raise NodeScriptError(
+            f"{proto.description} printed more than {_MAX_OUTPUT} bytes and was killed{details}"
+        )
+    if not reason.check(ProcessDone):
+        raise NodeScriptError(
+            f"{proto.description} failed ({reason.getErrorMessage()};"
+            f" exit status 2 means a harness bug){details}"
+        )
+    lines = [line for line in out.splitlines() if line.strip()]
+    if not lines:
+        raise NodeScriptError(f"{proto.description} printed nothing on stdout{details}")
+    try:
+        result = json.loads(lines[-1])
+    except ValueError as e:
+        raise NodeScriptError(
+            f"{proto.description}: last stdout line is not JSON ({e}){details}"
+        ) from e
+    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+        raise NodeScriptError(
+            f'{proto.description}: last stdout line is not a {{"ok": ...}} object{details}'
+        )
+    return result
+
+
+def run_node_script(
+    reactor: IReactorProcess,
+    script: str,
+    args: list[str],
+    env: dict[str, str],
+    timeout: float = 60,
+) -> Deferred[dict[str, Any]]:
+    """
+    Run C{node <script> <args...>} in C{tests/e2e/node} without blocking the reactor.
+
+    @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
+    @param script: a file name in C{tests/e2e/node}, e.g. C{"rich.mjs"}.
+    @param args: further arguments, e.g. C{["full"]}.
+    @param env: the script's environment (C{SMTP_HOST}, C{SMTP_PORT},
+        C{SMTP_CA}, optionally C{SMTP_USER}/C{SMTP_PASS}), added to C{PATH},
+        C{HOME}, C{TMPDIR} and the locale of this process; nothing else of
+        this process's environment is passed on. A relative C{SMTP_CA} is
+        made absolute against this process's working directory.
+    @param timeout: seconds before the script is killed (by its own PID).
+
+    @return: a L{Deferred} firing with the script's JSON line as a dict
+        (C{{"ok": True, ...}} or C{{"ok": False, ...}}), or failing with
+        L{NodeScriptError} (timeout, non-zero exit, no JSON line; the message
+        holds stderr). Cancelling it kills the script.
+    """
+    node = shutil.which("node")
+    if node is None:
+        return fail(NodeScriptError("node is not installed; call node_available() first"))
+    path = NODE_DIR / script
+    if not path.is_file() or path.parent != NODE_DIR:
+        return fail(NodeScriptError(f"no script {script!r} in {NODE_DIR}"))
+    clock = IReactorTime(reactor)
+    description = f"node {script} {' '.join(args)}".rstrip()
+    child_env = {k: os.environ[k] for k in _BASE_ENV_KEYS if k in os.environ}
+    child_env.update(env)
+    if "SMTP_CA" in child_env:
+        # The script runs in NODE_DIR: make a relative path (e.g. from
+        # TestCase.mktemp()) mean what it means here.
+        child_env["SMTP_CA"] = os.path.abspath(child_env["SMTP_CA"])
+
+    result: Deferred[dict[str, Any]] = Deferred(lambda _: _kill(transport))
+    calls: list[IDelayedCall] = []
+    timed_out: list[bool] = []
+
+    def ended(reason: Failure) -> None:
+        for call in calls:
+            if call.active():
+                call.cancel()
+        if result.called:
+            return
+        if timed_out:
+            result.errback(
+                NodeScriptError(
+                    f"{description} timed out after {timeout} s and was killed"
+                    f"\nstderr: {_tail(bytes(proto.stderr))}"
+                    f"\nstdout: {_tail(bytes(proto.stdout))}"
+                )
+            )
+            return
+        try:
+            parsed = _parse_result(proto, reason)
+        except NodeScriptError as e:
+            result.errback(e)
+        else:
+            result.callback(parsed)
+
+    proto = _ScriptProtocol(description, ended)
+    transport = reactor.spawnProcess(
+        proto, node, [node, str(path), *args], env=child_env, path=str(NODE_DIR)
+    )
+    pid = transport.pid
+
+    def give_up() -> None:
+        # SIGKILL was sent but the child was never reaped: report, do not hang.
+        if not result.called:
+            result.errback(
+                NodeScriptError(
+                    f"{description} (pid {pid}) timed out after {timeout} s"
+                    f" and did not exit {_KILL_GRACE} s after SIGKILL"
+                )
+            )
+
+    def on_timeout() -> None:
+        timed_out.append(True)
+        _kill(transport)
+        calls.append(clock.callLater(_KILL_GRACE, give_up))
+
+    calls.append(clock.callLater(timeout, on_timeout))
+    return result
+
+
+def _kill(transport: IProcessTransport) -> None:
+    """Send SIGKILL to the one process behind C{transport}, if it still runs."""
+    try:
+        transport.signalProcess("KILL")
+    except ProcessExitedAlready:
+        pass
