@@ -11,8 +11,8 @@ or raises :class:`TranslationError`, which carries the complete SMTP reply
 The mapping rules, and the reasons for each choice, are written down in
 ``docs/mime-mapping.md``.
 
-Speed matters (this runs once per message on the reactor thread), so the
-message is parsed with the stdlib ``compat32`` policy, which is an order of
+Speed matters (this runs once per message, possibly on the reactor thread),
+so the message is parsed with the stdlib ``compat32`` policy, an order of
 magnitude cheaper than ``email.policy.default``, and header values are
 decoded here with small precompiled helpers.
 """
@@ -38,6 +38,7 @@ import attrs
 __all__ = [
     "MAX_MIME_DEPTH",
     "MAX_MIME_PARTS",
+    "MAX_VARIABLES_DEPTH",
     "EmailRequest",
     "Envelope",
     "TranslationError",
@@ -49,6 +50,9 @@ MAX_MIME_DEPTH: Final = 20
 
 #: Largest allowed number of MIME parts (containers and leaves) in a message.
 MAX_MIME_PARTS: Final = 1000
+
+#: Deepest allowed nesting of objects and arrays in X-PostStack-Variables.
+MAX_VARIABLES_DEPTH: Final = 32
 
 
 def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
@@ -105,6 +109,7 @@ class TranslationError(Exception):
     text: str
 
     def __init__(self, code: int, enhanced: str, text: str) -> None:
+        """Keep the reply parts; ``text`` is forced to printable ASCII."""
         text = _UNPRINTABLE_ASCII.sub("?", text).strip()
         super().__init__(f"{code} {enhanced} {text}")
         self.code = code
@@ -581,7 +586,9 @@ def _params(part: Message, header: str) -> dict[str, str]:
     return result
 
 
-def _filename(type_params: dict[str, str], disposition_params: dict[str, str]) -> str | None:
+def _filename(
+    type_params: dict[str, str], disposition_params: dict[str, str]
+) -> str | None:
     """The decoded, sanitized filename of a part; ``None`` when it has none."""
     value = disposition_params.get("filename")
     if value is None:
@@ -700,11 +707,27 @@ def _quoted(depth: int, content: str) -> str:
     return ">" * depth + (" " + content if content else "")
 
 
-def _body_text(part: Message, content_type: str, params: dict[str, str]) -> str:
-    """Decode a text/plain or text/html body part to text with LF newlines."""
+def _body_text(
+    part: Message, content_type: str, params: dict[str, str], whole_message: bool
+) -> str:
+    """
+    Decode a text/plain or text/html body part to text with LF newlines.
+
+    In a single-part message (``whole_message``) the line break that ends
+    the last line of DATA is SMTP framing, not content (nodemailer and
+    smtplib add it to ``html: '<p>x</p>'``); it is removed, as the MIME
+    parser removes the one before a boundary in multipart messages.  Base64
+    content is exempt: its framing line break is outside the decoded data.
+    """
     text = _decode_bytes(_transfer_decoded(part), params.get("charset") or "us-ascii")
     if "\r" in text:
         text = text.replace("\r\n", "\n")
+    if (
+        whole_message
+        and text.endswith("\n")
+        and str(part.get("content-transfer-encoding", "")).strip().lower() != "base64"
+    ):
+        text = text[:-1]
     if (
         content_type == "text/plain"
         and params.get("format", "").strip().lower() == "flowed"
@@ -802,10 +825,10 @@ def _walk(root: Message) -> _Body:
             )
         if not is_attachment:
             if content_type == "text/plain" and body.text is None:
-                body.text = _body_text(part, content_type, type_params)
+                body.text = _body_text(part, content_type, type_params, part is root)
                 continue
             if content_type == "text/html" and body.html is None:
-                body.html = _body_text(part, content_type, type_params)
+                body.html = _body_text(part, content_type, type_params, part is root)
                 continue
             if (
                 in_alternative
@@ -832,16 +855,33 @@ def _single(values: list[str], header: str) -> str | None:
         raise TranslationError(
             554,
             "5.6.0",
-            f"{header} appears more than once with different values;"
-            " send it once",
+            f"{header} appears more than once with different values;" " send it once",
         )
     return distinct[0] if distinct else None
+
+
+def _json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests containers deeper than ``limit``."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _variables(value: str) -> dict[str, Any]:
     """Parse X-PostStack-Variables, which must hold one JSON object."""
 
     def refuse_constant(name: str) -> Any:
+        """Refuse NaN and Infinity, which json accepts but JSON forbids."""
         raise ValueError(f"{name} is not valid JSON")
 
     try:
@@ -851,23 +891,24 @@ def _variables(value: str) -> dict[str, Any]:
     except ValueError as error:  # includes json.JSONDecodeError
         reason = str(error)
     else:
-        if isinstance(variables, dict):
+        if not isinstance(variables, dict):
+            kind = _JSON_KINDS.get(type(variables), "value")
+            reason = f"got a JSON {kind}"
+        elif _json_depth_exceeds(variables, MAX_VARIABLES_DEPTH):
+            reason = f"nested more than {MAX_VARIABLES_DEPTH} levels deep"
+        else:
             try:
                 json.dumps(variables, ensure_ascii=False).encode("utf-8")
-            except (UnicodeEncodeError, RecursionError, ValueError):
+            except UnicodeEncodeError:
                 reason = "it contains invalid Unicode"
             else:
                 return variables
-        else:
-            reason = f"got a JSON {_JSON_KINDS.get(type(variables), 'value')}"
     raise TranslationError(
         554, "5.6.0", f"X-PostStack-Variables must be a JSON object: {reason[:120]}"
     )
 
 
-def _sender(
-    from_values: list[str], envelope: Envelope, mailbox: str | None
-) -> str:
+def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> str:
     """Work out the API ``from`` value, enforcing the mailbox rule."""
     if from_values:
         pairs = _parse_addresses(from_values)
@@ -1071,11 +1112,14 @@ def translate(
         if body.text is None and body.html is None:
             payload["text"] = ""
     else:
+        # Blank fields are left out so that the template's own apply (a
+        # client cannot always omit them: nodemailer writes text: '' as an
+        # empty text/plain part).
         if subject:
             payload["subject"] = subject
-        if body.text:
+        if body.text is not None and body.text.strip():
             payload["text"] = body.text
-        if body.html:
+        if body.html is not None and body.html.strip():
             payload["html"] = body.html
 
     if passed:

@@ -83,7 +83,7 @@ class PageExampleTests(RelayTestCase):
         code, text = await self.in_thread(send)
         [email] = self.stored()
         self.assertEqual((code, text), (250, f"2.0.0 Ok: queued as {email.id}"))
-        self.assertEqual(email.payload["text"], "hello\n")
+        self.assertEqual(email.payload["text"], "hello")
 
 
 class SMTPSSLTests(RelayTestCase):
