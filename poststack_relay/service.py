@@ -19,7 +19,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from .api import HTTPEmailAPI, IEmailAPI
 from .auth import PostStackChecker, RelayRealm
@@ -29,6 +29,14 @@ from .smtp import RelayFactory
 from .tls import ImplicitTLSFactory, load_certificate_options
 
 _log = Logger()
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory without "Starting factory" log lines.
+    """
+
+    noisy = False
 
 
 class _PoolService(Service):
@@ -96,6 +104,7 @@ def makeRelayService(
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 64
         pool.retryAutomatically = False  # POST retries are the relay's decision
+        pool._factory = _QuietHTTP11ClientFactory
         client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
         api = HTTPEmailAPI(client, config.api_url, config.api_timeout, config.service_key)
         _PoolService(pool).setServiceParent(service)
