@@ -106,7 +106,9 @@ def makeRelayService(
         pool.retryAutomatically = False  # POST retries are the relay's decision
         pool._factory = _QuietHTTP11ClientFactory
         client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
-        api = HTTPEmailAPI(client, config.api_url, config.api_timeout, config.service_key)
+        api = HTTPEmailAPI(
+            client, config.api_url, config.api_timeout, config.service_key, clock=reactor
+        )
         _PoolService(pool).setServiceParent(service)
 
     checker = PostStackChecker(

@@ -1,0 +1,1322 @@
+"""
+Tests for L{poststack_relay.api}: the PostStack HTTP client and the
+status -> SMTP reply mapping.
+
+The client talks to the real sandbox resource through
+C{treq.testing.StubTreq}; the sandbox and the client's time-out share one
+L{Clock}, so slow, hanging and trickling answers are driven by hand.  A few
+tests use a small recording or scripted resource where the sandbox cannot
+produce the answer (redirects, answers without a mailbox, trickled bodies).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from treq.testing import StringStubbingResource, StubTreq
+from zope.interface.verify import verifyObject
+
+from poststack_relay._version import __version__
+from poststack_relay.api import (
+    QUOTA_CODES,
+    REPLY_BAD_ANSWER,
+    REPLY_NO_ANSWER,
+    REPLY_SERVICE_KEY_REJECTED,
+    REPLY_TIMEOUT,
+    USER_AGENT,
+    APIError,
+    APIUnavailable,
+    HTTPEmailAPI,
+    IEmailAPI,
+    reply_for_status,
+)
+from poststack_relay.replies import Reply
+from poststack_relay.sandbox import (
+    IN_TREE_DATA_PATH,
+    SandboxData,
+    SandboxResource,
+    SandboxStore,
+    load_sandbox_data,
+)
+from poststack_relay.testing import MemoryEmailAPI
+from poststack_relay.translate import EmailRequest
+
+BASE = "http://sandbox.invalid"
+FULL = "sk_test_full_access"
+SCOPED = "sk_test_yourdomain_only"
+SERVICE = "sk_test_relay_service"
+UNKNOWN = "sk_test_not_a_key_4f9c2e7d1b"
+TIMEOUT = 10.0
+
+
+def email(**changes: Any) -> EmailRequest:
+    """
+    A valid C{POST /emails} request; C{changes} edit the payload (C{None}
+    deletes a field), C{idempotency_key} sets both the field and the
+    request's key.
+    """
+    payload: dict[str, Any] = {
+        "from": "You <you@yourdomain.com>",
+        "to": ["user@example.com"],
+        "subject": "Hello",
+        "text": "Hello there",
+    }
+    idempotency_key = changes.pop("idempotency_key", None)
+    for name, value in changes.items():
+        if value is None:
+            payload.pop(name, None)
+        else:
+            payload[name] = value
+    if idempotency_key is not None:
+        payload["idempotency_key"] = idempotency_key
+    return EmailRequest(payload=payload, idempotency_key=idempotency_key)
+
+
+@attrs.define
+class Seen:
+    """One request a L{Recorder} saw."""
+
+    method: bytes
+    path: bytes
+    headers: dict[bytes, list[bytes]]
+    body: bytes
+
+
+class Recorder(Resource):
+    """
+    A leaf resource that records each request, then lets C{inner} answer.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen: list[Seen] = []
+
+    def render(self, request: Request) -> Any:
+        content = request.content
+        body = b""
+        if content is not None:
+            content.seek(0)
+            body = content.read()
+            content.seek(0)
+        self.seen.append(
+            Seen(
+                request.method,
+                request.path,
+                {k.lower(): list(v) for k, v in request.requestHeaders.getAllRawHeaders()},
+                body,
+            )
+        )
+        return self.inner.render(request)
+
+
+class Trickle(Resource):
+    """
+    Answers 202 with the start of a JSON body and never finishes it.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        self.requests.append(request)
+        request.setResponseCode(202)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(b'{"id": "em_')
+        return NOT_DONE_YET
+
+
+def scripted(
+    status: int, body: bytes, headers: Optional[dict[bytes, bytes]] = None
+) -> tuple[StringStubbingResource, list[tuple[bytes, str]]]:
+    """
+    A resource answering every request with C{status}/C{body}, and the
+    list of (method, url) it was called with.
+    """
+    calls: list[tuple[bytes, str]] = []
+
+    def answer(
+        method: bytes, url: str, params: Any, request_headers: Any, data: bytes
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        calls.append((method, url))
+        return status, dict(headers or {b"content-type": b"application/json"}), body
+
+    return StringStubbingResource(answer), calls
+
+
+class SandboxMixin:
+    """
+    A sandbox on a temporary SQLite file, a shared L{Clock}, and helpers to
+    build an L{HTTPEmailAPI} over C{StubTreq}.
+    """
+
+    mktemp: Callable[[], str]
+    addCleanup: Callable[..., None]
+
+    def make_sandbox(self, data: Optional[SandboxData] = None) -> None:
+        self.clock = Clock()
+        self.store = SandboxStore(self.mktemp())
+        self.addCleanup(self.store.close)
+        self.data = data or load_sandbox_data(IN_TREE_DATA_PATH)
+        self.sandbox = SandboxResource(self.store, self.data, self.clock)
+        self.recorder = Recorder(self.sandbox)
+
+    def make_api(
+        self, resource: Optional[Resource] = None, service_key: Optional[str] = SERVICE
+    ) -> HTTPEmailAPI:
+        self.stub = StubTreq(resource if resource is not None else self.recorder)
+        return HTTPEmailAPI(self.stub, BASE + "/", TIMEOUT, service_key, clock=self.clock)
+
+
+def _reply_of(case: SynchronousTestCase, d: "Deferred[Any]") -> Reply:
+    failure = case.failureResultOf(d, APIError)
+    error: APIError = failure.value
+    return error.reply
+
+
+class CheckAPIKeyTests(SandboxMixin, SynchronousTestCase):
+    """
+    L{HTTPEmailAPI.check_api_key}.
+    """
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def test_valid(self) -> None:
+        """A key the sandbox knows is valid, checked with GET /emails?per_page=1."""
+        self.assertIs(self.successResultOf(self.api.check_api_key(FULL)), True)
+        self.assertEqual([(s.method, s.path) for s in self.recorder.seen], [(b"GET", b"/emails")])
+
+    def test_sending_access_key_valid(self) -> None:
+        """A sending-access key (no GET /domains) is valid too."""
+        self.assertIs(self.successResultOf(self.api.check_api_key(SCOPED)), True)
+
+    def test_unknown(self) -> None:
+        """An unknown key is invalid (401)."""
+        self.assertIs(self.successResultOf(self.api.check_api_key(UNKNOWN)), False)
+
+    def test_forbidden(self) -> None:
+        """A 403 answer also means invalid."""
+        resource, _ = scripted(403, b'{"error": "Forbidden", "code": "forbidden"}')
+        api = self.make_api(resource)
+        self.assertIs(self.successResultOf(api.check_api_key(FULL)), False)
+
+    def test_5xx(self) -> None:
+        """A 5xx on GET /emails cannot tell: APIUnavailable."""
+        for mode in ("500", "502", "503"):
+            self.sandbox.inject_fault(mode, path="/emails", method="GET")
+            self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+
+    def test_429(self) -> None:
+        """A throttled key check cannot tell: APIUnavailable."""
+        self.sandbox.inject_fault("429", retry_after="1", path="/emails", method="GET")
+        self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+
+    def test_reset(self) -> None:
+        """A dropped connection on GET /emails is APIUnavailable."""
+        self.sandbox.inject_fault("reset", path="/emails", method="GET")
+        self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+
+    def test_timeout(self) -> None:
+        """A hanging key check fails with APIUnavailable when the time-out expires."""
+        self.sandbox.inject_fault("hang", path="/emails", method="GET")
+        d = self.api.check_api_key(FULL)
+        self.assertNoResult(d)
+        self.clock.advance(TIMEOUT)
+        self.failureResultOf(d, APIUnavailable)
+
+
+class AuthenticateMailboxTests(SandboxMixin, SynchronousTestCase):
+    """
+    L{HTTPEmailAPI.authenticate_mailbox}.
+    """
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def test_good(self) -> None:
+        """A good login fires with the mailbox's canonical address."""
+        address = self.successResultOf(
+            self.api.authenticate_mailbox("ALICE@YourDomain.com", "alice-password")
+        )
+        self.assertEqual(address, "alice@yourdomain.com")
+        [seen] = self.recorder.seen
+        self.assertEqual((seen.method, seen.path), (b"POST", b"/mailboxes/authenticate"))
+        self.assertEqual(seen.headers[b"authorization"], [b"Bearer " + SERVICE.encode()])
+        self.assertEqual(
+            json.loads(seen.body), {"email": "ALICE@YourDomain.com", "password": "alice-password"}
+        )
+
+    def test_wrong_password(self) -> None:
+        """A wrong password (401 Invalid email or password) is None."""
+        self.assertIsNone(
+            self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "nope"))
+        )
+
+    def test_unknown_mailbox(self) -> None:
+        """An unknown mailbox is None."""
+        self.assertIsNone(
+            self.successResultOf(self.api.authenticate_mailbox("carol@yourdomain.com", "x"))
+        )
+
+    def test_suspended(self) -> None:
+        """A suspended mailbox (403 Mailbox is suspended) is None."""
+        self.assertIsNone(
+            self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"))
+        )
+
+    def test_api_down(self) -> None:
+        """A 5xx, a 429, a reset or a hang is APIUnavailable, never None."""
+        for mode in ("500", "503", "429", "reset"):
+            self.sandbox.inject_fault(mode, path="/mailboxes/authenticate")
+            self.failureResultOf(
+                self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
+                APIUnavailable,
+            )
+        self.sandbox.inject_fault("hang", path="/mailboxes/authenticate")
+        d = self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password")
+        self.clock.advance(TIMEOUT)
+        self.failureResultOf(d, APIUnavailable)
+
+    def test_no_service_key(self) -> None:
+        """Without a service key, mailbox logins are None and no request is made."""
+        api = self.make_api(service_key=None)
+        self.assertIsNone(
+            self.successResultOf(api.authenticate_mailbox("alice@yourdomain.com", "alice-password"))
+        )
+        self.assertEqual(self.recorder.seen, [])
+
+    def test_key_not_a_service_key(self) -> None:
+        """
+        A service key that may not authenticate mailboxes (403) is an
+        operator error: APIUnavailable and an error event, not None.
+        """
+        api = self.make_api(service_key=FULL)
+        with capturedLogs() as events:
+            self.failureResultOf(
+                api.authenticate_mailbox("alice@yourdomain.com", "alice-password"), APIUnavailable
+            )
+        [event] = [e for e in events if e.get("event") == "api_service_key_rejected"]
+        self.assertEqual(event["log_level"].name, "error")
+        text = formatEvent(event)
+        self.assertIn("HTTP 403", text)
+        self.assertIn("may not authenticate mailboxes", text)
+        self.assertNotIn(FULL, text)
+
+    def test_service_key_unknown(self) -> None:
+        """An unknown service key (401 Invalid API key) is APIUnavailable plus an error event."""
+        api = self.make_api(service_key=UNKNOWN)
+        with capturedLogs() as events:
+            self.failureResultOf(
+                api.authenticate_mailbox("alice@yourdomain.com", "alice-password"), APIUnavailable
+            )
+        [event] = [e for e in events if e.get("event") == "api_service_key_rejected"]
+        self.assertIn("HTTP 401", formatEvent(event))
+        self.assertNotIn(UNKNOWN, formatEvent(event))
+
+    def test_bad_login_logs_no_error(self) -> None:
+        """A wrong password or a suspended mailbox logs no service-key error."""
+        with capturedLogs() as events:
+            self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "nope"))
+            self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"))
+        self.assertEqual([e for e in events if e.get("event") == "api_service_key_rejected"], [])
+
+    def test_authorization_header_refused(self) -> None:
+        """A 401 that blames the Authorization header is an operator error."""
+        resource, _ = scripted(
+            401,
+            b'{"error": "Authorization must be \'Bearer <api key>\'", "code": "unauthorized"}',
+        )
+        api = self.make_api(resource)
+        self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
+
+    def test_401_without_error_body(self) -> None:
+        """A 401/403 whose body is not an API error (a proxy page) cannot tell: APIUnavailable."""
+        for status in (401, 403):
+            resource, _ = scripted(status, b"<html>denied</html>", {b"content-type": b"text/html"})
+            api = self.make_api(resource)
+            self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
+
+    def test_200_without_mailbox(self) -> None:
+        """A 200 without a mailbox object is a bad answer: APIUnavailable, not a failed login."""
+        resource, _ = scripted(200, b'{"ok": true}')
+        api = self.make_api(resource)
+        self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
+
+    def test_200_inactive(self) -> None:
+        """A 200 naming a mailbox that is not active is a failed login."""
+        resource, _ = scripted(
+            200, b'{"mailbox": {"email_address": "a@yourdomain.com", "status": "suspended"}}'
+        )
+        api = self.make_api(resource)
+        self.assertIsNone(self.successResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw")))
+
+    def test_404(self) -> None:
+        """A 404 from the mailbox endpoint is a failed login."""
+        resource, _ = scripted(404, b'{"error": "Mailbox not found", "code": "not_found"}')
+        api = self.make_api(resource)
+        self.assertIsNone(self.successResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw")))
+
+
+class SendEmailTests(SandboxMixin, SynchronousTestCase):
+    """
+    L{HTTPEmailAPI.send_email}: the id on success, the exact SMTP reply on
+    each failure.
+    """
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def assertReply(self, d: "Deferred[str]", code: int, enhanced: str, *texts: str) -> Reply:
+        reply = _reply_of(self, d)
+        self.assertEqual((reply.code, reply.enhanced), (code, enhanced), reply)
+        for text in texts:
+            self.assertIn(text, reply.text)
+        return reply
+
+    def test_accepted(self) -> None:
+        """A 202 fires with the email id the sandbox stored."""
+        email_id = self.successResultOf(self.api.send_email(FULL, email()))
+        [stored] = self.store.emails()
+        self.assertEqual(email_id, stored.id)
+        self.assertTrue(email_id.startswith("em_"))
+
+    def test_no_delayed_calls_left(self) -> None:
+        """A finished request leaves no time-out timer behind."""
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_400(self) -> None:
+        """400 (missing subject) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(subject=None)),
+            554,
+            "5.6.0",
+            "PostStack API: 'subject' is required",
+            "(HTTP 400)",
+        )
+
+    def test_401(self) -> None:
+        """401 (unknown key) is 554 5.7.8: the key was rejected."""
+        self.assertReply(
+            self.api.send_email(UNKNOWN, email()),
+            554,
+            "5.7.8",
+            "PostStack API: Invalid API key",
+            "check that it is valid and not revoked",
+        )
+
+    def test_401_service_key(self) -> None:
+        """
+        401 for the relay's own service key (a mailbox send) is the
+        operator's problem: 451 4.3.5 and an error event.
+        """
+        api = self.make_api(service_key=UNKNOWN)
+        with capturedLogs() as events:
+            d = api.send_email(UNKNOWN, email())
+        self.assertEqual(_reply_of(self, d), REPLY_SERVICE_KEY_REJECTED)
+        self.assertEqual(
+            [e["log_level"].name for e in events if e.get("event") == "api_service_key_rejected"],
+            ["error"],
+        )
+
+    def test_403_scope(self) -> None:
+        """403 (a domain-scoped key sending from another domain) is 550 5.7.1."""
+        self.assertReply(
+            self.api.send_email(SCOPED, email(**{"from": "you@anotherdomain.com"})),
+            550,
+            "5.7.1",
+            "PostStack API: API key is not allowed to send from anotherdomain.com",
+        )
+
+    def test_404_template(self) -> None:
+        """404 (unknown template) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(template_id="tpl_nosuchtemplate000000")),
+            554,
+            "5.6.0",
+            "PostStack API: Template not found",
+            "(HTTP 404)",
+        )
+
+    def test_404_domain(self) -> None:
+        """404 (unknown sender domain) is 554 5.6.0."""
+        self.assertReply(
+            self.api.send_email(FULL, email(**{"from": "you@unknown.example"})),
+            554,
+            "5.6.0",
+            "PostStack API: Domain not found",
+        )
+
+    def test_409(self) -> None:
+        """409 (same idempotency key, different body) is 554 5.6.0 naming the key reuse."""
+        self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-1")))
+        self.assertReply(
+            self.api.send_email(FULL, email(idempotency_key="k-1", subject="Other")),
+            554,
+            "5.6.0",
+            "PostStack API: Idempotency key already used with a different request body",
+            "idempotency key was already used",
+        )
+
+    def test_idempotent_replay(self) -> None:
+        """The same key and body fire with the original id and store nothing new."""
+        first = self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-2")))
+        second = self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-2")))
+        self.assertEqual(first, second)
+        self.assertEqual(len(self.store.emails()), 1)
+
+    def test_413(self) -> None:
+        """413 (body over the API's limit) is 552 5.3.4."""
+        self.make_sandbox(attrs.evolve(load_sandbox_data(IN_TREE_DATA_PATH), max_body_bytes=100))
+        api = self.make_api()
+        self.assertReply(
+            api.send_email(FULL, email(text="x" * 200)),
+            552,
+            "5.3.4",
+            "PostStack API: Request body is",
+            "message too large for the API",
+        )
+
+    def test_422_domain(self) -> None:
+        """422 (unverified domain) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(**{"from": "you@pendingdomain.com"})),
+            554,
+            "5.6.0",
+            "PostStack API: Domain not verified (HTTP 422)",
+        )
+
+    def test_422_template(self) -> None:
+        """422 (unpublished template) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(template_id="tpl_draft000000000000000")),
+            554,
+            "5.6.0",
+            "PostStack API: Template not published (HTTP 422)",
+        )
+
+    def test_429_retry_after(self) -> None:
+        """A throttling 429 with Retry-After is exactly 451 4.7.0 ... retry-after=3s."""
+        self.sandbox.inject_fault("429", retry_after="3")
+        self.assertEqual(
+            _reply_of(self, self.api.send_email(FULL, email())),
+            Reply(451, "4.7.0", "PostStack rate limit reached, retry-after=3s"),
+        )
+
+    def test_429_without_retry_after(self) -> None:
+        """A throttling 429 without Retry-After is 451 4.7.0 without a hint."""
+        self.sandbox.inject_fault("429")
+        self.assertEqual(
+            _reply_of(self, self.api.send_email(FULL, email())),
+            Reply(451, "4.7.0", "PostStack rate limit reached"),
+        )
+
+    def test_429_quota(self) -> None:
+        """A quota 429 is 451 4.7.0 naming the quota code and saying waiting will not help."""
+        self.sandbox.inject_fault("quota")
+        error: APIError = self.failureResultOf(self.api.send_email(FULL, email()), APIError).value
+        self.assertEqual((error.reply.code, error.reply.enhanced), (451, "4.7.0"))
+        for text in (
+            "PostStack API: Monthly limit reached",
+            "(monthly_limit_exceeded)",
+            "waiting seconds will not help",
+        ):
+            self.assertIn(text, error.reply.text)
+        self.assertNotIn("retry-after", error.reply.text)
+        self.assertEqual((error.status, error.code), (429, "monthly_limit_exceeded"))
+
+    def test_5xx(self) -> None:
+        """A 5xx on GET /emails cannot tell: APIUnavailable."""
+        for mode in ("500", "502", "503"):
+            self.sandbox.inject_fault(mode, path="/emails", method="GET")
+            self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+
+    def test_429(self) -> None:
+        """A throttled key check cannot tell: APIUnavailable."""
+        self.sandbox.inject_fault("429", retry_after="1", path="/emails", method="GET")
+        self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+
+    def test_reset(self) -> None:
+        """A dropped connection on GET /emails is APIUnavailable."""
+        self.sandbox.inject_fault("reset", path="/emails", method="GET")
+        self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+
+    def test_timeout(self) -> None:
+        """A hanging key check fails with APIUnavailable when the time-out expires."""
+        self.sandbox.inject_fault("hang", path="/emails", method="GET")
+        d = self.api.check_api_key(FULL)
+        self.assertNoResult(d)
+        self.clock.advance(TIMEOUT)
+        self.failureResultOf(d, APIUnavailable)
+
+
+class AuthenticateMailboxTests(SandboxMixin, SynchronousTestCase):
+    """
+    L{HTTPEmailAPI.authenticate_mailbox}.
+    """
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def test_good(self) -> None:
+        """A good login fires with the mailbox's canonical address."""
+        address = self.successResultOf(
+            self.api.authenticate_mailbox("ALICE@YourDomain.com", "alice-password")
+        )
+        self.assertEqual(address, "alice@yourdomain.com")
+        [seen] = self.recorder.seen
+        self.assertEqual((seen.method, seen.path), (b"POST", b"/mailboxes/authenticate"))
+        self.assertEqual(seen.headers[b"authorization"], [b"Bearer " + SERVICE.encode()])
+        self.assertEqual(
+            json.loads(seen.body), {"email": "ALICE@YourDomain.com", "password": "alice-password"}
+        )
+
+    def test_wrong_password(self) -> None:
+        """A wrong password (401 Invalid email or password) is None."""
+        self.assertIsNone(
+            self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "nope"))
+        )
+
+    def test_unknown_mailbox(self) -> None:
+        """An unknown mailbox is None."""
+        self.assertIsNone(
+            self.successResultOf(self.api.authenticate_mailbox("carol@yourdomain.com", "x"))
+        )
+
+    def test_suspended(self) -> None:
+        """A suspended mailbox (403 Mailbox is suspended) is None."""
+        self.assertIsNone(
+            self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"))
+        )
+
+    def test_api_down(self) -> None:
+        """A 5xx, a 429, a reset or a hang is APIUnavailable, never None."""
+        for mode in ("500", "503", "429", "reset"):
+            self.sandbox.inject_fault(mode, path="/mailboxes/authenticate")
+            self.failureResultOf(
+                self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
+                APIUnavailable,
+            )
+        self.sandbox.inject_fault("hang", path="/mailboxes/authenticate")
+        d = self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password")
+        self.clock.advance(TIMEOUT)
+        self.failureResultOf(d, APIUnavailable)
+
+    def test_no_service_key(self) -> None:
+        """Without a service key, mailbox logins are None and no request is made."""
+        api = self.make_api(service_key=None)
+        self.assertIsNone(
+            self.successResultOf(api.authenticate_mailbox("alice@yourdomain.com", "alice-password"))
+        )
+        self.assertEqual(self.recorder.seen, [])
+
+    def test_key_not_a_service_key(self) -> None:
+        """
+        A service key that may not authenticate mailboxes (403) is an
+        operator error: APIUnavailable and an error event, not None.
+        """
+        api = self.make_api(service_key=FULL)
+        with capturedLogs() as events:
+            self.failureResultOf(
+                api.authenticate_mailbox("alice@yourdomain.com", "alice-password"), APIUnavailable
+            )
+        [event] = [e for e in events if e.get("event") == "api_service_key_rejected"]
+        self.assertEqual(event["log_level"].name, "error")
+        text = formatEvent(event)
+        self.assertIn("HTTP 403", text)
+        self.assertIn("may not authenticate mailboxes", text)
+        self.assertNotIn(FULL, text)
+
+    def test_service_key_unknown(self) -> None:
+        """An unknown service key (401 Invalid API key) is APIUnavailable plus an error event."""
+        api = self.make_api(service_key=UNKNOWN)
+        with capturedLogs() as events:
+            self.failureResultOf(
+                api.authenticate_mailbox("alice@yourdomain.com", "alice-password"), APIUnavailable
+            )
+        [event] = [e for e in events if e.get("event") == "api_service_key_rejected"]
+        self.assertIn("HTTP 401", formatEvent(event))
+        self.assertNotIn(UNKNOWN, formatEvent(event))
+
+    def test_bad_login_logs_no_error(self) -> None:
+        """A wrong password or a suspended mailbox logs no service-key error."""
+        with capturedLogs() as events:
+            self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "nope"))
+            self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"))
+        self.assertEqual([e for e in events if e.get("event") == "api_service_key_rejected"], [])
+
+    def test_authorization_header_refused(self) -> None:
+        """A 401 that blames the Authorization header is an operator error."""
+        resource, _ = scripted(
+            401,
+            b'{"error": "Authorization must be \'Bearer <api key>\'", "code": "unauthorized"}',
+        )
+        api = self.make_api(resource)
+        self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
+
+    def test_401_without_error_body(self) -> None:
+        """A 401/403 whose body is not an API error (a proxy page) cannot tell: APIUnavailable."""
+        for status in (401, 403):
+            resource, _ = scripted(status, b"<html>denied</html>", {b"content-type": b"text/html"})
+            api = self.make_api(resource)
+            self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
+
+    def test_200_without_mailbox(self) -> None:
+        """A 200 without a mailbox object is a bad answer: APIUnavailable, not a failed login."""
+        resource, _ = scripted(200, b'{"ok": true}')
+        api = self.make_api(resource)
+        self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
+
+    def test_200_inactive(self) -> None:
+        """A 200 naming a mailbox that is not active is a failed login."""
+        resource, _ = scripted(
+            200, b'{"mailbox": {"email_address": "a@yourdomain.com", "status": "suspended"}}'
+        )
+        api = self.make_api(resource)
+        self.assertIsNone(self.successResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw")))
+
+    def test_404(self) -> None:
+        """A 404 from the mailbox endpoint is a failed login."""
+        resource, _ = scripted(404, b'{"error": "Mailbox not found", "code": "not_found"}')
+        api = self.make_api(resource)
+        self.assertIsNone(self.successResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw")))
+
+
+class SendEmailTests(SandboxMixin, SynchronousTestCase):
+    """
+    L{HTTPEmailAPI.send_email}: the id on success, the exact SMTP reply on
+    each failure.
+    """
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def assertReply(self, d: "Deferred[str]", code: int, enhanced: str, *texts: str) -> Reply:
+        reply = _reply_of(self, d)
+        self.assertEqual((reply.code, reply.enhanced), (code, enhanced), reply)
+        for text in texts:
+            self.assertIn(text, reply.text)
+        return reply
+
+    def test_accepted(self) -> None:
+        """A 202 fires with the email id the sandbox stored."""
+        email_id = self.successResultOf(self.api.send_email(FULL, email()))
+        [stored] = self.store.emails()
+        self.assertEqual(email_id, stored.id)
+        self.assertTrue(email_id.startswith("em_"))
+
+    def test_no_delayed_calls_left(self) -> None:
+        """A finished request leaves no time-out timer behind."""
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_400(self) -> None:
+        """400 (missing subject) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(subject=None)),
+            554,
+            "5.6.0",
+            "PostStack API: 'subject' is required",
+            "(HTTP 400)",
+        )
+
+    def test_401(self) -> None:
+        """401 (unknown key) is 554 5.7.8: the key was rejected."""
+        self.assertReply(
+            self.api.send_email(UNKNOWN, email()),
+            554,
+            "5.7.8",
+            "PostStack API: Invalid API key",
+            "check that it is valid and not revoked",
+        )
+
+    def test_401_service_key(self) -> None:
+        """
+        401 for the relay's own service key (a mailbox send) is the
+        operator's problem: 451 4.3.5 and an error event.
+        """
+        api = self.make_api(service_key=UNKNOWN)
+        with capturedLogs() as events:
+            d = api.send_email(UNKNOWN, email())
+        self.assertEqual(_reply_of(self, d), REPLY_SERVICE_KEY_REJECTED)
+        self.assertEqual(
+            [e["log_level"].name for e in events if e.get("event") == "api_service_key_rejected"],
+            ["error"],
+        )
+
+    def test_403_scope(self) -> None:
+        """403 (a domain-scoped key sending from another domain) is 550 5.7.1."""
+        self.assertReply(
+            self.api.send_email(SCOPED, email(**{"from": "you@anotherdomain.com"})),
+            550,
+            "5.7.1",
+            "PostStack API: API key is not allowed to send from anotherdomain.com",
+        )
+
+    def test_404_template(self) -> None:
+        """404 (unknown template) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(template_id="tpl_nosuchtemplate000000")),
+            554,
+            "5.6.0",
+            "PostStack API: Template not found",
+            "(HTTP 404)",
+        )
+
+    def test_404_domain(self) -> None:
+        """404 (unknown sender domain) is 554 5.6.0."""
+        self.assertReply(
+            self.api.send_email(FULL, email(**{"from": "you@unknown.example"})),
+            554,
+            "5.6.0",
+            "PostStack API: Domain not found",
+        )
+
+    def test_409(self) -> None:
+        """409 (same idempotency key, different body) is 554 5.6.0 naming the key reuse."""
+        self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-1")))
+        self.assertReply(
+            self.api.send_email(FULL, email(idempotency_key="k-1", subject="Other")),
+            554,
+            "5.6.0",
+            "PostStack API: Idempotency key already used with a different request body",
+            "idempotency key was already used",
+        )
+
+    def test_idempotent_replay(self) -> None:
+        """The same key and body fire with the original id and store nothing new."""
+        first = self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-2")))
+        second = self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-2")))
+        self.assertEqual(first, second)
+        self.assertEqual(len(self.store.emails()), 1)
+
+    def test_413(self) -> None:
+        """413 (body over the API's limit) is 552 5.3.4."""
+        self.make_sandbox(attrs.evolve(load_sandbox_data(IN_TREE_DATA_PATH), max_body_bytes=100))
+        api = self.make_api()
+        self.assertReply(
+            api.send_email(FULL, email(text="x" * 200)),
+            552,
+            "5.3.4",
+            "PostStack API: Request body is",
+            "message too large for the API",
+        )
+
+    def test_422_domain(self) -> None:
+        """422 (unverified domain) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(**{"from": "you@pendingdomain.com"})),
+            554,
+            "5.6.0",
+            "PostStack API: Domain not verified (HTTP 422)",
+        )
+
+    def test_422_template(self) -> None:
+        """422 (unpublished template) is 554 5.6.0 with the API's message."""
+        self.assertReply(
+            self.api.send_email(FULL, email(template_id="tpl_draft000000000000000")),
+            554,
+            "5.6.0",
+            "PostStack API: Template not published (HTTP 422)",
+        )
+
+    def test_429_retry_after(self) -> None:
+        """A throttling 429 with Retry-After is exactly 451 4.7.0 ... retry-after=3s."""
+        self.sandbox.inject_fault("429", retry_after="3")
+        self.assertEqual(
+            _reply_of(self, self.api.send_email(FULL, email())),
+            Reply(451, "4.7.0", "PostStack rate limit reached, retry-after=3s"),
+        )
+
+    def test_429_without_retry_after(self) -> None:
+        """A throttling 429 without Retry-After is 451 4.7.0 without a hint."""
+        self.sandbox.inject_fault("429")
+        self.assertEqual(
+            _reply_of(self, self.api.send_email(FULL, email())),
+            Reply(451, "4.7.0", "PostStack rate limit reached"),
+        )
+
+    def test_429_quota(self) -> None:
+        """A quota 429 is 451 4.7.0 naming the quota code and saying waiting will not help."""
+        self.sandbox.inject_fault("quota")
+        reply = self.assertReply(
+            self.api.send_email(FULL, email()),
+            451,
+            "4.7.0",
+            "PostStack API: Monthly limit reached",
+            "(monthly_limit_exceeded)",
+            "waiting seconds will not help",
+        )
+        self.assertNotIn("retry-after", reply.text)
+        error: APIError = self.failureResultOf(
+            self._quota_again(), APIError
+        ).value
+        self.assertEqual((error.status, error.code), (429, "monthly_limit_exceeded"))
+
+    def _quota_again(self) -> "Deferred[str]":
+        self.sandbox.inject_fault("quota")
+        return self.api.send_email(FULL, email())
+
+    def test_5xx(self) -> None:
+        """500, 502 and 503 are 451 4.3.0 with the API's message."""
+        for mode in ("500", "502", "503"):
+            self.sandbox.inject_fault(mode)
+            self.assertReply(
+                self.api.send_email(FULL, email()),
+                451,
+                "4.3.0",
+                "PostStack API: Internal server error (sandbox fault)",
+                "temporary API failure",
+            )
+
+    def test_accept_then_500(self) -> None:
+        """A lost acceptance (stored, then 500) is still 451 4.3.0, never 250."""
+        self.sandbox.inject_fault("accept_then_500")
+        self.assertReply(self.api.send_email(FULL, email()), 451, "4.3.0")
+        self.assertEqual(len(self.store.emails()), 1)
+
+    def test_malformed(self) -> None:
+        """A 2xx with a non-JSON body is 451 4.3.0 (REPLY_BAD_ANSWER)."""
+        self.sandbox.inject_fault("malformed")
+        reply = self.assertReply(self.api.send_email(FULL, email()), 451, "4.3.0")
+        self.assertTrue(reply.text.startswith(REPLY_BAD_ANSWER.text), reply)
+
+    def test_noid(self) -> None:
+        """A 2xx JSON body without an id is 451 4.3.0 (REPLY_BAD_ANSWER), with the API status."""
+        self.sandbox.inject_fault("noid")
+        failure = self.failureResultOf(self.api.send_email(FULL, email()), APIError)
+        self.assertEqual(failure.value.status, 202)
+        self.assertTrue(failure.value.reply.text.startswith(REPLY_BAD_ANSWER.text))
+        self.assertEqual(
+            (failure.value.reply.code, failure.value.reply.enhanced),
+            (REPLY_BAD_ANSWER.code, REPLY_BAD_ANSWER.enhanced),
+        )
+
+    def test_bad_answer_hint(self) -> None:
+        """The no-id reply only promises no duplicate when the message has an idempotency key."""
+        self.sandbox.inject_fault("noid")
+        with_key = _reply_of(self, self.api.send_email(FULL, email(idempotency_key="k-3")))
+        self.sandbox.inject_fault("noid")
+        without_key = _reply_of(self, self.api.send_email(FULL, email()))
+        self.assertIn("prevents a second send", with_key.text)
+        self.assertNotIn("prevents a second send", without_key.text)
+        self.assertIn("set X-PostStack-Idempotency-Key", without_key.text)
+
+    def test_reset(self) -> None:
+        """A connection reset is 451 4.4.1."""
+        self.sandbox.inject_fault("reset")
+        self.assertEqual(_reply_of(self, self.api.send_email(FULL, email())), REPLY_NO_ANSWER)
+        self.assertEqual(REPLY_NO_ANSWER.code, 451)
+        self.assertEqual(REPLY_NO_ANSWER.enhanced, "4.4.1")
+
+    def test_timeout_hang(self) -> None:
+        """A request with no answer is 451 4.4.2 exactly when the time-out expires."""
+        self.sandbox.inject_fault("hang")
+        d = self.api.send_email(FULL, email())
+        self.clock.advance(TIMEOUT - 1)
+        self.assertNoResult(d)
+        self.clock.advance(1)
+        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
+        self.assertEqual((REPLY_TIMEOUT.code, REPLY_TIMEOUT.enhanced), (451, "4.4.2"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_slow_but_in_time(self) -> None:
+        """An answer that arrives before the time-out is used."""
+        self.sandbox.inject_fault("slow", delay=TIMEOUT / 2)
+        d = self.api.send_email(FULL, email())
+        self.assertNoResult(d)
+        self.clock.advance(TIMEOUT / 2)
+        self.stub.flush()
+        self.assertTrue(self.successResultOf(d).startswith("em_"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_slow_too_late(self) -> None:
+        """An answer slower than the time-out is 451 4.4.2."""
+        self.sandbox.inject_fault("slow", delay=TIMEOUT * 2)
+        d = self.api.send_email(FULL, email())
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
+
+    def test_timeout_covers_body(self) -> None:
+        """
+        The time-out covers the whole answer: headers that arrive in time
+        followed by a body that never ends is still 451 4.4.2.
+        """
+        trickle = Trickle()
+        api = self.make_api(trickle)
+        d = api.send_email(FULL, email())
+        self.stub.flush()
+        self.assertEqual(len(trickle.requests), 1)
+        self.assertNoResult(d)
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
+
+    def test_redirect_not_followed(self) -> None:
+        """A 302 is 451 4.3.0 and no second request is made."""
+        resource, calls = scripted(
+            302, b"", {b"location": BASE.encode() + b"/elsewhere", b"content-type": b"text/plain"}
+        )
+        api = self.make_api(resource)
+        self.assertReply(
+            api.send_email(FULL, email()), 451, "4.3.0", "HTTP 302", "unexpected API answer"
+        )
+        self.assertEqual(calls, [(b"POST", BASE + "/emails")])
+
+    def test_unknown_status(self) -> None:
+        """A status outside the contract (418) is 451 4.3.0, never a bounce."""
+        resource, _ = scripted(418, b'{"error": "I am a teapot", "code": "teapot"}')
+        api = self.make_api(resource)
+        self.assertReply(
+            api.send_email(FULL, email()), 451, "4.3.0", "PostStack API: I am a teapot"
+        )
+
+    def test_request_id(self) -> None:
+        """An APIError carries the API's x-request-id and code."""
+        failure = self.failureResultOf(
+            self.api.send_email(FULL, email(**{"from": "you@pendingdomain.com"})), APIError
+        )
+        self.assertEqual(failure.value.status, 422)
+        self.assertEqual(failure.value.code, "unprocessable_entity")
+        self.assertIsNotNone(failure.value.request_id)
+        self.assertTrue(str(failure.value.request_id).startswith("req_"))
+
+    def test_not_encodable(self) -> None:
+        """A payload that cannot be JSON is 554 5.6.0 and no request is made."""
+        self.assertReply(
+            self.api.send_email(FULL, email(variables={"x": object()})), 554, "5.6.0"
+        )
+        self.assertEqual(self.recorder.seen, [])
+
+
+class RequestDetailsTests(SandboxMixin, SynchronousTestCase):
+    """
+    What goes on the wire for C{POST /emails}.
+    """
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def sent(self, request: EmailRequest, key: str = FULL) -> Seen:
+        self.successResultOf(self.api.send_email(key, request))
+        [seen] = self.recorder.seen
+        return seen
+
+    def test_headers(self) -> None:
+        """Bearer key, our User-Agent, a JSON content type, and JSON accepted."""
+        seen = self.sent(email())
+        self.assertEqual((seen.method, seen.path), (b"POST", b"/emails"))
+        self.assertEqual(seen.headers[b"authorization"], [b"Bearer " + FULL.encode()])
+        self.assertEqual(seen.headers[b"user-agent"], [b"poststack-relay/" + __version__.encode()])
+        self.assertEqual(USER_AGENT, "poststack-relay/" + __version__)
+        self.assertEqual(seen.headers[b"content-type"], [b"application/json"])
+        self.assertEqual(seen.headers[b"accept"], [b"application/json"])
+
+    def test_idempotency_header(self) -> None:
+        """The Idempotency-Key header equals the request's idempotency key."""
+        seen = self.sent(email(idempotency_key="order-1234"))
+        self.assertEqual(seen.headers[b"idempotency-key"], [b"order-1234"])
+        self.assertEqual(json.loads(seen.body)["idempotency_key"], "order-1234")
+        [stored] = self.store.emails()
+        self.assertEqual(stored.idempotency_key, "order-1234")
+
+    def test_no_idempotency_header(self) -> None:
+        """Without an idempotency key there is no Idempotency-Key header."""
+        seen = self.sent(email())
+        self.assertNotIn(b"idempotency-key", seen.headers)
+
+    def test_body_is_utf8_json(self) -> None:
+        """The body is the payload as UTF-8 JSON; a non-ASCII subject survives."""
+        subject = "Grüße, 日本語 \N{SNOWMAN}"
+        request = email(subject=subject)
+        seen = self.sent(request)
+        self.assertIn(subject.encode("utf-8"), seen.body)
+        self.assertEqual(json.loads(seen.body.decode("utf-8")), request.payload)
+        [stored] = self.store.emails()
+        self.assertEqual(stored.payload["subject"], subject)
+
+    def test_key_check_headers(self) -> None:
+        """The key check sends the key as Bearer, our User-Agent, and no body."""
+        self.successResultOf(self.api.check_api_key(FULL))
+        [seen] = self.recorder.seen
+        self.assertEqual(seen.headers[b"authorization"], [b"Bearer " + FULL.encode()])
+        self.assertEqual(seen.headers[b"user-agent"], [USER_AGENT.encode()])
+        self.assertEqual(seen.body, b"")
+        self.assertNotIn(b"content-type", seen.headers)
+
+    def test_key_with_line_break(self) -> None:
+        """A key with CR/LF cannot add a header: it stays inside one Authorization value."""
+        self.successResultOf(self.api.check_api_key("sk_test_x\r\nX-Injected: yes"))
+        [seen] = self.recorder.seen
+        self.assertNotIn(b"x-injected", seen.headers)
+        self.assertEqual(len(seen.headers[b"authorization"]), 1)
+
+
+def _scan(value: Any) -> str:
+    """Everything in a log event's values, as one string."""
+    if isinstance(value, dict):
+        return " ".join(_scan(k) + " " + _scan(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return " ".join(_scan(v) for v in value)
+    if isinstance(value, Failure):
+        return _scan(value.value) + " " + value.getTraceback()
+    if isinstance(value, BaseException):
+        return repr(value) + " " + str(value) + " " + _scan(value.args)
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return repr(value) + " " + str(value)
+
+
+class SecretsTests(SandboxMixin, SynchronousTestCase):
+    """
+    No key (and no mailbox password) in an exception or a log event.
+    """
+
+    SECRET = "sk_test_secret_0b9e8d7c6a5f4e3d"
+    PASSWORD = "pw-secret-71d2c9"
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+
+    def collect(self) -> tuple[list[dict[str, Any]], list[BaseException]]:
+        """
+        Run every failure path with secret keys; return the log events and
+        the exceptions raised.
+        """
+        errors: list[BaseException] = []
+
+        def keep(d: "Deferred[Any]") -> None:
+            results: list[Any] = []
+            d.addBoth(results.append)
+            if not results:
+                self.clock.advance(TIMEOUT)
+            self.assertEqual(len(results), 1)
+            if isinstance(results[0], Failure):
+                errors.append(results[0].value)
+
+        with capturedLogs() as events:
+            api = self.make_api(service_key=self.SECRET)
+            keep(api.check_api_key(self.SECRET))
+            keep(api.send_email(self.SECRET, email()))
+            keep(api.authenticate_mailbox("alice@yourdomain.com", self.PASSWORD))
+            keep(api.authenticate_mailbox("bob@yourdomain.com", self.PASSWORD))
+            not_service = self.make_api(service_key=FULL)
+            keep(not_service.authenticate_mailbox("alice@yourdomain.com", self.PASSWORD))
+            api = self.make_api(service_key=SERVICE)
+            keep(api.authenticate_mailbox("alice@yourdomain.com", self.PASSWORD))
+            for mode in ("500", "503", "429", "quota", "reset", "hang", "malformed", "noid"):
+                self.sandbox.inject_fault(mode, retry_after="2")
+                keep(api.send_email(FULL, email()))
+                self.sandbox.inject_fault(mode, path="/emails", method="GET")
+                keep(api.check_api_key(FULL))
+                self.sandbox.inject_fault(mode, path="/mailboxes/authenticate")
+                keep(api.authenticate_mailbox("alice@yourdomain.com", self.PASSWORD))
+            for key in (SCOPED, FULL):
+                keep(api.send_email(key, email(**{"from": "you@anotherdomain.com", "subject": None})))
+            keep(api.send_email(SCOPED, email(**{"from": "you@anotherdomain.com"})))
+            keep(api.send_email(FULL, email(**{"from": "you@pendingdomain.com"})))
+            # An API that echoes the key it was given.
+            echo, _ = scripted(
+                401, json.dumps({"error": f"Key {self.SECRET} revoked"}).encode()
+            )
+            api = self.make_api(echo, service_key=SERVICE)
+            keep(api.send_email(self.SECRET, email()))
+            echo, _ = scripted(
+                403, json.dumps({"error": f"API key {self.SECRET} may not do this"}).encode()
+            )
+            api = self.make_api(echo, service_key=self.SECRET)
+            keep(api.authenticate_mailbox("alice@yourdomain.com", self.PASSWORD))
+        return list(events), errors
+
+    def test_no_secret_in_errors(self) -> None:
+        """No APIError or APIUnavailable raised shows a key in str() or repr()."""
+        _, errors = self.collect()
+        self.assertGreater(len(errors), 20)
+        self.assertTrue(any(isinstance(e, APIUnavailable) for e in errors))
+        self.assertTrue(any(isinstance(e, APIError) for e in errors))
+        for error in errors:
+            shown = _scan(error)
+            for secret in (self.SECRET, FULL, SCOPED, SERVICE, self.PASSWORD):
+                self.assertNotIn(secret, shown)
+
+    def test_no_secret_in_logs(self) -> None:
+        """No log event, formatted or raw, holds a key or a password."""
+        events, _ = self.collect()
+        relay_events = [e for e in events if str(e.get("log_namespace", "")).startswith("poststack_relay.api")]
+        self.assertTrue(any(e.get("event") == "api_service_key_rejected" for e in relay_events))
+        self.assertTrue(any(e.get("event") == "api_timeout" for e in relay_events))
+        self.assertTrue(any(e.get("event") == "api_network_error" for e in relay_events))
+        for event in events:
+            shown = (formatEvent(event) or "") + " " + _scan(event)
+            for secret in (self.SECRET, FULL, SCOPED, SERVICE, self.PASSWORD):
+                self.assertNotIn(secret, shown, event)
+
+    def test_echoed_key_redacted(self) -> None:
+        """An API message that quotes the key reaches the client with the key blanked out."""
+        echo, _ = scripted(401, json.dumps({"error": f"Key {self.SECRET} revoked"}).encode())
+        api = self.make_api(echo)
+        reply = _reply_of(self, api.send_email(self.SECRET, email()))
+        self.assertIn("Key [redacted] revoked", reply.text)
+
+
+class ReplyForStatusTests(SynchronousTestCase):
+    """
+    L{reply_for_status} on bodies the sandbox does not produce.
+    """
+
+    def test_nested_error(self) -> None:
+        """An {"error": {"message", "code"}} body gives its message and code."""
+        body = {"error": {"message": "Slow down", "code": "daily_limit_exceeded"}}
+        reply = reply_for_status(429, body)
+        self.assertIn("Slow down", reply.text)
+        self.assertIn("(daily_limit_exceeded)", reply.text)
+
+    def test_every_quota_code(self) -> None:
+        """Every quota code is named in a 451 4.7.0 that says waiting will not help."""
+        for code in QUOTA_CODES:
+            reply = reply_for_status(429, {"error": "Limit", "code": code}, "30")
+            self.assertEqual((reply.code, reply.enhanced), (451, "4.7.0"))
+            self.assertIn(code, reply.text)
+            self.assertNotIn("retry-after", reply.text)
+
+    def test_retry_after_date(self) -> None:
+        """A Retry-After HTTP date gives no seconds hint."""
+        reply = reply_for_status(429, None, "Wed, 21 Oct 2015 07:28:00 GMT")
+        self.assertEqual(reply, Reply(451, "4.7.0", "PostStack rate limit reached"))
+
+    def test_no_body(self) -> None:
+        """Without a JSON body the text says the HTTP status."""
+        reply = reply_for_status(503, None)
+        self.assertEqual(
+            reply, Reply(451, "4.3.0", "PostStack API: HTTP 503: temporary API failure, try again later")
+        )
+
+    def test_408(self) -> None:
+        """408 (not in the contract) is 451 4.3.0."""
+        self.assertEqual(reply_for_status(408, None).code, 451)
+
+    def test_text_is_one_ascii_line(self) -> None:
+        """A message with CR/LF and non-ASCII becomes one printable line, shortened."""
+        reply = reply_for_status(422, {"error": "bad\r\n250 fake\u00e9" + "x" * 500})
+        self.assertNotIn("\r", reply.text)
+        self.assertNotIn("\n", reply.text)
+        self.assertTrue(reply.text.isascii())
+        self.assertLess(len(reply.text), 300)
+        reply.line()  # encodes without error
+
+    def test_redact_before_shortening(self) -> None:
+        """A secret is removed even where shortening would cut it."""
+        secret = "sk_live_" + "s" * 40
+        reply = reply_for_status(400, {"error": "x" * 180 + secret}, redact=[secret])
+        self.assertNotIn("sk_live_", reply.text)
+
+
+class EmailAPIContractMixin:
+    """
+    Behaviour every L{IEmailAPI} shares.  Subclasses provide C{make_api()}
+    returning the API, a valid key, an invalid key, and a callable that
+    makes the next call fail as if the API were down.
+    """
+
+    assertIs: Callable[..., None]
+    assertIsNone: Callable[..., None]
+    assertIsInstance: Callable[..., None]
+    assertTrue: Callable[..., None]
+    assertEqual: Callable[..., None]
+    successResultOf: Callable[..., Any]
+    failureResultOf: Callable[..., Any]
+
+    def make_api(self) -> tuple[IEmailAPI, str, str, Callable[[], None]]:
+        raise NotImplementedError()
+
+    def test_provides(self) -> None:
+        """The implementation provides IEmailAPI, completely."""
+        api, _, _, _ = self.make_api()
+        self.assertTrue(verifyObject(IEmailAPI, api))
+
+    def test_valid_key(self) -> None:
+        """A valid key checks True."""
+        api, good, _, _ = self.make_api()
+        self.assertIs(self.successResultOf(api.check_api_key(good)), True)
+
+    def test_invalid_key(self) -> None:
+        """An invalid key checks False."""
+        api, _, bad, _ = self.make_api()
+        self.assertIs(self.successResultOf(api.check_api_key(bad)), False)
+
+    def test_unavailable(self) -> None:
+        """A key check the API cannot answer fails with APIUnavailable."""
+        api, good, _, down = self.make_api()
+        down()
+        self.failureResultOf(api.check_api_key(good), APIUnavailable)
+
+    def test_send(self) -> None:
+        """A send fires with a non-empty id string; two sends give two ids."""
+        api, good, _, _ = self.make_api()
+        first = self.successResultOf(api.send_email(good, email()))
+        second = self.successResultOf(api.send_email(good, email(subject="Again")))
+        self.assertIsInstance(first, str)
+        self.assertTrue(first)
+        self.assertTrue(first != second)
+
+    def test_mailbox(self) -> None:
+        """A good mailbox login gives the address; a wrong password gives None."""
+        api, _, _, _ = self.make_api()
+        self.assertEqual(
+            self.successResultOf(api.authenticate_mailbox("alice@yourdomain.com", "alice-password")),
+            "alice@yourdomain.com",
+        )
+        self.assertIsNone(
+            self.successResultOf(api.authenticate_mailbox("alice@yourdomain.com", "wrong"))
+        )
+
+
+class MemoryEmailAPIContractTests(EmailAPIContractMixin, SynchronousTestCase):
+    """
+    The contract, against L{MemoryEmailAPI}.
+    """
+
+    def make_api(self) -> tuple[IEmailAPI, str, str, Callable[[], None]]:
+        api = MemoryEmailAPI(
+            api_keys={FULL}, mailboxes={"alice@yourdomain.com": "alice-password"}
+        )
+
+        def down() -> None:
+            api.unavailable = True
+
+        return api, FULL, UNKNOWN, down
+
+
+class HTTPEmailAPIContractTests(SandboxMixin, EmailAPIContractMixin, SynchronousTestCase):
+    """
+    The contract, against L{HTTPEmailAPI} over C{StubTreq(sandbox)}.
+    """
+
+    def make_api(self) -> tuple[IEmailAPI, str, str, Callable[[], None]]:
+        self.make_sandbox()
+        api = SandboxMixin.make_api(self)
+
+        def down() -> None:
+            self.sandbox.inject_fault("503", count=-1, path="/emails", method="GET")
+
+        return api, FULL, UNKNOWN, down
