@@ -252,6 +252,32 @@ class SMTPSSLTests(RelayTestCase):
         self.assertEqual(len(self.stored()), 1)
 
 
+class IdempotencyTests(RelayTestCase):
+    """X-PostStack-Idempotency-Key end to end."""
+
+    async def test_same_key_sent_twice(self) -> None:
+        """Sending the same message with the same key twice yields one stored email and the same id twice."""
+        data = (
+            b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: once\r\n"
+            b"X-PostStack-Idempotency-Key: order-1234-confirmation\r\n\r\nonly once\r\n"
+        )
+
+        def send() -> list[tuple[int, str]]:
+            results = []
+            for _ in range(2):
+                with self.smtp() as s:
+                    s.login("poststack", FULL_KEY)
+                    results.append(transaction(s, "you@yourdomain.com", ["user@example.com"], data))
+            return results
+
+        first, second = await self.in_thread(send)
+        [email] = self.stored()
+        self.assertEqual(first, (250, f"2.0.0 Ok: queued as {email.id}"))
+        self.assertEqual(second, first)
+        self.assertEqual(email.idempotency_key, "order-1234-confirmation")
+        self.assertEqual(email.request_headers["idempotency-key"], "order-1234-confirmation")
+
+
 class RefusalTests(RelayTestCase):
     """Clients that do not speak implicit TLS 1.2+."""
 
