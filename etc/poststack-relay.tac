@@ -7,6 +7,8 @@
 # add it to any service hierarchy next to your own services.
 import os
 
+import attrs
+
 from twisted.application.service import Application
 from twisted.internet import reactor
 
@@ -19,8 +21,9 @@ config = RelayConfig(
     interface=os.environ.get("POSTSTACK_RELAY_INTERFACE", ""),
     api_url=os.environ.get("POSTSTACK_RELAY_API_URL", "https://api.poststack.dev"),
     service_key=os.environ.get("POSTSTACK_RELAY_SERVICE_KEY"),
-    hostname=os.environ.get("POSTSTACK_RELAY_HOSTNAME", "localhost"),
 )
+if os.environ.get("POSTSTACK_RELAY_HOSTNAME"):
+    config = attrs.evolve(config, hostname=os.environ["POSTSTACK_RELAY_HOSTNAME"])
 
 application = Application("poststack-relay")
 makeRelayService(config, reactor).setServiceParent(application)
