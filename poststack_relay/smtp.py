@@ -16,7 +16,8 @@ because Twisted's (see docs/design.md):
 
 Commands are handled strictly in order: while an AUTH check or a delivery
 waits on the API, later (pipelined) input is buffered and processed after
-the reply is sent.
+the reply is sent, and the idle timer is stopped (the client is silent
+because it waits for the relay).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class RelaySMTP(smtp.ESMTP):
         self._buf = b""
         self._skip_line = False
         self._paused = False
+        self._processing = False
         self._errors = 0
         self._helo: Optional[bytes] = None
         self._delivery: Optional[Any] = None
@@ -157,10 +159,10 @@ class RelaySMTP(smtp.ESMTP):
         self._mode = _CLOSED
         self.transport.loseConnection()
 
-    def _send(self, reply: Reply) -> None:
+    def _send(self, reply: Reply, error: bool = True) -> None:
         if self._mode == _CLOSED:
             return
-        if reply.code >= 400:
+        if reply.code >= 400 and error:
             self._errors += 1
         self.transport.write(reply.line())
 
@@ -186,27 +188,59 @@ class RelaySMTP(smtp.ESMTP):
         self._process()
 
     def _process(self) -> None:
+        if self._processing:
+            # Called back synchronously from inside the loop (an AUTH check
+            # or a delivery that answered at once): the loop goes on.
+            return
+        self._processing = True
+        try:
+            self._process_buffer()
+        finally:
+            self._processing = False
+        if self._mode not in (_WAIT, _CLOSED) and self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _process_buffer(self) -> None:
         while self._buf and self._mode in (_COMMAND, _AUTH, _DATA):
             if self._mode == _DATA:
                 data, self._buf = self._buf, b""
                 self._data_feed(data)
                 continue
-            i = self._buf.find(b"\n")
-            limit = MAX_AUTH_LINE if self._mode == _AUTH else MAX_COMMAND_LINE
-            if i < 0:
-                if len(self._buf) > limit:
+            # Whole lines are taken by offset and the buffer is cut once,
+            # so a long pipelined batch costs linear, not quadratic, time.
+            buf, self._buf = self._buf, b""
+            pos = self._take_lines(buf)
+            rest = buf[pos:] if pos else buf
+            self._buf = rest + self._buf if self._buf else rest
+            if self._mode in (_COMMAND, _AUTH) and b"\n" not in self._buf:
+                limit = MAX_AUTH_LINE if self._mode == _AUTH else MAX_COMMAND_LINE
+                # A line of exactly `limit` octets may be waiting for its LF.
+                if len(self._buf) > limit + 1:
                     self._buf = b""
                     if not self._skip_line:
                         self._skip_line = True
                         self._line_too_long()
                 return
-            line = self._buf[:i]
-            self._buf = self._buf[i + 1 :]
+
+    def _take_lines(self, buf: bytes) -> int:
+        """
+        Handle the complete lines of C{buf} while in command or AUTH mode;
+        the offset of the first octet not handled.
+        """
+        pos = 0
+        while self._mode in (_COMMAND, _AUTH):
+            i = buf.find(b"\n", pos)
+            if i < 0:
+                break
+            line = buf[pos:i]
+            pos = i + 1
             if self._skip_line:
                 self._skip_line = False
                 continue
             if line.endswith(b"\r"):
                 line = line[:-1]
+            limit = MAX_AUTH_LINE if self._mode == _AUTH else MAX_COMMAND_LINE
             if len(line) > limit:
                 self._line_too_long()
                 continue
@@ -214,18 +248,27 @@ class RelaySMTP(smtp.ESMTP):
                 self._auth_line(line)
             else:
                 self._command(line)
-            if self._errors > MAX_ERRORS and self._mode != _CLOSED:
-                self._send(replies.TOO_MANY_ERRORS)
-                self._close()
-        if self._mode not in (_WAIT, _CLOSED) and self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+            self._check_errors()
+        return pos
+
+    def _check_errors(self) -> None:
+        if self._errors > MAX_ERRORS and self._mode != _CLOSED:
+            self._send(replies.TOO_MANY_ERRORS)
+            self._close()
 
     def _line_too_long(self) -> None:
         if self._mode == _AUTH:
             self._mode = _COMMAND
             self._auth_step = None
         self._send(replies.LINE_TOO_LONG)
+
+    def _wait(self) -> None:
+        """
+        Wait on the API: buffer input, and stop the idle timer (the client
+        is silent because it waits for us).
+        """
+        self._mode = _WAIT
+        self.setTimeout(None)
 
     def _resume(self, reply: Optional[Reply] = None) -> None:
         """
@@ -234,8 +277,10 @@ class RelaySMTP(smtp.ESMTP):
         if self._mode == _CLOSED:
             return
         self._mode = _COMMAND
+        self.setTimeout(self.timeout)
         if reply is not None:
             self._send(reply)
+        self._check_errors()
         self._process()
 
     # -- commands -------------------------------------------------------
@@ -348,7 +393,7 @@ class RelaySMTP(smtp.ESMTP):
         self._login(user, decoded)
 
     def _login(self, username: bytes, password: bytes) -> None:
-        self._mode = _WAIT
+        self._wait()
         shown = _username_label(username)
         d = self.portal.login(UsernamePassword(username, password), None, IRelayDelivery)
 
@@ -466,11 +511,15 @@ class RelaySMTP(smtp.ESMTP):
         key = address.lower()
         if key not in self._rcpt_keys:
             if len(self._rcpts) >= self.factory.config.max_recipients:
+                # Not counted as an error (nor by Postfix, below its
+                # smtpd_recipient_overshoot_limit): a client that pipelines
+                # more RCPTs than allowed still sends to the accepted ones.
                 self._send(
                     replies.TOO_MANY_RECIPIENTS.with_text(
                         "Error: too many recipients (at most %d per message)"
                         % self.factory.config.max_recipients
-                    )
+                    ),
+                    error=False,
                 )
                 return
             self._rcpt_keys.add(key)
@@ -591,11 +640,17 @@ class RelaySMTP(smtp.ESMTP):
             return
         raw = b"".join(self._chunks)
         self._reset_data()
-        self._mode = _WAIT
+        self._wait()
         assert self._delivery is not None
         d = self._delivery.deliver(Envelope(mail_from, rcpts), raw, self.session)
-        d.addCallback(self._resume)
+        d.addCallback(self._delivered)
         d.addErrback(self._delivery_crashed)
+
+    def _delivered(self, reply: Reply) -> None:
+        if reply.code == 250:
+            # As Postfix: the error count starts again after a delivered message.
+            self._errors = 0
+        self._resume(reply)
 
     def _delivery_crashed(self, failure: Any) -> None:
         _log.failure("delivery crashed", failure, event="delivery_crash", session=self.session)
