@@ -22,7 +22,22 @@ DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 DEFAULT_MAX_RECIPIENTS = 50
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_TLS_DETECT_TIMEOUT = 2.0
-DEFAULT_API_TIMEOUT = 25.0
+# One API attempt; the whole message (every attempt and the waits between
+# them) is bounded by DEFAULT_API_DEADLINE, well under the 5-10 minutes
+# SMTP clients wait for the reply to the final dot.
+DEFAULT_API_TIMEOUT = 10.0
+DEFAULT_API_DEADLINE = 30.0
+DEFAULT_API_MAX_IN_FLIGHT = 64
+DEFAULT_API_QUEUE_TIMEOUT = 10.0
+DEFAULT_API_BREAKER_FAILURES = 5
+DEFAULT_API_BREAKER_COOLDOWN = 10.0
+DEFAULT_MAX_CONNECTIONS = 1000
+# Postfix: smtpd_client_connection_count_limit = 50.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 50
+DEFAULT_TRANSACTION_TIMEOUT = 600.0
+DEFAULT_MAX_ERRORS = 20
+DEFAULT_MAX_AUTH_FAILURES = 3
+DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_AUTH_CACHE_TTL = 60.0
 DEFAULT_AUTH_NEGATIVE_TTL = 10.0
 
@@ -84,7 +99,27 @@ class RelayConfig:
     @ivar idle_timeout: seconds a client may stay silent.
     @ivar tls_detect_timeout: seconds to wait for a TLS ClientHello before
         telling a plaintext client that the port needs TLS; 0 disables.
-    @ivar api_timeout: seconds one API request may take.
+    @ivar api_timeout: seconds one API attempt may take.
+    @ivar api_deadline: seconds all attempts for one message may take,
+        waits between retries included.
+    @ivar api_max_in_flight: most API requests at once.
+    @ivar api_queue_timeout: seconds a message may wait for a free request
+        slot before it gets a temporary failure.
+    @ivar api_breaker_failures: consecutive transient API failures after
+        which messages fail fast for C{api_breaker_cooldown} seconds.
+    @ivar api_breaker_cooldown: see C{api_breaker_failures}.
+    @ivar derive_idempotency_keys: give messages that carry a Message-ID but
+        no X-PostStack-Idempotency-Key a key derived from the credential,
+        the envelope and the exact bytes, so a client's retry cannot send
+        twice.
+    @ivar max_connections: most client connections at once.
+    @ivar max_connections_per_ip: most client connections from one address.
+    @ivar transaction_timeout: seconds from MAIL to the end of DATA.
+    @ivar max_errors: error replies tolerated per session without a
+        delivered message.
+    @ivar max_auth_failures: failed AUTH attempts per connection.
+    @ivar drain_timeout: seconds a stopping relay lets transactions in
+        flight finish.
     @ivar auth_cache_ttl: seconds a successful credential check is reused.
     @ivar auth_negative_ttl: seconds a failed credential check is reused.
     """
@@ -103,6 +138,26 @@ class RelayConfig:
         default=DEFAULT_TLS_DETECT_TIMEOUT, validator=_not_negative
     )
     api_timeout: float = attrs.field(default=DEFAULT_API_TIMEOUT, validator=_positive)
+    api_deadline: float = attrs.field(default=DEFAULT_API_DEADLINE, validator=_positive)
+    api_max_in_flight: int = attrs.field(default=DEFAULT_API_MAX_IN_FLIGHT, validator=_positive)
+    api_queue_timeout: float = attrs.field(default=DEFAULT_API_QUEUE_TIMEOUT, validator=_positive)
+    api_breaker_failures: int = attrs.field(
+        default=DEFAULT_API_BREAKER_FAILURES, validator=_not_negative
+    )
+    api_breaker_cooldown: float = attrs.field(
+        default=DEFAULT_API_BREAKER_COOLDOWN, validator=_not_negative
+    )
+    derive_idempotency_keys: bool = True
+    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)
+    max_connections_per_ip: int = attrs.field(
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP, validator=_positive
+    )
+    transaction_timeout: float = attrs.field(
+        default=DEFAULT_TRANSACTION_TIMEOUT, validator=_positive
+    )
+    max_errors: int = attrs.field(default=DEFAULT_MAX_ERRORS, validator=_positive)
+    max_auth_failures: int = attrs.field(default=DEFAULT_MAX_AUTH_FAILURES, validator=_positive)
+    drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_not_negative)
     auth_cache_ttl: float = attrs.field(default=DEFAULT_AUTH_CACHE_TTL, validator=_not_negative)
     auth_negative_ttl: float = attrs.field(
         default=DEFAULT_AUTH_NEGATIVE_TTL, validator=_not_negative

@@ -20,6 +20,21 @@ from .config import ConfigError, RelayConfig
 
 ENV_PREFIX = "POSTSTACK_RELAY_"
 
+
+def _boolean(value: str) -> bool:
+    """
+    yes/no, true/false, on/off, 1/0.
+    """
+    lowered = value.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(value)
+
+
+_boolean.__name__ = "yes/no value"
+
 # (name, converter, RelayConfig field, help)
 _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("port", int, "port", f"TCP port for implicit TLS [default: {_config.DEFAULT_PORT}]"),
@@ -39,7 +54,35 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      "seconds to wait for a TLS ClientHello before telling a plaintext client the port "
      f"needs TLS; 0 disables [default: {_config.DEFAULT_TLS_DETECT_TIMEOUT:g}]"),
     ("api-timeout", float, "api_timeout",
-     f"seconds one API request may take [default: {_config.DEFAULT_API_TIMEOUT:g}]"),
+     f"seconds one API attempt may take [default: {_config.DEFAULT_API_TIMEOUT:g}]"),
+    ("api-deadline", float, "api_deadline",
+     "seconds all attempts for one message may take, retries included "
+     f"[default: {_config.DEFAULT_API_DEADLINE:g}]"),
+    ("api-max-in-flight", int, "api_max_in_flight",
+     f"most API requests at once [default: {_config.DEFAULT_API_MAX_IN_FLIGHT}]"),
+    ("api-queue-timeout", float, "api_queue_timeout",
+     "seconds a message may wait for a free API request slot "
+     f"[default: {_config.DEFAULT_API_QUEUE_TIMEOUT:g}]"),
+    ("api-breaker-failures", int, "api_breaker_failures",
+     "consecutive transient API failures before failing fast; 0 disables "
+     f"[default: {_config.DEFAULT_API_BREAKER_FAILURES}]"),
+    ("api-breaker-cooldown", float, "api_breaker_cooldown",
+     f"seconds to fail fast before trying the API again [default: {_config.DEFAULT_API_BREAKER_COOLDOWN:g}]"),
+    ("derive-idempotency-keys", _boolean, "derive_idempotency_keys",
+     "derive an idempotency key for messages with a Message-ID (yes/no) [default: yes]"),
+    ("max-connections", int, "max_connections",
+     f"most client connections at once [default: {_config.DEFAULT_MAX_CONNECTIONS}]"),
+    ("max-connections-per-ip", int, "max_connections_per_ip",
+     f"most client connections from one address [default: {_config.DEFAULT_MAX_CONNECTIONS_PER_IP}]"),
+    ("transaction-timeout", float, "transaction_timeout",
+     f"seconds from MAIL to the end of DATA [default: {_config.DEFAULT_TRANSACTION_TIMEOUT:g}]"),
+    ("max-errors", int, "max_errors",
+     f"error replies per session before disconnecting [default: {_config.DEFAULT_MAX_ERRORS}]"),
+    ("max-auth-failures", int, "max_auth_failures",
+     f"failed AUTH attempts per connection [default: {_config.DEFAULT_MAX_AUTH_FAILURES}]"),
+    ("drain-timeout", float, "drain_timeout",
+     "seconds a stopping relay lets transactions in flight finish "
+     f"[default: {_config.DEFAULT_DRAIN_TIMEOUT:g}]"),
     ("auth-cache-ttl", float, "auth_cache_ttl",
      f"seconds a good credential check is reused [default: {_config.DEFAULT_AUTH_CACHE_TTL:g}]"),
 ]
