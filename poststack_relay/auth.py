@@ -58,6 +58,9 @@ class Identity:
     @ivar label: what logs may show: a key prefix or the mailbox address.
     @ivar credential_digest: a keyed digest of the credential, stable for
         the process's life, for derivations that must not reveal it.
+    @ivar account: a stable, non-secret name of the sending account (a
+        SHA-256 of the API key, or the mailbox address), the same in every
+        relay process, for derived idempotency keys.
     """
 
     kind: str
@@ -65,6 +68,7 @@ class Identity:
     mailbox: Optional[str] = None
     label: str = ""
     credential_digest: bytes = attrs.field(default=b"", repr=False)
+    account: str = attrs.field(default="", repr=False)
 
 
 @attrs.define
@@ -145,7 +149,12 @@ class PostStackChecker:
             d: Deferred[Any] = self._api.check_api_key(secret)
             d.addCallback(
                 lambda ok: Identity(
-                    "api_key", secret, None, mask_secret(secret), digest
+                    "api_key",
+                    secret,
+                    None,
+                    mask_secret(secret),
+                    digest,
+                    "key:" + hashlib.sha256(secret.encode("utf-8")).hexdigest(),
                 )
                 if ok
                 else None
@@ -155,7 +164,9 @@ class PostStackChecker:
             assert self._service_key is not None
             service_key = self._service_key
             d.addCallback(
-                lambda address: Identity("mailbox", service_key, address, address, digest)
+                lambda address: Identity(
+                    "mailbox", service_key, address, address, digest, "mailbox:" + address.lower()
+                )
                 if address
                 else None
             )

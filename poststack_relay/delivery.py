@@ -10,6 +10,7 @@ exactly one API call per transaction however many recipients it has.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ from . import replies
 from .api import APIError, IEmailAPI
 from .auth import Identity
 from .replies import Reply
-from .translate import Envelope, TranslationError, translate
+from .translate import EmailRequest, Envelope, TranslationError, translate
 
 _log = Logger()
 
@@ -49,6 +50,48 @@ class IRelayDelivery(Interface):
         """
 
 
+_DERIVATION_PREFIX = b"poststack-relay idempotency v1\0"
+
+
+def derived_idempotency_key(identity: Identity, envelope: Envelope, raw: bytes) -> str:
+    """
+    The idempotency key of a message that carries a Message-ID but no
+    X-PostStack-Idempotency-Key: a SHA-256 over the sending account, the
+    envelope and the exact message bytes (which hold the Message-ID).
+
+    A client that sends the same message again (after a 4xx or a dropped
+    connection: same Message-ID, same bytes, same credential, same
+    envelope) gets the same key, so the API cannot send it twice.  Two
+    different messages never share a key: any differing byte, recipient or
+    credential changes it.  The same in every relay process and after
+    restarts.
+    """
+    h = hashlib.sha256(_DERIVATION_PREFIX)
+    h.update(identity.account.encode("utf-8"))
+    h.update(b"\0")
+    h.update(envelope.mail_from.lower().encode("utf-8", "surrogateescape"))
+    h.update(b"\0")
+    for rcpt in sorted(r.lower() for r in envelope.rcpt_to):
+        h.update(rcpt.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    h.update(b"%d\0" % len(raw))
+    h.update(raw)
+    return "psr-" + h.hexdigest()[:40]
+
+
+def with_derived_key(request: EmailRequest, identity: Identity, envelope: Envelope, raw: bytes) -> EmailRequest:
+    """
+    C{request} with a derived idempotency key when it has a Message-ID and
+    no key of its own; otherwise C{request} unchanged.
+    """
+    if request.idempotency_key is not None or not request.message_id:
+        return request
+    key = derived_idempotency_key(identity, envelope, raw)
+    payload = dict(request.payload)
+    payload["idempotency_key"] = key
+    return EmailRequest(payload, key, request.message_id)
+
+
 def sender_reply(identity: Identity, address: str) -> Optional[Reply]:
     """
     Is C{address} (from C{MAIL FROM}) an acceptable envelope sender for
@@ -72,11 +115,13 @@ class RelayDelivery:
 
     @param identity: who logged in.
     @param api: where the emails go.
+    @param derive_keys: derive idempotency keys (L{with_derived_key}).
     """
 
-    def __init__(self, identity: Identity, api: IEmailAPI) -> None:
+    def __init__(self, identity: Identity, api: IEmailAPI, derive_keys: bool = True) -> None:
         self.identity = identity
         self._api = api
+        self._derive_keys = derive_keys
 
     def validate_sender(self, address: str) -> Optional[Reply]:
         """
@@ -116,6 +161,8 @@ class RelayDelivery:
 
         try:
             request = translate(raw, envelope, mailbox=identity.mailbox)
+            if self._derive_keys:
+                request = with_derived_key(request, identity, envelope, raw)
         except TranslationError as e:
             reply = Reply(e.code, e.enhanced, replies.clean_text(e.text))
             log(reply)

@@ -118,7 +118,10 @@ def makeRelayService(
         positive_ttl=config.auth_cache_ttl,
         negative_ttl=config.auth_negative_ttl,
     )
-    portal = Portal(RelayRealm(lambda identity: RelayDelivery(identity, api)), [checker])
+    portal = Portal(
+        RelayRealm(lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys)),
+        [checker],
+    )
     factory = RelayFactory(portal, config, reactor)
     wrapped = ImplicitTLSFactory(tls, factory, config.tls_detect_timeout, reactor)
     listener = StreamServerEndpointService(endpoint or _endpoint(config, reactor), wrapped)

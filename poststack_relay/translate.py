@@ -84,10 +84,14 @@ class EmailRequest:
     :ivar idempotency_key: The ``X-PostStack-Idempotency-Key`` of the message,
         or ``None``.  When set it is also in ``payload["idempotency_key"]``;
         the HTTP layer sends it as the ``Idempotency-Key`` header.
+    :ivar message_id: The message's ``Message-ID`` (trimmed), or ``None``.
+        It is not sent; the delivery layer uses its presence to decide
+        whether a key may be derived from the message.
     """
 
     payload: dict[str, Any]
     idempotency_key: str | None
+    message_id: str | None = None
 
 
 _UNPRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]+")
@@ -1041,6 +1045,7 @@ def translate(
     template_values: list[str] = []
     variables_values: list[str] = []
     idempotency_values: list[str] = []
+    message_id: str | None = None
     passed: dict[str, tuple[str, list[str]]] = {}
 
     for name, value in message.raw_items():
@@ -1056,6 +1061,9 @@ def translate(
         elif key == "subject":
             if subject is None:
                 subject = _unstructured(value)
+        elif key == "message-id":
+            if message_id is None:
+                message_id = _clean(_raw_header_text(value)).strip() or None
         elif key.startswith("x-poststack-"):
             text = _unstructured(value)
             if key == _HEADER_TAGS:
@@ -1137,4 +1145,4 @@ def translate(
         payload["variables"] = variables
     if idempotency_key is not None:
         payload["idempotency_key"] = idempotency_key
-    return EmailRequest(payload=payload, idempotency_key=idempotency_key)
+    return EmailRequest(payload=payload, idempotency_key=idempotency_key, message_id=message_id)
