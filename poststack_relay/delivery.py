@@ -136,6 +136,7 @@ class RelayDelivery:
         """
         started = time.monotonic()
         identity = self.identity
+        size = len(raw)
 
         def log(reply: Reply, email_id: Optional[str] = None, status: Optional[int] = None,
                 api_ms: Optional[float] = None) -> None:
@@ -148,7 +149,7 @@ class RelayDelivery:
                 session=session,
                 mail_from=envelope.mail_from,
                 rcpt_count=len(envelope.rcpt_to),
-                size=len(raw),
+                size=size,
                 identity=identity.label,
                 api_status=status,
                 email_id=email_id,
@@ -163,6 +164,9 @@ class RelayDelivery:
             request = translate(raw, envelope, mailbox=identity.mailbox)
             if self._derive_keys:
                 request = with_derived_key(request, identity, envelope, raw)
+            # Nothing below needs the raw message: let it go before the
+            # request body is built.
+            del raw
         except TranslationError as e:
             reply = Reply(e.code, e.enhanced, replies.clean_text(e.text))
             log(reply)

@@ -1752,3 +1752,49 @@ class TypesTests(SynchronousTestCase):
         """Non-ASCII and control characters cannot reach the SMTP reply text."""
         error = TranslationError(550, "5.7.1", "From must be <zoë@x>\r\n250 ok")
         self.assertEqual(error.text, "From must be <zo?@x>?250 ok")
+
+
+class Base64PassThroughTests(SynchronousTestCase):
+    """Already-base64 attachments are passed on without decoding and encoding again."""
+
+    def test_strict_check(self) -> None:
+        """Only canonical base64 passes the check."""
+        from poststack_relay.translate import _is_strict_base64
+
+        for good in (b"", b"QUJD", b"QUI=", b"QQ==", b"QUJDRA=="):
+            self.assertTrue(_is_strict_base64(good), good)
+        for bad in (b"QUJ", b"QU=D", b"QQ==QUJD", b"QUJ!", b"Q===", b"QUJD\n"):
+            self.assertFalse(_is_strict_base64(bad), bad)
+
+    def test_folded_base64_unfolded(self) -> None:
+        """A folded base64 attachment arrives as the same base64 on one line, decoding to the same bytes."""
+        import base64 as b64
+        import os as _os
+
+        data = _os.urandom(3000)
+        folded = b64.encodebytes(data).replace(b"\n", b"\r\n")
+        raw = (
+            b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: a\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=x.bin\r\n\r\n" + folded + b"--b--\r\n"
+        )
+        request = translate(raw, Envelope("you@yourdomain.com", ("user@example.com",)))
+        [attachment] = request.payload["attachments"]
+        self.assertEqual(b64.b64decode(attachment["content"], validate=True), data)
+
+    def test_sloppy_base64_repaired(self) -> None:
+        """Base64 with junk or missing padding is decoded leniently and re-encoded canonically."""
+        import base64 as b64
+
+        raw = (
+            b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: a\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            b"Content-Disposition: attachment; filename=x.bin\r\n\r\nQUJD!RA\r\n--b--\r\n"
+        )
+        request = translate(raw, Envelope("you@yourdomain.com", ("user@example.com",)))
+        [attachment] = request.payload["attachments"]
+        self.assertEqual(b64.b64decode(attachment["content"], validate=True), b"ABCD")
