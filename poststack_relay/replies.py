@@ -73,6 +73,14 @@ CLOSING = Reply(221, "2.0.0", "Bye")
 TIMEOUT = Reply(421, "4.4.2", "Error: timeout exceeded, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors, closing connection")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_CONNECTIONS_FROM_CLIENT = Reply(
+    421, "4.7.0", "Too many connections from your address, try again later"
+)
+TRANSACTION_TIMEOUT = Reply(
+    421, "4.4.2", "Error: transaction time limit exceeded, closing connection"
+)
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Error: too many authentication failures")
 NOT_TLS = Reply(
     554,
     "5.7.0",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -7,6 +7,12 @@ L{makeRelayService} is the public embedding API:
     from poststack_relay import RelayConfig, makeRelayService
     makeRelayService(RelayConfig(tls_cert="fullchain.pem", tls_key="key.pem"),
                      reactor).setServiceParent(application)
+
+Stopping the service is graceful (L{RelayService.stopService}): the
+listener closes first, sessions drain (up to C{drain_timeout}), and only
+then is the API connection pool closed.  Nothing here installs signal
+handlers: C{twistd} stops services on SIGTERM, and C{tap.makeService}
+makes that stop end with exit status 0.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, Optional
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -59,10 +66,39 @@ class RelayService(MultiService):
     @ivar factory: the SMTP factory (unwrapped).
     @ivar listener: the listening service; its C{_waitingForPort} Deferred
         fires with the C{IListeningPort} once bound.
+    @ivar drain_timeout: seconds L{stopService} lets sessions finish.
     """
 
     factory: RelayFactory
     listener: StreamServerEndpointService
+    drain_timeout: float = 0.0
+
+    def stopService(self) -> "Deferred[None]":
+        """
+        Stop gracefully, in this order: stop listening; drain the sessions
+        (idle ones get C{421 4.3.2} at once, the others after their
+        current transaction is answered, and whatever is left after
+        C{drain_timeout} seconds is dropped without a reply); then stop
+        the other children (the API connection pool).  The Deferred fires
+        when all of it is done.
+        """
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.listener.running:
+            try:
+                await maybeDeferred(self.listener.stopService)
+            except Exception:
+                _log.failure("stopping the listener failed", event="stop_listener_failed")
+        await self.factory.drain(self.drain_timeout)
+        for child in reversed(list(self)):
+            if child is self.listener or not child.running:
+                continue
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                _log.failure("stopping {child} failed", child=child, event="stop_child_failed")
 
     def port(self) -> Any:
         """
@@ -129,6 +165,7 @@ def makeRelayService(
     listener.setServiceParent(service)
     service.factory = factory
     service.listener = listener
+    service.drain_timeout = config.drain_timeout
     _log.info(
         "poststack-relay listening on {interface}:{port} (implicit TLS), API {api_url}, "
         "service key {service_key}",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp -*-
+# -*- test-case-name: tests.test_smtp,tests.test_smtp_review,tests.test_limits,tests.test_shutdown -*-
 """
 The SMTP side: an ESMTP submission server that only relays for
 authenticated users, one transaction at a time, with exact replies.
@@ -18,6 +18,13 @@ Commands are handled strictly in order: while an AUTH check or a delivery
 waits on the API, later (pipelined) input is buffered and processed after
 the reply is sent, and the idle timer is stopped (the client is silent
 because it waits for the relay).
+
+In the message content a bare LF is normalised to CRLF; a lone CR is
+data.  Neither ever ends DATA (see docs/design.md, "SMTP smuggling").
+
+L{RelayFactory} enforces the per-relay limits (connections in total and
+per client address) and keeps the set of live sessions, which
+L{RelayFactory.drain} uses for a graceful shutdown.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from typing import Any, Callable, Optional
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
 
@@ -49,14 +58,21 @@ _log = Logger()
 # longest SASL response line (RFC 4954 section 4: 12288 octets).
 MAX_COMMAND_LINE = 2048
 MAX_AUTH_LINE = 12288
-# Postfix's smtpd_hard_error_limit.
-MAX_ERRORS = 20
 # Input buffered while waiting on the API before the socket is paused.
 MAX_PENDING_INPUT = 1024 * 1024
 # A partial DATA line held back while looking for the terminator.
 DATA_HOLD_LIMIT = 65536
 
 _TERMINATOR = b"\r\n.\r\n"
+# A LF not preceded by a CR, in message content.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+# Seconds a refused connection may take to receive its 421 (the TLS
+# handshake comes first) before it is dropped.
+REFUSAL_LINGER = 10.0
+# Seconds a connection the relay closed may take to go away.  Twisted's TLS
+# closes the TCP connection only once the client answers the close_notify
+# (or closes itself); a client that does neither is dropped after this.
+CLOSE_LINGER = 5.0
 
 _PATH = rb"<(?P<path>[^<>]*)>|(?P<bare>[^\s<>]+)"
 _MAIL_RE = re.compile(rb"FROM:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", re.I)
@@ -125,6 +141,9 @@ class RelaySMTP(smtp.ESMTP):
         self._paused = False
         self._processing = False
         self._errors = 0
+        self._auth_failures = 0
+        self._transaction_call: Optional[IDelayedCall] = None
+        self._linger: Optional[IDelayedCall] = None
         self._helo: Optional[bytes] = None
         self._delivery: Optional[Any] = None
         self._mail_from: Optional[str] = None
@@ -147,7 +166,10 @@ class RelaySMTP(smtp.ESMTP):
     def connectionLost(self, reason: Any = None) -> None:
         self._mode = _CLOSED
         self.setTimeout(None)
+        self._stop_transaction_timer()
+        self._stop_linger()
         self._chunks = []
+        self.factory.session_closed(self)
 
     def timeoutConnection(self) -> None:
         if self._mode == _CLOSED:
@@ -157,7 +179,92 @@ class RelaySMTP(smtp.ESMTP):
 
     def _close(self) -> None:
         self._mode = _CLOSED
+        self._stop_transaction_timer()
+        self.setTimeout(None)
+        if self._linger is None:
+            self._linger = self.callLater(CLOSE_LINGER, self._linger_expired)
         self.transport.loseConnection()
+
+    def _linger_expired(self) -> None:
+        self._linger = None
+        self.transport.abortConnection()
+
+    def _stop_linger(self) -> None:
+        call, self._linger = self._linger, None
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- shutdown -------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """
+        True between transactions: no MAIL given, not in DATA, not waiting
+        on the API.  Only then may a stopping relay close the session.
+        """
+        return self._mode in (_COMMAND, _AUTH) and self._mail_from is None
+
+    def shutdown(self) -> None:
+        """
+        The relay is stopping: close the session now with C{421 4.3.2} if
+        it is idle; otherwise it is closed the same way as soon as its
+        current transaction (and any delivery of it) is answered.
+        """
+        if self.idle:
+            self._say_shutting_down()
+
+    def abort(self) -> None:
+        """
+        Drop the connection without a reply (the drain deadline passed).
+        A delivery still pending is never answered: the client retries.
+        """
+        if self._mode != _CLOSED:
+            _log.info(
+                "{session} aborted by shutdown (mode={mode}) client={client}",
+                event="shutdown_abort",
+                session=self.session,
+                mode=self._mode,
+                client=self.client,
+            )
+        self._mode = _CLOSED
+        self._stop_transaction_timer()
+        self._stop_linger()
+        self.setTimeout(None)
+        self.transport.abortConnection()
+
+    def _say_shutting_down(self) -> None:
+        self._send(replies.SHUTTING_DOWN, error=False)
+        self._close()
+
+    # -- transaction time limit ------------------------------------------
+
+    def _start_transaction_timer(self) -> None:
+        self._stop_transaction_timer()
+        self._transaction_call = self.callLater(
+            self.factory.config.transaction_timeout, self._transaction_expired
+        )
+
+    def _stop_transaction_timer(self) -> None:
+        call, self._transaction_call = self._transaction_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _transaction_expired(self) -> None:
+        self._transaction_call = None
+        # The timer stops at the final dot, before the delivery waits on the
+        # API, so it never fires while waiting; the guard is for safety.
+        if self._mode in (_CLOSED, _WAIT):
+            return
+        _log.info(
+            "{session} transaction time limit ({limit}s) exceeded in {mode} client={client}",
+            event="transaction_timeout",
+            session=self.session,
+            limit=self.factory.config.transaction_timeout,
+            mode=self._mode,
+            client=self.client,
+        )
+        self._send(replies.TRANSACTION_TIMEOUT)
+        self._close()
 
     def _send(self, reply: Reply, error: bool = True) -> None:
         if self._mode == _CLOSED:
@@ -248,13 +355,33 @@ class RelaySMTP(smtp.ESMTP):
                 self._auth_line(line)
             else:
                 self._command(line)
-            self._check_errors()
+            self._check_session()
         return pos
 
-    def _check_errors(self) -> None:
-        if self._errors > MAX_ERRORS and self._mode != _CLOSED:
+    def _check_session(self) -> None:
+        """
+        After a reply: close the session if it made too many errors or
+        failed AUTH too often, or if the relay is stopping and the session
+        is between transactions.
+        """
+        if self._mode == _CLOSED:
+            return
+        config = self.factory.config
+        if self._auth_failures >= config.max_auth_failures:
+            _log.info(
+                "{session} too many authentication failures ({count}) client={client}",
+                event="auth_limit",
+                session=self.session,
+                count=self._auth_failures,
+                client=self.client,
+            )
+            self._send(replies.TOO_MANY_AUTH_FAILURES)
+            self._close()
+        elif self._errors > config.max_errors:
             self._send(replies.TOO_MANY_ERRORS)
             self._close()
+        elif self.factory.stopping and self.idle:
+            self._say_shutting_down()
 
     def _line_too_long(self) -> None:
         if self._mode == _AUTH:
@@ -280,7 +407,7 @@ class RelaySMTP(smtp.ESMTP):
         self.setTimeout(self.timeout)
         if reply is not None:
             self._send(reply)
-        self._check_errors()
+        self._check_session()
         self._process()
 
     # -- commands -------------------------------------------------------
@@ -300,6 +427,7 @@ class RelaySMTP(smtp.ESMTP):
         self._mail_from = None
         self._rcpts = []
         self._rcpt_keys = set()
+        self._stop_transaction_timer()
 
     def cmd_HELO(self, arg: bytes) -> None:
         if not arg:
@@ -372,6 +500,7 @@ class RelaySMTP(smtp.ESMTP):
             return
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
+            self._auth_failures += 1
             self._send(replies.AUTH_AUTHZID)
             return
         self._login(authcid, password)
@@ -414,6 +543,7 @@ class RelaySMTP(smtp.ESMTP):
             if failure.check(UnauthorizedLogin):
                 reply = replies.AUTH_FAILED
                 outcome = "invalid"
+                self._auth_failures += 1
             elif failure.check(AuthUnavailable):
                 reply = replies.AUTH_UNAVAILABLE
                 outcome = "unavailable"
@@ -462,6 +592,7 @@ class RelaySMTP(smtp.ESMTP):
         self._mail_from = address
         self._rcpts = []
         self._rcpt_keys = set()
+        self._start_transaction_timer()
         self._send(replies.SENDER_OK)
 
     def _mail_params(self, params: bytes) -> Optional[Reply]:
@@ -609,12 +740,24 @@ class RelaySMTP(smtp.ESMTP):
             self._at_line_start = False
 
     def _emit(self, segment: bytes, prefixed: bool) -> None:
+        """
+        Take one scanned piece of content: unstuff dots (after CRLF only),
+        normalise bare LF to CRLF, count it and keep it unless the message
+        is already too big.
+
+        A segment ends with CRLF or is part of an overlong line cut before
+        its last octet, and the scanner never holds a CRLF back, so a CR at
+        the end of one segment is never followed by a LF at the start of
+        the next: a bare LF is found within one segment.
+        """
         if b"\r\n." in segment:
             segment = segment.replace(b"\r\n.", b"\r\n")
         if prefixed:
             segment = segment[2:]
         if not segment:
             return
+        if segment.count(b"\n") != segment.count(b"\r\n"):
+            segment = _BARE_LF.sub(b"\r\n", segment)
         self._size += len(segment)
         if self._too_big:
             return
@@ -637,6 +780,7 @@ class RelaySMTP(smtp.ESMTP):
                     % self.factory.config.max_message_size
                 )
             )
+            self._check_session()
             return
         raw = b"".join(self._chunks)
         self._reset_data()
@@ -678,13 +822,54 @@ _COMMANDS: dict[bytes, Callable[[RelaySMTP, bytes], None]] = {
 }
 
 
+def _client_key(addr: Any) -> str:
+    """
+    The client address a per-client connection limit counts by.
+    """
+    host = getattr(addr, "host", None)
+    return str(host) if host is not None else str(addr)
+
+
+class RefusalProtocol(Protocol):
+    """
+    A connection the relay will not serve: it gets one C{421} reply (inside
+    TLS, after the handshake, when wrapped) and is closed.  If the peer does
+    not finish the handshake or read the reply within L{REFUSAL_LINGER}
+    seconds, the connection is dropped.
+    """
+
+    def __init__(self, reply: Reply, clock: IReactorTime) -> None:
+        self.reply = reply
+        self._clock = clock
+        self._linger: Optional[IDelayedCall] = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.reply.line())
+        self.transport.loseConnection()
+        self._linger = self._clock.callLater(REFUSAL_LINGER, self._drop)
+
+    def _drop(self) -> None:
+        self._linger = None
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+
 class RelayFactory(smtp.SMTPFactory):
     """
-    Builds L{RelaySMTP} sessions.
+    Builds L{RelaySMTP} sessions, within the connection limits, and keeps
+    the set of live ones.
 
     @param portal: checks AUTH credentials; yields L{IRelayDelivery} avatars.
     @param config: the relay's settings.
-    @param clock: for idle time-outs.
+    @param clock: for idle, transaction and drain time-outs.
+
+    @ivar sessions: the live sessions (built and not yet disconnected).
+    @ivar stopping: true once L{drain} was called: new connections get
+        C{421 4.3.2} and sessions close between transactions.
     """
 
     protocol = RelaySMTP  # type: ignore[assignment]
@@ -694,6 +879,13 @@ class RelayFactory(smtp.SMTPFactory):
         smtp.SMTPFactory.__init__(self, portal)
         self.config = config
         self.clock = clock
+        self.sessions: set[RelaySMTP] = set()
+        self.stopping = False
+        self._per_client: dict[str, int] = {}
+        self._session_keys: dict[RelaySMTP, str] = {}
+        self._drain_waiters: list[Deferred[None]] = []
+        self._drain_done = False
+        self._drain_call: Optional[IDelayedCall] = None
         host = config.hostname.encode("ascii", "replace")
         extensions = [
             b"AUTH PLAIN LOGIN",
@@ -708,7 +900,113 @@ class RelayFactory(smtp.SMTPFactory):
             for n, line in enumerate(lines)
         )
 
-    def buildProtocol(self, addr: Any) -> RelaySMTP:
+    def connections_from(self, client: str) -> int:
+        """
+        How many live sessions the client address C{client} has.
+        """
+        return self._per_client.get(client, 0)
+
+    def _refusal(self, client: str) -> Optional[Reply]:
+        if self.stopping:
+            return replies.SHUTTING_DOWN
+        if len(self.sessions) >= self.config.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self._per_client.get(client, 0) >= self.config.max_connections_per_ip:
+            return replies.TOO_MANY_CONNECTIONS_FROM_CLIENT
+        return None
+
+    def buildProtocol(self, addr: Any) -> Protocol:  # type: ignore[override]
+        """
+        A new session for a client at C{addr}, or a L{RefusalProtocol} if a
+        connection limit is reached or the relay is stopping.
+        """
+        client = _client_key(addr)
+        refusal = self._refusal(client)
+        if refusal is not None:
+            _log.info(
+                "refused connection from {client}: {reason}",
+                event="connection_refused",
+                client=client,
+                reason=refusal.text,
+                sessions=len(self.sessions),
+                from_client=self._per_client.get(client, 0),
+            )
+            return RefusalProtocol(refusal, self.clock)
         p = RelaySMTP(self)
         p.callLater = self.clock.callLater  # type: ignore[method-assign]
+        self.sessions.add(p)
+        self._session_keys[p] = client
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         return p
+
+    def session_closed(self, session: RelaySMTP) -> None:
+        """
+        Release C{session}'s place in the limits (called once its
+        connection is lost; calling it again does nothing).
+        """
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        client = self._session_keys.pop(session)
+        left = self._per_client[client] - 1
+        if left:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
+        if self.stopping and not self.sessions:
+            self._finish_drain()
+
+    def drain(self, timeout: float) -> "Deferred[None]":
+        """
+        Stop serving: refuse new connections with C{421 4.3.2}, close idle
+        sessions with it now, and the others as soon as their current
+        transaction is answered.  Fires once every session is gone, or
+        after C{timeout} seconds, when the remaining ones are dropped
+        without a reply.  Calling it again waits for the same end.
+        """
+        d: Deferred[None] = Deferred()
+        if self._drain_done:
+            d.callback(None)
+            return d
+        self._drain_waiters.append(d)
+        if self.stopping:
+            return d
+        self.stopping = True
+        _log.info(
+            "draining: {sessions} sessions, {busy} in a transaction; deadline {timeout}s",
+            event="drain_started",
+            sessions=len(self.sessions),
+            busy=sum(1 for s in self.sessions if not s.idle),
+            timeout=timeout,
+        )
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            self._drain_call = self.clock.callLater(timeout, self._drain_expired)
+        else:
+            self._finish_drain()
+        return d
+
+    def _drain_expired(self) -> None:
+        self._drain_call = None
+        remaining = list(self.sessions)
+        _log.info(
+            "drain deadline passed: dropping {count} sessions",
+            event="drain_timeout",
+            count=len(remaining),
+        )
+        for session in remaining:
+            session.abort()
+        self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        if self._drain_done:
+            return
+        self._drain_done = True
+        _log.info("drained", event="drain_done")
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_tap,tests.test_shutdown -*-
 """
 The C{twistd poststack-relay} command: options in, service out.
 
@@ -11,14 +11,19 @@ Precedence: command line, then environment, then the defaults.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable, Mapping, Optional
 
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as _config
 from .config import ConfigError, RelayConfig
 
 ENV_PREFIX = "POSTSTACK_RELAY_"
+
+_log = Logger()
 
 
 def _boolean(value: str) -> bool:
@@ -147,16 +152,44 @@ Example:
             raise usage.UsageError(str(e))
 
 
+def stop_on_sigterm(reactor: Any) -> None:
+    """
+    Make SIGTERM stop C{reactor} as a normal, successful stop.
+
+    Twisted's own SIGTERM handler also stops the reactor, but records the
+    signal, and C{twistd}/C{twist} then kill themselves with it after the
+    clean shutdown (exit status -15, "terminated by signal").  SIGTERM is
+    how systemd and container runtimes ask a service to stop, and the
+    relay drains gracefully on it, so it ends with status 0.  Call this
+    once the reactor runs (after Twisted installed its handlers).
+    """
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second SIGTERM while already stopping
+
+    def handler(signum: int, frame: Any) -> None:
+        _log.info("Received SIGTERM, shutting down gracefully", event="sigterm")
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def makeService(options: Options) -> Any:
     """
     Build the relay for twistd.  A certificate or key that cannot be used
-    ends the command with one line on stderr and exit status 1.
+    ends the command with one line on stderr and exit status 1.  SIGTERM
+    stops the relay gracefully with exit status 0 (L{stop_on_sigterm}).
     """
     from twisted.internet import reactor
 
     from .service import makeRelayService
 
     try:
-        return makeRelayService(options.config, reactor)
+        service = makeRelayService(options.config, reactor)
     except ConfigError as e:
         raise SystemExit(f"poststack-relay: error: {e}")
+    reactor.callWhenRunning(stop_on_sigterm, reactor)
+    return service
