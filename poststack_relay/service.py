@@ -143,7 +143,16 @@ def makeRelayService(
         pool._factory = _QuietHTTP11ClientFactory
         client = treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
         api = HTTPEmailAPI(
-            client, config.api_url, config.api_timeout, config.service_key, clock=reactor
+            client,
+            config.api_url,
+            config.api_timeout,
+            config.service_key,
+            clock=reactor,
+            deadline=config.api_deadline,
+            max_in_flight=config.api_max_in_flight,
+            queue_timeout=config.api_queue_timeout,
+            breaker_failures=config.api_breaker_failures,
+            breaker_cooldown=config.api_breaker_cooldown,
         )
         _PoolService(pool).setServiceParent(service)
 

@@ -176,10 +176,23 @@ class SandboxMixin:
         self.recorder = Recorder(self.sandbox)
 
     def make_api(
-        self, resource: Optional[Resource] = None, service_key: Optional[str] = SERVICE
+        self,
+        resource: Optional[Resource] = None,
+        service_key: Optional[str] = SERVICE,
+        **options: Any,
     ) -> HTTPEmailAPI:
+        """
+        An L{HTTPEmailAPI} over C{StubTreq}.  Unless C{options} say
+        otherwise it makes one attempt per call and has no circuit breaker:
+        these tests pin how one answer is classified, and
+        C{tests/test_api_retry.py} covers retries and the breaker.
+        """
+        options.setdefault("max_attempts", 1)
+        options.setdefault("breaker_failures", 0)
         self.stub = StubTreq(resource if resource is not None else self.recorder)
-        return HTTPEmailAPI(self.stub, BASE + "/", TIMEOUT, service_key, clock=self.clock)
+        return HTTPEmailAPI(
+            self.stub, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options
+        )
 
 
 def _reply_of(case: SynchronousTestCase, d: "Deferred[Any]") -> Reply:
@@ -713,10 +726,32 @@ class RequestDetailsTests(SandboxMixin, SynchronousTestCase):
         [stored] = self.store.emails()
         self.assertEqual(stored.idempotency_key, "order-1234")
 
-    def test_no_idempotency_header(self) -> None:
-        """Without an idempotency key there is no Idempotency-Key header."""
+    def test_relay_made_idempotency_key(self) -> None:
+        """
+        Without an idempotency key the relay makes one for the message
+        (psr- and 32 hex digits), sent as the header and in the body.
+        """
         seen = self.sent(email())
-        self.assertNotIn(b"idempotency-key", seen.headers)
+        [header] = seen.headers[b"idempotency-key"]
+        key = header.decode("ascii")
+        self.assertRegex(key, r"^psr-[0-9a-f]{32}$")
+        self.assertEqual(json.loads(seen.body)["idempotency_key"], key)
+        [stored] = self.store.emails()
+        self.assertEqual(stored.idempotency_key, key)
+
+    def test_relay_made_keys_differ(self) -> None:
+        """Two messages without a key get two different relay-made keys."""
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.successResultOf(self.api.send_email(FULL, email()))
+        keys = [s.headers[b"idempotency-key"][0] for s in self.recorder.seen]
+        self.assertEqual(len(set(keys)), 2)
+        self.assertEqual(len(self.store.emails()), 2)
+
+    def test_request_not_changed(self) -> None:
+        """Adding the relay-made key leaves the caller's EmailRequest payload alone."""
+        request = email()
+        self.sent(request)
+        self.assertNotIn("idempotency_key", request.payload)
 
     def test_body_is_utf8_json(self) -> None:
         """The body is the payload as UTF-8 JSON; a non-ASCII subject survives."""
@@ -724,7 +759,9 @@ class RequestDetailsTests(SandboxMixin, SynchronousTestCase):
         request = email(subject=subject)
         seen = self.sent(request)
         self.assertIn(subject.encode("utf-8"), seen.body)
-        self.assertEqual(json.loads(seen.body.decode("utf-8")), request.payload)
+        body = json.loads(seen.body.decode("utf-8"))
+        self.assertTrue(body.pop("idempotency_key").startswith("psr-"))
+        self.assertEqual(body, request.payload)
         [stored] = self.store.emails()
         self.assertEqual(stored.payload["subject"], subject)
 

