@@ -19,7 +19,10 @@ from twisted.internet import reactor
 from tests.e2e.harness import FULL_KEY, RelayTestCase
 
 # Faults that fail one request and then let the next one through.
-TRANSIENT = ["500", "502", "503", "429", "quota", "hang", "reset", "malformed", "noid", "accept_then_500"]
+TRANSIENT = [
+    ("500", None), ("502", None), ("503", None), ("429", "1"), ("429", None), ("quota", None),
+    ("hang", None), ("reset", None), ("malformed", None), ("noid", None), ("accept_then_500", None),
+]
 
 
 def message(tag: str) -> bytes:
@@ -78,9 +81,9 @@ class FaultTests(RelayTestCase):
 
     async def test_each_transient_fault(self) -> None:
         """Each transient fault, then recovery: exactly one stored email per message, its id in the 250."""
-        for mode in TRANSIENT:
-            tag = f"fault-{mode}"
-            self.sandbox.resource.inject_fault(mode, retry_after="1" if mode == "429" else None)
+        for mode, retry_after in TRANSIENT:
+            tag = f"fault-{mode}-{retry_after}"
+            self.sandbox.resource.inject_fault(mode, retry_after=retry_after)
             replies = await self.in_thread(send_with_retries, self.port, self.context(), message(tag))
             self.check(replies, tag)
             self.assertEqual(replies[-1][0], 250, (mode, replies))
@@ -189,7 +192,15 @@ class ConcurrentFaultTests(RelayTestCase):
             f"\nconcurrent faults: {sent} messages, {ok} ended 250, {sent - ok} ended 4xx/5xx, "
             f"{temporary} temporary replies on the way, {sum(len(v) for v in stored.values())} stored, "
             f"{duplicates} duplicates, {lost} lost, {stored_without_250} stored without a final 250, "
-            f"{elapsed:.1f} s"
+            f"{elapsed:.1f} s; final replies: "
+            + ", ".join(
+                f"{k} x{v}"
+                for k, v in sorted(
+                    __import__("collections").Counter(
+                        f"{r[-1][0]} {r[-1][1].split(':')[0][:40]}" for r in results.values()
+                    ).items()
+                )
+            )
         )
         self.assertEqual(sent, self.clients * self.messages)
         self.assertEqual(duplicates, 0)
