@@ -38,6 +38,16 @@ DEFAULT_TRANSACTION_TIMEOUT = 600.0
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_MAX_AUTH_FAILURES = 3
 DEFAULT_DRAIN_TIMEOUT = 30.0
+TLS_PROFILES = ("intermediate", "modern")
+DEFAULT_TLS_RELOAD_INTERVAL = 60.0
+# AUTH failure throttling, per client address and per username: each failure
+# within the window adds a growing delay before the 535; past the limit the
+# client gets 454 4.7.0 until the window has passed without failures.
+DEFAULT_AUTH_FAILURE_WINDOW = 300.0
+DEFAULT_AUTH_FAILURES_PER_IP = 10
+DEFAULT_AUTH_FAILURES_PER_USER = 10
+DEFAULT_AUTH_FAILURE_DELAY = 0.5
+DEFAULT_AUTH_FAILURE_MAX_DELAY = 8.0
 DEFAULT_AUTH_CACHE_TTL = 60.0
 DEFAULT_AUTH_NEGATIVE_TTL = 10.0
 
@@ -120,6 +130,17 @@ class RelayConfig:
     @ivar max_auth_failures: failed AUTH attempts per connection.
     @ivar drain_timeout: seconds a stopping relay lets transactions in
         flight finish.
+    @ivar tls_profile: C{"intermediate"} (TLS 1.2 and 1.3, Mozilla's
+        intermediate profile) or C{"modern"} (TLS 1.3 only).
+    @ivar tls_reload_interval: seconds between checks of the certificate
+        and key files for changes (0: only on SIGHUP).
+    @ivar auth_failure_window: seconds AUTH failures are remembered.
+    @ivar auth_failures_per_ip: failures from one address within the window
+        before AUTH is refused with 454 4.7.0.
+    @ivar auth_failures_per_user: the same per username.
+    @ivar auth_failure_delay: seconds of delay before the first 535; it
+        doubles with each further failure.
+    @ivar auth_failure_max_delay: the most a 535 is delayed.
     @ivar auth_cache_ttl: seconds a successful credential check is reused.
     @ivar auth_negative_ttl: seconds a failed credential check is reused.
     """
@@ -158,6 +179,25 @@ class RelayConfig:
     max_errors: int = attrs.field(default=DEFAULT_MAX_ERRORS, validator=_positive)
     max_auth_failures: int = attrs.field(default=DEFAULT_MAX_AUTH_FAILURES, validator=_positive)
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_not_negative)
+    tls_profile: str = attrs.field(default="intermediate")
+    tls_reload_interval: float = attrs.field(
+        default=DEFAULT_TLS_RELOAD_INTERVAL, validator=_not_negative
+    )
+    auth_failure_window: float = attrs.field(
+        default=DEFAULT_AUTH_FAILURE_WINDOW, validator=_positive
+    )
+    auth_failures_per_ip: int = attrs.field(
+        default=DEFAULT_AUTH_FAILURES_PER_IP, validator=_positive
+    )
+    auth_failures_per_user: int = attrs.field(
+        default=DEFAULT_AUTH_FAILURES_PER_USER, validator=_positive
+    )
+    auth_failure_delay: float = attrs.field(
+        default=DEFAULT_AUTH_FAILURE_DELAY, validator=_not_negative
+    )
+    auth_failure_max_delay: float = attrs.field(
+        default=DEFAULT_AUTH_FAILURE_MAX_DELAY, validator=_not_negative
+    )
     auth_cache_ttl: float = attrs.field(default=DEFAULT_AUTH_CACHE_TTL, validator=_not_negative)
     auth_negative_ttl: float = attrs.field(
         default=DEFAULT_AUTH_NEGATIVE_TTL, validator=_not_negative
@@ -166,5 +206,9 @@ class RelayConfig:
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):
             raise ConfigError(f"api-url must start with https:// or http://, not {self.api_url!r}")
+        if self.tls_profile not in TLS_PROFILES:
+            raise ConfigError(
+                f"tls-profile must be one of {', '.join(TLS_PROFILES)}, not {self.tls_profile!r}"
+            )
         if not self.hostname or any(c.isspace() for c in self.hostname):
             raise ConfigError(f"hostname must be a host name, not {self.hostname!r}")

@@ -85,6 +85,24 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"error replies per session before disconnecting [default: {_config.DEFAULT_MAX_ERRORS}]"),
     ("max-auth-failures", int, "max_auth_failures",
      f"failed AUTH attempts per connection [default: {_config.DEFAULT_MAX_AUTH_FAILURES}]"),
+    ("tls-profile", str, "tls_profile",
+     "intermediate (TLS 1.2 + 1.3) or modern (TLS 1.3 only) [default: intermediate]"),
+    ("tls-reload-interval", float, "tls_reload_interval",
+     "seconds between checks of the certificate files for changes; 0: only on SIGHUP "
+     f"[default: {_config.DEFAULT_TLS_RELOAD_INTERVAL:g}]"),
+    ("auth-failure-window", float, "auth_failure_window",
+     f"seconds AUTH failures are remembered [default: {_config.DEFAULT_AUTH_FAILURE_WINDOW:g}]"),
+    ("auth-failures-per-ip", int, "auth_failures_per_ip",
+     "AUTH failures from one address in the window before 454 "
+     f"[default: {_config.DEFAULT_AUTH_FAILURES_PER_IP}]"),
+    ("auth-failures-per-user", int, "auth_failures_per_user",
+     "AUTH failures for one username in the window before 454 "
+     f"[default: {_config.DEFAULT_AUTH_FAILURES_PER_USER}]"),
+    ("auth-failure-delay", float, "auth_failure_delay",
+     "seconds before the first 535, doubling per failure "
+     f"[default: {_config.DEFAULT_AUTH_FAILURE_DELAY:g}]"),
+    ("auth-failure-max-delay", float, "auth_failure_max_delay",
+     f"longest delay of a 535 [default: {_config.DEFAULT_AUTH_FAILURE_MAX_DELAY:g}]"),
     ("drain-timeout", float, "drain_timeout",
      "seconds a stopping relay lets transactions in flight finish "
      f"[default: {_config.DEFAULT_DRAIN_TIMEOUT:g}]"),
