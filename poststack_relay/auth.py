@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_auth,tests.test_auth_throttle -*-
 """
 Who may send: credential checking with twisted.cred.
 
@@ -9,14 +9,17 @@ Two kinds of login, both over AUTH PLAIN or LOGIN:
   - a username with C{@} and a mailbox password: a mailbox identity that
     sends with the relay's service key and only from its own address.
 
-Results are cached for a short time, keyed by a SHA-256 digest of the
-credentials, never by the secret itself.
+Results are cached for a short time, keyed by a keyed SHA-256 digest of
+the credentials, never by the secret itself.  L{AuthThrottle} counts
+failed logins per client address and per mailbox username, slows down and
+then refuses guessers (see docs/security-auth.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -187,6 +190,181 @@ class PostStackChecker:
 
         d.addCallbacks(remember, unavailable)
         return d
+
+
+# How many client addresses and usernames L{AuthThrottle} remembers at most.
+DEFAULT_THROTTLE_MAX_KEYS = 100_000
+
+
+def throttle_user_key(username: bytes) -> Optional[str]:
+    """
+    The key L{AuthThrottle} counts a login name's failures under: the
+    lower-cased mailbox address, or C{None} when the name is not throttled
+    per username.
+
+    C{poststack} is shared by every API-key user, so counting its failures
+    would let one guesser lock every API-key client out; and the password
+    (the key) cannot serve as the key either, since a guesser changes it on
+    every try.  API-key logins are throttled per client address only (and
+    repeated wrong keys are answered from the negative cache).  Names that
+    are neither C{poststack} nor an address can never log in and are not
+    worth remembering.
+    """
+    try:
+        name = username.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    name = name.strip().lower()
+    if name == API_KEY_USERNAME or "@" not in name:
+        return None
+    return name
+
+
+def throttle_client_key(client: str) -> str:
+    """
+    The key L{AuthThrottle} counts a client address's failures under: the
+    address itself for IPv4 (and IPv4-mapped IPv6), the /64 network for
+    IPv6, since one host usually holds a whole /64 and could otherwise
+    change address between guesses.
+    """
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@attrs.define
+class _Failures:
+    count: int
+    last: float
+
+
+class AuthThrottle:
+    """
+    Remembers failed logins per client address and per username, shared by
+    every session of a relay.
+
+    A count is forgotten once C{window} seconds pass with no new failure
+    for it (the window restarts at each failure, so a slow guesser never
+    gets a fresh count).  Each failure delays its C{535} reply by
+    C{delay * 2 ** (n - 1)} seconds, at most C{max_delay}, where C{n} is the
+    larger of the address's and the username's counts.  Once a count
+    reaches its limit, further logins from that address or for that
+    username are refused (L{refusal}) without checking the credentials:
+    no API call, no answer to learn from.  A refused attempt is not a
+    failure and does not extend the window.
+
+    A successful login resets nothing: an attacker with a valid account of
+    its own could otherwise clear its address's count between guesses.
+
+    Memory is bounded: at most C{max_keys} addresses and usernames in all
+    are remembered; past that, the ones whose last failure is oldest are
+    forgotten first.
+
+    @param clock: the time source.
+    @param window: seconds a count lives after its last failure.
+    @param per_ip: failures from one client address (IPv6: /64) before
+        its logins are refused.
+    @param per_user: failures for one username before its logins are
+        refused.
+    @param delay: seconds of delay before the first failure's reply.
+    @param max_delay: the longest delay.
+    @param max_keys: most addresses and usernames remembered.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        window: float = 300.0,
+        per_ip: int = 10,
+        per_user: int = 10,
+        delay: float = 0.5,
+        max_delay: float = 8.0,
+        max_keys: int = DEFAULT_THROTTLE_MAX_KEYS,
+    ) -> None:
+        self._clock = clock
+        self.window = window
+        self.per_ip = per_ip
+        self.per_user = per_user
+        self.delay = delay
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        # Keys "ip:<address>" and "user:<name>", oldest last failure first.
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+
+    def __len__(self) -> int:
+        """
+        How many addresses and usernames are remembered.
+        """
+        return len(self._failures)
+
+    def _keys(self, client: str, user: Optional[str]) -> list[tuple[str, int]]:
+        keys = [("ip:" + throttle_client_key(client), self.per_ip)]
+        if user is not None:
+            keys.append(("user:" + user, self.per_user))
+        return keys
+
+    def _expire(self, now: float) -> None:
+        # Entries are ordered by their last failure: expired ones are first.
+        while self._failures:
+            key, entry = next(iter(self._failures.items()))
+            if now - entry.last < self.window:
+                break
+            del self._failures[key]
+
+    def failures(self, client: Optional[str] = None, user: Optional[str] = None) -> int:
+        """
+        The current failure count of a client address or of a username
+        (the larger, if both are given).
+        """
+        self._expire(self._clock.seconds())
+        counts = [0]
+        if client is not None:
+            entry = self._failures.get("ip:" + throttle_client_key(client))
+            counts.append(entry.count if entry else 0)
+        if user is not None:
+            entry = self._failures.get("user:" + user)
+            counts.append(entry.count if entry else 0)
+        return max(counts)
+
+    def refusal(self, client: str, user: Optional[str]) -> Optional[str]:
+        """
+        Why a login from C{client} for C{user} (a L{throttle_user_key}) must
+        be refused now: C{"client"} or C{"user"}; C{None} if it may be
+        checked.
+        """
+        self._expire(self._clock.seconds())
+        for key, limit in self._keys(client, user):
+            entry = self._failures.get(key)
+            if entry is not None and entry.count >= limit:
+                return "client" if key.startswith("ip:") else "user"
+        return None
+
+    def failed(self, client: str, user: Optional[str]) -> float:
+        """
+        Record a failed login; return the seconds to wait before replying.
+        """
+        now = self._clock.seconds()
+        self._expire(now)
+        highest = 0
+        for key, _ in self._keys(client, user):
+            entry = self._failures.pop(key, None)
+            if entry is None:
+                entry = _Failures(0, now)
+            entry.count += 1
+            entry.last = now
+            self._failures[key] = entry  # now the newest
+            highest = max(highest, entry.count)
+        while len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
+        if self.delay <= 0:
+            return 0.0
+        return float(min(self.delay * 2 ** min(highest - 1, 62), self.max_delay))
 
 
 def _fail(exc: Exception) -> "Deferred[Any]":

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_delivery -*-
+# -*- test-case-name: tests.test_delivery,tests.test_senders -*-
 """
 Message delivery: one SMTP transaction becomes one C{POST /emails}.
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from email.header import decode_header, make_header
+from email.utils import getaddresses
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
@@ -108,6 +110,77 @@ def sender_reply(identity: Identity, address: str) -> Optional[Reply]:
     return None
 
 
+def sender_header_values(raw: bytes) -> list[str]:
+    """
+    The values of the C{Sender:} header fields of the message C{raw},
+    unfolded, read from its header block only (up to the first empty line,
+    or the first line that is not a header field, where a MIME parser
+    stops too).  Cheap: one scan of the header block, none of the body.
+    """
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    head = raw[: min(ends)] if ends else raw
+    if b"sender" not in head.lower():
+        return []
+    values: list[str] = []
+    current: Optional[list[bytes]] = None
+    for number, line in enumerate(head.split(b"\n")):
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        if current is not None:
+            values.append(_header_text(b" ".join(current)))
+            current = None
+        name, colon, value = line.partition(b":")
+        if not colon:
+            if number == 0 and line.startswith(b"From "):
+                continue  # an mbox "From " line, skipped by MIME parsers too
+            break
+        if name.rstrip(b" \t").lower() == b"sender":
+            current = [value]
+    if current is not None:
+        values.append(_header_text(b" ".join(current)))
+    return values
+
+
+def _header_text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return value.decode("latin-1").strip()
+
+
+def _header_addresses(value: str) -> list[str]:
+    addresses = [a for _, a in getaddresses([value]) if a]
+    if any("=?" in a for a in addresses):
+        # The whole field RFC 2047-encoded, addresses included (what
+        # Python's legacy email API writes for non-ASCII names).
+        try:
+            decoded = str(make_header(decode_header(value)))
+        except Exception:
+            return addresses
+        addresses = [a for _, a in getaddresses([decoded]) if a]
+    return addresses
+
+
+def sender_header_reply(mailbox: str, raw: bytes) -> Optional[Reply]:
+    """
+    The rule for a mailbox user's C{Sender:} header: each one that is not
+    empty must name exactly one address, the mailbox's own (compared
+    case-insensitively); otherwise the 550 5.7.1 rejection.  C{Reply-To} is
+    free: it names where answers go and claims no authorship.
+    """
+    own = mailbox.strip().lower()
+    for value in sender_header_values(raw):
+        if not value:
+            continue
+        addresses = _header_addresses(value)
+        if len(addresses) != 1 or addresses[0].strip().lower() != own:
+            return replies.sender_header_not_owned(mailbox.strip())
+    return None
+
+
 @implementer(IRelayDelivery)
 class RelayDelivery:
     """
@@ -160,6 +233,11 @@ class RelayDelivery:
                 total_ms=round((time.monotonic() - started) * 1000, 1),
             )
 
+        if identity.mailbox is not None:
+            rejection = sender_header_reply(identity.mailbox, raw)
+            if rejection is not None:
+                log(rejection)
+                return _succeed(rejection)
         try:
             request = translate(raw, envelope, mailbox=identity.mailbox)
             if self._derive_keys:

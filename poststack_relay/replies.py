@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp -*-
+# -*- test-case-name: tests.test_smtp,tests.test_auth_throttle,tests.test_senders -*-
 """
 Every SMTP reply the relay sends, in one table.
 
@@ -140,6 +140,9 @@ AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_AUTHZID = Reply(
     535, "5.7.8", "Authentication failed: authorization identity must be empty or equal the username"
 )
+# Too many failed logins from the client's address or for the username
+# (AuthThrottle): refused without checking the credentials.
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
 
 # MAIL / RCPT / DATA
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
@@ -160,11 +163,59 @@ SENDER_NOT_OWNED = Reply(
     "Sender address rejected: a mailbox login may only send from its own address",
 )
 RECIPIENT_BAD_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")
+
+# RFC 5321 length limits (section 4.5.3.1, "501 Path too long") and
+# comments, which SMTP paths do not allow; keyed by smtp.path_problem().
+SENDER_PATH_PROBLEMS = {
+    "path": Reply(
+        501, "5.1.7", "Bad sender address syntax: path longer than 256 octets (RFC 5321)"
+    ),
+    "local": Reply(
+        501, "5.1.7", "Bad sender address syntax: local part longer than 64 octets (RFC 5321)"
+    ),
+    "domain": Reply(
+        501, "5.1.7", "Bad sender address syntax: domain longer than 255 octets (RFC 5321)"
+    ),
+    "comment": Reply(
+        501, "5.1.7", "Bad sender address syntax: comments are not allowed in MAIL FROM"
+    ),
+    "syntax": SENDER_BAD_SYNTAX,
+}
+RECIPIENT_PATH_PROBLEMS = {
+    "path": Reply(
+        501, "5.1.3", "Bad recipient address syntax: path longer than 256 octets (RFC 5321)"
+    ),
+    "local": Reply(
+        501, "5.1.3", "Bad recipient address syntax: local part longer than 64 octets (RFC 5321)"
+    ),
+    "domain": Reply(
+        501, "5.1.3", "Bad recipient address syntax: domain longer than 255 octets (RFC 5321)"
+    ),
+    "comment": Reply(
+        501, "5.1.3", "Bad recipient address syntax: comments are not allowed in RCPT TO"
+    ),
+    "syntax": RECIPIENT_BAD_SYNTAX,
+}
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 BAD_SIZE_PARAMETER = Reply(501, "5.5.4", "Bad message size syntax")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+
+
+def sender_header_not_owned(mailbox: str) -> Reply:
+    """
+    A mailbox user's message has a C{Sender:} header naming another
+    address.
+    """
+    return Reply(
+        550,
+        "5.7.1",
+        clean_text(
+            f"Sender header must be your mailbox address <{mailbox}>; "
+            "remove it or change it (Reply-To may name any address)"
+        ),
+    )
 
 
 def queued(email_id: str) -> Reply:

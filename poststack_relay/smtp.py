@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp,tests.test_smtp_review,tests.test_limits,tests.test_shutdown -*-
+# -*- test-case-name: tests.test_smtp,tests.test_smtp_review,tests.test_limits,tests.test_shutdown,tests.test_auth_throttle,tests.test_senders -*-
 """
 The SMTP side: an ESMTP submission server that only relays for
 authenticated users, one transaction at a time, with exact replies.
@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from . import replies
-from .auth import AuthUnavailable
+from .auth import AuthThrottle, AuthUnavailable, throttle_user_key
 from .config import RelayConfig
 from .delivery import IRelayDelivery
 from .replies import Reply
@@ -116,9 +116,73 @@ def parse_path(match: "re.Match[bytes]") -> Optional[str]:
     return _ROUTE_RE.sub("", address)
 
 
+def _raw_path(match: "re.Match[bytes]") -> bytes:
+    raw = match.group("path")
+    return raw if raw is not None else match.group("bare")
+
+
+def _has_comment(params: bytes) -> bool:
+    """
+    Does the text after a path hold an RFC 5322 comment (which SMTP
+    paths do not allow), e.g. C{MAIL FROM:<a@b.com> (me)}?
+    """
+    return any(token.startswith(b"(") for token in params.split())
+
+
 def _has_domain(address: str) -> bool:
     local, at, domain = address.rpartition("@")
+    if at and local and domain.startswith("[") and domain.endswith("]"):
+        return len(domain) > 2  # an address literal
     return bool(at and local and domain and not domain.startswith(".") and "." in domain.strip("."))
+
+
+# RFC 5321 section 4.5.3.1: the longest local part, domain and path (the
+# path counts its angle brackets, so an address may have 254 octets).
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+# RFC 5321 Mailbox syntax, with RFC 6531's UTF-8 (any non-ASCII character
+# but the C1 controls) wherever ASCII letters may stand.  Dots in a local
+# part are not policed (as by Postfix without strict_rfc821_envelopes).
+_UTF8 = "\u00a0-\U0010ffff"
+_ATEXT = "A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~" + _UTF8
+_LOCAL_RE = re.compile(
+    "(?:[" + _ATEXT + ".]+"
+    + r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e' + _UTF8 + r"]|\\[\x20-\x7e])*" + '")'
+)
+_LABEL = "[A-Za-z0-9_" + _UTF8 + "][A-Za-z0-9_\\-" + _UTF8 + "]*"
+_DOMAIN_RE = re.compile(
+    "(?:" + _LABEL + r"(?:\." + _LABEL + r")*\.?" + r"|\[[\x21-\x5a\x5e-\x7e]+\])"
+)
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def path_problem(raw_path: bytes, address: str) -> Optional[str]:
+    """
+    What is wrong with a MAIL/RCPT path whose octets between the angle
+    brackets are C{raw_path} and whose address (route removed) is
+    C{address}: C{"path"}, C{"local"} or C{"domain"} for an RFC 5321
+    length limit (counted in octets, UTF-8 included), C{"comment"} for a
+    comment (parentheses outside a quoted local part), C{"syntax"} for
+    anything else; C{None} if it is fine.  An address without C{@} is left
+    to the caller, and so is one without a domain after its length checks
+    (both have their own replies).
+    """
+    local, at, domain = address.rpartition("@")
+    if at and len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL_PART:
+        return "local"
+    if at and len(domain.encode("utf-8", "surrogateescape")) > MAX_DOMAIN:
+        return "domain"
+    if len(raw_path) + 2 > MAX_PATH:
+        return "path"
+    if not _has_domain(address):
+        return None
+    if "(" in _QUOTED.sub("", local) or "(" in domain or ")" in domain:
+        return "comment"
+    if _LOCAL_RE.fullmatch(local) is None or _DOMAIN_RE.fullmatch(domain) is None:
+        return "syntax"
+    return None
 
 
 class RelaySMTP(smtp.ESMTP):
@@ -143,6 +207,7 @@ class RelaySMTP(smtp.ESMTP):
         self._errors = 0
         self._auth_failures = 0
         self._transaction_call: Optional[IDelayedCall] = None
+        self._auth_delay: Optional[IDelayedCall] = None
         self._linger: Optional[IDelayedCall] = None
         self._helo: Optional[bytes] = None
         self._delivery: Optional[Any] = None
@@ -167,6 +232,7 @@ class RelaySMTP(smtp.ESMTP):
         self._mode = _CLOSED
         self.setTimeout(None)
         self._stop_transaction_timer()
+        self._stop_auth_delay()
         self._stop_linger()
         self._chunks = []
         self.factory.session_closed(self)
@@ -180,6 +246,7 @@ class RelaySMTP(smtp.ESMTP):
     def _close(self) -> None:
         self._mode = _CLOSED
         self._stop_transaction_timer()
+        self._stop_auth_delay()
         self.setTimeout(None)
         if self._linger is None:
             self._linger = self.callLater(CLOSE_LINGER, self._linger_expired)
@@ -191,6 +258,11 @@ class RelaySMTP(smtp.ESMTP):
 
     def _stop_linger(self) -> None:
         call, self._linger = self._linger, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stop_auth_delay(self) -> None:
+        call, self._auth_delay = self._auth_delay, None
         if call is not None and call.active():
             call.cancel()
 
@@ -228,6 +300,7 @@ class RelaySMTP(smtp.ESMTP):
             )
         self._mode = _CLOSED
         self._stop_transaction_timer()
+        self._stop_auth_delay()
         self._stop_linger()
         self.setTimeout(None)
         self.transport.abortConnection()
@@ -364,7 +437,9 @@ class RelaySMTP(smtp.ESMTP):
         failed AUTH too often, or if the relay is stopping and the session
         is between transactions.
         """
-        if self._mode == _CLOSED:
+        if self._mode in (_CLOSED, _WAIT):
+            # Closed, or a reply is still to come (an API call, or a
+            # delayed 535): checked again once it is sent.
             return
         config = self.factory.config
         if self._auth_failures >= config.max_auth_failures:
@@ -522,8 +597,26 @@ class RelaySMTP(smtp.ESMTP):
         self._login(user, decoded)
 
     def _login(self, username: bytes, password: bytes) -> None:
-        self._wait()
         shown = _username_label(username)
+        throttle = self.factory.throttle
+        user_key = throttle_user_key(username)
+        if throttle is not None:
+            refusal = throttle.refusal(self.client, user_key)
+            if refusal is not None:
+                # Refused before the credentials are checked: no API call,
+                # and nothing a guesser could learn from.
+                _log.info(
+                    "{session} auth refused: too many failures for this {reason} "
+                    "user={user} client={client}",
+                    event="auth_throttled",
+                    session=self.session,
+                    reason=refusal,
+                    user=shown,
+                    client=self.client,
+                )
+                self._send(replies.AUTH_THROTTLED)
+                return
+        self._wait()
         d = self.portal.login(UsernamePassword(username, password), None, IRelayDelivery)
 
         def succeeded(result: Any) -> None:
@@ -540,10 +633,13 @@ class RelaySMTP(smtp.ESMTP):
             self._resume(replies.AUTH_OK)
 
         def failed(failure: Any) -> None:
+            delay = 0.0
             if failure.check(UnauthorizedLogin):
                 reply = replies.AUTH_FAILED
                 outcome = "invalid"
                 self._auth_failures += 1
+                if throttle is not None:
+                    delay = throttle.failed(self.client, user_key)
             elif failure.check(AuthUnavailable):
                 reply = replies.AUTH_UNAVAILABLE
                 outcome = "unavailable"
@@ -558,10 +654,20 @@ class RelaySMTP(smtp.ESMTP):
                 outcome=outcome,
                 user=shown,
                 client=self.client,
+                delay=delay,
             )
-            self._resume(reply)
+            if delay > 0 and self._mode == _WAIT:
+                # The reply waits; the session stays in WAIT meanwhile
+                # (input is buffered, the idle timer stays stopped).
+                self._auth_delay = self.callLater(delay, self._delayed_reply, reply)
+            else:
+                self._resume(reply)
 
         d.addCallbacks(succeeded, failed)
+
+    def _delayed_reply(self, reply: Reply) -> None:
+        self._auth_delay = None
+        self._resume(reply)
 
     def cmd_MAIL(self, arg: bytes) -> None:
         if self._delivery is None:
@@ -578,9 +684,17 @@ class RelaySMTP(smtp.ESMTP):
         if address is None:
             self._send(replies.SENDER_BAD_SYNTAX)
             return
-        bad = self._mail_params(m.group("params"))
+        params = m.group("params")
+        if _has_comment(params):
+            self._send(replies.SENDER_PATH_PROBLEMS["comment"])
+            return
+        bad = self._mail_params(params)
         if bad is not None:
             self._send(bad)
+            return
+        problem = path_problem(_raw_path(m), address) if address else None
+        if problem is not None:
+            self._send(replies.SENDER_PATH_PROBLEMS[problem])
             return
         if address and not _has_domain(address):
             self._send(replies.SENDER_NO_DOMAIN)
@@ -629,10 +743,18 @@ class RelaySMTP(smtp.ESMTP):
             self._send(replies.RCPT_SYNTAX)
             return
         address = parse_path(m)
-        if address is None or not _has_domain(address):
+        if address is None:
             self._send(replies.RECIPIENT_BAD_SYNTAX)
             return
-        for param in m.group("params").split():
+        params = m.group("params")
+        problem = "comment" if _has_comment(params) else path_problem(_raw_path(m), address)
+        if problem is not None:
+            self._send(replies.RECIPIENT_PATH_PROBLEMS[problem])
+            return
+        if not _has_domain(address):
+            self._send(replies.RECIPIENT_BAD_SYNTAX)
+            return
+        for param in params.split():
             key = param.partition(b"=")[0].upper()
             return self._send(
                 replies.UNSUPPORTED_PARAMETER.with_text(
@@ -866,7 +988,11 @@ class RelayFactory(smtp.SMTPFactory):
     @param portal: checks AUTH credentials; yields L{IRelayDelivery} avatars.
     @param config: the relay's settings.
     @param clock: for idle, transaction and drain time-outs.
+    @param throttle: failed-login bookkeeping shared by all sessions (and
+        by every listener of the relay); C{None} disables failure delays
+        and refusals (L{makeRelayService} always passes one).
 
+    @ivar throttle: the L{AuthThrottle}, or C{None}.
     @ivar sessions: the live sessions (built and not yet disconnected).
     @ivar stopping: true once L{drain} was called: new connections get
         C{421 4.3.2} and sessions close between transactions.
@@ -875,10 +1001,17 @@ class RelayFactory(smtp.SMTPFactory):
     protocol = RelaySMTP  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, portal: Portal, config: RelayConfig, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        portal: Portal,
+        config: RelayConfig,
+        clock: IReactorTime,
+        throttle: Optional[AuthThrottle] = None,
+    ) -> None:
         smtp.SMTPFactory.__init__(self, portal)
         self.config = config
         self.clock = clock
+        self.throttle = throttle
         self.sessions: set[RelaySMTP] = set()
         self.stopping = False
         self._per_client: dict[str, int] = {}
