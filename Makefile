@@ -46,7 +46,13 @@ run: venv cert
 	    --tls-cert $(RUN)/cert.pem --tls-key $(RUN)/key.pem \
 	    --api-url http://127.0.0.1:$(SANDBOX_PORT) --hostname localhost
 
-test: venv
+# sslyze lives in its own venv: it pins an older cryptography than pyOpenSSL needs.
+.venv-sslyze/.installed:
+	test -x .venv-sslyze/bin/python || $(PYTHON) -m venv .venv-sslyze
+	.venv-sslyze/bin/pip install --quiet sslyze==6.3.1
+	touch $@
+
+test: venv .venv-sslyze/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 clean:

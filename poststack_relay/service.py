@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_shutdown -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -12,14 +12,15 @@ Stopping the service is graceful (L{RelayService.stopService}): the
 listener closes first, sessions drain (up to C{drain_timeout}), and only
 then is the API connection pool closed.  Nothing here installs signal
 handlers: C{twistd} stops services on SIGTERM, and C{tap.makeService}
-makes that stop end with exit status 0.
+makes that stop end with exit status 0 and makes SIGHUP call
+L{RelayService.reload_tls}.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -29,11 +30,11 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from .api import HTTPEmailAPI, IEmailAPI
-from .auth import PostStackChecker, RelayRealm
+from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import RelayConfig, mask_secret
 from .delivery import RelayDelivery
 from .smtp import RelayFactory
-from .tls import ImplicitTLSFactory, load_certificate_options
+from .tls import ImplicitTLSFactory, ReloadableTLS
 
 _log = Logger()
 
@@ -67,11 +68,25 @@ class RelayService(MultiService):
     @ivar listener: the listening service; its C{_waitingForPort} Deferred
         fires with the C{IListeningPort} once bound.
     @ivar drain_timeout: seconds L{stopService} lets sessions finish.
+    @ivar tls: the listener's TLS settings (L{reload_tls}).
     """
 
     factory: RelayFactory
     listener: StreamServerEndpointService
+    tls: ReloadableTLS
     drain_timeout: float = 0.0
+
+    def reload_tls(self, trigger: str = "reload_tls()") -> bool:
+        """
+        Load the TLS certificate and key files again (C{twistd} calls this on
+        SIGHUP).  New connections get the new certificate; sessions already
+        open keep theirs.  If the new files cannot be used, the old ones
+        stay and the reason is logged (C{tls_reload_failed}).
+
+        @param trigger: why, for the log.
+        @return: C{True} if the new files are in use.
+        """
+        return self.tls.reload(trigger)
 
     def stopService(self) -> "Deferred[None]":
         """
@@ -132,7 +147,7 @@ def makeRelayService(
     @raise poststack_relay.config.ConfigError: if the certificate or key
         cannot be used.
     """
-    tls = load_certificate_options(config.tls_cert, config.tls_key)
+    tls = ReloadableTLS(config.tls_cert, config.tls_key, config.tls_profile)
     service = RelayService()
     if api is None:
         import treq.client
@@ -167,11 +182,25 @@ def makeRelayService(
         RelayRealm(lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys)),
         [checker],
     )
-    factory = RelayFactory(portal, config, reactor)
+    throttle = AuthThrottle(
+        reactor,
+        window=config.auth_failure_window,
+        per_ip=config.auth_failures_per_ip,
+        per_user=config.auth_failures_per_user,
+        delay=config.auth_failure_delay,
+        max_delay=config.auth_failure_max_delay,
+    )
+    factory = RelayFactory(portal, config, reactor, throttle=throttle)
     wrapped = ImplicitTLSFactory(tls, factory, config.tls_detect_timeout, reactor)
     listener = StreamServerEndpointService(endpoint or _endpoint(config, reactor), wrapped)
     listener._raiseSynchronously = True  # a failed bind stops start-up
     listener.setServiceParent(service)
+    if config.tls_reload_interval > 0:
+        # Picks up renewed certificates (ACME) without a SIGHUP.
+        poll = TimerService(config.tls_reload_interval, tls.reload_if_changed)
+        poll.clock = reactor
+        poll.setServiceParent(service)
+    service.tls = tls
     service.factory = factory
     service.listener = listener
     service.drain_timeout = config.drain_timeout
@@ -183,5 +212,18 @@ def makeRelayService(
         api_url=config.api_url,
         service_key=mask_secret(config.service_key),
         event="relay_configured",
+    )
+    _log.info(
+        "TLS profile {profile}, certificate {subject} serial {serial}, valid until {not_after}, "
+        "chain of {chain_length}; reload on SIGHUP{poll}",
+        profile=config.tls_profile,
+        chain_length=1 + len(tls.current.extraCertChain),
+        poll=(
+            f" and when the files change (checked every {config.tls_reload_interval:g} s)"
+            if config.tls_reload_interval > 0
+            else ""
+        ),
+        event="tls_configured",
+        **tls.current.describe(),
     )
     return service

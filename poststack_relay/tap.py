@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_shutdown -*-
+# -*- test-case-name: tests.test_tap,tests.test_shutdown,tests.test_tls_reload -*-
 """
 The C{twistd poststack-relay} command: options in, service out.
 
@@ -195,11 +195,28 @@ def stop_on_sigterm(reactor: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def reload_tls_on_sighup(reactor: Any, service: Any) -> None:
+    """
+    Make SIGHUP reload the TLS certificate and key: C{service.reload_tls}
+    (L{poststack_relay.service.RelayService.reload_tls}) runs on the
+    reactor thread.  This is what C{systemctl reload} does with
+    C{ExecReload=/bin/kill -HUP $MAINPID}, for example from an ACME deploy
+    hook.  Call this once the reactor runs.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        _log.info("Received SIGHUP, reloading the TLS certificate", event="sighup")
+        reactor.callFromThread(service.reload_tls, "SIGHUP")
+
+    signal.signal(signal.SIGHUP, handler)
+
+
 def makeService(options: Options) -> Any:
     """
     Build the relay for twistd.  A certificate or key that cannot be used
     ends the command with one line on stderr and exit status 1.  SIGTERM
-    stops the relay gracefully with exit status 0 (L{stop_on_sigterm}).
+    stops the relay gracefully with exit status 0 (L{stop_on_sigterm});
+    SIGHUP reloads the TLS certificate and key (L{reload_tls_on_sighup}).
     """
     from twisted.internet import reactor
 
@@ -210,4 +227,5 @@ def makeService(options: Options) -> Any:
     except ConfigError as e:
         raise SystemExit(f"poststack-relay: error: {e}")
     reactor.callWhenRunning(stop_on_sigterm, reactor)
+    reactor.callWhenRunning(reload_tls_on_sighup, reactor, service)
     return service

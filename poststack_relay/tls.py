@@ -1,6 +1,7 @@
-# -*- test-case-name: tests.test_tls -*-
+# -*- test-case-name: tests.test_tls,tests.test_tls_scan,tests.test_tls_reload -*-
 """
-Implicit TLS for the listener.
+Implicit TLS for the listener: Mozilla's server profiles, certificate
+reload without restart, and polite refusal of plaintext clients.
 
 The relay does not use C{SSL4ServerEndpoint} directly: it wraps whatever
 stream endpoint it listens on (TCP, or a C{systemd:} socket) in TLS the way
@@ -10,29 +11,73 @@ first bytes before OpenSSL does, so a client that speaks plaintext SMTP or
 waits for a banner (a STARTTLS-configured client on the implicit-TLS port)
 is told in one plaintext line what is wrong instead of timing out in
 silence.
+
+The TLS settings follow Mozilla's server side TLS recommendations
+(U{https://wiki.mozilla.org/Security/Server_Side_TLS}), version 6.0, and
+also meet version 5.7, the one sslyze 6 checks against:
+
+  - C{"intermediate"}: TLS 1.2 and 1.3; for TLS 1.2 only ECDHE key exchange
+    with AES-GCM or ChaCha20-Poly1305 (exactly Mozilla 6.0's list; 5.7 also
+    allowed three DHE-RSA suites).
+  - C{"modern"}: TLS 1.3 only.
+
+Both: key exchange groups X25519MLKEM768 (post-quantum hybrid, TLS 1.3,
+when the OpenSSL linked to pyOpenSSL has it), X25519, P-256 and P-384
+only; no compression; no renegotiation; no stateless session tickets; the
+client's cipher order wins (every suite offered is strong, and a client
+without AES hardware then gets ChaCha20), as in Mozilla's generated
+configurations.
+
+L{ReloadableTLS} holds the current settings and hands each I{new}
+connection the current C{SSL.Context}; a reload builds a new context and
+swaps it in, and connections already open keep the context they were made
+with.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import os
+from typing import Any, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
-from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.randbytes import secureRandom
+from zope.interface import implementer
 
-from .config import ConfigError
+from .config import TLS_PROFILES, ConfigError
 from .replies import NOT_TLS
 
 _log = Logger()
 
-# ECDHE key exchange with AEAD ciphers only (TLS 1.2); TLS 1.3 suites are
-# all AEAD with (EC)DHE and are configured by OpenSSL itself.
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# Mozilla intermediate, TLS 1.2: ECDHE with AEAD ciphers, in Mozilla's order.
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+# TLS 1.3 (both profiles): the three suites every TLS 1.3 stack implements.
+TLS13_CIPHERSUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+# Key exchange groups (ECDHE in TLS 1.2, key shares in TLS 1.3), most
+# preferred first; the first list needs OpenSSL 3.5 or later.
+TLS_GROUPS = "X25519MLKEM768:X25519:P-256:P-384"
+TLS_GROUPS_CLASSIC = "X25519:P-256:P-384"
+
+_MINIMUM_VERSION = {"intermediate": SSL.TLS1_2_VERSION, "modern": SSL.TLS1_3_VERSION}
 
 # A TLS record starts with content type 22 (handshake) and major version 3.
 _TLS_HANDSHAKE = 0x16
@@ -46,16 +91,139 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
 
 
-def load_certificate_options(cert_path: str, key_path: Optional[str]) -> CertificateOptions:
+def _openssl_reason(error: Exception) -> str:
+    """
+    The last OpenSSL reason of an C{SSL.Error}, on one line.
+    """
+    details = error.args[0] if error.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple):
+        return str(details[-1][-1])
+    return " ".join(str(error).split()) or error.__class__.__name__
+
+
+def _set_groups(context: SSL.Context) -> None:
+    """
+    Limit the key exchange groups of C{context} to L{TLS_GROUPS}, or to
+    L{TLS_GROUPS_CLASSIC} if this OpenSSL has no X25519MLKEM768.
+
+    pyOpenSSL has no public call for this (OpenSSL's
+    C{SSL_CTX_set1_groups_list}), so this calls the OpenSSL binding that
+    pyOpenSSL itself uses, the way Twisted's C{CertificateOptions} calls
+    C{SSL_CTX_set_ecdh_auto}.  Should that binding ever go away, the context
+    falls back to P-256 alone (public API): still within Mozilla's profiles,
+    without X25519.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        set_list = lib.SSL_CTX_set1_curves_list  # the old name of set1_groups_list
+    except (ImportError, AttributeError):  # pragma: no cover - depends on pyOpenSSL
+        context.set_tmp_ecdh(ec.SECP256R1())
+        return
+    for groups in (TLS_GROUPS, TLS_GROUPS_CLASSIC):
+        if set_list(context._context, groups.encode("ascii")) == 1:
+            return
+    raise ConfigError(f"OpenSSL refused the TLS groups {TLS_GROUPS_CLASSIC!r}")
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class TLSOptions:
+    """
+    One certificate chain and key under one profile, as an C{SSL.Context}.
+
+    @ivar certificate: the leaf certificate.
+    @ivar extraCertChain: the certificates served after the leaf
+        (intermediates), in the order of the PEM file.
+    @ivar profile: C{"intermediate"} or C{"modern"}.
+    """
+
+    def __init__(
+        self,
+        context: SSL.Context,
+        certificate: x509.Certificate,
+        extraCertChain: list[x509.Certificate],
+        profile: str,
+    ) -> None:
+        self._context = context
+        self.certificate = certificate
+        self.extraCertChain = extraCertChain
+        self.profile = profile
+
+    def getContext(self) -> SSL.Context:
+        """
+        The context every connection made from these options shares.
+        """
+        return self._context
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """
+        A new server connection (L{IOpenSSLServerConnectionCreator}).
+        """
+        return SSL.Connection(self._context, None)
+
+    def describe(self) -> dict[str, str]:
+        """
+        The leaf certificate's subject, serial (hex) and end of validity
+        (ISO 8601, UTC), for log events.
+        """
+        return describe_certificate(self.certificate)
+
+
+def describe_certificate(certificate: x509.Certificate) -> dict[str, str]:
+    """
+    C{subject}, C{serial} (hex) and C{not_after} (ISO 8601, UTC) of a
+    certificate, for log events.
+    """
+    return {
+        "subject": certificate.subject.rfc4514_string(),
+        "serial": format(certificate.serial_number, "x"),
+        "not_after": certificate.not_valid_after_utc.isoformat(),
+    }
+
+
+def _make_context(
+    profile: str, leaf: x509.Certificate, chain: list[x509.Certificate], key: Any
+) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(_MINIMUM_VERSION[profile])
+    # No compression (CRIME), no renegotiation, no stateless session tickets
+    # (their key would live as long as the process; the server-side session
+    # cache still lets clients resume).  OP_CIPHER_SERVER_PREFERENCE is
+    # deliberately not set: Mozilla's profiles let the client choose.
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode("ascii"))
+    _set_groups(context)
+    context.use_certificate(leaf)
+    context.use_privatekey(key)
+    for extra in chain:
+        context.add_extra_chain_cert(extra)
+    context.check_privatekey()
+    context.set_verify(SSL.VERIFY_NONE)
+    # Server-side session cache: needs a session id context (any value).
+    context.set_session_id(secureRandom(8).hex().encode("ascii"))
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    return context
+
+
+def load_certificate_options(
+    cert_path: str, key_path: Optional[str], profile: str = "intermediate"
+) -> TLSOptions:
     """
     Build the server's TLS settings from PEM files.
 
     @param cert_path: the certificate, optionally followed by its chain
-        (leaf first, as ACME clients write C{fullchain.pem}).
+        (leaf first, as ACME clients write C{fullchain.pem}); the whole
+        chain is served.
     @param key_path: the private key; C{None} if it is in C{cert_path}.
+    @param profile: C{"intermediate"} or C{"modern"} (see the module).
     @raise ConfigError: with a one-line reason when a file is missing,
-        unreadable, not PEM, or the key does not match the certificate.
+        unreadable, not PEM, the key does not match the certificate, or
+        OpenSSL refuses them.
     """
+    if profile not in TLS_PROFILES:
+        raise ConfigError(f"tls-profile must be one of {', '.join(TLS_PROFILES)}, not {profile!r}")
     cert_pem = _read(cert_path, "TLS certificate")
     key_pem = _read(key_path, "TLS key") if key_path else cert_pem
     try:
@@ -78,18 +246,134 @@ def load_certificate_options(cert_path: str, key_path: Optional[str]) -> Certifi
         raise ConfigError(
             f"TLS key does not match the first certificate in {cert_path!r}"
         )
-    options = CertificateOptions(
-        privateKey=key,
-        certificate=leaf,
-        extraCertChain=list(certs[1:]),
-        raiseMinimumTo=TLSVersion.TLSv1_2,
-        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
-    )
-    # No renegotiation (CertificateOptions already disables compression and
-    # prefers the server's cipher order).
-    context = options.getContext()
-    context.set_options(getattr(SSL, "OP_NO_RENEGOTIATION", 0) | SSL.OP_NO_COMPRESSION)
-    return options
+    try:
+        context = _make_context(profile, leaf, list(certs[1:]), key)
+    except SSL.Error as e:
+        raise ConfigError(
+            f"OpenSSL refused the TLS certificate {cert_path!r}: {_openssl_reason(e)}"
+        ) from None
+    return TLSOptions(context, leaf, list(certs[1:]), profile)
+
+
+_Stamp = Optional[tuple[int, int, int, int]]
+
+
+def _stamp(path: Optional[str]) -> _Stamp:
+    """
+    (device, inode, mtime in ns, size) of a file, following symlinks;
+    C{None} if it cannot be read.  A change of any of them (a rewrite, or a
+    new file renamed over the old one, as ACME clients do) means reload.
+    """
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """
+    The listener's TLS settings, replaceable while it runs.
+
+    Each new connection gets the context of L{current}; L{reload} loads the
+    files again and, if they are good, makes the new settings current.
+    Connections already open keep the context they started with.  A bad
+    new file leaves L{current} as it was and logs why
+    (C{tls_reload_failed}); a good one logs C{tls_reloaded} with the new
+    certificate's subject, serial and end of validity.
+
+    Everything runs on the reactor thread.
+
+    @ivar current: the settings new connections get.
+    """
+
+    def __init__(self, cert_path: str, key_path: Optional[str], profile: str = "intermediate") -> None:
+        """
+        Load the files for the first time.
+
+        @raise ConfigError: if they cannot be used.
+        """
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.profile = profile
+        stamp = self._stamps()
+        self.current: TLSOptions = load_certificate_options(cert_path, key_path, profile)
+        self._loaded = stamp
+        self._failed: Optional[tuple[_Stamp, _Stamp]] = None
+
+    def _stamps(self) -> tuple[_Stamp, _Stamp]:
+        return (_stamp(self.cert_path), _stamp(self.key_path))
+
+    def serverConnectionForTLS(self, protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """
+        A connection with the current settings (L{IOpenSSLServerConnectionCreator}).
+        """
+        return self.current.serverConnectionForTLS(protocol)
+
+    def getContext(self) -> SSL.Context:
+        """
+        The current C{SSL.Context}.
+        """
+        return self.current.getContext()
+
+    def reload(self, trigger: str = "request") -> bool:
+        """
+        Load the certificate and key files again.
+
+        @param trigger: why, for the log (C{"SIGHUP"}, C{"files changed"}...).
+        @return: C{True} if the new files are now used for new connections,
+            C{False} if they could not be used (the old ones stay).
+        """
+        stamp = self._stamps()
+        try:
+            options = load_certificate_options(self.cert_path, self.key_path, self.profile)
+        except Exception as e:
+            self._failed = stamp
+            reason = str(e) if isinstance(e, ConfigError) else f"{e.__class__.__name__}: {e}"
+            old = self.current.describe()
+            _log.error(
+                "TLS certificate reload ({trigger}) failed, still using {old_subject} "
+                "serial {old_serial}: {reason}",
+                trigger=trigger,
+                reason=" ".join(reason.split()),
+                old_subject=old["subject"],
+                old_serial=old["serial"],
+                event="tls_reload_failed",
+            )
+            return False
+        self.current = options
+        self._loaded = stamp
+        self._failed = None
+        described = options.describe()
+        _log.info(
+            "TLS certificate reloaded ({trigger}): {subject} serial {serial}, "
+            "valid until {not_after}, chain of {chain_length}",
+            trigger=trigger,
+            chain_length=1 + len(options.extraCertChain),
+            event="tls_reloaded",
+            **described,
+        )
+        return True
+
+    def reload_if_changed(self) -> bool:
+        """
+        Reload if the certificate or key file changed (device, inode, mtime
+        or size) since the last load or the last failed attempt.  Never
+        raises, so it can run from a C{LoopingCall}.
+
+        @return: C{True} if new settings were loaded.
+        """
+        try:
+            stamp = self._stamps()
+            if stamp == self._loaded or stamp == self._failed:
+                return False
+            return self.reload("files changed")
+        except Exception:
+            _log.failure("TLS certificate check failed", event="tls_reload_crash")
+            return False
 
 
 class ImplicitTLSProtocol(BufferingTLSTransport):

@@ -379,9 +379,12 @@ class SigtermHandlerTests(SynchronousTestCase):
         cert, key = write_certificate(os.path.abspath(self.mktemp()))
         options = tap.Options(environ={})
         options.parseOptions(["--tls-cert", cert, "--tls-key", key, "--port", "0"])
-        tap.makeService(options)
+        service = tap.makeService(options)
         self.assertIs(signal.getsignal(signal.SIGTERM), before)
-        self.assertEqual(reactor.whenRunningHooks, [(tap.stop_on_sigterm, (reactor,), {})])
+        self.assertEqual(
+            reactor.whenRunningHooks,
+            [(tap.stop_on_sigterm, (reactor,), {}), (tap.reload_tls_on_sighup, (reactor, service), {})],
+        )
 
 
 class SIGTERMProcessTests(SynchronousTestCase):
