@@ -121,3 +121,13 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
         self.assertIn("holds no usable unencrypted PEM private key", result.stderr)
+
+
+class DocumentationTests(SynchronousTestCase):
+    def test_every_option_in_readme(self) -> None:
+        """The README's configuration table names every option and its environment variable."""
+        with open(os.path.join(ROOT, "README.md")) as f:
+            readme = f.read()
+        for name, _, _, _ in tap._OPTIONS:
+            self.assertIn(f"`--{name}`", readme)
+            self.assertIn(f"`{tap.env_name(name)}`", readme)
