@@ -36,8 +36,16 @@ from typing import Any, Final
 import attrs
 
 __all__ = [
+    "MAX_FILENAME_LENGTH",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_FIELDS",
+    "MAX_ID_LENGTH",
     "MAX_MIME_DEPTH",
     "MAX_MIME_PARTS",
+    "MAX_PASSED_HEADERS",
+    "MAX_PASSED_HEADER_OCTETS",
+    "MAX_TAGS",
+    "MAX_TAG_LENGTH",
     "MAX_VARIABLES_DEPTH",
     "EmailRequest",
     "Envelope",
@@ -53,6 +61,37 @@ MAX_MIME_PARTS: Final = 1000
 
 #: Deepest allowed nesting of objects and arrays in X-PostStack-Variables.
 MAX_VARIABLES_DEPTH: Final = 32
+
+#: Most header fields allowed in the message's (top-level) header section.
+MAX_HEADER_FIELDS: Final = 1000
+
+#: Largest allowed (top-level) header section, in octets, line breaks included.
+MAX_HEADER_BYTES: Final = 1024 * 1024
+
+#: Most distinct headers passed on to the API in ``payload["headers"]``.
+MAX_PASSED_HEADERS: Final = 100
+
+#: Longest value (UTF-8 octets, after unfolding and joining) of a header
+#: passed on; the RFC 5322 line-length limit.
+MAX_PASSED_HEADER_OCTETS: Final = 998
+
+#: Most distinct tags in X-PostStack-Tags (all such headers together).
+MAX_TAGS: Final = 50
+
+#: Longest tag, in characters.
+MAX_TAG_LENGTH: Final = 256
+
+#: Longest X-PostStack-Template-Id and X-PostStack-Idempotency-Key, in characters.
+MAX_ID_LENGTH: Final = 256
+
+#: Longest attachment filename, in characters (longer ones are shortened).
+MAX_FILENAME_LENGTH: Final = 255
+
+# RFC 5321 section 4.5.3.1: local part, domain and whole address (a path of
+# 256 octets holds the address and its two angle brackets), in octets.
+_MAX_LOCAL_PART: Final = 64
+_MAX_DOMAIN: Final = 255
+_MAX_ADDRESS: Final = 254
 
 
 def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
@@ -151,16 +190,41 @@ _FEED_SLICE: Final = 64 * 1024
 _MIMETYPES: Final = mimetypes.MimeTypes()
 
 _ENCODED_WORD: Final = re.compile(r"=\?([^?\s]*)\?([bBqQ])\?([^?]*)\?=")
-_LINEBREAKS: Final = re.compile(r"[\r\n]+")
 _NEWLINE: Final = re.compile(r"\r?\n")
-_CONTROLS: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_OTHER_CONTROLS: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+")
+# Control characters: C0 but TAB, DEL, C1, and the Unicode line and paragraph
+# separators.  Of these, the ones str.splitlines() breaks lines at become a
+# space in header values (a consumer splitting lines must never see a new
+# header); the others are removed.
+_CONTROLS: Final = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_LINE_BREAKING: Final = re.compile("[\n\x0b\x0c\r\x1c-\x1e\x85\u2028\u2029]+")
+_OTHER_CONTROLS: Final = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f]+")
+# Control characters refused in X-PostStack-Tags, -Template-Id and
+# -Idempotency-Key: any of the above, and TAB.
+_ID_CONTROLS: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters refused in X-PostStack-Variables strings (TAB, LF and
+# CR are text); NUL also cannot be stored by common databases.
+_JSON_CONTROLS: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_PRINTABLE_ASCII: Final = re.compile(r"[\x20-\x7e]+")
+# The top-level header section as the compat32 feed parser reads it: lines
+# (ended by CRLF, CR or LF) that start a field, continue one, or are a
+# mbox "From " line.
+_HEADER_LINE_START: Final = rb"(?:From |[\x21-\x39\x3b-\x7e]*:|[ \t])"
+_HEADER_SECTION: Final = re.compile(
+    rb"(?:" + _HEADER_LINE_START + rb"[^\r\n]*+(?:\r\n|\r|\n))*+"
+)
+_HEADER_LINE: Final = re.compile(_HEADER_LINE_START)
+# obs-route (RFC 5322 section 4.4) right after the "<" of an angle-addr.
+_OBS_ROUTE: Final = re.compile(r"<[ \t]*@[^<>:\"]*:")
+_MSG_ID: Final = re.compile(r"<[^<>]*>")
 _SURROGATES: Final = re.compile("[\\ud800-\\udfff]")
 _BASE64_JUNK: Final = re.compile(rb"[^A-Za-z0-9+/]+")
 _SPECIALS: Final = re.compile(r'[][\\()<>@,:;".]')
 _ESCAPES: Final = re.compile(r'([\\"])')
 _HEADER_NAME: Final = re.compile(r"[!-9;-~]+")
-_CONTENT_TYPE: Final = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
+# RFC 6838 section 4.2: type and subtype names of at most 127 characters.
+_CONTENT_TYPE: Final = re.compile(
+    r"[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}"
+)
 _TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
 _ATOM_PART: Final = r'[^\s<>()\[\],;:\\@"]+'
 _BLANKS: Final = re.compile(r"[ \t]+")
@@ -364,12 +428,31 @@ def _b64decode(data: bytes) -> bytes:
         return b""
 
 
+def _windows_1252_table() -> dict[int, str]:
+    """
+    Map ISO-8859-1 code points to windows-1252 characters (WHATWG): the
+    five bytes windows-1252 leaves undefined keep their C1 code points.
+    """
+    table: dict[int, str] = {}
+    for byte in range(0x80, 0xA0):
+        try:
+            table[byte] = bytes([byte]).decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    return table
+
+
+_WINDOWS_1252: Final = _windows_1252_table()
+
+
 def _raw_header_text(value: object) -> str:
     """
     Turn a raw header value from the compat32 parser into text.
 
     The parser keeps 8-bit bytes as surrogate escapes; they are decoded as
-    UTF-8 (RFC 6532), else ISO-8859-1.  The value is unfolded.
+    UTF-8 (RFC 6532), else as windows-1252 (which never fails: its five
+    undefined bytes become C1 controls, which header cleaning removes).
+    The value is unfolded.
     """
     text = value if isinstance(value, str) else str(value)
     if not text.isascii():
@@ -377,7 +460,7 @@ def _raw_header_text(value: object) -> str:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            text = raw.decode("latin-1")
+            text = raw.decode("latin-1").translate(_WINDOWS_1252)
     if "\r" in text or "\n" in text:
         text = text.replace("\r", "").replace("\n", "")
     return text
@@ -426,10 +509,16 @@ def _decode_words(text: str) -> str:
 
 
 def _clean(text: str) -> str:
-    """Make text safe as a header value: no CR, LF, NUL or other controls."""
+    """
+    Make text safe as a header value: no CR, LF, NUL or other controls.
+
+    Every character ``str.splitlines()`` breaks at (CR, LF, VT, FF, FS, GS,
+    RS, NEL, U+2028, U+2029) becomes one space, other C0 and C1 controls
+    and DEL are removed; TAB is kept.
+    """
     if _CONTROLS.search(text) is None:
         return text
-    text = _LINEBREAKS.sub(" ", text)
+    text = _LINE_BREAKING.sub(" ", text)
     return _OTHER_CONTROLS.sub("", text)
 
 
@@ -486,6 +575,11 @@ def _parse_addresses(values: list[str]) -> list[tuple[str, str]]:
     """
     pairs: list[tuple[str, str]] = []
     for value in values:
+        if "<" in value and "@" in value:
+            # A source route (<@relay.example:jane@example.com>) is obsolete
+            # and ignored (RFC 5321 section 4.1.2); its commas must not
+            # split the list.
+            value = _OBS_ROUTE.sub("<", value)
         parsed = _simple_addresses(value)
         if parsed is None:
             parsed = getaddresses([value])
@@ -506,6 +600,32 @@ def _bare_address(address: str) -> str:
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
     return address
+
+
+def _address_problem(address: str) -> str | None:
+    """
+    Why ``address`` cannot be used as a sender or recipient, or ``None``.
+
+    It must be ``local@domain`` without whitespace or specials (a quoted
+    local part and a domain literal are allowed), without control
+    characters, and within the RFC 5321 limits: local part 64 octets,
+    domain 255 octets, address 254 octets (a 256-octet path with its angle
+    brackets).  Octets are counted in UTF-8, so an internationalized
+    (RFC 6531) address is measured as it goes on the wire.
+    """
+    if _ADDRESS.fullmatch(address) is None or _ID_CONTROLS.search(address):
+        return "not valid; use name@domain"
+    local, _, domain = address.rpartition("@")
+    if (
+        len(local.encode("utf-8")) > _MAX_LOCAL_PART
+        or len(domain.encode("utf-8")) > _MAX_DOMAIN
+        or len(address.encode("utf-8")) > _MAX_ADDRESS
+    ):
+        return (
+            "too long (RFC 5321: local part at most 64 octets, domain at most"
+            " 255, address at most 254)"
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -604,6 +724,15 @@ def _filename(
     value = value.replace("\\", "/").rsplit("/", 1)[-1].strip()
     if value in (".", ".."):
         return ""
+    if len(value) > MAX_FILENAME_LENGTH:
+        # Shorten the stem and keep a short extension, so the type stays
+        # recognisable: "aaaa…aaaa.pdf" -> 255 characters ending in ".pdf".
+        stem, dot, extension = value.rpartition(".")
+        if dot and stem and 0 < len(extension) <= 16:
+            keep = MAX_FILENAME_LENGTH - len(extension) - 1
+            value = stem[:keep].rstrip() + "." + extension
+        else:
+            value = value[:MAX_FILENAME_LENGTH].rstrip()
     return value
 
 
@@ -775,11 +904,11 @@ def _attachment(
     full_type = content_type
     if content_type.startswith("text/"):
         charset = params.get("charset", "").strip()
-        if charset and _TOKEN.fullmatch(charset):
+        if charset and len(charset) <= 64 and _TOKEN.fullmatch(charset):
             full_type += f"; charset={charset}"
         if content_type == "text/calendar":
             method = params.get("method", "").strip()
-            if method and _TOKEN.fullmatch(method):
+            if method and len(method) <= 64 and _TOKEN.fullmatch(method):
                 full_type += f"; method={method.upper()}"
     if not filename:
         filename = f"attachment-{index}{_extension(content_type)}"
@@ -791,6 +920,12 @@ def _attachment(
 
 
 _BASE64_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# The characters that may precede "=" (2 unused bits) and "==" (4 unused
+# bits) in canonical base64: those whose unused low bits are zero.
+_CANONICAL_LAST: Final[dict[int, frozenset[bytes]]] = {
+    1: frozenset(_BASE64_ALPHABET[i : i + 1] for i in range(0, 64, 4)),
+    2: frozenset(_BASE64_ALPHABET[i : i + 1] for i in range(0, 64, 16)),
+}
 
 
 def _is_strict_base64(data: bytes) -> bool:
@@ -802,6 +937,10 @@ def _is_strict_base64(data: bytes) -> bool:
     if len(data) % 4:
         return False
     pad = 2 if data.endswith(b"==") else 1 if data.endswith(b"=") else 0
+    if pad and data[-pad - 1 : -pad] not in _CANONICAL_LAST[pad]:
+        # The bits after the last full byte must be zero, or strict
+        # decoders (e.g. Go's Strict, Rust's base64 crate) refuse it.
+        return False
     return data.count(b"=") == pad and data.translate(None, _BASE64_ALPHABET) == b"=" * pad
 
 
@@ -898,6 +1037,127 @@ def _single(values: list[str], header: str) -> str | None:
     return distinct[0] if distinct else None
 
 
+def _checked_id(text: str, header: str, *, ascii_only: bool = False) -> str:
+    """
+    Check an X-PostStack-Template-Id or -Idempotency-Key value (decoded and
+    trimmed): no control characters, at most ``MAX_ID_LENGTH`` characters,
+    and for the idempotency key printable ASCII only (it is also sent as
+    the HTTP ``Idempotency-Key`` header).
+    """
+    if _ID_CONTROLS.search(text) is not None:
+        raise TranslationError(
+            554, "5.6.0", f"{header} must not contain control characters"
+        )
+    if len(text) > MAX_ID_LENGTH:
+        raise TranslationError(
+            554, "5.6.0", f"{header} is longer than {MAX_ID_LENGTH} characters"
+        )
+    if ascii_only and text and _PRINTABLE_ASCII.fullmatch(text) is None:
+        raise TranslationError(
+            554,
+            "5.6.0",
+            f"{header} must be printable ASCII (it is also sent as an HTTP header)",
+        )
+    return text
+
+
+def _add_tags(tags: dict[str, None], text: str) -> None:
+    """
+    Add the tags of one X-PostStack-Tags value (decoded) to ``tags``.
+
+    Tags are split on commas and trimmed; empty ones are skipped and
+    repeated ones kept once.  A tag with a control character, a tag longer
+    than ``MAX_TAG_LENGTH`` and more than ``MAX_TAGS`` distinct tags are
+    refused.
+    """
+    for tag in text.split(","):
+        tag = tag.strip(" \t")
+        if not tag:
+            continue
+        if _ID_CONTROLS.search(tag) is not None:
+            raise TranslationError(
+                554, "5.6.0", "X-PostStack-Tags must not contain control characters"
+            )
+        if len(tag) > MAX_TAG_LENGTH:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                f"X-PostStack-Tags has a tag longer than {MAX_TAG_LENGTH}"
+                " characters; shorten it",
+            )
+        tags.setdefault(tag, None)
+        if len(tags) > MAX_TAGS:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                f"X-PostStack-Tags has more than {MAX_TAGS} tags; send at most {MAX_TAGS}",
+            )
+
+
+def _pass_header(
+    passed: dict[str, tuple[str, list[str]]], key: str, name: str, text: str
+) -> None:
+    """Collect one header value to pass on; refuse too many distinct headers."""
+    entry = passed.get(key)
+    if entry is None:
+        if len(passed) >= MAX_PASSED_HEADERS:
+            raise TranslationError(
+                554,
+                "5.6.0",
+                f"Message has more than {MAX_PASSED_HEADERS} headers to pass on"
+                " (X-* and list headers); remove some",
+            )
+        entry = passed[key] = (name, [])
+    entry[1].append(text)
+
+
+def _trim_msg_ids(value: str) -> str | None:
+    """
+    Shorten a References/In-Reply-To value to ``MAX_PASSED_HEADER_OCTETS``:
+    keep the first message id (the thread's root) and as many of the most
+    recent ones as fit, as news software does (RFC 5537 section 3.4.4).
+    ``None`` if even the first id alone does not fit, or there is none.
+    """
+    ids = _MSG_ID.findall(value)
+    if not ids:
+        return None
+    size = len(ids[0].encode("utf-8"))
+    if size > MAX_PASSED_HEADER_OCTETS:
+        return None
+    recent: list[str] = []
+    for msg_id in reversed(ids[1:]):
+        size += 1 + len(msg_id.encode("utf-8"))
+        if size > MAX_PASSED_HEADER_OCTETS:
+            break
+        recent.append(msg_id)
+    return " ".join([ids[0], *reversed(recent)])
+
+
+def _passed_headers(passed: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
+    """
+    Join the collected header values (``", "``, or a space for lists of
+    message ids) and bound each to ``MAX_PASSED_HEADER_OCTETS``: References
+    and In-Reply-To are trimmed, any other longer value is refused.
+    """
+    headers: dict[str, str] = {}
+    for key, (name, values) in passed.items():
+        value = (" " if key in _SPACE_JOINED else ", ").join(values)
+        if len(value) * 4 > MAX_PASSED_HEADER_OCTETS and (
+            len(value.encode("utf-8")) > MAX_PASSED_HEADER_OCTETS
+        ):
+            trimmed = _trim_msg_ids(value) if key in _SPACE_JOINED else None
+            if trimmed is None:
+                raise TranslationError(
+                    554,
+                    "5.6.0",
+                    f"Header {name} is longer than {MAX_PASSED_HEADER_OCTETS}"
+                    " octets; shorten or remove it",
+                )
+            value = trimmed
+        headers[name] = value
+    return headers
+
+
 def _json_depth_exceeds(value: Any, limit: int) -> bool:
     """Whether a parsed JSON value nests containers deeper than ``limit``."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -913,6 +1173,23 @@ def _json_depth_exceeds(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def _json_control(value: Any) -> str | None:
+    """The first refused control character in any key or string of ``value``."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _JSON_CONTROLS.search(item)
+            if found is not None:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def _variables(value: str) -> dict[str, Any]:
@@ -934,6 +1211,11 @@ def _variables(value: str) -> dict[str, Any]:
             reason = f"got a JSON {kind}"
         elif _json_depth_exceeds(variables, MAX_VARIABLES_DEPTH):
             reason = f"nested more than {MAX_VARIABLES_DEPTH} levels deep"
+        elif (control := _json_control(variables)) is not None:
+            reason = (
+                f"a string holds the control character U+{ord(control):04X}"
+                " (only TAB, LF and CR are allowed)"
+            )
         else:
             try:
                 json.dumps(variables, ensure_ascii=False).encode("utf-8")
@@ -958,12 +1240,9 @@ def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> 
                 " put other authors in Reply-To",
             )
         name, address = pairs[0]
-        if _ADDRESS.fullmatch(address) is None:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                "From header address is not valid; use name@domain",
-            )
+        problem = _address_problem(address)
+        if problem is not None:
+            raise TranslationError(554, "5.6.0", f"From header address is {problem}")
         formatted = _format_address(name, address)
     else:
         address = _bare_address(envelope.mail_from)
@@ -974,7 +1253,7 @@ def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> 
                 "Message has no From header and the envelope sender is empty;"
                 " add a From header",
             )
-        if _ADDRESS.fullmatch(address) is None:
+        if _address_problem(address) is not None:
             raise TranslationError(
                 554,
                 "5.6.0",
@@ -1006,6 +1285,13 @@ def _recipients(
     for recipient in envelope.rcpt_to:
         address = _bare_address(recipient)
         if address:
+            problem = _address_problem(address)
+            if problem is not None:
+                # The SMTP layer checks RCPT TO; this is the last line of
+                # defence: the API gets no recipient it would misread.
+                raise TranslationError(
+                    554, "5.1.3", f"Envelope recipient address is {problem}"
+                )
             envelope_keys.setdefault(address.lower(), address)
     if not envelope_keys:
         raise TranslationError(554, "5.5.1", "No valid recipients")
@@ -1029,8 +1315,33 @@ def _recipients(
     return to, cc, bcc
 
 
+def _check_header_section(raw: bytes) -> None:
+    """
+    Refuse a top-level header section larger than ``MAX_HEADER_BYTES``,
+    before parsing it (parsing 20 MB of header lines takes seconds).
+
+    Only the first ``MAX_HEADER_BYTES + 1`` octets are scanned.
+    """
+    match = _HEADER_SECTION.match(raw, 0, MAX_HEADER_BYTES + 1)
+    end = match.end() if match is not None else 0  # it always matches
+    if end <= MAX_HEADER_BYTES and len(raw) <= MAX_HEADER_BYTES + 1:
+        return
+    if end <= MAX_HEADER_BYTES:
+        window = raw[end : MAX_HEADER_BYTES + 1]
+        if b"\r" in window or b"\n" in window or _HEADER_LINE.match(raw, end) is None:
+            return  # the section ended inside the window
+        # Otherwise a header line starts at `end` and ends past the window.
+    raise TranslationError(
+        554,
+        "5.6.0",
+        f"Message header section is larger than {MAX_HEADER_BYTES} octets;"
+        " remove or shorten headers",
+    )
+
+
 def _parse(raw: bytes) -> Message:
-    """Parse the message and check the size of its MIME tree."""
+    """Parse the message and check the size of its header section and MIME tree."""
+    _check_header_section(raw)
     try:
         # Fed in slices: the parser then never holds the whole message as
         # one decoded string plus a list of all its lines at once (for a
@@ -1055,6 +1366,13 @@ def _parse(raw: bytes) -> Message:
         raise TranslationError(
             554, "5.6.0", "Message could not be parsed as MIME; check its headers"
         ) from None
+    if len(message) > MAX_HEADER_FIELDS:
+        raise TranslationError(
+            554,
+            "5.6.0",
+            f"Message has more than {MAX_HEADER_FIELDS} header fields;"
+            " remove some headers",
+        )
     _measure(message)
     return message
 
@@ -1105,29 +1423,30 @@ def translate(
             if message_id is None:
                 message_id = _clean(_raw_header_text(value)).strip() or None
         elif key.startswith("x-poststack-"):
-            text = _unstructured(value)
+            # Not cleaned like other headers: a control character in one of
+            # these values is refused rather than silently removed.
+            text = _decode_words(_raw_header_text(value)).strip(" \t")
             if key == _HEADER_TAGS:
-                for tag in text.split(","):
-                    tag = tag.strip()
-                    if tag:
-                        tags.setdefault(tag, None)
+                _add_tags(tags, text)
             elif key == _HEADER_TEMPLATE:
-                template_values.append(text)
+                template_values.append(_checked_id(text, "X-PostStack-Template-Id"))
             elif key == _HEADER_VARIABLES:
                 variables_values.append(text)
             elif key == _HEADER_IDEMPOTENCY:
-                idempotency_values.append(text)
+                idempotency_values.append(
+                    _checked_id(text, "X-PostStack-Idempotency-Key", ascii_only=True)
+                )
             # Any other X-PostStack-* header is ours and is not passed on.
         elif (
             key.startswith("x-") or key in _PASSED_UNSTRUCTURED
         ) and _HEADER_NAME.fullmatch(name):
             text = _unstructured(value)
             if text:
-                passed.setdefault(key, (name, []))[1].append(text)
+                _pass_header(passed, key, name, text)
         elif key in _PASSED_STRUCTURED:
             text = _clean(_raw_header_text(value)).strip()
             if text:
-                passed.setdefault(key, (name, []))[1].append(text)
+                _pass_header(passed, key, name, text)
 
     template_id = _single(template_values, "X-PostStack-Template-Id")
     variables_text = _single(variables_values, "X-PostStack-Variables")
@@ -1171,10 +1490,7 @@ def translate(
             payload["html"] = body.html
 
     if passed:
-        payload["headers"] = {
-            name: (" " if key in _SPACE_JOINED else ", ").join(values)
-            for key, (name, values) in passed.items()
-        }
+        payload["headers"] = _passed_headers(passed)
     if tags:
         payload["tags"] = list(tags)
     if body.attachments:
