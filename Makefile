@@ -9,7 +9,7 @@ SANDBOX_PORT ?= 8025
 SANDBOX_SERVICE_KEY ?= sk_test_relay_service
 export PYTHONPATH := .
 
-.PHONY: run test venv cert clean lint
+.PHONY: run test interop venv cert clean lint
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,14 @@ run: venv cert
 
 test: venv .venv-sslyze/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# Real clients against relay + sandbox over loopback TLS (docs/interop.md):
+# swaks, curl, msmtp, smtplib, Postfix (tests/interop) and nodemailer.
+# install.sh installs missing Debian packages with apt-get (needs root) and
+# the pinned nodemailer; it is idempotent and fast when all is there.
+interop: venv
+	bash tests/interop/install.sh
+	$(PY) -m pytest tests/interop tests/e2e/test_e2e_nodemailer.py -q -p no:cacheprovider
 
 clean:
 	rm -rf $(RUN) build *.egg-info _trial_temp
