@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_translate -*-
+# -*- test-case-name: tests.test_translate,tests.test_mime_corpus -*-
 """
 Translate one SMTP message (raw MIME bytes plus its envelope) into the JSON
 body of one ``POST /emails`` call.
@@ -301,6 +301,19 @@ _JSON_KINDS: Final[dict[type, str]] = {
     bool: "boolean",
     type(None): "null",
 }
+
+# The detached signature part of a multipart/signed (RFC 1847): S/MIME
+# (RFC 8551, with the pre-standard x- spelling) and OpenPGP (RFC 3156).  It
+# signs the exact bytes of the first part, which the API's rebuilt message
+# never reproduces, so it is dropped rather than sent as an attachment that
+# can only ever fail to verify.
+_SIGNATURE_TYPES: Final = frozenset(
+    {
+        "application/pkcs7-signature",
+        "application/x-pkcs7-signature",
+        "application/pgp-signature",
+    }
+)
 
 _HEADER_TAGS: Final = "x-poststack-tags"
 _HEADER_TEMPLATE: Final = "x-poststack-template-id"
@@ -963,6 +976,12 @@ def _attachment_base64(part: Message) -> str:
     return base64.b64encode(_transfer_decoded(part)).decode("ascii")
 
 
+def _is_signature(part: Message) -> bool:
+    """Whether a part of a multipart/signed is its detached signature."""
+    _structural_header(part, "content-type")
+    return part.get_content_type() in _SIGNATURE_TYPES
+
+
 def _walk(root: Message) -> _Body:
     """
     Collect the text body, the html body and the attachments, in order.
@@ -970,7 +989,8 @@ def _walk(root: Message) -> _Body:
     The first text/plain and the first text/html leaf that are not
     attachments are the bodies; any other leaf is an attachment, except
     alternative renderings (text/* other than plain, html and calendar
-    directly inside multipart/alternative, e.g. AMP or watch-html), which
+    directly inside multipart/alternative, e.g. AMP or watch-html) and the
+    detached signature of a multipart/signed (after its first part), which
     are dropped.
     """
     body = _Body()
@@ -983,6 +1003,8 @@ def _walk(root: Message) -> _Body:
         if main_type == "multipart" and part.is_multipart():
             alternative = content_type == "multipart/alternative"
             children = [c for c in part.get_payload() if isinstance(c, Message)]
+            if content_type == "multipart/signed":
+                children[1:] = [c for c in children[1:] if not _is_signature(c)]
             stack.extend((child, alternative) for child in reversed(children))
             continue
         if main_type == "multipart":
