@@ -56,12 +56,14 @@ test: venv .venv-sslyze/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 # Real clients against relay + sandbox over loopback TLS (docs/interop.md):
-# swaks, curl, msmtp, smtplib, Postfix (tests/interop) and nodemailer.
+# swaks, curl, msmtp, smtplib, Postfix (tests/interop), nodemailer, and the
+# translation cross-checked against mailparser on the MIME corpus.
 # install.sh installs missing Debian packages with apt-get (needs root) and
 # the pinned nodemailer; it is idempotent and fast when all is there.
 interop: venv
 	bash tests/interop/install.sh
-	$(PY) -m pytest tests/interop tests/e2e/test_e2e_nodemailer.py -q -p no:cacheprovider
+	$(PY) -m pytest tests/interop tests/e2e/test_e2e_nodemailer.py tests/e2e/test_mime_crosscheck.py \
+	    -q -p no:cacheprovider
 
 clean:
 	rm -rf $(RUN) build *.egg-info _trial_temp
