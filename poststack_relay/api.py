@@ -1160,6 +1160,15 @@ class HTTPEmailAPI:
         raise APIError(reply, status=status, code=code, request_id=request_id)
 
 
+_EMAIL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
 def _email_id(body: Any) -> Optional[str]:
+    """
+    The email id of a 2xx body, if it is one that can stand in a reply
+    line as it is; anything else counts as "no email id".
+    """
     email_id = body.get("id") if isinstance(body, dict) else None
-    return email_id if isinstance(email_id, str) and email_id else None
+    if isinstance(email_id, str) and _EMAIL_ID.fullmatch(email_id):
+        return email_id
+    return None

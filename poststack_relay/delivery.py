@@ -233,12 +233,12 @@ class RelayDelivery:
                 total_ms=round((time.monotonic() - started) * 1000, 1),
             )
 
-        if identity.mailbox is not None:
-            rejection = sender_header_reply(identity.mailbox, raw)
-            if rejection is not None:
-                log(rejection)
-                return _succeed(rejection)
         try:
+            if identity.mailbox is not None:
+                rejection = sender_header_reply(identity.mailbox, raw)
+                if rejection is not None:
+                    log(rejection)
+                    return _succeed(rejection)
             request = translate(raw, envelope, mailbox=identity.mailbox)
             if self._derive_keys:
                 request = with_derived_key(request, identity, envelope, raw)

@@ -909,8 +909,10 @@ class RelaySMTP(smtp.ESMTP):
         self._wait()
         assert self._delivery is not None
         d = self._delivery.deliver(Envelope(mail_from, rcpts), raw, self.session)
-        d.addCallback(self._delivered)
-        d.addErrback(self._delivery_crashed)
+        # addCallbacks, not addCallback + addErrback: an error in commands
+        # pipelined after the dot (run from _delivered) must not produce a
+        # second reply for the message.
+        d.addCallbacks(self._delivered, self._delivery_crashed)
 
     def _delivered(self, reply: Reply) -> None:
         if reply.code == 250:

@@ -1097,3 +1097,13 @@ class ConstructorTests(SynchronousTestCase):
                 ValueError, HTTPEmailAPI, StubTreq(Resource()), BASE, TIMEOUT, **options
             )
         self.assertRaises(ValueError, HTTPEmailAPI, StubTreq(Resource()), BASE, 0)
+
+
+class EmailIdShapeTests(SynchronousTestCase):
+    def test_odd_ids_are_not_ids(self) -> None:
+        """A 2xx whose id could not stand in a reply line counts as an answer without an id."""
+        from poststack_relay.api import _email_id
+
+        self.assertEqual(_email_id({"id": "em_abc123"}), "em_abc123")
+        for bad in ("", " ", "em_\r\n250 ok", "x" * 101, "é", None, 7):
+            self.assertIsNone(_email_id({"id": bad}), bad)
