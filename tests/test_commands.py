@@ -29,6 +29,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: "subprocess.Popen[bytes]") -> None:
+    """
+    Stop a process this test started (by its own PID): SIGTERM, then SIGKILL
+    if it has not exited within 20 s.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -54,13 +68,7 @@ class ProcessTests(TestCase):
         )
 
         def stop() -> None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            stop_process(proc)
             assert proc.stdout is not None
             proc.stdout.close()
 

@@ -39,7 +39,7 @@ from poststack_relay.replies import Reply
 from poststack_relay.service import _PoolService
 from poststack_relay.smtp import CLOSE_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
-from tests.test_commands import DATA, ROOT, TWISTD, free_port, wait_for_port
+from tests.test_commands import DATA, ROOT, TWISTD, free_port, wait_for_port, stop_process
 from tests.test_limits import Connections
 from tests.test_smtp import KEY, MESSAGE, plain
 from tests.test_smtp_review import AUTH_OK, BEGIN, ReviewHarness, queued, ready, stuff
@@ -404,13 +404,7 @@ class SIGTERMProcessTests(SynchronousTestCase):
         )
 
         def stop() -> None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            stop_process(proc)
 
         self.addCleanup(stop)
         return proc

@@ -34,7 +34,7 @@ from poststack_relay.config import ConfigError
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.tls import ReloadableTLS
 from tests.e2e.harness import FULL_KEY, RelayTestCase
-from tests.test_commands import ROOT, TWISTD, free_port, wait_for_port
+from tests.test_commands import ROOT, TWISTD, free_port, wait_for_port, stop_process
 from tests.test_tls_scan import _pump, client_context, make_chain
 
 
@@ -349,13 +349,7 @@ class ProcessReloadTests(TestCase):
         )
 
         def stop() -> None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            stop_process(proc)
             log.close()
 
         self.addCleanup(stop)
