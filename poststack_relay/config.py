@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_config,tests.test_config_file -*-
 """
 The relay's configuration: one frozen attrs value, built once at start-up.
 
@@ -10,7 +10,8 @@ them.
 from __future__ import annotations
 
 import socket
-from typing import Optional
+import tomllib
+from typing import Any, Optional
 
 import attrs
 
@@ -66,6 +67,26 @@ def mask_secret(value: Optional[str]) -> str:
     if not value:
         return "(unset)"
     return value[:10] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """
+    Read a TOML configuration file (see C{docs/configuration.md}) into its
+    top-level table, without checking its keys or types.
+
+    @raise ConfigError: with one line naming C{path} when the file cannot be
+        read or is not valid TOML.
+    """
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"config file {path!r} is not valid TOML: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not valid TOML: not UTF-8") from None
 
 
 def _default_hostname() -> str:

@@ -1,15 +1,19 @@
-# -*- test-case-name: tests.test_tap,tests.test_shutdown,tests.test_tls_reload -*-
+# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload -*-
 """
 The C{twistd poststack-relay} command: options in, service out.
 
 Every option may also come from the environment as C{POSTSTACK_RELAY_}
 followed by the option's name in capitals with C{_} for C{-} (for example
-C{POSTSTACK_RELAY_SERVICE_KEY}), so secrets stay off the command line.
-Precedence: command line, then environment, then the defaults.
+C{POSTSTACK_RELAY_SERVICE_KEY}), so secrets stay off the command line, and
+from a TOML file given with C{--config} (or C{POSTSTACK_RELAY_CONFIG}) whose
+keys are the option names with C{_} for C{-} (C{max_message_size = 26214400}).
+Precedence: command line, then environment, then the file, then the defaults.
+C{--check-config} validates everything and prints the effective settings.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any, Callable, Mapping, Optional
@@ -19,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as _config
-from .config import ConfigError, RelayConfig
+from .config import ConfigError, RelayConfig, mask_secret, read_config_file
 
 ENV_PREFIX = "POSTSTACK_RELAY_"
 
@@ -111,6 +115,89 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
 ]
 
 
+# Options whose values are secrets: masked by --check-config.
+SECRET_OPTIONS = ("service-key",)
+
+# Where a setting came from, as --check-config prints it.
+SOURCE_COMMAND_LINE = "command line"
+SOURCE_ENVIRONMENT = "environment"
+SOURCE_FILE = "file"
+SOURCE_DEFAULT = "default"
+
+# The TOML type each converter expects in the config file.
+_FILE_TYPES: dict[Callable[[str], Any], tuple[tuple[type, ...], str]] = {
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+    _boolean: ((bool,), "true or false"),
+}
+
+
+def file_key(option: str) -> str:
+    """
+    The config file key of an option: C{max-message-size} -> C{max_message_size}.
+    """
+    return option.replace("-", "_")
+
+
+def _file_values(path: str, table: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The settings of a config file's top-level C{table}, by option name,
+    converted like the command line's.
+
+    @raise ConfigError: one line for an unknown key or a value of the
+        wrong TOML type.
+    """
+    by_key = {file_key(name): (name, convert) for name, convert, _, _ in _OPTIONS}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in by_key:
+            hint = f" (write {file_key(key)})" if file_key(key) in by_key else ""
+            raise ConfigError(f"config file {path!r}: unknown key {key!r}{hint}")
+        name, convert = by_key[key]
+        types, wanted = _FILE_TYPES[convert]
+        # bool is an int in Python, but true is not a number in TOML.
+        if isinstance(value, bool) != (convert is _boolean) or not isinstance(value, types):
+            raise ConfigError(f"config file {path!r}: {key} must be {wanted}, not {value!r}")
+        if value == "":
+            continue  # as in the environment: empty means unset
+        values[name] = float(value) if convert is float else value
+    return values
+
+
+def _toml_value(value: Any) -> str:
+    """
+    A setting as TOML would write it; C{(unset)} for C{None}.
+    """
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def describe_settings(config: RelayConfig, sources: Mapping[str, str]) -> list[str]:
+    """
+    The effective settings, one C{name = value  # source} line per option,
+    with secrets masked: what C{--check-config} prints.
+
+    @param sources: option name -> where its value came from; options not
+        in it came from the defaults.
+    """
+    lines: list[str] = []
+    for name, _, field, _ in _OPTIONS:
+        value = getattr(config, field)
+        shown = (
+            _toml_value(mask_secret(value) if value else None)
+            if name in SECRET_OPTIONS
+            else _toml_value(value)
+        )
+        lines.append(f"{file_key(name)} = {shown}  # {sources.get(name, SOURCE_DEFAULT)}")
+    return lines
+
+
 def env_name(option: str) -> str:
     """
     The environment variable for an option: C{tls-cert} -> C{POSTSTACK_RELAY_TLS_CERT}.
@@ -131,42 +218,99 @@ PostStack POST /emails per message out.
 
 Every option can also be set in the environment, e.g.
 POSTSTACK_RELAY_TLS_CERT=/etc/poststack-relay/fullchain.pem or
-POSTSTACK_RELAY_SERVICE_KEY=sk_live_...; the command line wins.
+POSTSTACK_RELAY_SERVICE_KEY=sk_live_..., or in a TOML file given with
+--config, keys written with _ for - (max_message_size = 26214400).
+Precedence: command line, environment, file, defaults.  --check-config
+validates the settings and prints them (secrets masked) without starting.
 
 Example:
   twistd -n poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem \\
       --hostname smtp.example.com
 """
 
-    optParameters = [[name, None, None, help] for name, _, _, help in _OPTIONS]
+    optFlags = [
+        ["check-config", None,
+         "validate the settings (certificate and key included), print them and exit"],
+    ]
+    optParameters = [
+        ["config", None, None,
+         f"TOML file of settings, keys like max_message_size (env {ENV_PREFIX}CONFIG)"],
+    ] + [[name, None, None, help] for name, _, _, help in _OPTIONS]
 
     config: RelayConfig
+    sources: dict[str, str]
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
 
     def postOptions(self) -> None:
+        """
+        Build C{self.config} from the command line, the environment, the
+        config file and the defaults, and C{self.sources}, where each
+        option came from.  A config file that cannot be used, and under
+        C{--check-config} any bad setting, ends the command with one line
+        (L{SystemExit}); C{--check-config} prints the settings and exits 0.
+        """
+        check = bool(self["check-config"])
+        try:
+            self._build()
+        except ConfigError as e:
+            raise SystemExit(f"poststack-relay: error: {e}")
+        except usage.UsageError as e:
+            if check:
+                raise SystemExit(f"poststack-relay: error: {e}")
+            raise
+        if check:
+            from .tls import load_certificate_options
+
+            try:
+                load_certificate_options(self.config.tls_cert, self.config.tls_key, self.config.tls_profile)
+            except ConfigError as e:
+                raise SystemExit(f"poststack-relay: error: {e}")
+            print("\n".join(describe_settings(self.config, self.sources)), flush=True)
+            raise SystemExit(0)
+
+    def _build(self) -> None:
+        """
+        Set C{self.config} and C{self.sources}.
+
+        @raise ConfigError: the config file cannot be used (one line).
+        @raise usage.UsageError: a bad value on the command line or in the
+            environment, or a setting L{RelayConfig} refuses.
+        """
+        path = self["config"] or self._environ.get(ENV_PREFIX + "CONFIG") or None
+        from_file = _file_values(path, read_config_file(path)) if path else {}
         values: dict[str, Any] = {}
+        self.sources = {}
         for name, convert, field, _ in _OPTIONS:
             raw = self[name]
-            source = f"--{name}"
+            source, where = SOURCE_COMMAND_LINE, f"--{name}"
             if raw is None:
                 raw = self._environ.get(env_name(name))
-                source = env_name(name)
+                source, where = SOURCE_ENVIRONMENT, env_name(name)
             if raw is None or raw == "":
+                if name in from_file:
+                    values[field] = from_file[name]
+                    self.sources[name] = SOURCE_FILE
                 continue
             try:
                 values[field] = convert(raw)
             except ValueError:
-                raise usage.UsageError(f"{source}: not a valid {convert.__name__}: {raw!r}")
+                raise usage.UsageError(f"{where}: not a valid {convert.__name__}: {raw!r}")
+            self.sources[name] = source
         if "tls_cert" not in values:
             raise usage.UsageError(
-                f"--tls-cert (or {env_name('tls-cert')}) is required: implicit TLS needs a certificate"
+                f"--tls-cert (or {env_name('tls-cert')}, or tls_cert in the config file) is required: "
+                "implicit TLS needs a certificate"
             )
         try:
             self.config = RelayConfig(**values)
         except ConfigError as e:
+            # RelayConfig's messages start with the option's name.
+            culprit = str(e).split(" ", 1)[0]
+            if self.sources.get(culprit) == SOURCE_FILE:
+                raise ConfigError(f"config file {path!r}: {e}")
             raise usage.UsageError(str(e))
 
 
