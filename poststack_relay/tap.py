@@ -248,9 +248,9 @@ Example:
         """
         Build C{self.config} from the command line, the environment, the
         config file and the defaults, and C{self.sources}, where each
-        option came from.  A config file that cannot be used, and under
-        C{--check-config} any bad setting, ends the command with one line
-        (L{SystemExit}); C{--check-config} prints the settings and exits 0.
+        option came from.  Any bad setting (command line, environment or
+        file) ends the command with one line (L{SystemExit}, status 1);
+        C{--check-config} prints the settings and exits 0.
         """
         check = bool(self["check-config"])
         try:
@@ -258,9 +258,9 @@ Example:
         except ConfigError as e:
             raise SystemExit(f"poststack-relay: error: {e}")
         except usage.UsageError as e:
-            if check:
-                raise SystemExit(f"poststack-relay: error: {e}")
-            raise
+            # One line, not twistd's whole usage text: the operator needs
+            # the bad setting, not the list of every option.
+            raise SystemExit(f"poststack-relay: error: {e}")
         if check:
             from .tls import load_certificate_options
 

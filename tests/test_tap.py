@@ -10,7 +10,6 @@ import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay import tap
@@ -63,7 +62,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((config.tls_cert, config.service_key, config.port), ("env.pem", "sk_env", 2600))
 
     def test_bad_values(self) -> None:
-        """Bad values are UsageErrors naming the option."""
+        """Bad values end the command with one line naming the option (SystemExit, status 1)."""
         for argv, env, word in [
             (["--tls-cert", "c", "--port", "x"], {}, "--port"),
             (["--tls-cert", "c"], {"POSTSTACK_RELAY_IDLE_TIMEOUT": "soon"}, "POSTSTACK_RELAY_IDLE_TIMEOUT"),
@@ -71,9 +70,12 @@ class OptionsTests(SynchronousTestCase):
             (["--tls-cert", "c", "--api-url", "ftp://x"], {}, "api-url"),
             ([], {}, "--tls-cert"),
         ]:
-            with self.assertRaises(usage.UsageError) as ctx:
+            with self.assertRaises(SystemExit) as ctx:
                 parse(argv, env)
-            self.assertIn(word, str(ctx.exception))
+            message = str(ctx.exception.code)
+            self.assertIn(word, message)
+            self.assertTrue(message.startswith("poststack-relay: error: "), message)
+            self.assertNotIn("\n", message)
 
     def test_secret_not_in_repr(self) -> None:
         """The service key never appears in the config's repr."""
