@@ -164,6 +164,9 @@ class RelayConfig:
     @ivar auth_failure_max_delay: the most a 535 is delayed.
     @ivar auth_cache_ttl: seconds a successful credential check is reused.
     @ivar auth_negative_ttl: seconds a failed credential check is reused.
+    @ivar proxy_protocol: expect a PROXY protocol v1 or v2 header (HAProxy,
+        TCP load balancers) before TLS on every connection; the header's
+        source address is then the client address everywhere.
     """
 
     tls_cert: str
@@ -223,6 +226,7 @@ class RelayConfig:
     auth_negative_ttl: float = attrs.field(
         default=DEFAULT_AUTH_NEGATIVE_TTL, validator=_not_negative
     )
+    proxy_protocol: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_proxy_protocol -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -14,12 +14,23 @@ then is the API connection pool closed.  Nothing here installs signal
 handlers: C{twistd} stops services on SIGTERM, and C{tap.makeService}
 makes that stop end with exit status 0 and makes SIGHUP call
 L{RelayService.reload_tls}.
+
+With C{proxy_protocol} on, the listener expects a PROXY protocol v1 or v2
+header (HAProxy, cloud TCP balancers) before the TLS ClientHello:
+TCP -> L{ProxyProtocolFactory} -> implicit TLS -> SMTP.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._v1parser import V1Parser
+from twisted.protocols.haproxy._v2parser import V2Parser
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
+from zope.interface import directlyProvides, providedBy
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
@@ -58,6 +69,137 @@ class _PoolService(Service):
     def stopService(self) -> Any:
         Service.stopService(self)
         return self._pool.closeCachedConnections()
+
+
+# Seconds a connection may take to send its PROXY header (a balancer sends it
+# at once, with the connection).
+PROXY_HEADER_TIMEOUT = 10.0
+
+
+class _ProxiedConnection(HAProxyProtocolWrapper):
+    """
+    Reads the PROXY header, and only then builds the wrapped protocol with
+    the client's address and connects it.
+
+    Twisted's own wrapper builds and connects the wrapped protocol as soon
+    as TCP connects, so the factory's per-address limits and the session's
+    C{connectionMade} would see the balancer's address; here neither runs
+    before the header is parsed.  A connection whose first bytes are not a
+    valid v1 or v2 header, or that sends none within the factory's
+    C{headerTimeout}, is dropped without a reply.
+    """
+
+    factory: "ProxyProtocolFactory"
+
+    def __init__(self, factory: "ProxyProtocolFactory") -> None:
+        super().__init__(factory, Protocol())  # placeholder until the header
+        self._buffer = b""
+        self._started = False
+        self._headerCall: Optional[IDelayedCall] = None
+
+    def makeConnection(self, transport: Any) -> None:
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self.factory.headerTimeout > 0:
+            self._headerCall = self.factory.clock.callLater(
+                self.factory.headerTimeout, self._drop, "no PROXY header in time"
+            )
+
+    def _drop(self, reason: str) -> None:
+        self._headerCall = None
+        peer = self.transport.getPeer()
+        _log.info(
+            "dropped connection from {balancer}: {reason}",
+            balancer=getattr(peer, "host", str(peer)),
+            reason=reason,
+            event="proxy_header_invalid",
+        )
+        self.disconnecting = 1
+        self.transport.abortConnection()
+
+    def _stopTimer(self) -> None:
+        if self._headerCall is not None and self._headerCall.active():
+            self._headerCall.cancel()
+        self._headerCall = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._started:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        if self.disconnecting:
+            return
+        if self._parser is None:
+            self._buffer += data
+            head = self._buffer
+            if head.startswith(V1Parser.PROXYSTR):
+                self._parser = V1Parser()
+            elif len(head) < 13 and (
+                V2Parser.PREFIX.startswith(head) or V1Parser.PROXYSTR.startswith(head)
+            ):
+                return  # not enough bytes yet to tell what this is
+            elif head[:12] == V2Parser.PREFIX and head[12] & 0xF0 == 0x20:
+                self._parser = V2Parser()
+            else:
+                self._stopTimer()
+                self._drop("no PROXY protocol header")
+                return
+            data, self._buffer = head, b""
+        try:
+            info, remaining = self._parser.feed(data)
+        except InvalidProxyHeader:
+            self._stopTimer()
+            self._drop("invalid PROXY protocol header")
+            return
+        if info is None:
+            return
+        self._proxyInfo = info
+        self._stopTimer()
+        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        if protocol is None:
+            self.transport.loseConnection()
+            return
+        self.wrappedProtocol = protocol
+        self._started = True
+        protocol.makeConnection(self)
+        if remaining:
+            protocol.dataReceived(remaining)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._stopTimer()
+        super().connectionLost(reason)
+
+
+class ProxyProtocolFactory(HAProxyWrappingFactory):
+    """
+    Wraps a server factory so each connection starts with a PROXY protocol
+    v1 or v2 header; the wrapped factory's C{buildProtocol} and its
+    protocol's transport (C{getPeer}, C{getHost}) see the addresses from the
+    header.  A v2 C{LOCAL} header (a balancer's health check) keeps the
+    real TCP addresses.
+
+    @ivar headerTimeout: seconds a connection may take to send the header
+        (0: no limit).
+    """
+
+    protocol = _ProxiedConnection  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        wrappedFactory: Any,
+        clock: IReactorTime,
+        headerTimeout: float = PROXY_HEADER_TIMEOUT,
+    ) -> None:
+        super().__init__(wrappedFactory)
+        self.clock = clock
+        self.headerTimeout = headerTimeout
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
+        """
+        A connection that waits for its PROXY header.
+        """
+        return _ProxiedConnection(self)
 
 
 class RelayService(MultiService):
@@ -143,7 +285,8 @@ def makeRelayService(
     @param api: the API client; by default an L{HTTPEmailAPI} over a
         persistent treq connection pool to C{config.api_url}.
     @param endpoint: where to listen; by default TCP on C{config.port} and
-        C{config.interface}.  It is wrapped in implicit TLS.
+        C{config.interface}.  It is wrapped in implicit TLS (and, with
+        C{config.proxy_protocol}, in L{ProxyProtocolFactory} below TLS).
     @raise poststack_relay.config.ConfigError: if the certificate or key
         cannot be used.
     """
@@ -191,7 +334,10 @@ def makeRelayService(
         max_delay=config.auth_failure_max_delay,
     )
     factory = RelayFactory(portal, config, reactor, throttle=throttle)
-    wrapped = ImplicitTLSFactory(tls, factory, config.tls_detect_timeout, reactor)
+    wrapped: Any = ImplicitTLSFactory(tls, factory, config.tls_detect_timeout, reactor)
+    if config.proxy_protocol:
+        # The PROXY header comes before the TLS ClientHello.
+        wrapped = ProxyProtocolFactory(wrapped, reactor)
     listener = StreamServerEndpointService(endpoint or _endpoint(config, reactor), wrapped)
     listener._raiseSynchronously = True  # a failed bind stops start-up
     listener.setServiceParent(service)
@@ -205,10 +351,11 @@ def makeRelayService(
     service.listener = listener
     service.drain_timeout = config.drain_timeout
     _log.info(
-        "poststack-relay listening on {interface}:{port} (implicit TLS), API {api_url}, "
+        "poststack-relay listening on {interface}:{port} (implicit TLS{proxy}), API {api_url}, "
         "service key {service_key}",
         interface=config.interface or "*",
         port=config.port,
+        proxy=" behind PROXY protocol" if config.proxy_protocol else "",
         api_url=config.api_url,
         service_key=mask_secret(config.service_key),
         event="relay_configured",

@@ -48,6 +48,9 @@ _boolean.__name__ = "yes/no value"
 _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("port", int, "port", f"TCP port for implicit TLS [default: {_config.DEFAULT_PORT}]"),
     ("interface", str, "interface", "address to listen on [default: all interfaces]"),
+    ("proxy-protocol", _boolean, "proxy_protocol",
+     "expect a PROXY protocol v1/v2 header before TLS (behind HAProxy or a TCP load balancer) "
+     "(yes/no) [default: no]"),
     ("tls-cert", str, "tls_cert", "PEM certificate, may hold the full chain (required)"),
     ("tls-key", str, "tls_key", "PEM private key [default: read from --tls-cert]"),
     ("api-url", str, "api_url", f"PostStack API base URL [default: {_config.DEFAULT_API_URL}]"),
