@@ -22,9 +22,10 @@ die() { printf 'interop install: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # Debian packages and the command each must provide. libsasl2-modules gives
 # Postfix's SMTP client its PLAIN/LOGIN SASL mechanisms; libnet-ssleay-perl
-# gives swaks TLS.
-PACKAGES=(swaks curl msmtp postfix libsasl2-modules libnet-ssleay-perl ca-certificates)
-declare -A COMMAND=([swaks]=swaks [curl]=curl [msmtp]=msmtp [postfix]=postfix)
+# gives swaks TLS.  haproxy is for tests/test_proxy_protocol.py (real HAProxy
+# sending PROXY v1/v2 in front of the relay; the tests start their own).
+PACKAGES=(swaks curl msmtp postfix libsasl2-modules libnet-ssleay-perl ca-certificates haproxy)
+declare -A COMMAND=([swaks]=swaks [curl]=curl [msmtp]=msmtp [postfix]=postfix [haproxy]=haproxy)
 
 updated=no
 apt_install() {
