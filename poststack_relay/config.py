@@ -167,6 +167,9 @@ class RelayConfig:
     @ivar proxy_protocol: expect a PROXY protocol v1 or v2 header (HAProxy,
         TCP load balancers) before TLS on every connection; the header's
         source address is then the client address everywhere.
+    @ivar systemd_socket: the C{FileDescriptorName=} of a listening socket
+        passed by systemd (socket activation) to listen on instead of
+        C{port} and C{interface}; C{""}: none.
     """
 
     tls_cert: str
@@ -227,6 +230,7 @@ class RelayConfig:
         default=DEFAULT_AUTH_NEGATIVE_TTL, validator=_not_negative
     )
     proxy_protocol: bool = False
+    systemd_socket: str = ""
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):

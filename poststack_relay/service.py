@@ -45,6 +45,7 @@ from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import RelayConfig, mask_secret
 from .delivery import RelayDelivery
 from .smtp import RelayFactory
+from .systemd import ReadinessService, SystemdNotifier, socketEndpoint
 from .tls import ImplicitTLSFactory, ReloadableTLS
 
 _log = Logger()
@@ -217,6 +218,7 @@ class RelayService(MultiService):
     listener: StreamServerEndpointService
     tls: ReloadableTLS
     drain_timeout: float = 0.0
+    readiness: Optional[ReadinessService] = None
 
     def reload_tls(self, trigger: str = "reload_tls()") -> bool:
         """
@@ -237,8 +239,11 @@ class RelayService(MultiService):
         current transaction is answered, and whatever is left after
         C{drain_timeout} seconds is dropped without a reply); then stop
         the other children (the API connection pool).  The Deferred fires
-        when all of it is done.
+        when all of it is done.  Under systemd C{Type=notify}, C{STOPPING=1}
+        is sent first.
         """
+        if self.readiness is not None and self.running:
+            self.readiness.stopping()
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
@@ -265,6 +270,8 @@ class RelayService(MultiService):
 
 
 def _endpoint(config: RelayConfig, reactor: Any) -> IStreamServerEndpoint:
+    if config.systemd_socket:
+        return socketEndpoint(reactor, config.systemd_socket)
     if ":" in config.interface:
         return TCP6ServerEndpoint(reactor, config.port, interface=config.interface)
     return TCP4ServerEndpoint(reactor, config.port, interface=config.interface)
@@ -284,7 +291,8 @@ def makeRelayService(
         C{IReactorPluggableNameResolver} for a real API URL).
     @param api: the API client; by default an L{HTTPEmailAPI} over a
         persistent treq connection pool to C{config.api_url}.
-    @param endpoint: where to listen; by default TCP on C{config.port} and
+    @param endpoint: where to listen; by default the systemd socket named
+        C{config.systemd_socket} if set, else TCP on C{config.port} and
         C{config.interface}.  It is wrapped in implicit TLS (and, with
         C{config.proxy_protocol}, in L{ProxyProtocolFactory} below TLS).
     @raise poststack_relay.config.ConfigError: if the certificate or key
@@ -341,6 +349,10 @@ def makeRelayService(
     listener = StreamServerEndpointService(endpoint or _endpoint(config, reactor), wrapped)
     listener._raiseSynchronously = True  # a failed bind stops start-up
     listener.setServiceParent(service)
+    # After the listener, so its port Deferred exists when this starts.
+    readiness = ReadinessService(SystemdNotifier(), service)
+    readiness.setServiceParent(service)
+    service.readiness = readiness
     if config.tls_reload_interval > 0:
         # Picks up renewed certificates (ACME) without a SIGHUP.
         poll = TimerService(config.tls_reload_interval, tls.reload_if_changed)
@@ -351,8 +363,13 @@ def makeRelayService(
     service.listener = listener
     service.drain_timeout = config.drain_timeout
     _log.info(
-        "poststack-relay listening on {interface}:{port} (implicit TLS{proxy}), API {api_url}, "
+        "poststack-relay listening on {where} (implicit TLS{proxy}), API {api_url}, "
         "service key {service_key}",
+        where=(
+            f"systemd socket {config.systemd_socket!r}"
+            if config.systemd_socket and endpoint is None
+            else f"{config.interface or '*'}:{config.port}"
+        ),
         interface=config.interface or "*",
         port=config.port,
         proxy=" behind PROXY protocol" if config.proxy_protocol else "",

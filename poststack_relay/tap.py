@@ -51,6 +51,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("proxy-protocol", _boolean, "proxy_protocol",
      "expect a PROXY protocol v1/v2 header before TLS (behind HAProxy or a TCP load balancer) "
      "(yes/no) [default: no]"),
+    ("systemd-socket", str, "systemd_socket",
+     "FileDescriptorName= of a socket passed by systemd to listen on instead of --port and "
+     "--interface (socket activation) [default: none]"),
     ("tls-cert", str, "tls_cert", "PEM certificate, may hold the full chain (required)"),
     ("tls-key", str, "tls_key", "PEM private key [default: read from --tls-cert]"),
     ("api-url", str, "api_url", f"PostStack API base URL [default: {_config.DEFAULT_API_URL}]"),

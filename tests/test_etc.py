@@ -149,11 +149,12 @@ class UnitContentTests(SynchronousTestCase):
         self.assertIn("adapt", first)
 
     def test_runs_twistd_in_foreground(self) -> None:
-        """ExecStart runs the venv's twistd in the foreground without a pidfile, Type=simple."""
+        """ExecStart runs the venv's twistd in the foreground without a pidfile, Type=notify."""
         self.assertEqual(
             self.service["ExecStart"], "/opt/poststack-relay/venv/bin/twistd -n --pidfile= poststack-relay"
         )
-        self.assertEqual(self.service["Type"], "simple")
+        self.assertEqual(self.service["Type"], "notify")
+        self.assertEqual(self.service["NotifyAccess"], "main")
         self.assertEqual(self.service["EnvironmentFile"], "/etc/poststack-relay/relay.env")
         self.assertEqual((self.service["User"], self.service["Group"]), ("poststack-relay", "poststack-relay"))
 
