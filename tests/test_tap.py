@@ -94,7 +94,6 @@ class CommandLineTests(SynchronousTestCase):
         environ["PYTHONPATH"] = ROOT
         environ.update(env or {})
         return subprocess.run(
-            [sys.executable, "-m", "twisted", *args] if False else
             [os.path.join(os.path.dirname(sys.executable), "twistd"), *args],
             capture_output=True, text=True, timeout=60, env=environ, cwd=self.mktemp_dir(),
         )
