@@ -51,6 +51,10 @@ DEFAULT_AUTH_FAILURE_DELAY = 0.5
 DEFAULT_AUTH_FAILURE_MAX_DELAY = 8.0
 DEFAULT_AUTH_CACHE_TTL = 60.0
 DEFAULT_AUTH_NEGATIVE_TTL = 10.0
+# Prometheus metrics, /healthz and /readyz: loopback only unless the operator
+# says otherwise.  9587 is "587" for the metrics of the relay on port 587.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9587"
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -170,6 +174,13 @@ class RelayConfig:
     @ivar systemd_socket: the C{FileDescriptorName=} of a listening socket
         passed by systemd (socket activation) to listen on instead of
         C{port} and C{interface}; C{""}: none.
+    @ivar listen: further listeners beside the main one, each a spec
+        string C{[INTERFACE:]PORT[,option...]} or C{systemd:NAME[,option...]}
+        (see C{docs/configuration.md}).
+    @ivar metrics_listen: C{HOST:PORT} of the HTTP listener serving
+        C{/metrics}, C{/healthz} and C{/readyz}; C{""} disables it.
+    @ivar log_format: C{"text"} (for people) or C{"json"} (one object per
+        line, for log shippers).
     """
 
     tls_cert: str
@@ -231,6 +242,9 @@ class RelayConfig:
     )
     proxy_protocol: bool = False
     systemd_socket: str = ""
+    listen: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    log_format: str = "text"
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):
@@ -238,6 +252,10 @@ class RelayConfig:
         if self.tls_profile not in TLS_PROFILES:
             raise ConfigError(
                 f"tls-profile must be one of {', '.join(TLS_PROFILES)}, not {self.tls_profile!r}"
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"log-format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}"
             )
         if not self.hostname or any(c.isspace() for c in self.hostname):
             raise ConfigError(f"hostname must be a host name, not {self.hostname!r}")

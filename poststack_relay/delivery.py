@@ -46,9 +46,10 @@ class IRelayDelivery(Interface):
         C{None} if C{address} may be the envelope sender, else the reply.
         """
 
-    def deliver(envelope: Envelope, raw: bytes, session: str) -> "Deferred[Reply]":
+    def deliver(envelope: Envelope, raw: bytes, session: str, client: str) -> "Deferred[Reply]":
         """
         Translate and send one transaction; fires with the client's reply.
+        C{session} and C{client} (the client's address) are for the log.
         """
 
 
@@ -202,7 +203,9 @@ class RelayDelivery:
         """
         return sender_reply(self.identity, address)
 
-    def deliver(self, envelope: Envelope, raw: bytes, session: str = "-") -> "Deferred[Reply]":
+    def deliver(
+        self, envelope: Envelope, raw: bytes, session: str = "-", client: str = "-"
+    ) -> "Deferred[Reply]":
         """
         Translate and send one message.  Always fires with the reply for the
         client (never fails): 250 only when the API returned an email id.

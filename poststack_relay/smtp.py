@@ -908,7 +908,7 @@ class RelaySMTP(smtp.ESMTP):
         self._reset_data()
         self._wait()
         assert self._delivery is not None
-        d = self._delivery.deliver(Envelope(mail_from, rcpts), raw, self.session)
+        d = self._delivery.deliver(Envelope(mail_from, rcpts), raw, self.session, client=self.client)
         # addCallbacks, not addCallback + addErrback: an error in commands
         # pipelined after the dot (run from _delivered) must not produce a
         # second reply for the message.

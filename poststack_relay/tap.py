@@ -44,6 +44,19 @@ def _boolean(value: str) -> bool:
 
 _boolean.__name__ = "yes/no value"
 
+
+def _listen_specs(value: "str | list[str] | tuple[str, ...]") -> tuple[str, ...]:
+    """
+    Listener specs: from the environment one string of specs separated by
+    white space, from the command line and the config file a list.
+    """
+    if isinstance(value, str):
+        return tuple(value.split())
+    return tuple(value)
+
+
+_listen_specs.__name__ = "list of listener specs"
+
 # (name, converter, RelayConfig field, help)
 _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("port", int, "port", f"TCP port for implicit TLS [default: {_config.DEFAULT_PORT}]"),
@@ -54,6 +67,10 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("systemd-socket", str, "systemd_socket",
      "FileDescriptorName= of a socket passed by systemd to listen on instead of --port and "
      "--interface (socket activation) [default: none]"),
+    ("listen", _listen_specs, "listen",
+     "one more listener, [INTERFACE:]PORT or systemd:NAME, optionally followed by "
+     ",proxy-protocol ,tls-cert=PATH ,tls-key=PATH; may be given several times "
+     "(environment: specs separated by spaces) [default: none]"),
     ("tls-cert", str, "tls_cert", "PEM certificate, may hold the full chain (required)"),
     ("tls-key", str, "tls_key", "PEM private key [default: read from --tls-cert]"),
     ("api-url", str, "api_url", f"PostStack API base URL [default: {_config.DEFAULT_API_URL}]"),
@@ -118,7 +135,15 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"[default: {_config.DEFAULT_DRAIN_TIMEOUT:g}]"),
     ("auth-cache-ttl", float, "auth_cache_ttl",
      f"seconds a good credential check is reused [default: {_config.DEFAULT_AUTH_CACHE_TTL:g}]"),
+    ("metrics-listen", str, "metrics_listen",
+     "HOST:PORT of the HTTP listener for /metrics (Prometheus), /healthz and /readyz; "
+     f"empty disables it [default: {_config.DEFAULT_METRICS_LISTEN}]"),
+    ("log-format", str, "log_format",
+     "text (for people) or json (one object per line, for log shippers) [default: text]"),
 ]
+
+# Options that may be given several times on the command line.
+REPEATABLE_OPTIONS = ("listen",)
 
 
 # Options whose values are secrets: masked by --check-config.
@@ -136,6 +161,7 @@ _FILE_TYPES: dict[Callable[[str], Any], tuple[tuple[type, ...], str]] = {
     float: ((int, float), "a number"),
     str: ((str,), "a string"),
     _boolean: ((bool,), "true or false"),
+    _listen_specs: ((list,), "an array of strings"),
 }
 
 
@@ -163,11 +189,15 @@ def _file_values(path: str, table: Mapping[str, Any]) -> dict[str, Any]:
         name, convert = by_key[key]
         types, wanted = _FILE_TYPES[convert]
         # bool is an int in Python, but true is not a number in TOML.
-        if isinstance(value, bool) != (convert is _boolean) or not isinstance(value, types):
+        if (
+            isinstance(value, bool) != (convert is _boolean)
+            or not isinstance(value, types)
+            or (isinstance(value, list) and not all(isinstance(v, str) for v in value))
+        ):
             raise ConfigError(f"config file {path!r}: {key} must be {wanted}, not {value!r}")
         if value == "":
             continue  # as in the environment: empty means unset
-        values[name] = float(value) if convert is float else value
+        values[name] = float(value) if convert is float else convert(value) if convert is _listen_specs else value
     return values
 
 
@@ -181,6 +211,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -241,7 +273,7 @@ Example:
     optParameters = [
         ["config", None, None,
          f"TOML file of settings, keys like max_message_size (env {ENV_PREFIX}CONFIG)"],
-    ] + [[name, None, None, help] for name, _, _, help in _OPTIONS]
+    ] + [[name, None, None, help] for name, _, _, help in _OPTIONS if name not in REPEATABLE_OPTIONS]
 
     config: RelayConfig
     sources: dict[str, str]
@@ -249,6 +281,16 @@ Example:
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self["listen"] = None
+
+    def opt_listen(self, spec: str) -> None:
+        """
+        one more listener, [INTERFACE:]PORT or systemd:NAME, optionally
+        followed by ,proxy-protocol ,tls-cert=PATH ,tls-key=PATH; may be
+        given several times (environment: specs separated by spaces)
+        [default: none]
+        """
+        self["listen"] = [*(self["listen"] or []), spec]
 
     def postOptions(self) -> None:
         """

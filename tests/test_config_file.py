@@ -259,14 +259,18 @@ class ExampleFileTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         config = options.config
         for commented, key, _, _ in self.settings:
-            self.assertEqual(getattr(config, key), table[key], key)
+            value = table[key]
+            self.assertEqual(getattr(config, key), tuple(value) if isinstance(value, list) else value, key)
         defaults = {
             field.name: field.default
             for field in attrs.fields(RelayConfig)
             if field.default is not attrs.NOTHING and getattr(field.default, "factory", None) is None
             and field.default is not None
         }
-        shown = {key: table[key] for commented, key, _, _ in self.settings if commented}
+        shown = {
+            key: tuple(table[key]) if isinstance(table[key], list) else table[key]
+            for commented, key, _, _ in self.settings if commented
+        }
         expected = {
             field: value for field, value in defaults.items()
             if any(f == field for _, _, f, _ in tap._OPTIONS)

@@ -238,7 +238,7 @@ class EnvExampleTests(SynchronousTestCase):
         for option, convert, field, _ in tap._OPTIONS:
             for commented, name, value, _ in self.assignments:
                 if name == tap.env_name(option) and commented:
-                    shown[field] = convert(value) if value else ""
+                    shown[field] = convert(value) if value or convert is tap._listen_specs else ""
         fixed = {field: value for field, value in defaults.items() if value is not None}
         options_fields = {field for _, _, field, _ in tap._OPTIONS}
         self.assertEqual(shown, {f: v for f, v in fixed.items() if f in options_fields})

@@ -109,9 +109,11 @@ class RecordingDelivery(RelayDelivery):
         super().__init__(identity, api)
         self.record = record
 
-    def deliver(self, envelope: Envelope, raw: bytes, session: str = "-") -> "Deferred[Reply]":
+    def deliver(
+        self, envelope: Envelope, raw: bytes, session: str = "-", client: str = "-"
+    ) -> "Deferred[Reply]":
         self.record.append((envelope, raw))
-        return super().deliver(envelope, raw, session)
+        return super().deliver(envelope, raw, session, client)
 
 
 class ReviewHarness(Harness):
