@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_delivery,tests.test_senders -*-
+# -*- test-case-name: tests.test_delivery,tests.test_senders,tests.test_logs -*-
 """
 Message delivery: one SMTP transaction becomes one C{POST /emails}.
 
@@ -182,6 +182,141 @@ def sender_header_reply(mailbox: str, raw: bytes) -> Optional[Reply]:
     return None
 
 
+# The outcomes of a transaction, as C{smtp_transaction} logs them.
+OUTCOME_RELAYED = "relayed"
+"""The API accepted the message; the client got 250 with the email id."""
+OUTCOME_DEFERRED = "deferred"
+"""The client got a 4xx: nothing was sent, the client should retry."""
+OUTCOME_REJECTED = "rejected"
+"""The client got a 5xx: the relay or the API refused the message."""
+
+# Which idempotency key a message went out with.
+IDEMPOTENCY_CLIENT = "client"
+"""The message's own C{X-PostStack-Idempotency-Key}."""
+IDEMPOTENCY_DERIVED = "derived"
+"""Derived from the message (L{derived_idempotency_key})."""
+IDEMPOTENCY_RANDOM = "random"
+"""None of its own: the API client makes a random one per message."""
+
+TRANSACTION_EVENT = "smtp_transaction"
+"""The C{event} of the one log event per SMTP transaction."""
+
+TRANSACTION_FIELDS = (
+    "session",
+    "outcome",
+    "client",
+    "identity",
+    "mail_from",
+    "rcpt_count",
+    "size",
+    "api_status",
+    "api_ms",
+    "email_id",
+    "idempotency",
+    "reply_code",
+    "reply_enhanced",
+    "reply_text",
+    "total_ms",
+)
+"""
+The fields of every C{smtp_transaction} event besides C{event}, always all
+present (C{None} where they do not apply); documented in
+C{docs/logging.md}.  Their names are stable: log queries rely on them.
+"""
+
+
+def idempotency_kind(request: EmailRequest, client_key: bool) -> str:
+    """
+    Which kind of idempotency key C{request} goes out with:
+    L{IDEMPOTENCY_CLIENT} when the message brought its own (C{client_key}),
+    L{IDEMPOTENCY_DERIVED} when the relay derived one, else
+    L{IDEMPOTENCY_RANDOM} (the API client makes one up).
+    """
+    if client_key:
+        return IDEMPOTENCY_CLIENT
+    if request.idempotency_key is not None:
+        return IDEMPOTENCY_DERIVED
+    return IDEMPOTENCY_RANDOM
+
+
+def transaction_outcome(reply: Reply, email_id: Optional[str]) -> str:
+    """
+    L{OUTCOME_RELAYED} for a 2xx with an email id, L{OUTCOME_DEFERRED} for
+    any 4xx, otherwise L{OUTCOME_REJECTED}.
+    """
+    if email_id and 200 <= reply.code < 300:
+        return OUTCOME_RELAYED
+    if 400 <= reply.code < 500:
+        return OUTCOME_DEFERRED
+    return OUTCOME_REJECTED
+
+
+def _round_ms(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 1)
+
+
+def log_transaction(
+    *,
+    session: str,
+    client: str,
+    identity: str,
+    envelope: Envelope,
+    size: int,
+    reply: Reply,
+    email_id: Optional[str],
+    api_status: Optional[int],
+    api_ms: Optional[float],
+    total_ms: float,
+    idempotency: Optional[str],
+) -> None:
+    """
+    Emit the C{smtp_transaction} event of one transaction (fields:
+    L{TRANSACTION_FIELDS}).  Its text is one line for people, e.g.
+    C{s1c relayed client=203.0.113.9 identity=sk_live_ab… from=<a@x.com>
+    rcpts=3 size=1843 api=202 156.2ms id=em_1 idem=derived reply=250 2.0.0
+    total=161.0ms}; the parts that do not apply (no API call, no email id)
+    are left out of the text, never out of the fields.
+
+    @param identity: the identity's label (a key prefix or the mailbox),
+        never a key.
+    @param api_ms: upstream latency, retries included; C{None} if the
+        message never reached the API client.
+    """
+    outcome = transaction_outcome(reply, email_id)
+    text = (
+        "{session} {outcome} client={client} identity={identity} from=<{mail_from}> "
+        "rcpts={rcpt_count} size={size}"
+    )
+    if api_ms is not None:
+        text += " api={api_status} {api_ms}ms" if api_status is not None else " api=- {api_ms}ms"
+    if email_id is not None:
+        text += " id={email_id}"
+    if idempotency is not None:
+        text += " idem={idempotency}"
+    text += " reply={reply_code} {reply_enhanced} total={total_ms}ms"
+    if outcome != OUTCOME_RELAYED:
+        text += ": {reply_text}"
+    _log.info(
+        text,
+        event=TRANSACTION_EVENT,
+        session=session,
+        outcome=outcome,
+        client=client,
+        identity=identity,
+        mail_from=envelope.mail_from,
+        rcpt_count=len(envelope.rcpt_to),
+        size=size,
+        api_status=api_status,
+        api_ms=_round_ms(api_ms),
+        email_id=email_id,
+        idempotency=idempotency,
+        reply_code=reply.code,
+        reply_enhanced=reply.enhanced,
+        reply_text=reply.text,
+        total_ms=_round_ms(total_ms),
+    )
+
+
 @implementer(IRelayDelivery)
 class RelayDelivery:
     """
@@ -213,27 +348,22 @@ class RelayDelivery:
         started = time.monotonic()
         identity = self.identity
         size = len(raw)
+        idempotency: Optional[str] = None
 
         def log(reply: Reply, email_id: Optional[str] = None, status: Optional[int] = None,
                 api_ms: Optional[float] = None) -> None:
-            _log.info(
-                "{session} {outcome} from={mail_from} rcpts={rcpt_count} size={size} "
-                "identity={identity} api_status={api_status} id={email_id} "
-                "reply={reply_code} {reply_enhanced} api_ms={api_ms} ms={total_ms}",
-                event="smtp_transaction",
-                outcome="relayed" if email_id else "rejected",
+            log_transaction(
                 session=session,
-                mail_from=envelope.mail_from,
-                rcpt_count=len(envelope.rcpt_to),
-                size=size,
+                client=client,
                 identity=identity.label,
-                api_status=status,
+                envelope=envelope,
+                size=size,
+                reply=reply,
                 email_id=email_id,
-                reply_code=reply.code,
-                reply_enhanced=reply.enhanced,
-                reply_text=reply.text,
-                api_ms=None if api_ms is None else round(api_ms, 1),
-                total_ms=round((time.monotonic() - started) * 1000, 1),
+                api_status=status,
+                api_ms=api_ms,
+                total_ms=(time.monotonic() - started) * 1000,
+                idempotency=idempotency,
             )
 
         try:
@@ -243,8 +373,10 @@ class RelayDelivery:
                     log(rejection)
                     return _succeed(rejection)
             request = translate(raw, envelope, mailbox=identity.mailbox)
+            client_key = request.idempotency_key is not None
             if self._derive_keys:
                 request = with_derived_key(request, identity, envelope, raw)
+            idempotency = idempotency_kind(request, client_key)
             # Nothing below needs the raw message: let it go before the
             # request body is built.
             del raw
