@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_api -*-
+# -*- test-case-name: tests.test_api,tests.test_metrics -*-
 """
 The PostStack API as the relay sees it: an interface, and its HTTP client.
 
@@ -59,6 +59,7 @@ from .config import (
     DEFAULT_API_MAX_IN_FLIGHT,
     DEFAULT_API_QUEUE_TIMEOUT,
 )
+from .metrics import RelayMetrics, UpstreamMetrics
 from .replies import Reply, clean_text
 from .translate import EmailRequest
 
@@ -621,6 +622,13 @@ def _read_body(response: Any) -> "Deferred[bytes]":
 
 _MAX_BACKOFF_EXPONENT = 30
 
+# The metrics' "call" label of each API path.
+_CALLS = {
+    ("POST", "/emails"): "send",
+    ("GET", "/emails"): "key_check",
+    ("POST", "/mailboxes/authenticate"): "mailbox_check",
+}
+
 
 @implementer(IEmailAPI)
 class HTTPEmailAPI:
@@ -649,6 +657,14 @@ class HTTPEmailAPI:
         at least what C{Retry-After} asks.
     @param backoff_cap: see C{backoff_base}.
     @param rng: the random source for the jitter.
+    @param metrics: where attempts, retries, requests in flight, the queue
+        and the breaker are counted (C{docs/metrics.md}); a private
+        L{RelayMetrics} if C{None}.  Its C{upstream_in_flight},
+        C{upstream_queue}, C{api_breaker_open} and
+        C{api_last_reachable_timestamp_seconds} gauges read this client.
+
+    @ivar last_reachable: clock seconds of the last HTTP answer that was not
+        a 5xx (any call, the probe included), or C{None}.
     """
 
     def __init__(
@@ -668,6 +684,7 @@ class HTTPEmailAPI:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         rng: Optional[random.Random] = None,
+        metrics: Optional[RelayMetrics] = None,
     ) -> None:
         if timeout <= 0 or deadline <= 0 or queue_timeout < 0:
             raise ValueError("timeout and deadline must be positive, queue_timeout not negative")
@@ -696,6 +713,60 @@ class HTTPEmailAPI:
         self._rng = rng if rng is not None else random.Random()
         self._slots_: Optional[RequestSlots] = None
         self._breaker_: Optional[CircuitBreaker] = None
+        self.last_reachable: Optional[float] = None
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self._upstream = self.metrics.upstream
+        self.metrics.upstream_in_flight.set_function(
+            lambda: self._slots_.held if self._slots_ is not None else 0
+        )
+        self.metrics.upstream_queue.set_function(
+            lambda: self._slots_.waiting if self._slots_ is not None else 0
+        )
+        self.metrics.api_breaker_open.set_function(
+            lambda: 0 if self._breaker_ is None or self._breaker_.state == "closed" else 1
+        )
+        self.metrics.api_last_reachable_timestamp_seconds.set_function(
+            lambda: self.last_reachable or 0.0
+        )
+
+    def reachable_within(self, seconds: float) -> bool:
+        """
+        Did the API give an answer that is not a 5xx (to any call, the
+        probe included) within the last C{seconds} seconds?
+        """
+        last = self.last_reachable
+        return last is not None and self._get_clock().seconds() - last <= seconds
+
+    def probe(self, timeout: Optional[float] = None) -> "Deferred[bool]":
+        """
+        One cheap request, C{GET /emails?per_page=1} without a key, to learn
+        whether the API answers: fires C{True} for any answer that is not a
+        5xx (a 401 is the expected one), C{False} for a 5xx, a network
+        error or a time-out.  No retries; the request slots and the
+        circuit breaker are bypassed.  Cancelling it cancels the request.
+
+        @param timeout: seconds; the attempt time-out if C{None}.
+        """
+        headers = {
+            b"User-Agent": [USER_AGENT.encode("ascii")],
+            b"Accept": [b"application/json"],
+        }
+
+        async def probe() -> bool:
+            try:
+                status, _, _ = await self._request(
+                    "GET",
+                    self._check_url,
+                    headers,
+                    None,
+                    timeout if timeout is not None else self._timeout,
+                    self._upstream["probe"],
+                )
+            except _AttemptError:
+                return False
+            return status < 500
+
+        return Deferred.fromCoroutine(probe())
 
     def _headers(
         self, api_key: str, idempotency_key: Optional[str] = None
@@ -753,9 +824,11 @@ class HTTPEmailAPI:
         headers: Mapping[bytes, list[bytes]],
         data: Optional[bytes],
         timeout: float,
+        upstream: UpstreamMetrics,
     ) -> tuple[int, Any, Any]:
         """
-        One attempt: (status, decoded JSON body or None, response).
+        One attempt: (status, decoded JSON body or None, response), counted
+        in C{upstream} (status and duration).
         Raises L{_AttemptError} when no complete answer arrives in
         C{timeout} seconds; a cancellation from outside stays a
         C{CancelledError}.
@@ -787,23 +860,35 @@ class HTTPEmailAPI:
 
         outcome: Deferred[tuple[Any, bytes]] = Deferred(cancel)
         attempt.chainDeferred(outcome)
-        timer = self._get_clock().callLater(timeout, expire)
+        clock = self._get_clock()
+        started = clock.seconds()
+        timer = clock.callLater(timeout, expire)
         try:
             response, content = await outcome
         except Exception as e:
             name = e.__class__.__name__
+            ended = clock.seconds() - started
             if expired:
+                upstream.attempt("timeout", ended)
                 raise _AttemptError("timeout", "timeout", REPLY_TIMEOUT, timeout) from None
             if cancelled:
+                upstream.attempt("cancelled", ended)
                 raise CancelledError() from None
             if isinstance(e, _NETWORK_ERRORS):
+                upstream.attempt("network_error", ended)
                 raise _AttemptError("network", name, REPLY_NO_ANSWER, timeout) from None
+            upstream.attempt("client_error", ended)
             # Only the class name: an exception's text could quote a header.
             raise _AttemptError("client", name, REPLY_CLIENT_ERROR, timeout) from None
         finally:
             if timer.active():
                 timer.cancel()
-        return response.code, _json_body(content), response
+        status = response.code
+        now = clock.seconds()
+        upstream.attempt(status, now - started)
+        if status < 500:
+            self.last_reachable = now
+        return status, _json_body(content), response
 
     def _retry_reason(
         self, status: int, body: Any, response: Any, needs_id: bool
@@ -850,6 +935,7 @@ class HTTPEmailAPI:
         """
         clock = self._get_clock()
         slots, breaker = self.slots, self.breaker
+        upstream = self._upstream[_CALLS.get((method, path), "send")]
         # The least time worth starting an attempt with.
         window = min(self._timeout, self._deadline, 1.0)
         attempt = 0
@@ -871,7 +957,7 @@ class HTTPEmailAPI:
                 outcome = "inconclusive"
                 try:
                     status, body, response = await self._request(
-                        method, url, headers, data, attempt_timeout
+                        method, url, headers, data, attempt_timeout, upstream
                     )
                 except _AttemptError as e:
                     error = e
@@ -916,6 +1002,7 @@ class HTTPEmailAPI:
                         delay=round(delay, 3),
                         event="api_retry",
                     )
+                    upstream.retries.inc()
                     await deferLater(clock, delay)
                     continue
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config,tests.test_config_file -*-
+# -*- test-case-name: tests.test_config,tests.test_config_file,tests.test_listeners -*-
 """
 The relay's configuration: one frozen attrs value, built once at start-up.
 
@@ -115,6 +115,174 @@ def _port(instance: object, attribute: "attrs.Attribute[int]", value: int) -> No
         raise ConfigError(f"port must be between 0 and 65535, not {value}")
 
 
+LISTEN_OPTIONS = ("proxy-protocol", "tls-cert=", "tls-key=")
+_YES = ("yes", "true", "on", "1")
+_NO = ("no", "false", "off", "0")
+
+
+@attrs.frozen
+class ListenerConfig:
+    """
+    One implicit-TLS listener: where it listens, whether a PROXY protocol
+    header comes first, and which certificate it serves.
+
+    The main listener comes from C{port}, C{interface}, C{systemd_socket},
+    C{proxy_protocol}, C{tls_cert} and C{tls_key} of L{RelayConfig}; each
+    C{listen} spec adds one (L{parse_listener}).
+
+    @ivar interface: address to bind; C{""} means all IPv4 interfaces.
+    @ivar port: TCP port (0: any free port); unused with C{systemd_socket}.
+    @ivar systemd_socket: C{FileDescriptorName=} of a socket passed by
+        systemd to listen on instead of C{interface} and C{port}; C{""}:
+        none.
+    @ivar proxy_protocol: expect a PROXY protocol v1/v2 header before TLS.
+    @ivar tls_cert: the PEM certificate (chain) this listener serves.
+    @ivar tls_key: its PEM key; C{None} if in C{tls_cert}.
+    @ivar spec: the C{listen} spec it was parsed from; C{""} for the main
+        listener.
+    """
+
+    interface: str = ""
+    port: int = DEFAULT_PORT
+    systemd_socket: str = ""
+    proxy_protocol: bool = False
+    tls_cert: str = ""
+    tls_key: Optional[str] = None
+    spec: str = ""
+
+    @property
+    def label(self) -> str:
+        """
+        A short name for logs: C{*:465}, C{127.0.0.1:587}, C{[::1]:465},
+        C{systemd:smtps}.
+        """
+        if self.systemd_socket:
+            return f"systemd:{self.systemd_socket}"
+        host = self.interface or "*"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    @property
+    def address_key(self) -> tuple[str, str]:
+        """
+        What two listeners must not share: the systemd socket name, or the
+        interface and port (C{""} and C{0.0.0.0} are the same interface).
+        """
+        if self.systemd_socket:
+            return ("systemd", self.systemd_socket)
+        return (self.interface or "0.0.0.0", str(self.port))
+
+
+def _spec_port(spec: str, text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ConfigError(f"listen {spec!r}: port must be a number, not {text!r}")
+    port = int(text)
+    if port > 65535:
+        raise ConfigError(f"listen {spec!r}: port must be between 0 and 65535, not {port}")
+    return port
+
+
+def parse_listener(spec: str, main: ListenerConfig) -> ListenerConfig:
+    """
+    Parse one C{listen} spec into a listener that inherits from C{main}
+    whatever the spec does not say.
+
+    Grammar: C{[INTERFACE:]PORT} (an IPv6 interface in brackets,
+    C{[::1]:465}; C{PORT} alone is every IPv4 interface) or
+    C{systemd:NAME}, then optional comma-separated options:
+    C{proxy-protocol} (same as C{proxy-protocol=yes}),
+    C{proxy-protocol=yes|no}, C{tls-cert=PATH} and C{tls-key=PATH}.
+    Without C{tls-cert} the listener serves C{main}'s certificate and key;
+    with it, its own (the key from C{tls-key}, else from the certificate
+    file).  C{proxy-protocol} defaults to C{main}'s.
+
+    @raise ConfigError: one line starting with C{listen 'SPEC':}.
+    """
+    parts = [part.strip() for part in spec.split(",")]
+    address, options = parts[0], parts[1:]
+    if not address:
+        raise ConfigError(
+            f"listen {spec!r}: empty spec (want [INTERFACE:]PORT or systemd:NAME)"
+        )
+    interface, port, systemd_socket = "", DEFAULT_PORT, ""
+    if address.startswith("systemd:"):
+        systemd_socket = address[len("systemd:"):]
+        if not systemd_socket or ":" in systemd_socket or any(c.isspace() for c in systemd_socket):
+            raise ConfigError(
+                f"listen {spec!r}: systemd socket name must be a FileDescriptorName=, "
+                f"not {systemd_socket!r}"
+            )
+    elif address.startswith("["):
+        end = address.find("]")
+        if end < 0:
+            raise ConfigError(f"listen {spec!r}: missing ']' after the IPv6 interface")
+        interface, rest = address[1:end], address[end + 1 :]
+        if not interface:
+            raise ConfigError(f"listen {spec!r}: empty interface in brackets")
+        if not rest.startswith(":"):
+            raise ConfigError(f"listen {spec!r}: want [INTERFACE]:PORT after the brackets")
+        port = _spec_port(spec, rest[1:])
+    elif ":" in address:
+        interface, text = address.rsplit(":", 1)
+        if ":" in interface:
+            raise ConfigError(f"listen {spec!r}: put an IPv6 interface in brackets, like [::1]:465")
+        if not interface:
+            raise ConfigError(
+                f"listen {spec!r}: empty interface (write just the port for all interfaces)"
+            )
+        port = _spec_port(spec, text)
+    else:
+        port = _spec_port(spec, address)
+    if any(c.isspace() for c in interface):
+        raise ConfigError(f"listen {spec!r}: interface must be an address, not {interface!r}")
+
+    proxy_protocol = main.proxy_protocol
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    seen: set[str] = set()
+    for option in options:
+        if not option:
+            raise ConfigError(f"listen {spec!r}: empty option (a stray comma?)")
+        name, equals, value = option.partition("=")
+        name = name.strip()
+        value = value.strip()
+        if name in seen:
+            raise ConfigError(f"listen {spec!r}: option {name!r} given twice")
+        seen.add(name)
+        if name == "proxy-protocol":
+            if not equals or value.lower() in _YES:
+                proxy_protocol = True
+            elif value.lower() in _NO:
+                proxy_protocol = False
+            else:
+                raise ConfigError(
+                    f"listen {spec!r}: proxy-protocol must be yes or no, not {value!r}"
+                )
+        elif name in ("tls-cert", "tls-key") and equals:
+            if not value:
+                raise ConfigError(f"listen {spec!r}: {name}= needs a path")
+            if name == "tls-cert":
+                tls_cert = value
+            else:
+                tls_key = value
+        else:
+            raise ConfigError(
+                f"listen {spec!r}: unknown option {option!r} ({', '.join(LISTEN_OPTIONS)})"
+            )
+    if tls_key is not None and tls_cert is None:
+        raise ConfigError(f"listen {spec!r}: tls-key= needs tls-cert= (its own certificate)")
+    return ListenerConfig(
+        interface=interface,
+        port=port,
+        systemd_socket=systemd_socket,
+        proxy_protocol=proxy_protocol,
+        tls_cert=main.tls_cert if tls_cert is None else tls_cert,
+        tls_key=main.tls_key if tls_cert is None else tls_key,
+        spec=spec,
+    )
+
+
 @attrs.frozen
 class RelayConfig:
     """
@@ -178,7 +346,8 @@ class RelayConfig:
         string C{[INTERFACE:]PORT[,option...]} or C{systemd:NAME[,option...]}
         (see C{docs/configuration.md}).
     @ivar metrics_listen: C{HOST:PORT} of the HTTP listener serving
-        C{/metrics}, C{/healthz} and C{/readyz}; C{""} disables it.
+        C{/metrics}, C{/healthz} and C{/readyz}; C{"off"} (or C{""})
+        disables it.
     @ivar log_format: C{"text"} (for people) or C{"json"} (one object per
         line, for log shippers).
     """
@@ -259,3 +428,54 @@ class RelayConfig:
             )
         if not self.hostname or any(c.isspace() for c in self.hostname):
             raise ConfigError(f"hostname must be a host name, not {self.hostname!r}")
+        if self.metrics_enabled:
+            from .metrics import parse_metrics_listen  # metrics imports this module
+
+            parse_metrics_listen(self.metrics_listen)
+        self.listeners()
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """
+        Whether the metrics listener runs: C{metrics_listen} is neither
+        C{"off"} nor empty (empty is what an embedder may pass; from the
+        command line, environment or file, empty means the default).
+        """
+        return self.metrics_listen.strip().lower() not in ("", "off")
+
+    def main_listener(self) -> ListenerConfig:
+        """
+        The listener from C{port}, C{interface}, C{systemd_socket},
+        C{proxy_protocol}, C{tls_cert} and C{tls_key}.
+        """
+        return ListenerConfig(
+            interface=self.interface,
+            port=self.port,
+            systemd_socket=self.systemd_socket,
+            proxy_protocol=self.proxy_protocol,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+        )
+
+    def listeners(self) -> tuple[ListenerConfig, ...]:
+        """
+        Every listener: the main one first, then one per C{listen} spec in
+        order (L{parse_listener}).
+
+        @raise ConfigError: a spec cannot be parsed, or two listeners
+            share an interface and port (port 0 excepted) or a systemd
+            socket; the message starts with C{listen}.
+        """
+        main = self.main_listener()
+        result = [main]
+        for spec in self.listen:
+            listener = parse_listener(spec, main)
+            if listener.port != 0 or listener.systemd_socket:
+                for other in result:
+                    if other.address_key == listener.address_key:
+                        which = "listener" if other.spec else "main listener"
+                        raise ConfigError(
+                            f"listen {spec!r}: the same address as the {which} {other.label}"
+                        )
+            result.append(listener)
+        return tuple(result)

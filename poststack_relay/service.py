@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_proxy_protocol -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_proxy_protocol,tests.test_listeners -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -9,7 +9,7 @@ L{makeRelayService} is the public embedding API:
                      reactor).setServiceParent(application)
 
 Stopping the service is graceful (L{RelayService.stopService}): the
-listener closes first, sessions drain (up to C{drain_timeout}), and only
+listeners close first, sessions drain (up to C{drain_timeout}), and only
 then is the API connection pool closed.  Nothing here installs signal
 handlers: C{twistd} stops services on SIGTERM, and C{tap.makeService}
 makes that stop end with exit status 0 and makes SIGHUP call
@@ -18,6 +18,11 @@ L{RelayService.reload_tls}.
 With C{proxy_protocol} on, the listener expects a PROXY protocol v1 or v2
 header (HAProxy, cloud TCP balancers) before the TLS ClientHello:
 TCP -> L{ProxyProtocolFactory} -> implicit TLS -> SMTP.
+
+Each C{listen} spec adds a listener (L{RelayConfig.listeners}), wrapped the
+same way with its own PROXY setting and certificate.  All listeners share
+the one SMTP factory, so connection limits, the drain and AUTH throttling
+count every listener together.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from zope.interface import directlyProvides, providedBy
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -42,11 +47,12 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from .api import HTTPEmailAPI, IEmailAPI
 from .auth import AuthThrottle, PostStackChecker, RelayRealm
-from .config import RelayConfig, mask_secret
+from .config import ConfigError, ListenerConfig, RelayConfig, mask_secret
 from .delivery import RelayDelivery
 from .smtp import RelayFactory
 from .systemd import ReadinessService, SystemdNotifier, socketEndpoint
 from .tls import ImplicitTLSFactory, ReloadableTLS
+from .metrics import ApiProbeService, RelayMetrics, makeMetricsService, relay_readiness
 
 _log = Logger()
 
@@ -203,44 +209,108 @@ class ProxyProtocolFactory(HAProxyWrappingFactory):
         return _ProxiedConnection(self)
 
 
+# Seconds between API probes when no real traffic shows the API reachable;
+# /readyz fails after two missed probes and one attempt's time-out.
+API_PROBE_INTERVAL = 15.0
+
+
 class RelayService(MultiService):
     """
-    The relay: a listener and the API client's pool.
+    The relay: its listeners and the API client's pool.
 
-    @ivar factory: the SMTP factory (unwrapped).
-    @ivar listener: the listening service; its C{_waitingForPort} Deferred
-        fires with the C{IListeningPort} once bound.
+    @ivar factory: the SMTP factory (unwrapped), shared by every listener.
+    @ivar listeners: the listening services, the main listener first, in
+        the order of L{RelayConfig.listeners}; each one's
+        C{_waitingForPort} Deferred fires with its C{IListeningPort} once
+        bound.
+    @ivar listener: the main listening service (C{listeners[0]}).
+    @ivar listener_configs: the settings of each of L{listeners}.
+    @ivar certificates: every distinct TLS setting the listeners use, the
+        main listener's first (L{reload_tls}); listeners that serve the
+        same certificate and key files share one.
+    @ivar tls: the main listener's TLS settings (C{certificates[0]}).
     @ivar drain_timeout: seconds L{stopService} lets sessions finish.
-    @ivar tls: the listener's TLS settings (L{reload_tls}).
     """
 
     factory: RelayFactory
     listener: StreamServerEndpointService
+    listeners: list[StreamServerEndpointService]
+    listener_configs: list[ListenerConfig]
     tls: ReloadableTLS
+    certificates: list[ReloadableTLS]
     drain_timeout: float = 0.0
     readiness: Optional[ReadinessService] = None
 
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listener (C{twistd} calls this before it drops
+        privileges).  If one cannot bind, the listeners already bound are
+        closed again and the error is raised, so start-up stops with it.
+        """
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def startService(self) -> None:
+        """
+        Start every child (binding the listeners not bound yet).  If a
+        listener cannot bind, the listeners already bound are closed again
+        and the error is raised, so start-up stops with it.
+        """
+        try:
+            super().startService()
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """
+        Undo a start that failed: close the ports already bound and stop
+        the children already started.
+        """
+        self.running = 0
+        for child in reversed(list(self)):
+            # The SMTP listeners and the metrics listener bind before they run.
+            bound = getattr(child, "_waitingForPort", None) is not None
+            if child.running or bound:
+                maybeDeferred(child.stopService).addErrback(
+                    lambda f, child=child: _log.failure(
+                        "stopping {child} failed", f, child=child, event="stop_child_failed"
+                    )
+                )
+
     def reload_tls(self, trigger: str = "reload_tls()") -> bool:
         """
-        Load the TLS certificate and key files again (C{twistd} calls this on
-        SIGHUP).  New connections get the new certificate; sessions already
-        open keep theirs.  If the new files cannot be used, the old ones
-        stay and the reason is logged (C{tls_reload_failed}).
+        Load every listener's TLS certificate and key files again (C{twistd}
+        calls this on SIGHUP).  New connections get the new certificates;
+        sessions already open keep theirs.  If a certificate's new files
+        cannot be used, its old ones stay and the reason is logged
+        (C{tls_reload_failed}); the others are reloaded all the same.
 
         @param trigger: why, for the log.
-        @return: C{True} if the new files are in use.
+        @return: C{True} if the new files of every certificate are in use.
         """
-        return self.tls.reload(trigger)
+        results = [tls.reload(trigger) for tls in self.certificates]
+        return all(results)
+
+    def _reload_changed(self) -> None:
+        """
+        Reload each certificate whose files changed (the file poll).
+        """
+        for tls in self.certificates:
+            tls.reload_if_changed()
 
     def stopService(self) -> "Deferred[None]":
         """
-        Stop gracefully, in this order: stop listening; drain the sessions
-        (idle ones get C{421 4.3.2} at once, the others after their
-        current transaction is answered, and whatever is left after
-        C{drain_timeout} seconds is dropped without a reply); then stop
-        the other children (the API connection pool).  The Deferred fires
-        when all of it is done.  Under systemd C{Type=notify}, C{STOPPING=1}
-        is sent first.
+        Stop gracefully, in this order: stop listening (every listener);
+        drain the sessions (idle ones get C{421 4.3.2} at once, the others
+        after their current transaction is answered, and whatever is left
+        after C{drain_timeout} seconds is dropped without a reply); then
+        stop the other children (the API connection pool).  The Deferred
+        fires when all of it is done.  Under systemd C{Type=notify},
+        C{STOPPING=1} is sent first.
         """
         if self.readiness is not None and self.running:
             self.readiness.stopping()
@@ -248,14 +318,23 @@ class RelayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self.listener.running:
-            try:
-                await maybeDeferred(self.listener.stopService)
-            except Exception:
-                _log.failure("stopping the listener failed", event="stop_listener_failed")
+        stopping = [
+            maybeDeferred(listener.stopService).addErrback(
+                lambda f, label=label: _log.failure(
+                    "stopping the listener {listener} failed",
+                    f,
+                    listener=label,
+                    event="stop_listener_failed",
+                )
+            )
+            for listener, label in zip(self.listeners, [c.label for c in self.listener_configs])
+            if listener.running
+        ]
+        if stopping:
+            await DeferredList(stopping)
         await self.factory.drain(self.drain_timeout)
         for child in reversed(list(self)):
-            if child is self.listener or not child.running:
+            if child in self.listeners or not child.running:
                 continue
             try:
                 await maybeDeferred(child.stopService)
@@ -264,17 +343,40 @@ class RelayService(MultiService):
 
     def port(self) -> Any:
         """
-        A Deferred firing with the listening port (for tests using port 0).
+        A Deferred firing with the main listener's port once bound (for
+        tests using port 0); C{None} before L{startService}.
         """
         return self.listener._waitingForPort
 
+    def ports(self) -> "Optional[Deferred[list[Any]]]":
+        """
+        A Deferred firing with every listener's C{IListeningPort}, in the
+        order of L{listeners}, once all are bound; C{None} before
+        L{startService}.
+        """
+        waiting = [listener._waitingForPort for listener in self.listeners]
+        if any(d is None for d in waiting):
+            return None
+        return gatherResults(waiting)
 
-def _endpoint(config: RelayConfig, reactor: Any) -> IStreamServerEndpoint:
-    if config.systemd_socket:
-        return socketEndpoint(reactor, config.systemd_socket)
-    if ":" in config.interface:
-        return TCP6ServerEndpoint(reactor, config.port, interface=config.interface)
-    return TCP4ServerEndpoint(reactor, config.port, interface=config.interface)
+
+def _endpoint(listener: ListenerConfig, reactor: Any) -> IStreamServerEndpoint:
+    """
+    Where C{listener} listens: its systemd socket, else TCP over IPv6 or
+    IPv4 by the interface.
+
+    @raise ConfigError: the systemd socket was not passed.
+    """
+    if listener.systemd_socket:
+        try:
+            return socketEndpoint(reactor, listener.systemd_socket)
+        except ConfigError as e:
+            if not listener.spec:
+                raise
+            raise ConfigError(f"listen {listener.spec!r}: {e}") from None
+    if ":" in listener.interface:
+        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.interface)
+    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface)
 
 
 def makeRelayService(
@@ -282,6 +384,7 @@ def makeRelayService(
     reactor: Any,
     api: Optional[IEmailAPI] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
+    metrics: Optional[RelayMetrics] = None,
 ) -> RelayService:
     """
     Build the relay as one C{IService}.
@@ -291,14 +394,43 @@ def makeRelayService(
         C{IReactorPluggableNameResolver} for a real API URL).
     @param api: the API client; by default an L{HTTPEmailAPI} over a
         persistent treq connection pool to C{config.api_url}.
-    @param endpoint: where to listen; by default the systemd socket named
-        C{config.systemd_socket} if set, else TCP on C{config.port} and
-        C{config.interface}.  It is wrapped in implicit TLS (and, with
-        C{config.proxy_protocol}, in L{ProxyProtocolFactory} below TLS).
-    @raise poststack_relay.config.ConfigError: if the certificate or key
-        cannot be used.
+    @param endpoint: where the main listener listens; by default the
+        systemd socket named C{config.systemd_socket} if set, else TCP on
+        C{config.port} and C{config.interface}.  It is wrapped in implicit
+        TLS (and, with C{config.proxy_protocol}, in L{ProxyProtocolFactory}
+        below TLS).  The listeners of C{config.listen} always use their own
+        spec's address.
+    @param metrics: where the relay counts; by default a new
+        L{RelayMetrics} with its own registry (C{service.metrics}).  An
+        embedder passing its own C{api} passes the same object to it.
+        With C{config.metrics_listen} set, they are served on that
+        address with C{/healthz} and C{/readyz} (C{service.metrics_service}).
+    @raise poststack_relay.config.ConfigError: if a certificate or key
+        cannot be used, or a systemd socket was not passed.
     """
-    tls = ReloadableTLS(config.tls_cert, config.tls_key, config.tls_profile)
+    listeners = config.listeners()
+    if metrics is None:
+        metrics = RelayMetrics()
+    # One ReloadableTLS per distinct pair of files: listeners without a
+    # certificate of their own share the main listener's.
+    certificates: list[ReloadableTLS] = []
+    by_files: dict[tuple[str, Optional[str]], ReloadableTLS] = {}
+    tls_of: list[ReloadableTLS] = []
+    for listener in listeners:
+        files = (listener.tls_cert, listener.tls_key)
+        if files not in by_files:
+            try:
+                by_files[files] = ReloadableTLS(*files, config.tls_profile, metrics=metrics)
+            except ConfigError as e:
+                if not listener.spec:
+                    raise
+                raise ConfigError(f"listen {listener.spec!r}: {e}") from None
+            certificates.append(by_files[files])
+        tls_of.append(by_files[files])
+    endpoints = [
+        endpoint if index == 0 and endpoint is not None else _endpoint(listener, reactor)
+        for index, listener in enumerate(listeners)
+    ]
     service = RelayService()
     if api is None:
         import treq.client
@@ -319,6 +451,7 @@ def makeRelayService(
             queue_timeout=config.api_queue_timeout,
             breaker_failures=config.api_breaker_failures,
             breaker_cooldown=config.api_breaker_cooldown,
+            metrics=metrics,
         )
         _PoolService(pool).setServiceParent(service)
 
@@ -341,35 +474,82 @@ def makeRelayService(
         delay=config.auth_failure_delay,
         max_delay=config.auth_failure_max_delay,
     )
-    factory = RelayFactory(portal, config, reactor, throttle=throttle)
-    wrapped: Any = ImplicitTLSFactory(tls, factory, config.tls_detect_timeout, reactor)
-    if config.proxy_protocol:
-        # The PROXY header comes before the TLS ClientHello.
-        wrapped = ProxyProtocolFactory(wrapped, reactor)
-    listener = StreamServerEndpointService(endpoint or _endpoint(config, reactor), wrapped)
-    listener._raiseSynchronously = True  # a failed bind stops start-up
-    listener.setServiceParent(service)
-    # After the listener, so its port Deferred exists when this starts.
+    factory = RelayFactory(portal, config, reactor, throttle=throttle, metrics=metrics)
+    service.factory = factory
+    service.listeners = []
+    service.listener_configs = list(listeners)
+    for index, (listener, tls) in enumerate(zip(listeners, tls_of)):
+        wrapped: Any = ImplicitTLSFactory(
+            tls, factory, config.tls_detect_timeout, reactor, metrics=metrics
+        )
+        if listener.proxy_protocol:
+            # The PROXY header comes before the TLS ClientHello.
+            wrapped = ProxyProtocolFactory(wrapped, reactor)
+        listening = StreamServerEndpointService(endpoints[index], wrapped)
+        listening._raiseSynchronously = True  # a failed bind stops start-up
+        listening.setServiceParent(service)
+        service.listeners.append(listening)
+    # After the listeners, so their port Deferreds exist when this starts.
     readiness = ReadinessService(SystemdNotifier(), service)
     readiness.setServiceParent(service)
     service.readiness = readiness
     if config.tls_reload_interval > 0:
         # Picks up renewed certificates (ACME) without a SIGHUP.
-        poll = TimerService(config.tls_reload_interval, tls.reload_if_changed)
+        poll = TimerService(config.tls_reload_interval, service._reload_changed)
         poll.clock = reactor
         poll.setServiceParent(service)
-    service.tls = tls
-    service.factory = factory
-    service.listener = listener
+    service.metrics = metrics
+    service.metrics_service = None
+    if config.metrics_enabled:
+        if callable(getattr(api, "probe", None)):
+            # Keeps /readyz's "API reachable recently" true while idle.
+            ApiProbeService(api, reactor, API_PROBE_INTERVAL).setServiceParent(service)
+        readiness_check = relay_readiness(
+            lambda: zip([c.label for c in service.listener_configs], service.listeners),
+            factory,
+            api,
+            2 * API_PROBE_INTERVAL + config.api_timeout,
+        )
+        # Stopped after the drain (a child, not a listener): /readyz says
+        # "stopping" while sessions finish, so balancers stop sending.
+        service.metrics_service = makeMetricsService(
+            metrics, config.metrics_listen, reactor, readiness_check
+        )
+        service.metrics_service.setServiceParent(service)
+    service.tls = certificates[0]
+    service.certificates = certificates
+    service.listener = service.listeners[0]
     service.drain_timeout = config.drain_timeout
+    _log_configuration(config, listeners, tls_of, certificates, injected=endpoint is not None)
+    return service
+
+
+def _log_configuration(
+    config: RelayConfig,
+    listeners: tuple[ListenerConfig, ...],
+    tls_of: list[ReloadableTLS],
+    certificates: list[ReloadableTLS],
+    injected: bool,
+) -> None:
+    """
+    Log C{relay_configured} once, C{listener_configured} per listener and
+    C{tls_configured} per distinct certificate.
+    """
+
+    def label(index: int, listener: ListenerConfig) -> str:
+        if index == 0 and injected:
+            # An embedder's endpoint: only the configured port is known.
+            return ListenerConfig(interface=config.interface, port=config.port).label
+        return listener.label
+
+    labels = [label(i, listener) for i, listener in enumerate(listeners)]
     _log.info(
-        "poststack-relay listening on {where} (implicit TLS{proxy}), API {api_url}, "
-        "service key {service_key}",
-        where=(
-            f"systemd socket {config.systemd_socket!r}"
-            if config.systemd_socket and endpoint is None
-            else f"{config.interface or '*'}:{config.port}"
+        "poststack-relay listening on {where}, API {api_url}, service key {service_key}",
+        where=", ".join(
+            f"{name} (implicit TLS{' behind PROXY protocol' if listener.proxy_protocol else ''})"
+            for name, listener in zip(labels, listeners)
         ),
+        listeners=labels,
         interface=config.interface or "*",
         port=config.port,
         proxy=" behind PROXY protocol" if config.proxy_protocol else "",
@@ -377,17 +557,34 @@ def makeRelayService(
         service_key=mask_secret(config.service_key),
         event="relay_configured",
     )
-    _log.info(
-        "TLS profile {profile}, certificate {subject} serial {serial}, valid until {not_after}, "
-        "chain of {chain_length}; reload on SIGHUP{poll}",
-        profile=config.tls_profile,
-        chain_length=1 + len(tls.current.extraCertChain),
-        poll=(
-            f" and when the files change (checked every {config.tls_reload_interval:g} s)"
-            if config.tls_reload_interval > 0
-            else ""
-        ),
-        event="tls_configured",
-        **tls.current.describe(),
-    )
-    return service
+    for name, listener, tls in zip(labels, listeners, tls_of):
+        _log.info(
+            "listener {listener}: implicit TLS{proxy_text}, certificate {subject} from {tls_cert}",
+            listener=name,
+            proxy=listener.proxy_protocol,
+            proxy_text=" behind PROXY protocol" if listener.proxy_protocol else "",
+            tls_cert=tls.cert_path,
+            tls_key=tls.key_path or tls.cert_path,
+            own_certificate=tls is not certificates[0],
+            spec=listener.spec,
+            subject=tls.current.describe()["subject"],
+            event="listener_configured",
+        )
+    for tls in certificates:
+        users = [name for name, used in zip(labels, tls_of) if used is tls]
+        _log.info(
+            "TLS profile {profile}, certificate {subject} serial {serial}, "
+            "valid until {not_after}, chain of {chain_length}; reload on SIGHUP{poll}{used_by}",
+            profile=config.tls_profile,
+            chain_length=1 + len(tls.current.extraCertChain),
+            poll=(
+                f" and when the files change (checked every {config.tls_reload_interval:g} s)"
+                if config.tls_reload_interval > 0
+                else ""
+            ),
+            tls_cert=tls.cert_path,
+            listeners=users,
+            used_by=f"; for {', '.join(users)}" if len(certificates) > 1 else "",
+            event="tls_configured",
+            **tls.current.describe(),
+        )

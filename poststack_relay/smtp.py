@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp,tests.test_smtp_review,tests.test_limits,tests.test_shutdown,tests.test_auth_throttle,tests.test_senders -*-
+# -*- test-case-name: tests.test_smtp,tests.test_smtp_review,tests.test_limits,tests.test_shutdown,tests.test_auth_throttle,tests.test_senders,tests.test_metrics -*-
 """
 The SMTP side: an ESMTP submission server that only relays for
 authenticated users, one transaction at a time, with exact replies.
@@ -49,6 +49,7 @@ from . import replies
 from .auth import AuthThrottle, AuthUnavailable, throttle_user_key
 from .config import RelayConfig
 from .delivery import IRelayDelivery
+from .metrics import RelayMetrics
 from .replies import Reply
 from .translate import Envelope
 
@@ -218,11 +219,13 @@ class RelaySMTP(smtp.ESMTP):
         self._auth_user: Optional[bytes] = None
         self.session = f"{_SESSION_PREFIX}{next(_session_ids):x}"
         self.client = "?"
+        self._started: Optional[float] = None
         self._reset_data()
 
     # -- connection -----------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._started = self.factory.clock.seconds()
         peer = self.transport.getPeer()
         self.client = str(getattr(peer, "host", peer))
         self.setTimeout(self.timeout)
@@ -235,6 +238,11 @@ class RelaySMTP(smtp.ESMTP):
         self._stop_auth_delay()
         self._stop_linger()
         self._chunks = []
+        if self._started is not None:
+            self.factory.metrics.session_duration_seconds.observe(
+                self.factory.clock.seconds() - self._started
+            )
+            self._started = None
         self.factory.session_closed(self)
 
     def timeoutConnection(self) -> None:
@@ -567,15 +575,18 @@ class RelaySMTP(smtp.ESMTP):
     def _auth_plain(self, response: bytes) -> None:
         decoded = _b64decode(response)
         if decoded is None:
+            self.factory.metrics.auth["malformed"].inc()
             self._send(replies.AUTH_BAD_BASE64)
             return
         parts = decoded.split(b"\0")
         if len(parts) != 3:
+            self.factory.metrics.auth["malformed"].inc()
             self._send(replies.AUTH_MALFORMED)
             return
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
             self._auth_failures += 1
+            self.factory.metrics.auth["invalid"].inc()
             self._send(replies.AUTH_AUTHZID)
             return
         self._login(authcid, password)
@@ -583,6 +594,7 @@ class RelaySMTP(smtp.ESMTP):
     def _auth_login_user(self, response: bytes) -> None:
         decoded = _b64decode(response)
         if decoded is None:
+            self.factory.metrics.auth["malformed"].inc()
             self._send(replies.AUTH_BAD_BASE64)
             return
         self._auth_user = decoded
@@ -591,6 +603,7 @@ class RelaySMTP(smtp.ESMTP):
     def _auth_login_password(self, response: bytes) -> None:
         decoded = _b64decode(response)
         if decoded is None:
+            self.factory.metrics.auth["malformed"].inc()
             self._send(replies.AUTH_BAD_BASE64)
             return
         user, self._auth_user = self._auth_user or b"", None
@@ -614,6 +627,7 @@ class RelaySMTP(smtp.ESMTP):
                     user=shown,
                     client=self.client,
                 )
+                self.factory.metrics.auth["throttled"].inc()
                 self._send(replies.AUTH_THROTTLED)
                 return
         self._wait()
@@ -622,6 +636,7 @@ class RelaySMTP(smtp.ESMTP):
         def succeeded(result: Any) -> None:
             _, avatar, _ = result
             self._delivery = avatar
+            self.factory.metrics.auth["ok"].inc()
             _log.info(
                 "{session} auth ok user={user} identity={identity} client={client}",
                 event="auth_ok",
@@ -647,6 +662,7 @@ class RelaySMTP(smtp.ESMTP):
                 _log.failure("credential check crashed", failure, event="auth_crash")
                 reply = replies.AUTH_UNAVAILABLE
                 outcome = "error"
+            self.factory.metrics.auth[outcome].inc()
             _log.info(
                 "{session} auth failed ({outcome}) user={user} client={client}",
                 event="auth_failed",
@@ -893,7 +909,10 @@ class RelaySMTP(smtp.ESMTP):
         mail_from = self._mail_from if self._mail_from is not None else ""
         rcpts = tuple(self._rcpts)
         self._reset_transaction()
+        metrics = self.factory.metrics
+        metrics.message_size_bytes.observe(self._size)
         if self._too_big:
+            metrics.message(replies.MESSAGE_TOO_BIG.code)
             self._reset_data()
             self._mode = _COMMAND
             self._send(
@@ -915,6 +934,7 @@ class RelaySMTP(smtp.ESMTP):
         d.addCallbacks(self._delivered, self._delivery_crashed)
 
     def _delivered(self, reply: Reply) -> None:
+        self.factory.metrics.message(reply.code)
         if reply.code == 250:
             # As Postfix: the error count starts again after a delivered message.
             self._errors = 0
@@ -922,6 +942,7 @@ class RelaySMTP(smtp.ESMTP):
 
     def _delivery_crashed(self, failure: Any) -> None:
         _log.failure("delivery crashed", failure, event="delivery_crash", session=self.session)
+        self.factory.metrics.message(replies.LOCAL_ERROR.code)
         self._resume(replies.LOCAL_ERROR)
 
 
@@ -993,6 +1014,8 @@ class RelayFactory(smtp.SMTPFactory):
     @param throttle: failed-login bookkeeping shared by all sessions (and
         by every listener of the relay); C{None} disables failure delays
         and refusals (L{makeRelayService} always passes one).
+    @param metrics: where sessions, refusals, AUTH results and messages
+        are counted; a private L{RelayMetrics} if C{None}.
 
     @ivar throttle: the L{AuthThrottle}, or C{None}.
     @ivar sessions: the live sessions (built and not yet disconnected).
@@ -1009,8 +1032,10 @@ class RelayFactory(smtp.SMTPFactory):
         config: RelayConfig,
         clock: IReactorTime,
         throttle: Optional[AuthThrottle] = None,
+        metrics: Optional[RelayMetrics] = None,
     ) -> None:
         smtp.SMTPFactory.__init__(self, portal)
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.config = config
         self.clock = clock
         self.throttle = throttle
@@ -1066,12 +1091,20 @@ class RelayFactory(smtp.SMTPFactory):
                 sessions=len(self.sessions),
                 from_client=self._per_client.get(client, 0),
             )
+            if refusal is replies.SHUTTING_DOWN:
+                self.metrics.refused["stopping"].inc()
+            elif refusal is replies.TOO_MANY_CONNECTIONS:
+                self.metrics.refused["max_connections"].inc()
+            else:
+                self.metrics.refused["max_connections_per_ip"].inc()
             return RefusalProtocol(refusal, self.clock)
         p = RelaySMTP(self)
         p.callLater = self.clock.callLater  # type: ignore[method-assign]
         self.sessions.add(p)
         self._session_keys[p] = client
         self._per_client[client] = self._per_client.get(client, 0) + 1
+        self.metrics.connections_total.inc()
+        self.metrics.connections_open.inc()
         return p
 
     def session_closed(self, session: RelaySMTP) -> None:
@@ -1082,6 +1115,7 @@ class RelayFactory(smtp.SMTPFactory):
         if session not in self.sessions:
             return
         self.sessions.discard(session)
+        self.metrics.connections_open.dec()
         client = self._session_keys.pop(session)
         left = self._per_client[client] - 1
         if left:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_systemd -*-
+# -*- test-case-name: tests.test_systemd,tests.test_listeners -*-
 """
 systemd integration: readiness notification (C{Type=notify}) and the
 socket-activated listener (C{poststack-relay.socket}).
@@ -76,7 +76,7 @@ def _describe(port: Any) -> str:
 
 class ReadinessService(Service):
     """
-    Tells systemd C{READY=1} once the relay's port is bound and
+    Tells systemd C{READY=1} once every listener of the relay is bound and
     C{STOPPING=1} when the relay begins to stop.
 
     @ivar notifier: where the state goes.
@@ -85,7 +85,8 @@ class ReadinessService(Service):
     def __init__(self, notifier: SystemdNotifier, relay: Any) -> None:
         """
         @param relay: the L{poststack_relay.service.RelayService}; its
-            C{port()} Deferred fires once the listener is bound.
+            C{ports()} Deferred fires with every listening port once all
+            are bound.
         """
         self.notifier = notifier
         self._relay = relay
@@ -94,13 +95,16 @@ class ReadinessService(Service):
         Service.startService(self)
         if self.notifier.address is None:
             return
-        d = self._relay.port()
+        d = self._relay.ports()
         if d is not None:
             d.addCallback(self._ready)
 
-    def _ready(self, port: Any) -> Any:
-        self.notifier.notify(f"READY=1\nSTATUS=listening on {_describe(port)}")
-        return port
+    def _ready(self, ports: list[Any]) -> list[Any]:
+        if any(port is None for port in ports):
+            return ports  # a listener failed to bind (logged): not ready
+        where = ", ".join(_describe(port) for port in ports)
+        self.notifier.notify(f"READY=1\nSTATUS=listening on {where}")
+        return ports
 
     def stopping(self) -> None:
         """

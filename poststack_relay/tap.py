@@ -137,7 +137,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"seconds a good credential check is reused [default: {_config.DEFAULT_AUTH_CACHE_TTL:g}]"),
     ("metrics-listen", str, "metrics_listen",
      "HOST:PORT of the HTTP listener for /metrics (Prometheus), /healthz and /readyz; "
-     f"empty disables it [default: {_config.DEFAULT_METRICS_LISTEN}]"),
+     f"off disables it [default: {_config.DEFAULT_METRICS_LISTEN}]"),
     ("log-format", str, "log_format",
      "text (for people) or json (one object per line, for log shippers) [default: text]"),
 ]
@@ -312,10 +312,17 @@ Example:
         if check:
             from .tls import load_certificate_options
 
-            try:
-                load_certificate_options(self.config.tls_cert, self.config.tls_key, self.config.tls_profile)
-            except ConfigError as e:
-                raise SystemExit(f"poststack-relay: error: {e}")
+            checked: set[tuple[str, Optional[str]]] = set()
+            for listener in self.config.listeners():
+                files = (listener.tls_cert, listener.tls_key)
+                if files in checked:
+                    continue
+                checked.add(files)
+                try:
+                    load_certificate_options(files[0], files[1], self.config.tls_profile)
+                except ConfigError as e:
+                    where = f"listen {listener.spec!r}: " if listener.spec else ""
+                    raise SystemExit(f"poststack-relay: error: {where}{e}")
             print("\n".join(describe_settings(self.config, self.sources)), flush=True)
             raise SystemExit(0)
 
@@ -409,6 +416,13 @@ def makeService(options: Options) -> Any:
     ends the command with one line on stderr and exit status 1.  SIGTERM
     stops the relay gracefully with exit status 0 (L{stop_on_sigterm});
     SIGHUP reloads the TLS certificate and key (L{reload_tls_on_sighup}).
+
+    With C{--log-format text} (the default) this is the
+    L{poststack_relay.service.RelayService} itself and twistd logs as
+    usual; with C{--log-format json} the relay is wrapped so that the
+    runner writes one JSON object per line instead
+    (L{poststack_relay.logs.use_json_logs}; under twistd a
+    L{poststack_relay.logs.JSONLogService} whose C{service} is the relay).
     """
     from twisted.internet import reactor
 
@@ -420,4 +434,8 @@ def makeService(options: Options) -> Any:
         raise SystemExit(f"poststack-relay: error: {e}")
     reactor.callWhenRunning(stop_on_sigterm, reactor)
     reactor.callWhenRunning(reload_tls_on_sighup, reactor, service)
+    if options.config.log_format == "json":
+        from .logs import use_json_logs
+
+        return use_json_logs(service, getattr(options, "parent", None))
     return service

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls,tests.test_tls_scan,tests.test_tls_reload -*-
+# -*- test-case-name: tests.test_tls,tests.test_tls_scan,tests.test_tls_reload,tests.test_metrics -*-
 """
 Implicit TLS for the listener: Mozilla's server profiles, certificate
 reload without restart, and polite refusal of plaintext clients.
@@ -51,13 +51,23 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.python.randbytes import secureRandom
 from zope.interface import implementer
 
 from .config import TLS_PROFILES, ConfigError
+from .metrics import RelayMetrics
 from .replies import NOT_TLS
 
 _log = Logger()
+
+try:
+    # Does an OpenSSL error stand for an end of file?  (Twisted's own test.)
+    from twisted.protocols.tls import _representsEOF
+except ImportError:  # pragma: no cover - depends on the Twisted version
+
+    def _representsEOF(exceptionObject: Any) -> bool:
+        return isinstance(exceptionObject, SSL.SysCallError)
 
 # Mozilla intermediate, TLS 1.2: ECDHE with AEAD ciphers, in Mozilla's order.
 TLS12_CIPHERS = ":".join(
@@ -287,10 +297,21 @@ class ReloadableTLS:
 
     Everything runs on the reactor thread.
 
+    The metrics' C{tls_certificate_expiry_timestamp_seconds} (labelled with
+    the certificate file's path) follows the certificate in use, and
+    C{tls_reloads_total} counts reloads by result.
+
     @ivar current: the settings new connections get.
+    @ivar metrics: the L{RelayMetrics} updated on each load.
     """
 
-    def __init__(self, cert_path: str, key_path: Optional[str], profile: str = "intermediate") -> None:
+    def __init__(
+        self,
+        cert_path: str,
+        key_path: Optional[str],
+        profile: str = "intermediate",
+        metrics: Optional[RelayMetrics] = None,
+    ) -> None:
         """
         Load the files for the first time.
 
@@ -299,10 +320,17 @@ class ReloadableTLS:
         self.cert_path = cert_path
         self.key_path = key_path
         self.profile = profile
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         stamp = self._stamps()
         self.current: TLSOptions = load_certificate_options(cert_path, key_path, profile)
         self._loaded = stamp
         self._failed: Optional[tuple[_Stamp, _Stamp]] = None
+        # Labelled only once a certificate loaded: never a 0 expiry.
+        self._expiry = self.metrics.tls_certificate_expiry_timestamp_seconds.labels(cert_path)
+        self._set_expiry()
+
+    def _set_expiry(self) -> None:
+        self._expiry.set(self.current.certificate.not_valid_after_utc.timestamp())
 
     def _stamps(self) -> tuple[_Stamp, _Stamp]:
         return (_stamp(self.cert_path), _stamp(self.key_path))
@@ -332,6 +360,7 @@ class ReloadableTLS:
             options = load_certificate_options(self.cert_path, self.key_path, self.profile)
         except Exception as e:
             self._failed = stamp
+            self.metrics.tls_reloads_total.labels("failed").inc()
             reason = str(e) if isinstance(e, ConfigError) else f"{e.__class__.__name__}: {e}"
             old = self.current.describe()
             _log.error(
@@ -347,6 +376,8 @@ class ReloadableTLS:
         self.current = options
         self._loaded = stamp
         self._failed = None
+        self.metrics.tls_reloads_total.labels("ok").inc()
+        self._set_expiry()
         described = options.describe()
         _log.info(
             "TLS certificate reloaded ({trigger}): {subject} serial {serial}, "
@@ -384,11 +415,19 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
     within the factory's C{detectTimeout}, one plaintext C{554 5.7.0} line is
     written under the TLS layer and the connection closes.  The application
     protocol's own greeting is inside TLS and is never seen in plaintext.
+
+    A connection that never completes the handshake is counted once in the
+    factory's metrics (C{tls_handshake_failures_total}): C{plaintext},
+    C{timeout} (no byte within C{detectTimeout}), C{handshake} (an OpenSSL
+    error: no common protocol or cipher, a client alert...) or C{closed}
+    (the client left mid-handshake).  A connection that closes before
+    sending any byte (a TCP health check) is not counted.
     """
 
     factory: "ImplicitTLSFactory"
     _detectCall: Optional[IDelayedCall] = None
     _sawFirstByte = False
+    _failureCounted = False
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
@@ -401,7 +440,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             self._sawFirstByte = True
             self._cancelDetect()
             if data[0] != _TLS_HANDSHAKE:
-                self._refusePlaintext()
+                self._refusePlaintext("plaintext")
                 return
         super().dataReceived(data)
 
@@ -410,9 +449,10 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             self._detectCall.cancel()
         self._detectCall = None
 
-    def _refusePlaintext(self) -> None:
+    def _refusePlaintext(self, reason: str = "timeout") -> None:
         self._detectCall = None
         self._sawFirstByte = True
+        self._countFailure(reason)
         peer = self.transport.getPeer()
         _log.info(
             "refused plaintext client {client}: port requires implicit TLS",
@@ -423,14 +463,34 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         self.transport.write(NOT_TLS.line())
         self.transport.loseConnection()
 
+    def _countFailure(self, reason: str) -> None:
+        if not self._failureCounted:
+            self._failureCounted = True
+            self.factory.metrics.tls_failures[reason].inc()
+
+    def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
+        if (
+            reason is not None
+            and not self._handshakeDone
+            and isinstance(reason.value, SSL.Error)
+            and not _representsEOF(reason.value)
+        ):
+            self._countFailure("handshake")
+        super()._tlsShutdownFinished(reason)
+
     def connectionLost(self, reason: Any = None) -> None:
         self._cancelDetect()
         super().connectionLost(reason)
+        if self._sawFirstByte and not self._handshakeDone:
+            self._countFailure("closed")
 
 
 class ImplicitTLSFactory(TLSMemoryBIOFactory):
     """
     Wraps an SMTP factory in server-side TLS with plaintext detection.
+
+    @ivar metrics: where handshake failures are counted (a private
+        L{RelayMetrics} if none is given).
     """
 
     protocol = ImplicitTLSProtocol
@@ -441,6 +501,8 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
         wrappedFactory: IProtocolFactory,
         detectTimeout: float,
         clock: Optional[IReactorTime] = None,
+        metrics: Optional[RelayMetrics] = None,
     ) -> None:
         super().__init__(contextFactory, False, wrappedFactory, clock)
         self.detectTimeout = detectTimeout
+        self.metrics = metrics if metrics is not None else RelayMetrics()

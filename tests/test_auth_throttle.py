@@ -92,7 +92,7 @@ class ThrottleHarness:
             mailboxes={MAILBOX: MAILBOX_PASSWORD, "bob@yourdomain.com": "bobpass"},
         )
         self.clock = Clock()
-        self.config = RelayConfig(
+        self.config = RelayConfig(metrics_listen="off", 
             tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_service", **config
         )
         self.checker = PostStackChecker(
@@ -451,7 +451,7 @@ class ThrottledSessionTests(SynchronousTestCase):
     def test_service_builds_the_throttle(self) -> None:
         """makeRelayService gives its factory one throttle with the configured settings."""
         cert, key = write_certificate(self.mktemp())
-        config = RelayConfig(
+        config = RelayConfig(metrics_listen="off", 
             tls_cert=cert,
             tls_key=key,
             port=0,

@@ -105,6 +105,7 @@ class ProcessTests(TestCase):
                 "POSTSTACK_RELAY_TLS_KEY": self.key,
                 "POSTSTACK_RELAY_API_URL": f"http://127.0.0.1:{self.api_port}",
                 "POSTSTACK_RELAY_HOSTNAME": "localhost",
+                "POSTSTACK_RELAY_METRICS_LISTEN": "127.0.0.1:0",
             },
         )
         wait_for_port(port, proc)

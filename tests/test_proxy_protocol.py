@@ -60,7 +60,7 @@ class ProxyProtocolMemoryTests(SynchronousTestCase):
 
     def start(self, **kw: Any) -> tuple[RelayService, MemoryReactorClock, Any]:
         cert, key = write_certificate(os.path.abspath(self.mktemp()))
-        config = RelayConfig(
+        config = RelayConfig(metrics_listen="off", 
             tls_cert=cert, tls_key=key, hostname="relay.test", proxy_protocol=True, tls_reload_interval=0, **kw
         )
         reactor = MemoryReactorClock()
@@ -80,7 +80,7 @@ class ProxyProtocolMemoryTests(SynchronousTestCase):
         self.assertIsInstance(factory, ProxyProtocolFactory)
         self.assertIsInstance(factory.wrappedFactory, ImplicitTLSFactory)
         self.assertIs(factory.wrappedFactory.wrappedFactory, service.factory)
-        self.assertFalse(RelayConfig(tls_cert="x").proxy_protocol)
+        self.assertFalse(RelayConfig(metrics_listen="off", tls_cert="x").proxy_protocol)
 
     def test_v1_header_then_tls(self) -> None:
         """A v1 header then a ClientHello: TLS answers and the session's client is the header's source."""

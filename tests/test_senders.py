@@ -70,7 +70,7 @@ class Session:
 
     def __init__(self, api: IEmailAPI, clock: Optional[Clock] = None, **config: Any) -> None:
         self.clock = clock or Clock()
-        cfg = RelayConfig(
+        cfg = RelayConfig(metrics_listen="off", 
             tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_relay_service", **config
         )
         checker = PostStackChecker(api, self.clock, cfg.service_key)

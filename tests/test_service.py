@@ -19,7 +19,7 @@ from poststack_relay.tls import ImplicitTLSFactory
 class ServiceTests(SynchronousTestCase):
     def config(self, **kw: object) -> RelayConfig:
         cert, key = write_certificate(os.path.abspath(self.mktemp()))
-        return RelayConfig(tls_cert=cert, tls_key=key, hostname="relay.test", **kw)  # type: ignore[arg-type]
+        return RelayConfig(metrics_listen="off", tls_cert=cert, tls_key=key, hostname="relay.test", **kw)  # type: ignore[arg-type]
 
     def test_listens_with_tls_wrapper(self) -> None:
         """The service listens on the configured port and interface with the TLS-wrapped SMTP factory."""
@@ -52,7 +52,7 @@ class ServiceTests(SynchronousTestCase):
         """An unusable certificate is a ConfigError before anything listens."""
         reactor = MemoryReactorClock()
         with self.assertRaises(ConfigError):
-            makeRelayService(RelayConfig(tls_cert="/nonexistent.pem"), reactor)
+            makeRelayService(RelayConfig(metrics_listen="off", tls_cert="/nonexistent.pem"), reactor)
         self.assertEqual(reactor.tcpServers, [])
 
     def test_injected_api(self) -> None:

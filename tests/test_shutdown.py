@@ -258,7 +258,7 @@ class RecordingService(Service):
 class ServiceStopTests(SynchronousTestCase):
     def config(self, **kw: Any) -> RelayConfig:
         cert, key = write_certificate(os.path.abspath(self.mktemp()))
-        return RelayConfig(tls_cert=cert, tls_key=key, hostname="relay.test", **kw)
+        return RelayConfig(metrics_listen="off", tls_cert=cert, tls_key=key, hostname="relay.test", **kw)
 
     def session(self, service: Any) -> tuple[RelaySMTP, StringTransport]:
         proto = service.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
@@ -445,6 +445,7 @@ class SIGTERMProcessTests(SynchronousTestCase):
                 "POSTSTACK_RELAY_API_URL": f"http://127.0.0.1:{self.api_port}",
                 "POSTSTACK_RELAY_HOSTNAME": "localhost",
                 "POSTSTACK_RELAY_DRAIN_TIMEOUT": "20",
+                "POSTSTACK_RELAY_METRICS_LISTEN": "127.0.0.1:0",
             },
         )
         wait_for_port(self.port, self.relay)

@@ -40,7 +40,7 @@ class Harness:
     def __init__(self, **config: Any) -> None:
         self.api = MemoryEmailAPI(api_keys={KEY}, mailboxes={"alice@yourdomain.com": "mbpass"})
         self.clock = Clock()
-        cfg = RelayConfig(tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_service", **config)
+        cfg = RelayConfig(metrics_listen="off", tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_service", **config)
         checker = PostStackChecker(self.api, self.clock, cfg.service_key)
         portal = Portal(RelayRealm(lambda i: RelayDelivery(i, self.api)), [checker])
         self.factory = RelayFactory(portal, cfg, self.clock)

@@ -126,7 +126,7 @@ class ReviewHarness(Harness):
         self.api = HoldingAPI(api_keys={KEY}, mailboxes={"alice@yourdomain.com": "mbpass"})
         self.clock = Clock()
         self.record: list[tuple[Envelope, bytes]] = []
-        cfg = RelayConfig(
+        cfg = RelayConfig(metrics_listen="off", 
             tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_service", **config
         )
         checker = PostStackChecker(self.api, self.clock, cfg.service_key)

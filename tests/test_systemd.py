@@ -121,7 +121,7 @@ class ReadinessServiceTests(SynchronousTestCase):
 
         self.addCleanup(restore)
         cert, key = write_certificate(self.dir)
-        self.config = RelayConfig(
+        self.config = RelayConfig(metrics_listen="off", 
             tls_cert=cert, tls_key=key, hostname="relay.test", port=2587, interface="127.0.0.1"
         )
 
@@ -169,7 +169,7 @@ class SocketEndpointTests(SynchronousTestCase):
         options = tap.Options(environ={})
         options.parseOptions(["--tls-cert", "c.pem", "--systemd-socket", "smtps"])
         self.assertEqual(options.config.systemd_socket, "smtps")
-        self.assertEqual(RelayConfig(tls_cert="c.pem").systemd_socket, "")
+        self.assertEqual(RelayConfig(metrics_listen="off", tls_cert="c.pem").systemd_socket, "")
 
 
 class SocketActivationProcessTests(SynchronousTestCase):
@@ -211,6 +211,7 @@ class SocketActivationProcessTests(SynchronousTestCase):
             POSTSTACK_RELAY_TLS_KEY=key,
             POSTSTACK_RELAY_HOSTNAME="localhost",
             POSTSTACK_RELAY_DRAIN_TIMEOUT="1",
+            POSTSTACK_RELAY_METRICS_LISTEN="127.0.0.1:0",
         )
         log = open(os.path.join(directory, "relay.log"), "wb")
         self.addCleanup(log.close)

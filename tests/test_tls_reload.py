@@ -93,7 +93,7 @@ class ReloadableTLSTests(SynchronousTestCase):
 
     def relay(self, interval: float, profile: str = "intermediate") -> tuple[Any, MemoryReactorClock]:
         reactor = MemoryReactorClock()
-        config = RelayConfig(
+        config = RelayConfig(metrics_listen="off", 
             tls_cert=self.cert, tls_key=self.key, hostname="relay.test",
             tls_reload_interval=interval, tls_profile=profile,
         )
@@ -343,6 +343,7 @@ class ProcessReloadTests(TestCase):
                 "--port", str(port), "--interface", "127.0.0.1",
                 "--tls-cert", self.cert, "--tls-key", self.key,
                 "--api-url", f"http://127.0.0.1:{free_port()}", "--hostname", "localhost",
+                "--metrics-listen", "127.0.0.1:0",
                 *extra,
             ],
             cwd=self.dir, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT,

@@ -410,7 +410,7 @@ class LoopbackTests(TestCase):
 
     async def serve(self, kind: str, profile: str = "intermediate") -> tuple[Chain, int]:
         chain = make_chain(os.path.abspath(self.mktemp()), kind)
-        config = RelayConfig(
+        config = RelayConfig(metrics_listen="off", 
             tls_cert=chain.cert,
             tls_key=chain.key,
             port=0,
@@ -533,6 +533,7 @@ class ScannerTests(TestCase):
                 "--port", str(port), "--interface", "127.0.0.1",
                 "--tls-cert", chain.cert, "--tls-key", chain.key,
                 "--api-url", f"http://127.0.0.1:{free_port()}", "--hostname", "localhost",
+                "--metrics-listen", "127.0.0.1:0",
                 *extra,
             ],
             cwd=self.dir, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT,

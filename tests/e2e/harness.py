@@ -63,6 +63,9 @@ class RelayTestCase(TestCase):
             service_key=SERVICE_KEY,
             hostname="localhost",
             api_timeout=10.0,
+            # The real metrics listener, on any free port (the default 9587
+            # could be taken by a relay running on this machine).
+            metrics_listen="127.0.0.1:0",
         )
         options.update(self.relay_options)
         self.relay = makeRelayService(RelayConfig(**options), reactor)
