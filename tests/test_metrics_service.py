@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from tests.e2e.harness import FULL_KEY, RelayTestCase
-from tests.test_proxy_protocol import HAPROXY, free_port, wait_listening
+from tests.test_proxy_protocol import HAPROXY, free_port, start_haproxy, wait_listening
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -182,23 +181,8 @@ class UnreachableApiTests(RelayTestCase):
         assert self.relay.metrics_service is not None
         metrics_port = (await self.relay.metrics_service.port()).getHost().port
         front = free_port()
-        path = os.path.join(directory, "haproxy.cfg")
-        with open(path, "w") as f:
-            f.write(HAPROXY_CHECK_CONFIG.format(
-                stats=stats, front=front, relay=self.port, metrics=metrics_port))
-        process = subprocess.Popen(
-            [HAPROXY, "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-
-        def stop() -> None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-
-        self.addCleanup(stop)
+        process = start_haproxy(self, directory, HAPROXY_CHECK_CONFIG.format(
+            stats=stats, front=front, relay=self.port, metrics=metrics_port))
         await self.in_thread(wait_listening, front, process)
         await self.wait_for(lambda: haproxy_status(stats) == "UP")
 

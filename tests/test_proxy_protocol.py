@@ -308,6 +308,31 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float =
     raise AssertionError(f"haproxy not listening on {port} after {seconds}s")
 
 
+def start_haproxy(test: Any, directory: str, config: str) -> "subprocess.Popen[bytes]":
+    """
+    Run Debian's HAProxy in the foreground with C{config} (written into
+    C{directory}); C{test} stops it (by its PID, bounded) in its cleanup.
+    """
+    assert HAPROXY is not None
+    path = os.path.join(directory, "haproxy.cfg")
+    with open(path, "w") as f:
+        f.write(config)
+    process = subprocess.Popen(
+        [HAPROXY, "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+    test.addCleanup(stop)
+    return process
+
+
 class RealHAProxyTests(RelayTestCase):
     """Debian's HAProxy in TCP mode in front of the relay on loopback."""
 
@@ -319,25 +344,9 @@ class RealHAProxyTests(RelayTestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         front = free_port()
-        path = os.path.join(directory, "haproxy.cfg")
-        with open(path, "w") as f:
-            f.write(HAPROXY_CONFIG.format(front=front, relay=self.port, send_proxy=send_proxy))
-        assert HAPROXY is not None
-        process = subprocess.Popen(
-            [HAPROXY, "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        process = start_haproxy(
+            self, directory, HAPROXY_CONFIG.format(front=front, relay=self.port, send_proxy=send_proxy)
         )
-
-        def stop() -> None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-            if process.stderr is not None:
-                process.stderr.close()
-
-        self.addCleanup(stop)
         events: list[dict[str, Any]] = []
 
         @provider(ILogObserver)
