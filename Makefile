@@ -67,3 +67,15 @@ interop: venv
 
 clean:
 	rm -rf $(RUN) build *.egg-info _trial_temp
+
+# The benchmark (docs/performance.md): the relay against the baseline bridge
+# (aiosmtpd + aiohttp) on this machine, one table of medians and ratios; raw
+# figures in bench/results/. bench/run.py runs bench/install.sh first (the
+# .venv-bench environment and nginx; apt-get needs root). The full run takes
+# about 10 minutes; bench-smoke (tiny counts, one round) is what CI runs.
+.PHONY: bench bench-smoke
+bench: venv
+	$(PY) bench/run.py
+
+bench-smoke: venv
+	$(PY) bench/run.py --smoke
