@@ -68,6 +68,8 @@ sys.path.insert(0, BENCH)
 import messages  # noqa: E402  (bench/messages.py)
 
 LOADGEN = os.path.join(BENCH, "loadgen.js")
+PY_SPY = os.path.join(ROOT, ".venv-bench", "bin", "py-spy")
+PROFILE_DIR: Optional[str] = None
 RELAY_TWISTD = os.path.join(ROOT, ".venv", "bin", "twistd")
 BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
 BASELINE = os.path.join(BENCH, "baseline_bridge.py")
@@ -171,6 +173,7 @@ class Server:
             argv = [BENCH_PYTHON, BASELINE, "--host", "127.0.0.1", "--port", str(self.port),
                     "--cert", cert, "--key", key, "--api-url", api_url]
         self.argv = taskset(SERVER_CPU) + argv
+        self.profiler: Optional[subprocess.Popen[bytes]] = None
         self.out = open(self.log_path + ".out", "wb")
         self.process = subprocess.Popen(
             self.argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT,
@@ -192,12 +195,23 @@ class Server:
                         if greeting.startswith(b"220"):
                             tls.sendall(b"QUIT\r\n")
                             tls.recv(512)
+                            self.start_profiler()
                             return time.monotonic() - start
                         last = greeting[:80].decode("latin-1")
             except (OSError, ssl.SSLError) as e:
                 last = str(e)
             time.sleep(0.1)
         raise ServerFailed(f"{self.kind} did not greet within {timeout} s ({last})\n{self.log_tail()}")
+
+    def start_profiler(self) -> None:
+        """With --profile: sample the relay with py-spy from CPU 1 (folded stacks, written at stop)."""
+        if self.kind != "relay" or not PROFILE_DIR or self.profiler is not None:
+            return
+        path = os.path.join(PROFILE_DIR, f"relay-{self.port}.folded")
+        self.profiler = subprocess.Popen(
+            taskset(CLIENT_CPU) + [PY_SPY, "record", "--pid", str(self.pid), "--rate", "250",
+                                   "--format", "raw", "--output", path],
+            stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -214,6 +228,13 @@ class Server:
         return "\n".join(text.decode("utf-8", "replace").splitlines()[-lines:])
 
     def stop(self) -> None:
+        if self.profiler is not None:  # SIGINT: py-spy writes its file and exits
+            self.profiler.send_signal(signal.SIGINT)
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
+                self.profiler.wait(5)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -641,7 +662,7 @@ def versions() -> dict[str, str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    global COUNTS, RELAY_HAS_METRICS, PIPELINING
+    global COUNTS, RELAY_HAS_METRICS, PIPELINING, PROFILE_DIR
     parser = argparse.ArgumentParser(
         description="Benchmark the relay against the baseline bridge (docs/performance.md).")
     parser.add_argument("--smoke", action="store_true", help="tiny counts, one round (CI)")
@@ -654,7 +675,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="load generator's PIPELINING use (default yes: same traffic to both servers)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--output", default=RESULTS, help="directory for the JSON results")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="run the relay under py-spy, folded stacks into DIR (figures then not comparable)")
     args = parser.parse_args(argv)
+    if args.profile:
+        PROFILE_DIR = os.path.abspath(args.profile)
+        os.makedirs(PROFILE_DIR, exist_ok=True)
 
     COUNTS = SMOKE if args.smoke else FULL
     PIPELINING = args.pipelining

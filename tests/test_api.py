@@ -22,7 +22,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from treq.testing import StringStubbingResource, StubTreq
+from treq.testing import RequestTraversalAgent, StringStubbingResource, StubTreq
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from poststack_relay._version import __version__
@@ -37,6 +39,7 @@ from poststack_relay.api import (
     APIUnavailable,
     HTTPEmailAPI,
     IEmailAPI,
+    _wire_url,
     reply_for_status,
 )
 from poststack_relay.replies import Reply
@@ -161,9 +164,11 @@ def scripted(
 class SandboxMixin:
     """
     A sandbox on a temporary SQLite file, a shared L{Clock}, and helpers to
-    build an L{HTTPEmailAPI} over C{StubTreq}.
+    build an L{HTTPEmailAPI} over C{StubTreq}, or, with C{via_agent}, over
+    treq's in-memory agent itself (the relay's own path: an C{IAgent}).
     """
 
+    via_agent = False
     mktemp: Callable[[], str]
     addCleanup: Callable[..., None]
 
@@ -189,7 +194,11 @@ class SandboxMixin:
         """
         options.setdefault("max_attempts", 1)
         options.setdefault("breaker_failures", 0)
-        self.stub = StubTreq(resource if resource is not None else self.recorder)
+        served = resource if resource is not None else self.recorder
+        if self.via_agent:
+            self.stub = agent = RequestTraversalAgent(served)
+            return HTTPEmailAPI(agent, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options)
+        self.stub = StubTreq(served)
         return HTTPEmailAPI(
             self.stub, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options
         )
@@ -1030,3 +1039,78 @@ class HTTPEmailAPIContractTests(SandboxMixin, EmailAPIContractMixin, Synchronous
             self.sandbox.inject_fault("503", count=-1, path="/emails", method="GET")
 
         return api, FULL, UNKNOWN, down
+
+
+class CheckAPIKeyViaAgentTests(CheckAPIKeyTests):
+    """
+    L{CheckAPIKeyTests} with an C{IAgent} instead of a treq client.
+    """
+
+    via_agent = True
+
+
+class AuthenticateMailboxViaAgentTests(AuthenticateMailboxTests):
+    """
+    L{AuthenticateMailboxTests} with an C{IAgent} instead of a treq client.
+    """
+
+    via_agent = True
+
+
+class SendEmailViaAgentTests(SendEmailTests):
+    """
+    L{SendEmailTests} with an C{IAgent} instead of a treq client.
+    """
+
+    via_agent = True
+
+
+class RequestDetailsViaAgentTests(RequestDetailsTests):
+    """
+    L{RequestDetailsTests} with an C{IAgent}: the same method, URL, headers
+    and body on the wire.
+    """
+
+    via_agent = True
+
+
+class SecretsViaAgentTests(SecretsTests):
+    """
+    L{SecretsTests} with an C{IAgent} instead of a treq client.
+    """
+
+    via_agent = True
+
+
+class WireURLTests(SynchronousTestCase):
+    """
+    L{poststack_relay.api._wire_url}: the bytes an agent is given.
+    """
+
+    def test_ascii(self) -> None:
+        """A plain URL stays as it is."""
+        self.assertEqual(
+            _wire_url("http://127.0.0.1:8080/v1/emails?per_page=1"),
+            b"http://127.0.0.1:8080/v1/emails?per_page=1",
+        )
+
+    def test_idn_host(self) -> None:
+        """An internationalised host name goes out in IDNA."""
+        self.assertEqual(
+            _wire_url("https://b\u00fccher.example/emails"),
+            b"https://xn--bcher-kva.example/emails",
+        )
+
+    def test_idn_api_url_sends(self) -> None:
+        """An API URL with a non-ASCII host still makes a request (to its IDNA form)."""
+        seen: list[bytes] = []
+
+        @implementer(IAgent)
+        class Agent:
+            def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
+                seen.append(uri)
+                return Deferred()
+
+        api = HTTPEmailAPI(Agent(), "https://b\u00fccher.example/v1", TIMEOUT, clock=Clock())
+        api.check_api_key(FULL)
+        self.assertEqual(seen, [b"https://xn--bcher-kva.example/v1/emails?per_page=1"])
