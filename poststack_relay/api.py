@@ -51,7 +51,11 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
 from zope.interface import Interface, implementer
 
 from ._version import __version__
@@ -623,6 +627,42 @@ def _wire_url(url: str) -> bytes:
     from hyperlink import URL
 
     return URL.from_text(url).to_uri().to_text().encode("ascii")
+
+
+@implementer(IAgentEndpointFactory)
+class APIEndpoints:
+    """
+    Where an agent connects for a URI, as Twisted's standard agent does it
+    (TCP for C{http}, TLS verified like a browser for C{https}), but one
+    endpoint per scheme, host and port, made once: the standard factory
+    builds a new C{HostnameEndpoint} (and IDNA-encodes the host) for every
+    request, even when the pool then reuses a connection.
+
+    @param reactor: what the endpoints connect with.
+    @param connect_timeout: seconds a new connection may take.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._policy = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        """The endpoint for C{uri} (an agent's parsed C{URI})."""
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout
+            )
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            if len(self._endpoints) < 16:  # one API host in practice
+                self._endpoints[key] = endpoint
+        return endpoint
 
 
 @implementer(IBodyProducer)

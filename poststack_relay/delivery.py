@@ -283,19 +283,27 @@ def log_transaction(
         message never reached the API client.
     """
     outcome = transaction_outcome(reply, email_id)
+    mail_from = envelope.mail_from
+    rounded_api_ms = _round_ms(api_ms)
+    rounded_total_ms = _round_ms(total_ms)
+    # The text is built here, once, with braces escaped, rather than left to
+    # the logging system's format-string machinery: one event per message,
+    # and formatting its 15 fields that way cost ~5% of a message's CPU.
+    # format(value) below is what the format string would do with the field.
     text = (
-        "{session} {outcome} client={client} identity={identity} from=<{mail_from}> "
-        "rcpts={rcpt_count} size={size}"
+        f"{session} {outcome} client={client} identity={identity} from=<{mail_from}> "
+        f"rcpts={len(envelope.rcpt_to)} size={size}"
     )
     if api_ms is not None:
-        text += " api={api_status} {api_ms}ms" if api_status is not None else " api=- {api_ms}ms"
+        text += f" api={api_status if api_status is not None else '-'} {rounded_api_ms}ms"
     if email_id is not None:
-        text += " id={email_id}"
+        text += f" id={email_id}"
     if idempotency is not None:
-        text += " idem={idempotency}"
-    text += " reply={reply_code} {reply_enhanced} total={total_ms}ms"
+        text += f" idem={idempotency}"
+    text += f" reply={reply.code} {reply.enhanced} total={rounded_total_ms}ms"
     if outcome != OUTCOME_RELAYED:
-        text += ": {reply_text}"
+        text += f": {reply.text}"
+    text = text.replace("{", "{{").replace("}", "}}")
     _log.info(
         text,
         event=TRANSACTION_EVENT,
@@ -303,17 +311,17 @@ def log_transaction(
         outcome=outcome,
         client=client,
         identity=identity,
-        mail_from=envelope.mail_from,
+        mail_from=mail_from,
         rcpt_count=len(envelope.rcpt_to),
         size=size,
         api_status=api_status,
-        api_ms=_round_ms(api_ms),
+        api_ms=rounded_api_ms,
         email_id=email_id,
         idempotency=idempotency,
         reply_code=reply.code,
         reply_enhanced=reply.enhanced,
         reply_text=reply.text,
-        total_ms=_round_ms(total_ms),
+        total_ms=rounded_total_ms,
     )
 
 

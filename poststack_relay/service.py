@@ -45,7 +45,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from .api import HTTPEmailAPI, IEmailAPI
+from .api import APIEndpoints, HTTPEmailAPI, IEmailAPI
 from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import ConfigError, ListenerConfig, RelayConfig, mask_secret
 from .delivery import RelayDelivery
@@ -441,7 +441,7 @@ def makeRelayService(
         # URL parsing and body producer cost ~0.1 ms a message
         # (docs/performance.md).
         api = HTTPEmailAPI(
-            Agent(reactor, pool=pool, connectTimeout=10),
+            Agent.usingEndpointFactory(reactor, APIEndpoints(reactor, 10), pool=pool),
             config.api_url,
             config.api_timeout,
             config.service_key,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,6 +36,7 @@ from poststack_relay.api import (
     REPLY_SERVICE_KEY_REJECTED,
     REPLY_TIMEOUT,
     USER_AGENT,
+    APIEndpoints,
     APIError,
     APIUnavailable,
     HTTPEmailAPI,
@@ -1114,3 +1116,41 @@ class WireURLTests(SynchronousTestCase):
         api = HTTPEmailAPI(Agent(), "https://b\u00fccher.example/v1", TIMEOUT, clock=Clock())
         api.check_api_key(FULL)
         self.assertEqual(seen, [b"https://xn--bcher-kva.example/v1/emails?per_page=1"])
+
+
+class APIEndpointsTests(SynchronousTestCase):
+    """
+    L{APIEndpoints}: one endpoint per scheme, host and port, made once.
+    """
+
+    def uri(self, text: bytes) -> Any:
+        from twisted.web.client import URI
+
+        return URI.fromBytes(text)
+
+    def test_http_cached(self) -> None:
+        """An http URI gets a plain TCP endpoint, the same one for every request to that host and port."""
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        endpoints = APIEndpoints(MemoryReactorClock(), 10)
+        first = endpoints.endpointForURI(self.uri(b"http://127.0.0.1:8080/emails"))
+        self.assertIsInstance(first, HostnameEndpoint)
+        self.assertIs(endpoints.endpointForURI(self.uri(b"http://127.0.0.1:8080/emails?per_page=1")), first)
+        self.assertIsNot(endpoints.endpointForURI(self.uri(b"http://127.0.0.1:8081/emails")), first)
+
+    def test_https_wrapped(self) -> None:
+        """An https URI gets TLS around TCP (not the bare TCP endpoint), also cached."""
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        endpoints = APIEndpoints(MemoryReactorClock(), 10)
+        first = endpoints.endpointForURI(self.uri(b"https://api.example.com/v1/emails"))
+        self.assertNotIsInstance(first, HostnameEndpoint)
+        self.assertIs(endpoints.endpointForURI(self.uri(b"https://api.example.com/v1/emails")), first)
+        self.assertIsNot(endpoints.endpointForURI(self.uri(b"http://api.example.com/v1/emails")), first)
+
+    def test_other_scheme(self) -> None:
+        """Any other scheme is refused as the standard agent refuses it."""
+        from twisted.web.error import SchemeNotSupported
+
+        with self.assertRaises(SchemeNotSupported):
+            APIEndpoints(MemoryReactorClock(), 10).endpointForURI(self.uri(b"ftp://api.example.com/"))

@@ -460,6 +460,24 @@ class TransactionEventTests(SynchronousTestCase):
         )
         self.assertIn("em_00000000000000000001", reply.text)
 
+    def test_braces_are_text(self) -> None:
+        """Braces in an address or the API's reply text appear as written, never as format fields."""
+        api = MemoryEmailAPI()
+        api.next_error = APIError(Reply(550, "5.7.1", "Sender {domain} not verified {0} {"), 403, "forbidden")
+        envelope = Envelope("{user}@yourdomain.com", ("a@example.com",))
+        with capturedLogs() as events:
+            self.successResultOf(
+                RelayDelivery(KEY_IDENTITY, api, True).deliver(
+                    envelope, message(sender=b"{user}@yourdomain.com"), "s{1}", client="203.0.113.9"
+                )
+            )
+        [event] = [e for e in events if e.get("event") == TRANSACTION_EVENT]
+        text = formatEvent(event)
+        self.assertTrue(text.startswith("s{1} rejected client=203.0.113.9 "), text)
+        self.assertIn(" from=<{user}@yourdomain.com> ", text)
+        self.assertTrue(text.endswith(": Sender {domain} not verified {0} {"), text)
+        self.assertEqual(event["mail_from"], "{user}@yourdomain.com")
+
     def test_idempotency_kinds(self) -> None:
         """The message's own key is 'client', one derived from its Message-ID 'derived', none 'random'."""
         own = message(b"X-PostStack-Idempotency-Key: order-42\r\nMessage-ID: <m@x.com>\r\n")
