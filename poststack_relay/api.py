@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -692,6 +692,137 @@ class _BytesProducer:
         pass
 
 
+
+# Attachment contents at least this long are not copied into the JSON text.
+STREAM_MIN_CONTENT = 256 * 1024
+_STREAM_SLICE = 64 * 1024
+_BASE64_TEXT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def _is_base64_text(text: str) -> bool:
+    """Only base64 characters (so it stands in JSON as it is), checked a slice at a time."""
+    if not text.isascii():
+        return False
+    step = 1024 * 1024
+    return not any(
+        text[i : i + step].encode("ascii").translate(None, _BASE64_TEXT)
+        for i in range(0, len(text), step)
+    )
+
+
+def json_body(payload: Mapping[str, Any]) -> "bytes | list[bytes | str]":
+    """
+    The JSON request body of C{payload}: bytes, or for a payload with large
+    attachments, a list of pieces: UTF-8 bytes of JSON text, and between
+    them the attachments' base64 contents as the very C{str} objects of the
+    payload, written a slice at a time by L{_PiecesProducer}.  Joined, the
+    pieces are exactly the bytes of the plain encoding; but a 10 MB
+    attachment is not copied three more times (into the JSON text, into
+    its UTF-8 encoding, into the transport's buffer).
+
+    @raise ValueError: (or C{TypeError}, C{UnicodeEncodeError}) if the
+        payload cannot be encoded.
+    """
+    attachments = payload.get("attachments")
+    large: list[str] = []
+    if isinstance(attachments, list):
+        for attachment in attachments:
+            content = attachment.get("content") if isinstance(attachment, dict) else None
+            if isinstance(content, str) and len(content) >= STREAM_MIN_CONTENT and _is_base64_text(content):
+                large.append(content)
+    if not large:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    marker = "\x00" + uuid.uuid4().hex
+    slots: dict[int, int] = {id(content): index for index, content in enumerate(large)}
+    stand_in = dict(payload)
+    stand_in["attachments"] = [
+        dict(a, content=f"{marker}{slots[id(a['content'])]}\x00")
+        if isinstance(a, dict) and id(a.get("content")) in slots
+        else a
+        for a in attachments  # type: ignore[union-attr]
+    ]
+    text = json.dumps(stand_in, ensure_ascii=False, separators=(",", ":"))
+    escaped = json.dumps(marker)[1:-1]  # the marker as it stands in the JSON text
+    pieces: list[bytes | str] = []
+    rest = text
+    while True:
+        head, found, rest = rest.partition(escaped)
+        pieces.append(head.encode("utf-8"))
+        if not found:
+            break
+        index, _, rest = rest.partition("\\u0000")
+        pieces.append(large[int(index)])
+    return pieces
+
+
+def body_bytes(body: "bytes | list[bytes | str]") -> bytes:
+    """C{body} as one bytes object."""
+    if isinstance(body, bytes):
+        return body
+    return b"".join(p if isinstance(p, bytes) else p.encode("ascii") for p in body)
+
+
+@implementer(IBodyProducer)
+class _PiecesProducer:
+    """
+    A body of pieces (L{json_body}), written a slice at a time and only as
+    fast as the connection takes it (the transport pauses and resumes it).
+    """
+
+    def __init__(self, pieces: "list[bytes | str]") -> None:
+        self._pieces = pieces
+        self.length = sum(len(p) for p in pieces)  # str pieces are ASCII
+        self._slices: Optional[Iterator[bytes]] = None
+        self._consumer: Any = None
+        self._done: Optional[Deferred[None]] = None
+        self._paused = False
+        self._producing = False
+
+    def _each(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            for start in range(0, len(piece), _STREAM_SLICE):
+                chunk = piece[start : start + _STREAM_SLICE]
+                yield chunk if isinstance(chunk, bytes) else chunk.encode("ascii")
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        self._consumer = consumer
+        self._slices = self._each()
+        done: Deferred[None] = Deferred()
+        self._done = done
+        self._produce()  # may finish at once, and fire it
+        return done
+
+    def _produce(self) -> None:
+        if self._producing:
+            return
+        self._producing = True
+        try:
+            while not self._paused and self._slices is not None:
+                chunk = next(self._slices, None)
+                if chunk is None:
+                    self._slices = None
+                    done, self._done = self._done, None
+                    if done is not None:
+                        done.callback(None)
+                    return
+                self._consumer.write(chunk)
+        finally:
+            self._producing = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._produce()
+
+    def stopProducing(self) -> None:
+        # The request is abandoned: write nothing more, and (as the
+        # interface asks) never fire the Deferred.
+        self._slices = None
+        self._done = None
+
+
 def _read_body(response: Any) -> "Deferred[bytes]":
     reader = _BodyReader()
     d = reader.finished
@@ -895,7 +1026,7 @@ class HTTPEmailAPI:
         return self._breaker_
 
     async def _exchange(
-        self, method: str, url: str, headers: Mapping[bytes, list[bytes]], data: Optional[bytes]
+        self, method: str, url: str, headers: Mapping[bytes, list[bytes]], data: "Optional[bytes | list[bytes | str]]"
     ) -> tuple[Any, bytes]:
         if self._agent is not None:
             # The agent follows no redirects, buffers nothing, and takes
@@ -904,11 +1035,18 @@ class HTTPEmailAPI:
                 method.encode("ascii"),
                 self._wire_urls.get(url) or _wire_url(url),
                 Headers(headers),
-                None if data is None else _BytesProducer(data),
+                None if data is None
+                else _BytesProducer(data) if isinstance(data, bytes)
+                else _PiecesProducer(data),
             )
         else:
             response = await self._client.request(
-                method, url, headers=headers, data=data, allow_redirects=False, unbuffered=True
+                method,
+                url,
+                headers=headers,
+                data=None if data is None else body_bytes(data),
+                allow_redirects=False,
+                unbuffered=True,
             )
         content = await _read_body(response)
         return response, content
@@ -918,7 +1056,7 @@ class HTTPEmailAPI:
         method: str,
         url: str,
         headers: Mapping[bytes, list[bytes]],
-        data: Optional[bytes],
+        data: "Optional[bytes | list[bytes | str]]",
         timeout: float,
         upstream: UpstreamMetrics,
     ) -> tuple[int, Any, Any]:
@@ -1018,7 +1156,7 @@ class HTTPEmailAPI:
         path: str,
         url: str,
         headers: Mapping[bytes, list[bytes]],
-        data: Optional[bytes],
+        data: "Optional[bytes | list[bytes | str]]",
         deadline_at: float,
         needs_id: bool = False,
     ) -> _Answer:
@@ -1146,7 +1284,7 @@ class HTTPEmailAPI:
         path: str,
         url: str,
         headers: Mapping[bytes, list[bytes]],
-        data: Optional[bytes],
+        data: "Optional[bytes | list[bytes | str]]",
     ) -> _Answer:
         """
         An AUTH-time request: retried like a send, within one C{timeout}.
@@ -1273,9 +1411,7 @@ class HTTPEmailAPI:
                 payload = dict(payload)
                 payload["idempotency_key"] = key
             try:
-                data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(
-                    "utf-8"
-                )
+                data = json_body(payload)
             except (TypeError, ValueError, UnicodeEncodeError):
                 raise APIError(REPLY_NOT_ENCODABLE) from None
             try:

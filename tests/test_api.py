@@ -40,8 +40,12 @@ from poststack_relay.api import (
     APIError,
     APIUnavailable,
     HTTPEmailAPI,
+    STREAM_MIN_CONTENT,
     IEmailAPI,
+    _PiecesProducer,
     _wire_url,
+    body_bytes,
+    json_body,
     reply_for_status,
 )
 from poststack_relay.replies import Reply
@@ -1154,3 +1158,108 @@ class APIEndpointsTests(SynchronousTestCase):
 
         with self.assertRaises(SchemeNotSupported):
             APIEndpoints(MemoryReactorClock(), 10).endpointForURI(self.uri(b"ftp://api.example.com/"))
+
+
+class JSONBodyTests(SynchronousTestCase):
+    """
+    L{json_body}: large base64 attachment contents stay out of the JSON
+    text, and the pieces join to exactly the plain encoding.
+    """
+
+    def plain(self, payload: dict[str, Any]) -> bytes:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    def test_small_is_bytes(self) -> None:
+        """A payload without large attachments is one bytes object, the plain encoding."""
+        payload = {"from": "a@x.com", "to": ["b@x.com"], "attachments": [{"content": "QUJD"}]}
+        self.assertEqual(json_body(payload), self.plain(payload))
+
+    def test_large_pieces(self) -> None:
+        """Large contents become str pieces (the payload's own objects); joined, the bytes are the plain encoding."""
+        big = "QUJD" * (STREAM_MIN_CONTENT // 4)
+        other = big + "QQ=="
+        payload = {
+            "from": 'Tricky "\x00" \u00e9 <a@x.com>',
+            "to": ["b@x.com"],
+            "attachments": [
+                {"filename": "a.bin", "content": big, "content_type": "application/octet-stream"},
+                {"filename": "s.txt", "content": "c21hbGw="},
+                {"filename": "b.bin", "content": other},
+            ],
+            "variables": {"x": "\\u0000 \x00"},
+        }
+        body = json_body(payload)
+        self.assertIsInstance(body, list)
+        assert isinstance(body, list)
+        self.assertEqual([p for p in body if isinstance(p, str)], [big, other])
+        self.assertIs([p for p in body if isinstance(p, str)][0], big)
+        self.assertEqual(body_bytes(body), self.plain(payload))
+
+    def test_not_base64_stays_in_text(self) -> None:
+        """A large content with a character JSON must escape is encoded the plain way."""
+        payload = {"attachments": [{"content": "QUJD" * (STREAM_MIN_CONTENT // 4) + '"'}]}
+        self.assertEqual(json_body(payload), self.plain(payload))
+
+
+class PiecesProducerTests(SynchronousTestCase):
+    """
+    L{_PiecesProducer}: writes slices only while not paused, and finishes
+    with the Deferred of C{startProducing}.
+    """
+
+    def setUp(self) -> None:
+        self.pieces: list[bytes | str] = [b'{"c":"', "QUJD" * 40_000, b'"}']
+        self.producer = _PiecesProducer(self.pieces)
+        self.written: list[bytes] = []
+
+    def test_length(self) -> None:
+        """The length is the byte length of the joined body."""
+        self.assertEqual(self.producer.length, len(body_bytes(self.pieces)))
+
+    def test_pause_resume(self) -> None:
+        """A consumer that pauses after each write gets one slice per resume, then the Deferred fires."""
+        producer = self.producer
+
+        class Consumer:
+            def write(inner, data: bytes) -> None:
+                self.written.append(data)
+                producer.pauseProducing()
+
+        d = producer.startProducing(Consumer())
+        self.assertEqual(len(self.written), 1)
+        self.assertNoResult(d)
+        for _ in range(100):
+            if d.called:
+                break
+            producer.resumeProducing()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(b"".join(self.written), body_bytes(self.pieces))
+        self.assertLessEqual(max(len(w) for w in self.written), 64 * 1024)
+
+    def test_stop(self) -> None:
+        """After stopProducing nothing more is written and the Deferred never fires."""
+        producer = self.producer
+
+        class Consumer:
+            def write(inner, data: bytes) -> None:
+                self.written.append(data)
+                producer.pauseProducing()
+
+        d = producer.startProducing(Consumer())
+        producer.stopProducing()
+        producer.resumeProducing()
+        self.assertEqual(len(self.written), 1)
+        self.assertNoResult(d)
+
+    def test_reentrant_resume(self) -> None:
+        """A resume from inside a write does not start a second writing loop."""
+        producer = self.producer
+
+        class Consumer:
+            def write(inner, data: bytes) -> None:
+                self.written.append(data)
+                producer.pauseProducing()
+                producer.resumeProducing()
+
+        self.successResultOf(producer.startProducing(Consumer()))
+        self.assertEqual(b"".join(self.written), body_bytes(self.pieces))

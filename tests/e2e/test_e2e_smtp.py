@@ -143,6 +143,34 @@ class SMTPSSLTests(RelayTestCase):
         self.assertEqual(base64.b64decode(att["content"]), b"%PDF-1.4 fake\x00\xff")
         self.assertEqual(email.payload["text"].strip(), "see attached")
 
+    async def test_large_attachment(self) -> None:
+        """A 3 MB attachment (the run fast path and the streamed request body) arrives byte for byte."""
+        import base64
+        import os
+
+        content = os.urandom(3 * 1024 * 1024)
+
+        def send() -> tuple[int, str]:
+            msg = MIMEMultipart()
+            msg["From"] = "you@yourdomain.com"
+            msg["To"] = "user@example.com"
+            msg["Subject"] = "big"
+            msg.attach(MIMEText("see attached"))
+            part = MIMEApplication(content, "octet-stream")
+            part.add_header("Content-Disposition", "attachment", filename="big.bin")
+            msg.attach(part)
+            with self.smtp() as s:
+                s.login("poststack", FULL_KEY)
+                return transaction(s, "you@yourdomain.com", ["user@example.com"], msg.as_bytes())
+
+        code, _ = await self.in_thread(send)
+        self.assertEqual(code, 250)
+        [email] = self.stored()
+        [att] = email.payload["attachments"]
+        self.assertEqual(att["filename"], "big.bin")
+        self.assertEqual(base64.b64decode(att["content"]), content)
+        self.assertEqual(email.payload["text"].strip(), "see attached")
+
     async def test_mailbox_user(self) -> None:
         """A mailbox login sends from its own address with the service key, and not from another."""
 
