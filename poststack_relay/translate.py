@@ -947,20 +947,27 @@ _CANONICAL_LAST: Final[dict[int, frozenset[bytes]]] = {
 }
 
 
-def _is_strict_base64(data: bytes) -> bool:
+def _is_strict_base64(data: bytes | bytearray) -> bool:
     """
     Is C{data} canonical one-line base64 (alphabet, length a multiple of
     4, padding only at the end)?  Checked without a regular expression or a
-    decode, so a 25 MB attachment costs no extra copy.
+    decode, and a slice at a time (translate() allocates the full length of
+    what it is given), so a 25 MB attachment costs no extra copy.
     """
     if len(data) % 4:
         return False
     pad = 2 if data.endswith(b"==") else 1 if data.endswith(b"=") else 0
-    if pad and data[-pad - 1 : -pad] not in _CANONICAL_LAST[pad]:
+    if pad and bytes(data[-pad - 1 : -pad]) not in _CANONICAL_LAST[pad]:
         # The bits after the last full byte must be zero, or strict
         # decoders (e.g. Go's Strict, Rust's base64 crate) refuse it.
         return False
-    return data.count(b"=") == pad and data.translate(None, _BASE64_ALPHABET) == b"=" * pad
+    if data.count(b"=") != pad:
+        return False
+    body = len(data) - pad
+    return not any(
+        data[i : min(i + _CLEAN_SLICE, body)].translate(None, _BASE64_ALPHABET)
+        for i in range(0, body, _CLEAN_SLICE)
+    )
 
 
 def _attachment_base64(part: Message) -> str:
@@ -977,15 +984,28 @@ def _attachment_base64(part: Message) -> str:
         and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64"
     ):
         payload = part._payload
-        if isinstance(payload, str) and payload.isascii():
-            # Cleaned a slice at a time: the whole payload is never held
-            # twice more (as bytes, then cleaned).
-            cleaned = b"".join(
-                payload[i : i + _CLEAN_SLICE].encode("ascii").translate(None, b"\r\n\t ")
-                for i in range(0, len(payload), _CLEAN_SLICE)
-            )
-        else:
-            cleaned = part.payload_bytes().translate(None, b"\r\n\t ")
+        cleaned: bytes | bytearray
+        if isinstance(payload, str) and payload.isascii() and len(payload) > _CLEAN_SLICE:
+            # A large body is cleaned a slice at a time, and the part lets
+            # go of its text before the result is decoded: at most three
+            # copies of the attachment are alive at once (the message, the
+            # payload or the result, and the cleaned bytes), not five.  The
+            # tree is translate()'s own and this part is not read again.
+            # Allocated once at the most it can need: growing it step by
+            # step could copy it (old and new size alive at once).
+            cleaned = bytearray(len(payload))
+            end = 0
+            for i in range(0, len(payload), _CLEAN_SLICE):
+                piece = payload[i : i + _CLEAN_SLICE].encode("ascii").translate(None, b"\r\n\t ")
+                cleaned[end : end + len(piece)] = piece
+                end += len(piece)
+            del cleaned[end:]
+            if not _is_strict_base64(cleaned):
+                return base64.b64encode(_transfer_decoded(part)).decode("ascii")
+            del payload
+            part._payload = ""
+            return cleaned.decode("ascii")
+        cleaned = part.payload_bytes().translate(None, b"\r\n\t ")
         if _is_strict_base64(cleaned):
             return cleaned.decode("ascii")
     return base64.b64encode(_transfer_decoded(part)).decode("ascii")
@@ -1382,12 +1402,12 @@ def _check_header_section(raw: bytes) -> None:
 _BASE64_RUN: Final = re.compile(rb"(?:(?<=[\r\n])|^)(?:[A-Za-z0-9+/=]++(?:\r\n|\r|\n))++")
 
 
-def _line_count(run: bytes) -> int:
-    """The lines of C{run}, each ended by CRLF, CR or LF."""
-    return run.count(b"\n") + run.count(b"\r") - run.count(b"\r\n")
+def _line_count(raw: bytes, start: int, end: int) -> int:
+    """The lines of C{raw[start:end]}, each ended by CRLF, CR or LF (counted without a copy)."""
+    return raw.count(b"\n", start, end) + raw.count(b"\r", start, end) - raw.count(b"\r\n", start, end)
 
 
-def _skeleton(raw: bytes) -> tuple[bytes, bytes, list[bytes]]:
+def _skeleton(raw: bytes) -> tuple[bytes, bytes, list[tuple[int, int]]]:
     """
     C{raw} with every long run of base64 lines replaced by one token line.
 
@@ -1402,25 +1422,25 @@ def _skeleton(raw: bytes) -> tuple[bytes, bytes, list[bytes]]:
     by a token line and putting the run back into the parsed tree
     (L{_restore}) gives the tree the parser would have built from C{raw}.
 
-    @return: the skeleton, the token prefix, and the runs in order (token
-        C{prefix + b"%d" % index}).
+    @return: the skeleton, the token prefix, and the runs in order as
+        offsets into C{raw} (token C{prefix + b"%dX" % index}).
     """
     nonce = secrets.token_hex(8).encode("ascii")
     while nonce in raw:  # pragma: no cover - 2**-64
         nonce = secrets.token_hex(8).encode("ascii")
     prefix = b"PSRRUN" + nonce + b"N"
     pieces: list[bytes] = []
-    runs: list[bytes] = []
+    runs: list[tuple[int, int]] = []
     last = 0
     for match in _BASE64_RUN.finditer(raw):
         start, end = match.span()
-        if end - start < 2 * _RUN_MIN_LINES or _line_count(raw[start:end]) < _RUN_MIN_LINES:
+        if end - start < 2 * _RUN_MIN_LINES or _line_count(raw, start, end) < _RUN_MIN_LINES:
             continue
         ending = 2 if raw[end - 2 : end] == b"\r\n" else 1
         pieces.append(raw[last:start])
         pieces.append(prefix + b"%dX" % len(runs))
         pieces.append(raw[end - ending : end])
-        runs.append(raw[start : end - ending])
+        runs.append((start, end - ending))
         last = end
     if not runs:
         return raw, prefix, runs
@@ -1428,25 +1448,48 @@ def _skeleton(raw: bytes) -> tuple[bytes, bytes, list[bytes]]:
     return b"".join(pieces), prefix, runs
 
 
-def _restore(root: Message, prefix: bytes, runs: list[bytes]) -> None:
+def _restore(root: Message, raw: bytes, prefix: bytes, runs: list[tuple[int, int]]) -> None:
     """Put the runs that L{_skeleton} took out back where the parser put their tokens."""
-    token = re.compile(re.escape(prefix.decode("ascii")) + r"(\d+)X")
+    text_prefix = prefix.decode("ascii")
+    token = re.compile(re.escape(text_prefix) + r"(\d+)X")
+    view = memoryview(raw)
+
+    def run(index: int) -> str:
+        start, end = runs[index]
+        return str(view[start:end], "ascii")  # decoded straight from raw, no bytes copy
 
     def put_back(text: Any) -> Any:
-        if isinstance(text, str) and prefix[:6].decode("ascii") in text:
-            return token.sub(lambda m: runs[int(m.group(1))].decode("ascii"), text)
-        return text
+        if not isinstance(text, str) or text_prefix not in text:
+            return text
+        found = token.search(text)
+        assert found is not None
+        head, tail = text[: found.start()], text[found.end() :]
+        if len(head) + len(tail) <= _FEED_SLICE and text_prefix not in tail:
+            # One run with a little text around it (an attachment's body
+            # and its line ending): if that text is what surrounds the run
+            # in raw, the whole is decoded from raw at once, as the parser
+            # decodes (ASCII, surrogateescape), with no second copy.
+            start, end = runs[int(found.group(1))]
+            before = head.encode("ascii", "surrogateescape")
+            after = tail.encode("ascii", "surrogateescape")
+            first, last = start - len(before), end + len(after)
+            if first >= 0 and raw[first:start] == before and raw[end:last] == after:
+                return str(view[first:last], "ascii", "surrogateescape")
+        return token.sub(lambda m: run(int(m.group(1))), text)
 
-    stack = [root]
-    while stack:
-        part = stack.pop()
-        part.preamble = put_back(part.preamble)
-        part.epilogue = put_back(part.epilogue)
-        payload = part._payload  # type: ignore[attr-defined]
-        if isinstance(payload, list):
-            stack.extend(child for child in payload if isinstance(child, Message))
-        else:
-            part._payload = put_back(payload)  # type: ignore[attr-defined]
+    try:
+        stack = [root]
+        while stack:
+            part = stack.pop()
+            part.preamble = put_back(part.preamble)
+            part.epilogue = put_back(part.epilogue)
+            payload = part._payload  # type: ignore[attr-defined]
+            if isinstance(payload, list):
+                stack.extend(child for child in payload if isinstance(child, Message))
+            else:
+                part._payload = put_back(payload)  # type: ignore[attr-defined]
+    finally:
+        view.release()
 
 
 def _parse(raw: bytes) -> Message:
@@ -1466,8 +1509,7 @@ def _parse(raw: bytes) -> Message:
         del text
         message = parser.close()
         if runs:
-            _restore(message, prefix, runs)
-            del runs
+            _restore(message, raw, prefix, runs)
     except RecursionError:
         raise TranslationError(
             554,
