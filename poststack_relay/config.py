@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config,tests.test_config_file,tests.test_listeners -*-
+# -*- test-case-name: tests.test_config,tests.test_config_file,tests.test_listeners,tests.test_workers -*-
 """
 The relay's configuration: one frozen attrs value, built once at start-up.
 
@@ -55,6 +55,9 @@ DEFAULT_AUTH_NEGATIVE_TTL = 10.0
 # says otherwise.  9587 is "587" for the metrics of the relay on port 587.
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9587"
 LOG_FORMATS = ("text", "json")
+# --workers: processes sharing the listening ports (poststack_relay.workers).
+DEFAULT_WORKERS = 1
+MAX_WORKERS = 256
 
 
 class ConfigError(Exception):
@@ -108,6 +111,11 @@ def _positive(instance: object, attribute: "attrs.Attribute[float]", value: floa
 def _not_negative(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
     if value < 0:
         raise ConfigError(f"{attribute.name.replace('_', '-')} must not be negative, not {value}")
+
+
+def _workers(instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
+    if not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"workers must be between 1 and {MAX_WORKERS}, not {value}")
 
 
 def _port(instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
@@ -350,6 +358,11 @@ class RelayConfig:
         disables it.
     @ivar log_format: C{"text"} (for people) or C{"json"} (one object per
         line, for log shippers).
+    @ivar workers: how many relay processes share the listening ports
+        under C{twistd}/C{twist} (L{poststack_relay.workers}); 1: the relay
+        runs in the command's own process.  L{makeRelayService
+        <poststack_relay.service.makeRelayService>} always builds one relay
+        and ignores it.
     """
 
     tls_cert: str
@@ -414,6 +427,7 @@ class RelayConfig:
     listen: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     log_format: str = "text"
+    workers: int = attrs.field(default=DEFAULT_WORKERS, validator=_workers)
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):
@@ -431,7 +445,14 @@ class RelayConfig:
         if self.metrics_enabled:
             from .metrics import parse_metrics_listen  # metrics imports this module
 
-            parse_metrics_listen(self.metrics_listen)
+            _, metrics_port = parse_metrics_listen(self.metrics_listen)
+            last = metrics_port + self.workers - 1
+            if metrics_port != 0 and last > 65535:
+                # Worker k serves its metrics on the metrics port + k.
+                raise ConfigError(
+                    f"workers {self.workers} need metrics ports {metrics_port} to {last}, "
+                    "past 65535: lower the metrics-listen port"
+                )
         self.listeners()
 
     @property

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_proxy_protocol,tests.test_listeners -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_proxy_protocol,tests.test_listeners,tests.test_workers -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -27,7 +27,9 @@ count every listener together.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import os
+import socket
+from typing import Any, Optional, Sequence
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -40,7 +42,11 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import IService, MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -379,12 +385,28 @@ def _endpoint(listener: ListenerConfig, reactor: Any) -> IStreamServerEndpoint:
     return TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface)
 
 
+def _adopted(reactor: Any, fd: int) -> IStreamServerEndpoint:
+    """
+    An endpoint that takes over the listening socket C{fd} (a supervisor's
+    shared socket, L{poststack_relay.workers}); C{fd} is closed once the
+    port has its own copy, so the port's C{stopListening} really closes
+    this process's hold on the socket.
+    """
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        family = probe.family
+    finally:
+        probe.close()
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
+
+
 def makeRelayService(
     config: RelayConfig,
     reactor: Any,
     api: Optional[IEmailAPI] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
     metrics: Optional[RelayMetrics] = None,
+    adopt: Optional[Sequence[int]] = None,
 ) -> RelayService:
     """
     Build the relay as one C{IService}.
@@ -405,10 +427,20 @@ def makeRelayService(
         embedder passing its own C{api} passes the same object to it.
         With C{config.metrics_listen} set, they are served on that
         address with C{/healthz} and C{/readyz} (C{service.metrics_service}).
+    @param adopt: listening sockets to take over instead of binding, one
+        file descriptor per listener of C{config.listeners()} in order:
+        how a worker of C{--workers} (L{poststack_relay.workers}) listens
+        on its supervisor's shared sockets.  Not with C{endpoint}.
     @raise poststack_relay.config.ConfigError: if a certificate or key
         cannot be used, or a systemd socket was not passed.
+    @raise ValueError: C{adopt} does not have one descriptor per listener.
     """
     listeners = config.listeners()
+    if adopt is not None and (len(adopt) != len(listeners) or endpoint is not None):
+        raise ValueError(
+            f"adopt: want one file descriptor per listener ({len(listeners)}) and no endpoint, "
+            f"not {list(adopt)!r}"
+        )
     if metrics is None:
         metrics = RelayMetrics()
     # One ReloadableTLS per distinct pair of files: listeners without a
@@ -428,7 +460,9 @@ def makeRelayService(
             certificates.append(by_files[files])
         tls_of.append(by_files[files])
     endpoints = [
-        endpoint if index == 0 and endpoint is not None else _endpoint(listener, reactor)
+        endpoint if index == 0 and endpoint is not None
+        else _adopted(reactor, adopt[index]) if adopt is not None
+        else _endpoint(listener, reactor)
         for index, listener in enumerate(listeners)
     ]
     service = RelayService()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload -*-
+# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload,tests.test_workers -*-
 """
 The C{twistd poststack-relay} command: options in, service out.
 
@@ -9,6 +9,8 @@ from a TOML file given with C{--config} (or C{POSTSTACK_RELAY_CONFIG}) whose
 keys are the option names with C{_} for C{-} (C{max_message_size = 26214400}).
 Precedence: command line, then environment, then the file, then the defaults.
 C{--check-config} validates everything and prints the effective settings.
+With C{--workers N} above 1 the command runs a supervisor of N relay
+processes (L{poststack_relay.workers}) instead of the relay itself.
 """
 
 from __future__ import annotations
@@ -140,6 +142,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"off disables it [default: {_config.DEFAULT_METRICS_LISTEN}]"),
     ("log-format", str, "log_format",
      "text (for people) or json (one object per line, for log shippers) [default: text]"),
+    ("workers", int, "workers",
+     "relay processes sharing the listening ports, for several CPU cores, supervised by this "
+     f"process; 1: the relay runs in this process [default: {_config.DEFAULT_WORKERS}]"),
 ]
 
 # Options that may be given several times on the command line.
@@ -310,19 +315,10 @@ Example:
             # the bad setting, not the list of every option.
             raise SystemExit(f"poststack-relay: error: {e}")
         if check:
-            from .tls import load_certificate_options
-
-            checked: set[tuple[str, Optional[str]]] = set()
-            for listener in self.config.listeners():
-                files = (listener.tls_cert, listener.tls_key)
-                if files in checked:
-                    continue
-                checked.add(files)
-                try:
-                    load_certificate_options(files[0], files[1], self.config.tls_profile)
-                except ConfigError as e:
-                    where = f"listen {listener.spec!r}: " if listener.spec else ""
-                    raise SystemExit(f"poststack-relay: error: {where}{e}")
+            try:
+                check_certificates(self.config)
+            except ConfigError as e:
+                raise SystemExit(f"poststack-relay: error: {e}")
             print("\n".join(describe_settings(self.config, self.sources)), flush=True)
             raise SystemExit(0)
 
@@ -367,6 +363,31 @@ Example:
             if self.sources.get(culprit) == SOURCE_FILE:
                 raise ConfigError(f"config file {path!r}: {e}")
             raise usage.UsageError(str(e))
+
+
+def check_certificates(config: RelayConfig) -> None:
+    """
+    Load every listener's certificate and key once, as start-up does
+    (what C{--check-config} checks, and the supervisor of C{--workers}
+    before it starts any worker).
+
+    @raise ConfigError: one line, starting with C{listen 'SPEC':} for the
+        certificate of a C{listen} spec.
+    """
+    from .tls import load_certificate_options
+
+    checked: set[tuple[str, Optional[str]]] = set()
+    for listener in config.listeners():
+        files = (listener.tls_cert, listener.tls_key)
+        if files in checked:
+            continue
+        checked.add(files)
+        try:
+            load_certificate_options(files[0], files[1], config.tls_profile)
+        except ConfigError as e:
+            if not listener.spec:
+                raise
+            raise ConfigError(f"listen {listener.spec!r}: {e}") from None
 
 
 def stop_on_sigterm(reactor: Any) -> None:
@@ -417,6 +438,12 @@ def makeService(options: Options) -> Any:
     stops the relay gracefully with exit status 0 (L{stop_on_sigterm});
     SIGHUP reloads the TLS certificate and key (L{reload_tls_on_sighup}).
 
+    With C{--workers N} above 1 the service is a
+    L{poststack_relay.workers.Supervisor} of N relay processes instead
+    (the certificates are loaded once here first, so a bad one is the same
+    one-line error); SIGTERM stops them all, SIGHUP is passed on to each,
+    and workers that cannot start make the command exit with status 1.
+
     With C{--log-format text} (the default) this is the
     L{poststack_relay.service.RelayService} itself and twistd logs as
     usual; with C{--log-format json} the relay is wrapped so that the
@@ -426,12 +453,26 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
-    from .service import makeRelayService
+    service: Any
+    if options.config.workers > 1:
+        from .workers import Supervisor, exit_with
 
-    try:
-        service = makeRelayService(options.config, reactor)
-    except ConfigError as e:
-        raise SystemExit(f"poststack-relay: error: {e}")
+        try:
+            check_certificates(options.config)
+            service = Supervisor(options.config, reactor)
+        except ConfigError as e:
+            raise SystemExit(f"poststack-relay: error: {e}")
+        supervisor = service
+        reactor.addSystemEventTrigger(
+            "after", "shutdown", lambda: exit_with(supervisor.exit_status)
+        )
+    else:
+        from .service import makeRelayService
+
+        try:
+            service = makeRelayService(options.config, reactor)
+        except ConfigError as e:
+            raise SystemExit(f"poststack-relay: error: {e}")
     reactor.callWhenRunning(stop_on_sigterm, reactor)
     reactor.callWhenRunning(reload_tls_on_sighup, reactor, service)
     if options.config.log_format == "json":

@@ -1,0 +1,1055 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+C{--workers N}: N relay processes sharing the listening ports, under one
+supervisor.
+
+Python runs one core per process.  With C{workers} above 1 the command's
+own process (C{twistd}/C{twist}) becomes a L{Supervisor} that runs no TLS
+and no SMTP:
+
+  - it binds every listener itself (before C{twistd} drops privileges;
+    a systemd-activated listener is the socket systemd passed), and keeps
+    those sockets open for as long as it runs;
+  - it starts N workers (L{worker_main}), each a full relay with the same
+    settings (C{workers = 1}), which takes over (adopts) the shared
+    sockets: the kernel hands each new connection to one worker.  A worker
+    that dies loses no connection waiting in the backlog, since the
+    supervisor still holds the socket;
+  - each worker's log events come to the supervisor as JSON lines on the
+    worker's standard output and are logged again by the supervisor, with
+    a C{worker} field (text: C{[namespace#level worker=K]}), so one log
+    (text or JSON, standard output or C{--logfile}) holds everything;
+  - worker K (0 to N-1) serves C{/metrics}, C{/healthz} and C{/readyz} on
+    the C{metrics-listen} port + K (port 0: each its own free port);
+  - a worker that exits is started again after a pause (1 s, doubling up
+    to 30 s while it keeps dying within 10 s of its start); one that dies
+    L{MAX_START_FAILURES} times in a row before it was ready stops the
+    whole relay with exit status 1;
+  - SIGTERM (or SIGINT) stops it: every worker gets SIGTERM and drains as
+    a single relay does; one still running C{drain_timeout} + 10 s later is
+    killed; then the supervisor exits 0.  SIGHUP is passed on to every
+    worker (TLS reload).  Under systemd C{Type=notify}, C{READY=1} is sent
+    once every worker is ready and C{STOPPING=1} when the stop begins;
+    workers never talk to systemd themselves.
+
+The settings go to each worker as one JSON line on its standard input
+(never on its command line or in its environment: the service key is
+there), whose pipe then stays open as a lifeline: a worker whose
+supervisor vanished sees it close and stops (draining) by itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectionDone,
+    ProcessExitedAlready,
+    ReactorNotRunning,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import LogEvent, LogLevel, Logger, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import ConfigError, ListenerConfig, RelayConfig
+
+_log = Logger()
+
+RESTART_DELAY = 1.0
+"""Seconds before a worker that exited is started again (the first time)."""
+
+MAX_RESTART_DELAY = 30.0
+"""The longest pause before a restart."""
+
+STABLE_AFTER = 10.0
+"""A worker that ran this many seconds is restarted after L{RESTART_DELAY}
+again; one that dies sooner doubles the pause."""
+
+MAX_START_FAILURES = 3
+"""Deaths in a row of one worker before it was ready that stop the relay."""
+
+START_TIMEOUT = 30.0
+"""Seconds a worker has to become ready before it is killed (a failed start)."""
+
+STOP_MARGIN = 10.0
+"""Seconds beyond C{drain_timeout} a stopping worker gets before SIGKILL."""
+
+KILL_WAIT = 5.0
+"""Seconds to wait for killed workers before the supervisor stops anyway."""
+
+LISTEN_BACKLOG = 1024
+"""The backlog of the shared sockets (the kernel caps it at somaxconn)."""
+
+MAX_LINE = 1 << 20
+"""Longest line read from a worker; a longer one is cut."""
+
+FIRST_FD = 3
+"""A worker's first inherited listening socket; the others follow in order."""
+
+READY_EVENT = "worker_ready"
+"""The event a worker logs once every port of it is bound."""
+
+STRIPPED_ENVIRONMENT = (
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
+"""Variables a worker must not see: systemd talks to the supervisor only."""
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a worker runs: the package directory appended to sys.path (so a
+# source tree found by twistd is found again), then worker_main().
+_WORKER_CODE = (
+    "import sys; sys.path.append({root!r}); "
+    "from poststack_relay.workers import worker_main; worker_main()"
+)
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+
+
+def worker_metrics_listen(metrics_listen: str, index: int) -> str:
+    """
+    Where worker C{index} serves its metrics: the C{metrics-listen} port
+    plus C{index}; port 0 and C{off} unchanged.
+
+    @raise ConfigError: C{metrics_listen} is not valid.
+    """
+    if metrics_listen.strip().lower() in ("", "off"):
+        return metrics_listen
+    from .metrics import parse_metrics_listen
+
+    host, port = parse_metrics_listen(metrics_listen)
+    if port != 0:
+        port += index
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def worker_settings(config: RelayConfig, index: int) -> dict[str, Any]:
+    """
+    The settings of worker C{index} as a JSON-ready mapping of
+    L{RelayConfig} fields: C{config} with C{workers = 1} and its own
+    metrics port.  C{RelayConfig(**worker_settings(...))} rebuilds it
+    exactly (after a JSON round trip too).
+    """
+    settings = attrs.asdict(config, recurse=False)
+    settings["listen"] = list(config.listen)
+    settings["workers"] = 1
+    settings["metrics_listen"] = worker_metrics_listen(config.metrics_listen, index)
+    return settings
+
+
+def worker_command(index: int, fds: Sequence[int]) -> tuple[str, list[str]]:
+    """
+    The executable and argument list that start worker C{index}, whose
+    listening sockets are C{fds} (its own descriptor numbers).
+    """
+    return sys.executable, [
+        sys.executable,
+        "-c",
+        _WORKER_CODE.format(root=_PACKAGE_ROOT),
+        "--worker",
+        str(index),
+        "--fds",
+        ",".join(str(fd) for fd in fds),
+    ]
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """
+    A worker's environment: C{environ} without L{STRIPPED_ENVIRONMENT}.
+    """
+    return {k: v for k, v in environ.items() if k not in STRIPPED_ENVIRONMENT}
+
+
+def parse_worker_line(line: bytes) -> Optional[dict[str, Any]]:
+    """
+    One line of a worker's standard output as the JSON object it should
+    be; C{None} if it is not one.
+    """
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _event_time(value: object) -> Optional[float]:
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return None
+    return when.replace(tzinfo=timezone.utc).timestamp()
+
+
+def worker_log_event(fields: Mapping[str, Any], index: int, now: float) -> LogEvent:
+    """
+    The log event that tells again, in the supervisor's log, what worker
+    C{index} logged as the JSON object C{fields}
+    (L{poststack_relay.logs.event_as_json}): same namespace, level, time,
+    message, event name and fields, plus C{worker}; its C{log_system} is
+    C{namespace#level worker=K}, what a text log shows in brackets.  A
+    traceback is appended to the message.
+
+    @param now: the time to use when C{fields} has none.
+    """
+    fields = dict(fields)
+    message = str(fields.pop("message", ""))
+    traceback = fields.pop("traceback", None)
+    if traceback:
+        message = f"{message}\n{traceback}"
+    level_name = fields.pop("level", "info")
+    try:
+        level = LogLevel.levelWithName(str(level_name))
+    except Exception:
+        level = LogLevel.info
+    namespace = str(fields.pop("namespace", None) or "poststack_relay.worker")
+    when = _event_time(fields.pop("time", None))
+    event: LogEvent = {k: v for k, v in fields.items() if not str(k).startswith("log_")}
+    event.update(
+        log_format=_escape(message),
+        log_level=level,
+        log_namespace=namespace,
+        log_system=f"{namespace}#{level.name} worker={index}",
+        log_time=now if when is None else when,
+        worker=index,
+    )
+    return event
+
+
+def worker_output_event(line: bytes, index: int, stream: str, now: float) -> LogEvent:
+    """
+    The log event for a line worker C{index} wrote that is not a JSON log
+    event: anything on its standard error (a crash before its logging
+    started), or a stray line on its standard output.
+    """
+    text = line.decode("utf-8", "backslashreplace").rstrip("\r")
+    return {
+        "log_format": "worker {worker} {stream}: {line}",
+        "log_level": LogLevel.warn if stream == "stderr" else LogLevel.info,
+        "log_namespace": __name__,
+        "log_system": f"{__name__}#{'warn' if stream == 'stderr' else 'info'} worker={index}",
+        "log_time": now,
+        "worker": index,
+        "stream": stream,
+        "line": text,
+        "event": "worker_output",
+    }
+
+
+def describe_exit(reason: Failure) -> tuple[str, Optional[int], Optional[int]]:
+    """
+    How a process ended, from C{processEnded}'s reason: a text
+    (C{exit status 1}, C{signal 9 (SIGKILL)}), the exit status and the
+    signal.
+    """
+    code = getattr(reason.value, "exitCode", None)
+    number = getattr(reason.value, "signal", None)
+    if number is not None:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"signal {number} ({name})", code, number
+    if code is not None:
+        return f"exit status {code}", code, None
+    return str(reason.value), None, None
+
+
+def _address(name: Any) -> str:
+    if isinstance(name, tuple) and len(name) >= 2:
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(name)
+
+
+def bind_listener(listener: ListenerConfig, backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """
+    A listening TCP socket for C{listener}, bound as Twisted would bind it
+    (C{SO_REUSEADDR}; IPv6 for an interface with a colon, else IPv4, all
+    interfaces for C{""}).
+
+    @raise CannotListenError: it cannot be bound.
+    """
+    v6 = ":" in listener.interface
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    host = listener.interface or "0.0.0.0"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6:
+            address: Any = socket.getaddrinfo(host, listener.port, family, socket.SOCK_STREAM)[0][4]
+        else:
+            address = (host, listener.port)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(listener.interface, listener.port, e) from None
+    return sock
+
+
+class _LineBuffer:
+    """
+    Splits a byte stream into lines, none longer than C{limit} bytes.
+    """
+
+    def __init__(self, limit: int = MAX_LINE) -> None:
+        self._limit = limit
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        The lines completed by C{data}, without their newlines.
+        """
+        self._buffer += data
+        lines = self._buffer.split(b"\n")
+        self._buffer = lines.pop()
+        if len(self._buffer) > self._limit:
+            lines.append(self._buffer)
+            self._buffer = b""
+        return lines
+
+    def flush(self) -> list[bytes]:
+        """
+        The last, unterminated line, if any.
+        """
+        rest, self._buffer = self._buffer, b""
+        return [rest] if rest else []
+
+
+# ---------------------------------------------------------------------------
+# The supervisor
+
+
+@attrs.define(eq=False)
+class WorkerSlot:
+    """
+    One of the N workers, across its restarts.
+
+    @ivar index: 0 to N-1.
+    @ivar process: the running process (C{IProcessTransport}), or C{None}.
+    @ivar protocol: its process protocol.
+    @ivar pid: its process id, or C{None}.
+    @ivar started: when it was started (clock seconds).
+    @ivar ready: whether the running process said it is ready.
+    @ivar start_failures: deaths in a row before ready.
+    @ivar delay: the pause before the next restart.
+    @ivar restart: the pending restart, if any.
+    @ivar start_timer: the pending start time-out, if any.
+    @ivar metrics: where its metrics are served (from its ready event).
+    @ivar generation: how many times it was started.
+    """
+
+    index: int
+    process: Any = None
+    protocol: Optional["_WorkerProtocol"] = None
+    pid: Optional[int] = None
+    started: float = 0.0
+    ready: bool = False
+    start_failures: int = 0
+    delay: float = RESTART_DELAY
+    restart: Optional[IDelayedCall] = None
+    start_timer: Optional[IDelayedCall] = None
+    metrics: Optional[str] = None
+    generation: int = 0
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """
+    Reads one worker process's output line by line for the supervisor.
+    """
+
+    def __init__(self, supervisor: "Supervisor", slot: WorkerSlot) -> None:
+        self.supervisor = supervisor
+        self.slot = slot
+        self._lines = {1: _LineBuffer(), 2: _LineBuffer()}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffer = self._lines.get(childFD)
+        if buffer is None:
+            return
+        for line in buffer.feed(data):
+            self.supervisor._worker_line(self, childFD, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for childFD, buffer in self._lines.items():
+            for line in buffer.flush():
+                self.supervisor._worker_line(self, childFD, line)
+        self.supervisor._worker_ended(self, reason)
+
+
+SpawnProcess = Callable[..., Any]
+
+
+class Supervisor(Service):
+    """
+    Runs C{config.workers} relay processes on shared listening sockets and
+    keeps them running (see the module docstring).
+
+    @ivar slots: one L{WorkerSlot} per worker.
+    @ivar exit_status: 0, or 1 once the relay stopped because workers
+        could not start (the command should then exit with it).
+    @ivar sockets: the listening sockets, in the order of
+        C{config.listeners()}, as descriptors (C{None} before binding).
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        reactor: Any,
+        *,
+        spawn: Optional[SpawnProcess] = None,
+        clock: Optional[IReactorTime] = None,
+        notifier: Any = None,
+        observer: Optional[Callable[[LogEvent], None]] = None,
+        environ: Optional[Mapping[str, str]] = None,
+        stop: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """
+        @param config: the relay's settings; C{config.workers} workers.
+        @param reactor: provides C{IReactorProcess} and C{IReactorTime}.
+        @param spawn: C{spawnProcess(protocol, executable, args, env=,
+            childFDs=)}; C{reactor.spawnProcess} by default.
+        @param clock: for restarts and time-outs; C{reactor} by default.
+        @param notifier: a L{poststack_relay.systemd.SystemdNotifier}; one
+            for this process's C{NOTIFY_SOCKET} by default.
+        @param observer: where the workers' log events go; the global log
+            publisher by default.
+        @param environ: the environment workers inherit (without
+            L{STRIPPED_ENVIRONMENT}); C{os.environ} by default.
+        @param stop: stops the whole relay when workers cannot start;
+            C{reactor.stop} by default.
+        @raise ConfigError: a systemd socket of a listener was not passed.
+        """
+        from .systemd import SystemdNotifier, socketEndpoint
+
+        self.config = config
+        self.listener_configs = config.listeners()
+        self._reactor = reactor
+        self._spawn = spawn if spawn is not None else reactor.spawnProcess
+        self._clock: IReactorTime = clock if clock is not None else reactor
+        self.notifier = notifier if notifier is not None else SystemdNotifier()
+        self._observer = observer if observer is not None else globalLogPublisher
+        self._environ = os.environ if environ is None else environ
+        self._stop_relay = stop if stop is not None else self._stop_reactor
+        self.slots = [WorkerSlot(index) for index in range(config.workers)]
+        self.exit_status = 0
+        self.sockets: list[Optional[int]] = [None] * len(self.listener_configs)
+        self._sockets: list[socket.socket] = []
+        self._systemd: dict[int, int] = {}
+        self._bound = False
+        self._stopping = False
+        self._announced = False
+        self._stopped: Optional[Deferred[None]] = None
+        self._stop_timers: list[IDelayedCall] = []
+        self.addresses: list[str] = []
+        for index, listener in enumerate(self.listener_configs):
+            if listener.systemd_socket:
+                try:
+                    endpoint = socketEndpoint(reactor, listener.systemd_socket)
+                except ConfigError as e:
+                    if not listener.spec:
+                        raise
+                    raise ConfigError(f"listen {listener.spec!r}: {e}") from None
+                self._systemd[index] = endpoint.fileno  # type: ignore[attr-defined]
+
+    # -- start
+
+    def _bind(self) -> None:
+        """
+        Bind every listener not passed by systemd; on a failure close the
+        ones already bound and raise.
+        """
+        if self._bound:
+            return
+        bound: list[socket.socket] = []
+        fds: list[int] = []
+        addresses: list[str] = []
+        try:
+            for index, listener in enumerate(self.listener_configs):
+                if index in self._systemd:
+                    fd = self._systemd[index]
+                    probe = socket.socket(fileno=os.dup(fd))
+                    try:
+                        addresses.append(_address(probe.getsockname()))
+                    finally:
+                        probe.close()
+                else:
+                    sock = bind_listener(listener)
+                    bound.append(sock)
+                    fd = sock.fileno()
+                    addresses.append(_address(sock.getsockname()))
+                fds.append(fd)
+        except BaseException:
+            for sock in bound:
+                sock.close()
+            raise
+        self._sockets = bound
+        self.sockets = list(fds)
+        self.addresses = addresses
+        self._bound = True
+        _log.info(
+            "supervisor listening on {where} for {workers} workers (shared sockets)",
+            where=", ".join(addresses),
+            listeners=addresses,
+            workers=len(self.slots),
+            event="supervisor_listening",
+        )
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind the listeners (C{twistd} calls this before it drops
+        privileges).
+        """
+        self._bind()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        """
+        Bind the listeners if not yet done (C{twist}), then start every
+        worker.
+        """
+        self._bind()
+        Service.startService(self)
+        for slot in self.slots:
+            self._start(slot)
+
+    def _start(self, slot: WorkerSlot) -> None:
+        slot.restart = None
+        if self._stopping:
+            return
+        fds = [FIRST_FD + i for i in range(len(self.sockets))]
+        executable, args = worker_command(slot.index, fds)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for child, fd in zip(fds, self.sockets):
+            child_fds[child] = fd
+        protocol = _WorkerProtocol(self, slot)
+        slot.generation += 1
+        slot.ready = False
+        slot.metrics = None
+        slot.started = self._clock.seconds()
+        try:
+            process = self._spawn(
+                protocol, executable, args, env=worker_environment(self._environ), childFDs=child_fds
+            )
+        except Exception as e:
+            _log.error(
+                "cannot start worker {worker}: {error}",
+                worker=slot.index,
+                error=str(e),
+                event="worker_spawn_failed",
+            )
+            self._ended(slot, None, "not started", None, None)
+            return
+        slot.process = process
+        slot.protocol = protocol
+        slot.pid = getattr(process, "pid", None)
+        line = json.dumps(worker_settings(self.config, slot.index), ensure_ascii=True) + "\n"
+        process.write(line.encode("ascii"))
+        slot.start_timer = self._clock.callLater(START_TIMEOUT, self._start_timed_out, slot, protocol)
+        _log.info(
+            "worker {worker} started, pid {pid}",
+            worker=slot.index,
+            pid=slot.pid,
+            generation=slot.generation,
+            event="worker_started",
+        )
+
+    def _start_timed_out(self, slot: WorkerSlot, protocol: _WorkerProtocol) -> None:
+        slot.start_timer = None
+        if slot.protocol is not protocol or slot.ready or slot.process is None:
+            return
+        _log.warn(
+            "worker {worker} (pid {pid}) not ready after {timeout:g} s: killing it",
+            worker=slot.index,
+            pid=slot.pid,
+            timeout=START_TIMEOUT,
+            event="worker_start_timeout",
+        )
+        self._signal(slot, "KILL")
+
+    # -- the workers' output
+
+    def _worker_line(self, protocol: _WorkerProtocol, childFD: int, line: bytes) -> None:
+        slot = protocol.slot
+        now = self._clock.seconds()
+        fields = parse_worker_line(line) if childFD == 1 else None
+        if fields is None:
+            if line.strip():
+                self._emit(
+                    worker_output_event(line, slot.index, "stdout" if childFD == 1 else "stderr", now)
+                )
+            return
+        self._emit(worker_log_event(fields, slot.index, now))
+        if fields.get("event") == READY_EVENT and slot.protocol is protocol:
+            self._worker_ready(slot, fields)
+
+    def _emit(self, event: LogEvent) -> None:
+        try:
+            self._observer(event)
+        except Exception:
+            pass  # the log publisher reports its own observers' errors
+
+    def _worker_ready(self, slot: WorkerSlot, fields: Mapping[str, Any]) -> None:
+        if slot.ready:
+            return
+        slot.ready = True
+        slot.start_failures = 0
+        metrics = fields.get("metrics")
+        slot.metrics = metrics if isinstance(metrics, str) else None
+        if slot.start_timer is not None and slot.start_timer.active():
+            slot.start_timer.cancel()
+        slot.start_timer = None
+        if self._announced or self._stopping or not all(s.ready for s in self.slots):
+            return
+        self._announced = True
+        where = ", ".join(self.addresses)
+        _log.info(
+            "all {workers} workers ready, listening on {where}",
+            workers=len(self.slots),
+            where=where,
+            pids=[s.pid for s in self.slots],
+            metrics=[s.metrics for s in self.slots],
+            event="workers_ready",
+        )
+        self.notifier.notify(f"READY=1\nSTATUS={len(self.slots)} workers listening on {where}")
+
+    # -- exits and restarts
+
+    def _worker_ended(self, protocol: _WorkerProtocol, reason: Failure) -> None:
+        slot = protocol.slot
+        if slot.protocol is not protocol:
+            return
+        status, code, number = describe_exit(reason)
+        self._ended(slot, slot.pid, status, code, number)
+
+    def _ended(
+        self,
+        slot: WorkerSlot,
+        pid: Optional[int],
+        status: str,
+        code: Optional[int],
+        number: Optional[int],
+    ) -> None:
+        was_ready = slot.ready
+        slot.process = None
+        slot.protocol = None
+        slot.ready = False
+        if slot.start_timer is not None and slot.start_timer.active():
+            slot.start_timer.cancel()
+        slot.start_timer = None
+        uptime = self._clock.seconds() - slot.started
+        if self._stopping:
+            _log.info(
+                "worker {worker} (pid {pid}) stopped: {status}",
+                worker=slot.index,
+                pid=pid,
+                status=status,
+                exit_status=code,
+                signal=number,
+                event="worker_stopped",
+            )
+            self._check_stopped()
+            return
+        if not was_ready:
+            slot.start_failures += 1
+            if slot.start_failures >= MAX_START_FAILURES:
+                self._give_up(slot, pid, status, code, number)
+                return
+        if uptime >= STABLE_AFTER:
+            slot.delay = RESTART_DELAY
+        delay = slot.delay
+        slot.delay = min(delay * 2, MAX_RESTART_DELAY)
+        _log.warn(
+            "worker {worker} (pid {pid}) exited with {status} after {uptime:.1f} s{before_ready}; "
+            "restarting it in {restart_in:g} s",
+            worker=slot.index,
+            pid=pid,
+            status=status,
+            exit_status=code,
+            signal=number,
+            uptime=round(uptime, 3),
+            ready=was_ready,
+            before_ready="" if was_ready else " before it was ready",
+            restart_in=delay,
+            event="worker_exited",
+        )
+        slot.restart = self._clock.callLater(delay, self._start, slot)
+
+    def _give_up(
+        self,
+        slot: WorkerSlot,
+        pid: Optional[int],
+        status: str,
+        code: Optional[int],
+        number: Optional[int],
+    ) -> None:
+        self.exit_status = 1
+        _log.critical(
+            "worker {worker} (pid {pid}) exited with {status} before it was ready, "
+            "{failures} times in a row: stopping the relay",
+            worker=slot.index,
+            pid=pid,
+            status=status,
+            exit_status=code,
+            signal=number,
+            failures=slot.start_failures,
+            event="workers_failed",
+        )
+        self._stop_relay()
+
+    def _stop_reactor(self) -> None:
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def _signal(self, slot: WorkerSlot, name: str) -> bool:
+        if slot.process is None:
+            return False
+        try:
+            slot.process.signalProcess(name)
+        except (ProcessExitedAlready, OSError):
+            return False
+        return True
+
+    # -- signals
+
+    def reload_tls(self, trigger: str = "reload_tls()") -> bool:
+        """
+        Pass SIGHUP on to every running worker: each loads its certificate
+        and key files again (C{twistd}'s SIGHUP handler calls this).
+
+        @return: C{True} (each worker logs its own result).
+        """
+        sent = [slot.index for slot in self.slots if self._signal(slot, "HUP")]
+        _log.info(
+            "{trigger} passed on to {count} workers",
+            trigger=trigger,
+            count=len(sent),
+            workers=sent,
+            event="workers_reload",
+        )
+        return True
+
+    # -- stop
+
+    def stopService(self) -> "Optional[Deferred[None]]":
+        """
+        Stop: close the shared sockets, SIGTERM every worker, and fire when
+        all have exited (SIGKILL for those still running C{drain_timeout}
+        + L{STOP_MARGIN} seconds later).  Under systemd, C{STOPPING=1}
+        first.
+        """
+        if self.running:
+            self.notifier.notify("STOPPING=1\nSTATUS=stopping")
+        Service.stopService(self)
+        self._stopping = True
+        for slot in self.slots:
+            for call in (slot.restart, slot.start_timer):
+                if call is not None and call.active():
+                    call.cancel()
+            slot.restart = slot.start_timer = None
+        self._close_sockets()
+        running = [slot for slot in self.slots if slot.process is not None]
+        if not running:
+            return None
+        _log.info(
+            "stopping {count} workers",
+            count=len(running),
+            pids=[slot.pid for slot in running],
+            event="workers_stopping",
+        )
+        self._stopped = Deferred()
+        for slot in running:
+            self._signal(slot, "TERM")
+        self._stop_timers.append(
+            self._clock.callLater(self.config.drain_timeout + STOP_MARGIN, self._kill_remaining)
+        )
+        return self._stopped
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        for fd in self._systemd.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._systemd = {}
+
+    def _kill_remaining(self) -> None:
+        left = [slot for slot in self.slots if slot.process is not None]
+        _log.warn(
+            "{count} workers still running {timeout:g} s after SIGTERM: killing them",
+            count=len(left),
+            pids=[slot.pid for slot in left],
+            timeout=self.config.drain_timeout + STOP_MARGIN,
+            event="workers_killed",
+        )
+        for slot in left:
+            self._signal(slot, "KILL")
+        self._stop_timers.append(self._clock.callLater(KILL_WAIT, self._stopped_anyway))
+
+    def _stopped_anyway(self) -> None:
+        left = [slot.pid for slot in self.slots if slot.process is not None]
+        _log.error(
+            "workers {pids} did not exit after SIGKILL; stopping without them",
+            pids=left,
+            event="workers_lost",
+        )
+        self._fire_stopped()
+
+    def _check_stopped(self) -> None:
+        if self._stopped is not None and all(slot.process is None for slot in self.slots):
+            _log.info("all workers stopped", event="workers_stopped")
+            self._fire_stopped()
+
+    def _fire_stopped(self) -> None:
+        for call in self._stop_timers:
+            if call.active():
+                call.cancel()
+        self._stop_timers = []
+        stopped, self._stopped = self._stopped, None
+        if stopped is not None:
+            stopped.callback(None)
+
+
+def exit_with(status: int) -> None:
+    """
+    Make this process exit with C{status} once everything else is done
+    (twistd and twist have no way to set their exit status): at
+    interpreter exit, after flushing standard output and error.  Nothing
+    for 0.
+    """
+    if status == 0:
+        return
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(leave)
+
+
+# ---------------------------------------------------------------------------
+# The worker
+
+
+@implementer(IReadDescriptor)
+class _Lifeline:
+    """
+    Watches the read end of the supervisor's pipe (standard input): it
+    reaches end of file only when the supervisor is gone.
+    """
+
+    def __init__(self, fd: int, lost: Callable[[], None]) -> None:
+        self._fd = fd
+        self._lost = lost
+        self._ended = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "supervisor"
+
+    def doRead(self) -> Optional[BaseException]:
+        try:
+            data = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self._ended = True
+            return ConnectionDone()  # what the reactor expects: an exception
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Also called (with ConnectionLost) when the worker's own reactor
+        # shuts down: only the end of the pipe (ConnectionDone, from
+        # doRead or from the poller's hang-up) means the supervisor is gone.
+        if self._ended or reason.check(ConnectionDone):
+            self._lost()
+
+
+def _port_address(port: Any) -> str:
+    host = port.getHost()
+    return _address((getattr(host, "host", str(host)), getattr(host, "port", "?")))
+
+
+def run_worker(index: int, fds: Sequence[int], settings: Mapping[str, Any], reactor: Any) -> int:
+    """
+    Run one worker's relay until it is stopped: the relay of C{settings}
+    on the inherited listening sockets C{fds}, SIGTERM and SIGINT stop it
+    gracefully, SIGHUP reloads its certificates, end of file on standard
+    input (the supervisor is gone) stops it too.  Logs L{READY_EVENT} once
+    every port is bound.
+
+    @return: the exit status: 0 after a stop, 1 if it could not start.
+    """
+    from . import tap
+    from .service import makeRelayService
+
+    try:
+        config = RelayConfig(**settings)
+        service = makeRelayService(config, reactor, adopt=fds)
+    except (ConfigError, TypeError, ValueError, OSError) as e:
+        _log.critical(
+            "worker {worker} cannot start: {error}", worker=index, error=str(e), event="worker_start_failed"
+        )
+        return 1
+    status = [0]
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def ready(results: list[Any]) -> None:
+        listening = [_port_address(port) for port in results[0]]
+        metrics = _port_address(results[1]) if results[1] is not None else None
+        _log.info(
+            "worker {worker} ready, pid {pid}: listening on {where}{metrics_text}",
+            worker=index,
+            pid=os.getpid(),
+            where=", ".join(listening),
+            listening=listening,
+            metrics=metrics,
+            metrics_text=f"; metrics on {metrics}" if metrics else "",
+            event=READY_EVENT,
+        )
+
+    def supervisor_lost() -> None:
+        _log.warn("the supervisor is gone: stopping", worker=index, event="supervisor_lost")
+        stop()
+
+    def start() -> None:
+        try:
+            service.privilegedStartService()
+            service.startService()
+        except Exception as e:
+            _log.critical(
+                "worker {worker} cannot start: {error}",
+                worker=index,
+                error=str(e),
+                event="worker_start_failed",
+            )
+            status[0] = 1
+            stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        tap.stop_on_sigterm(reactor)
+        tap.reload_tls_on_sighup(reactor, service)
+        try:
+            os.set_blocking(0, False)
+            reactor.addReader(_Lifeline(0, supervisor_lost))
+        except OSError:
+            pass  # no standard input to watch
+        ports = service.ports()
+        metrics_service = getattr(service, "metrics_service", None)
+        waits = [
+            ports if ports is not None else succeed([]),
+            metrics_service.port() if metrics_service is not None else succeed(None),
+        ]
+        gatherResults(waits).addCallback(ready).addErrback(
+            lambda f: _log.failure("worker readiness failed", f, event="worker_ready_failed")
+        )
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return status[0]
+
+
+def _parse_arguments(argv: Sequence[str]) -> tuple[int, list[int]]:
+    """
+    C{--worker K --fds A,B,...} -> (K, [A, B, ...]).
+
+    @raise ValueError: anything else.
+    """
+    args = list(argv)
+    if len(args) != 4 or args[0] != "--worker" or args[2] != "--fds":
+        raise ValueError(f"usage: --worker K --fds FD[,FD...], not {args!r}")
+    return int(args[1]), [int(fd) for fd in args[3].split(",")]
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """
+    The entry point of a worker process (see L{worker_command}): reads
+    its settings as one JSON line on standard input, logs JSON lines to
+    standard output, runs L{run_worker} and exits with its status.
+    """
+    # Until its handler is installed a SIGHUP must not kill the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        index, fds = _parse_arguments(sys.argv[1:] if argv is None else argv)
+        line = sys.stdin.buffer.readline(MAX_LINE)
+        settings = json.loads(line)
+        if not isinstance(settings, dict):
+            raise ValueError("the settings are not a JSON object")
+    except ValueError as e:
+        sys.stderr.write(f"poststack-relay worker: {e}\n")
+        sys.exit(2)
+    try:
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from .logs import jsonLineObserver
+
+    globalLogBeginner.beginLoggingTo([jsonLineObserver(sys.stdout)], redirectStandardIO=False)
+    code = run_worker(index, fds, settings, reactor)
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+__all__ = [
+    "Supervisor",
+    "WorkerSlot",
+    "bind_listener",
+    "describe_exit",
+    "exit_with",
+    "parse_worker_line",
+    "run_worker",
+    "worker_command",
+    "worker_environment",
+    "worker_log_event",
+    "worker_main",
+    "worker_metrics_listen",
+    "worker_output_event",
+    "worker_settings",
+]
