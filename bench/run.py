@@ -156,7 +156,7 @@ class ServerFailed(Exception):
 class Server:
     """The relay or the baseline bridge, started fresh and pinned to CPU 0."""
 
-    def __init__(self, kind: str, tmp: str, cert: str, key: str, api_url: str) -> None:
+    def __init__(self, kind: str, tmp: str, cert: str, key: str, api_url: str, workers: int = 0) -> None:
         self.kind = kind
         self.port = free_port()
         self.cert = cert
@@ -169,10 +169,13 @@ class Server:
                     "--max-connections", str(FD_LIMIT), "--max-connections-per-ip", str(FD_LIMIT)]
             if RELAY_HAS_METRICS:
                 argv += ["--metrics-listen", f"127.0.0.1:{free_port()}"]
+            if workers > 1:
+                argv += ["--workers", str(workers)]
         else:
             argv = [BENCH_PYTHON, BASELINE, "--host", "127.0.0.1", "--port", str(self.port),
                     "--cert", cert, "--key", key, "--api-url", api_url]
-        self.argv = taskset(SERVER_CPU) + argv
+        self.workers = workers
+        self.argv = (taskset(SERVER_CPU) if not workers else taskset("0,1")) + argv
         self.profiler: Optional[subprocess.Popen[bytes]] = None
         self.out = open(self.log_path + ".out", "wb")
         self.process = subprocess.Popen(
@@ -266,7 +269,7 @@ class LoadgenFailed(Exception):
 
 
 def loadgen_argv(port: int, ca: str, message_file: str, time_limit: float, **options: Any) -> list[str]:
-    argv = taskset(CLIENT_CPU) + ["node", LOADGEN, "--host", "127.0.0.1", "--port", str(port), "--ca", ca,
+    argv = taskset(options.pop("cpus", CLIENT_CPU)) + ["node", LOADGEN, "--host", "127.0.0.1", "--port", str(port), "--ca", ca,
                                   "--user", USER, "--password", PASSWORD, "--message-file", message_file,
                                   "--time-limit", str(int(time_limit)), "--pipelining", PIPELINING]
     for name, value in options.items():
@@ -328,6 +331,7 @@ class Scenario:
     title: str
     run: Callable[[Context, Server, dict[str, Any]], None]
     slow_upstream: bool = False
+    workers: int = 0  # > 0: relay only, with --workers N, nothing pinned (multi-core scaling)
 
 
 @dataclass
@@ -361,13 +365,29 @@ def upstream_cpu(pids: list[int]) -> float:
     return total
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of C{pid} and its children (a --workers supervisor and its workers)."""
+    total = cpu_seconds(pid)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                total += cpu_seconds(int(entry))
+    return total
+
+
 def throughput_run(ctx: Context, server: Server, record: dict[str, Any],
                    messages_: int, connections: int, mode: str) -> None:
     """S1, S2, S1L50: send C{messages_} small messages; server CPU per message."""
-    cpu0, up0 = cpu_seconds(server.pid), upstream_cpu(ctx.upstream_pids)
+    cpu0, up0 = tree_cpu(server.pid), upstream_cpu(ctx.upstream_pids)
+    extra = {"cpus": "0,1"} if server.workers else {}
     result = run_loadgen(server.port, ctx.cert, ctx.small, time_limit_for(messages_),
-                         connections=connections, messages=messages_, mode=mode)
-    cpu1, up1 = cpu_seconds(server.pid), upstream_cpu(ctx.upstream_pids)
+                         connections=connections, messages=messages_, mode=mode, **extra)
+    cpu1, up1 = tree_cpu(server.pid), upstream_cpu(ctx.upstream_pids)
     server.check_alive()
     metrics = {
         "msgs_per_s": result["msgs_per_s"],
@@ -488,6 +508,10 @@ SCENARIOS = [
     Scenario("S1L50", "50 persistent connections, API answering after 20 ms", s1l50, slow_upstream=True),
     Scenario("S3", "idle authenticated connections", s3),
     Scenario("S4", "one message with a large attachment", s4),
+    # Multi-core: S1 with the relay unpinned, 1 and 2 worker processes (the
+    # load generator shares the 2 cores; relay only).
+    Scenario("S1W1", "S1 unpinned, 1 worker", s1, workers=1),
+    Scenario("S1W2", "S1 unpinned, --workers 2", s1, workers=2),
 ]
 
 
@@ -495,7 +519,7 @@ def run_one(ctx: Context, scenario: Scenario, kind: str, round_: int) -> dict[st
     """Start the server fresh, warm it up, run the scenario, stop the server."""
     record: dict[str, Any] = {"scenario": scenario.name, "kind": kind, "round": round_}
     api_url = ctx.upstream_slow if scenario.slow_upstream else ctx.upstream_fast
-    server = Server(kind, ctx.tmp, ctx.cert, ctx.key, api_url)
+    server = Server(kind, ctx.tmp, ctx.cert, ctx.key, api_url, workers=scenario.workers)
     try:
         record["start_s"] = round(server.wait_ready(), 2)
         warm = run_loadgen(server.port, ctx.cert, ctx.small, time_limit_for(ctx.warmup),
@@ -534,6 +558,9 @@ ROWS = [
     Row("S1L50", "throughput (msg/s)", "msgs_per_s", "{:.0f}", ("ratio>=", 3.5)),
     Row("S1L50", "p50 end of data -> 250 (ms)", "p50_ms", "{:.2f}", ("relay<=", 25)),
     Row("S1L50", "server CPU (ms/msg)", "cpu_ms_per_msg", "{:.3f}"),
+    Row("S1W1", "throughput, unpinned (msg/s)", "msgs_per_s", "{:.0f}"),
+    Row("S1W2", "throughput, 2 workers (msg/s)", "msgs_per_s", "{:.0f}"),
+    Row("S1W2", "server CPU, all processes (ms/msg)", "cpu_ms_per_msg", "{:.3f}"),
 ]
 
 
@@ -740,6 +767,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for scenario in scenarios:
             for round_ in range(1, rounds + 1):
                 for kind in kinds:
+                    if scenario.workers and kind != "relay":
+                        continue
                     t0 = time.monotonic()
                     record = run_one(ctx, scenario, kind, round_)
                     record["wall_s"] = round(time.monotonic() - t0, 1)
