@@ -665,34 +665,6 @@ class APIEndpoints:
         return endpoint
 
 
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """
-    A request body already in memory, written in one piece.  (treq wraps
-    bytes in a C{FileBodyProducer}, which writes from a cooperator task in
-    a later reactor turn: a measurable cost per request, see
-    C{docs/performance.md}.)
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-
 # Attachment contents at least this long are not copied into the JSON text.
 STREAM_MIN_CONTENT = 256 * 1024
 _STREAM_SLICE = 64 * 1024
@@ -1035,9 +1007,7 @@ class HTTPEmailAPI:
                 method.encode("ascii"),
                 self._wire_urls.get(url) or _wire_url(url),
                 Headers(headers),
-                None if data is None
-                else _BytesProducer(data) if isinstance(data, bytes)
-                else _PiecesProducer(data),
+                None if data is None else _PiecesProducer([data] if isinstance(data, bytes) else data),
             )
         else:
             response = await self._client.request(
