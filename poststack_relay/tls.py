@@ -197,9 +197,8 @@ def _make_context(
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(_MINIMUM_VERSION[profile])
     # No compression (CRIME), no renegotiation, no stateless session tickets
-    # (their key would live as long as the process; the server-side session
-    # cache still lets clients resume).  OP_CIPHER_SERVER_PREFERENCE is
-    # deliberately not set: Mozilla's profiles let the client choose.
+    # (their key would live as long as the process).  OP_CIPHER_SERVER_PREFERENCE
+    # is deliberately not set: Mozilla's profiles let the client choose.
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
@@ -211,9 +210,14 @@ def _make_context(
         context.add_extra_chain_cert(extra)
     context.check_privatekey()
     context.set_verify(SSL.VERIFY_NONE)
-    # Server-side session cache: needs a session id context (any value).
+    # No server-side session cache either: it held two sessions (~0.9 KB)
+    # per handshake of the last 300 s, up to 20,480, in each process, while
+    # a resumed TLS 1.3 handshake still pays the key exchange (it saves
+    # only the signature), and a session is only found again by the same
+    # process: not by another --workers worker nor another instance behind
+    # a load balancer (docs/tls.md, docs/performance.md S3).
     context.set_session_id(secureRandom(8).hex().encode("ascii"))
-    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return context
 
 

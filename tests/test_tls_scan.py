@@ -379,6 +379,28 @@ class ProfileTests(SynchronousTestCase):
             self.assertTrue(options & SSL.OP_NO_TICKET)
             self.assertFalse(options & SSL.OP_CIPHER_SERVER_PREFERENCE)
 
+    def test_no_session_resumption(self) -> None:
+        """A client offering the session of its last handshake gets a full handshake (no server cache); with a cache it would resume."""
+        from OpenSSL._util import lib
+
+        def reused(options: Any) -> bool:
+            context = client_context(SSL.TLS1_2_VERSION)
+            first = handshake(options, context)
+            self.assertTrue(first.ok, first)
+            server_conn = options.serverConnectionForTLS(None)
+            server_conn.set_accept_state()
+            client_conn = SSL.Connection(context, None)
+            client_conn.set_connect_state()
+            client_conn.set_session(first.client.get_session())
+            self.assertEqual(_pump(client_conn, server_conn), (None, None))
+            return bool(lib.SSL_session_reused(server_conn._ssl))
+
+        self.assertFalse(reused(self.options()))
+        # The same check sees a resumption when the server caches sessions.
+        caching = self.options()
+        caching.getContext().set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        self.assertTrue(reused(caching))
+
     def test_full_chain_served(self) -> None:
         """Leaf and intermediate are both sent, in order, and a client trusting only the root verifies them (ECDSA and RSA)."""
         for kind, chain in self.chains.items():
