@@ -772,7 +772,7 @@ class _PiecesProducer:
             while not self._paused and self._slices is not None:
                 chunk = next(self._slices, None)
                 if chunk is None:
-                    self._slices = None
+                    self._release()
                     done, self._done = self._done, None
                     if done is not None:
                         done.callback(None)
@@ -791,8 +791,18 @@ class _PiecesProducer:
     def stopProducing(self) -> None:
         # The request is abandoned: write nothing more, and (as the
         # interface asks) never fire the Deferred.
-        self._slices = None
+        self._release()
         self._done = None
+
+    def _release(self) -> None:
+        # Written or abandoned: let go of the body and the consumer at
+        # once.  The request, its consumer and Deferreds can end up in a
+        # reference cycle (a Failure's frames) that only the cyclic garbage
+        # collector frees, and with them a large message's body (S4 in
+        # docs/performance.md).
+        self._slices = None
+        self._pieces = []
+        self._consumer = None
 
 
 def _read_body(response: Any) -> "Deferred[bytes]":

@@ -1263,3 +1263,27 @@ class PiecesProducerTests(SynchronousTestCase):
 
         self.successResultOf(producer.startProducing(Consumer()))
         self.assertEqual(b"".join(self.written), body_bytes(self.pieces))
+
+    def test_lets_go_of_the_body(self) -> None:
+        """Once written, or stopped, the producer holds neither the body nor the consumer (no large body kept alive by a reference cycle)."""
+        import weakref
+
+        class Consumer:
+            def write(inner, data: bytes) -> None:
+                self.written.append(data)
+
+        consumer = Consumer()
+        self.successResultOf(self.producer.startProducing(consumer))
+        self.assertEqual(self.producer._pieces, [])
+        self.assertIsNone(self.producer._consumer)
+
+        stopped = _PiecesProducer(list(self.pieces))
+        paused = Consumer()
+        paused.write = lambda data: stopped.pauseProducing()  # type: ignore[method-assign]
+        alive = weakref.ref(paused)
+        stopped.startProducing(paused)
+        del paused
+        self.assertIsNotNone(alive())
+        stopped.stopProducing()
+        self.assertEqual(stopped._pieces, [])
+        self.assertIsNone(alive())
