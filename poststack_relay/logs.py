@@ -212,6 +212,9 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
 
     @param outFile: a text file (such as C{sys.stdout}) or a
         L{twisted.python.logfile.LogFile}.
+    @return: the observer; its C{outFile} and C{lock} attributes are the
+        file and the lock it writes under (a C{--workers} supervisor hands
+        its workers' finished lines to the same file, L{poststack_relay.workers}).
     """
     lock = threading.Lock()
 
@@ -237,6 +240,8 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
         except Exception:
             pass
 
+    observe.outFile = outFile  # type: ignore[attr-defined]
+    observe.lock = lock  # type: ignore[attr-defined]
     return cast(ILogObserver, observe)
 
 

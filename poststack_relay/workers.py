@@ -15,10 +15,20 @@ and no SMTP:
     sockets: the kernel hands each new connection to one worker.  A worker
     that dies loses no connection waiting in the backlog, since the
     supervisor still holds the socket;
-  - each worker's log events come to the supervisor as JSON lines on the
-    worker's standard output and are logged again by the supervisor, with
-    a C{worker} field (text: C{[namespace#level worker=K]}), so one log
-    (text or JSON, standard output or C{--logfile}) holds everything;
+  - one log (text or JSON, standard output or C{--logfile}) holds
+    everything, each worker's lines with a C{worker} field (text:
+    C{[namespace#level worker=K]}).  Each worker formats its own lines
+    in the supervisor's format (L{worker_log_line}) and, when the
+    supervisor logs to a descriptor (standard output: C{twistd -n}, the
+    journal), writes them to that descriptor itself; when it logs to a
+    rotating file (C{--logfile}) it sends the finished lines over a pipe
+    and the supervisor writes the bytes through (L{_PassThrough}).
+    Either way the supervisor parses no log line.  Only when it logs
+    elsewhere (C{--syslog}, C{--logger}, C{twist}) does a worker send its
+    events as JSON lines to be logged again (L{worker_log_event});
+    L{supervisor_log_output} decides which;
+  - a worker says it is ready on a control pipe of its own
+    (L{ready_line}), never in its log;
   - worker K (0 to N-1) serves C{/metrics}, C{/healthz} and C{/readyz} on
     the C{metrics-listen} port + K (port 0: each its own free port);
   - a worker that exits is started again after a pause (1 s, doubling up
@@ -33,21 +43,25 @@ and no SMTP:
     workers never talk to systemd themselves.
 
 The settings go to each worker as one JSON line on its standard input
-(never on its command line or in its environment: the service key is
-there), whose pipe then stays open as a lifeline: a worker whose
-supervisor vanished sees it close and stops (draining) by itself.
+(L{worker_message}: never on its command line or in its environment, the
+service key is there), whose pipe then stays open as a lifeline: a worker
+whose supervisor vanished sees it close and stops (draining) by itself.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
+import select
 import signal
 import socket
 import sys
+import threading
+import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Callable, ContextManager, Mapping, NoReturn, Optional, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -60,9 +74,20 @@ from twisted.internet.error import (
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import LogEvent, LogLevel, Logger, globalLogPublisher
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    Logger,
+    formatEventAsClassicLogText,
+    formatTime,
+    globalLogPublisher,
+    timeFormatRFC3339,
+)
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.python.logfile import BaseLogFile
+from zope.interface import implementer, provider
 
 from .config import ConfigError, ListenerConfig, RelayConfig
 
@@ -96,11 +121,36 @@ LISTEN_BACKLOG = 1024
 MAX_LINE = 1 << 20
 """Longest line read from a worker; a longer one is cut."""
 
+MAX_CONTROL_LINE = 1 << 16
+"""Longest line read from a worker's control pipe."""
+
+ATOMIC_WRITE = select.PIPE_BUF
+"""Longest line a worker writes to the shared log descriptor itself (one
+C{write}, atomic on a pipe); a longer one goes through the supervisor."""
+
+WRITE_WAIT = 5.0
+"""Seconds a worker waits for room on a log descriptor someone made
+non-blocking before it drops the line."""
+
 FIRST_FD = 3
-"""A worker's first inherited listening socket; the others follow in order."""
+"""A worker's first inherited listening socket; the others follow in order
+(then its control pipe, its log pipe and, if any, the shared log
+descriptor)."""
 
 READY_EVENT = "worker_ready"
-"""The event a worker logs once every port of it is bound."""
+"""The event a worker logs once every port of it is bound (for people: the
+supervisor learns it from L{READY_CONTROL} on the control pipe)."""
+
+READY_CONTROL = "ready"
+"""The control line a worker writes once every port of it is bound."""
+
+LOG_EVENTS = "events"
+"""Log mode of a worker: its events as JSON lines, logged again by the
+supervisor (the supervisor logs to syslog, a C{--logger} or through
+C{twist}'s filter)."""
+
+LOG_LINES = "lines"
+"""Log mode of a worker: finished lines in the supervisor's format."""
 
 STRIPPED_ENVIRONMENT = (
     "NOTIFY_SOCKET",
@@ -261,6 +311,318 @@ def worker_output_event(line: bytes, index: int, stream: str, now: float) -> Log
     }
 
 
+def worker_message(
+    config: RelayConfig, index: int, control: Optional[int], log: Mapping[str, Any]
+) -> dict[str, Any]:
+    """
+    The JSON object worker C{index} reads as one line on its standard
+    input: C{settings} (L{worker_settings}), C{control} (its descriptor
+    for L{ready_line}, or C{None}) and C{log}, how it logs:
+    C{{"mode": "lines", "format": "json" or "text", "time_format": ...,
+    "pipe": P, "direct": D or null}} (L{LOG_LINES}: finished lines, to
+    descriptor C{D} when short enough, else to the pipe C{P} to the
+    supervisor) or C{{"mode": "events", "pipe": P}} (L{LOG_EVENTS}).
+    """
+    return {"settings": worker_settings(config, index), "control": control, "log": dict(log)}
+
+
+def _read_message(message: object) -> tuple[dict[str, Any], Optional[int], dict[str, Any]]:
+    """
+    The settings, control descriptor and log mode of a L{worker_message}.
+
+    @raise ValueError: C{message} is not one.
+    """
+
+    def descriptor(value: object, what: str, optional: bool = True) -> Optional[int]:
+        if value is None and optional:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{what} is not a descriptor: {value!r}")
+        return value
+
+    if not isinstance(message, dict) or not isinstance(message.get("settings"), dict):
+        raise ValueError("the settings are not a JSON object")
+    control = descriptor(message.get("control"), "control")
+    log = message.get("log")
+    if not isinstance(log, dict) or log.get("mode") not in (LOG_EVENTS, LOG_LINES):
+        raise ValueError(f"not a log mode: {log!r}")
+    descriptor(log.get("pipe"), "log pipe", optional=False)
+    if log["mode"] == LOG_LINES:
+        descriptor(log.get("direct"), "log descriptor")
+        if log.get("format") not in ("json", "text"):
+            raise ValueError(f"not a log format: {log.get('format')!r}")
+        if not isinstance(log.get("time_format"), (str, type(None))):
+            raise ValueError(f"not a time format: {log.get('time_format')!r}")
+    return message["settings"], control, log
+
+
+def ready_line(pid: int, listening: Sequence[str], metrics: Optional[str]) -> bytes:
+    """
+    The line a worker writes on its control pipe once every port of it is
+    bound: C{ready} and a JSON object (C{pid}, C{listening}, C{metrics}).
+    """
+    fields = {"pid": pid, "listening": list(listening), "metrics": metrics}
+    return f"{READY_CONTROL} {json.dumps(fields, ensure_ascii=True)}\n".encode("ascii")
+
+
+def parse_control_line(line: bytes) -> Optional[tuple[str, dict[str, Any]]]:
+    """
+    A control line (L{ready_line}) as its word and its JSON object (empty
+    when there is none); C{None} for anything else.
+    """
+    word, _, rest = line.strip().partition(b" ")
+    try:
+        name = word.decode("ascii")
+        value = json.loads(rest) if rest.strip() else {}
+    except ValueError:
+        return None
+    if not name or not isinstance(value, dict):
+        return None
+    return name, value
+
+
+def _unwritable_line(event: LogEvent, index: int, error: BaseException) -> bytes:
+    """
+    The JSON line written instead of an event that cannot be written.
+    """
+    when = event.get("log_time")
+    if not isinstance(when, (int, float)) or not math.isfinite(when):
+        when = time.time()
+    try:
+        stamp = datetime.fromtimestamp(when, timezone.utc)
+        time_text = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    except (OverflowError, OSError, ValueError):
+        time_text = None
+    fields = {
+        "time": time_text,
+        "level": "error",
+        "namespace": "poststack_relay.logs",
+        "event": "log_unwritable",
+        "message": f"a log event could not be written as JSON: {error!r}",
+        "worker": index,
+    }
+    return (json.dumps(fields, ensure_ascii=True, default=repr) + "\n").encode("ascii")
+
+
+def worker_log_line(
+    event: LogEvent, index: int, log_format: str, time_format: Optional[str] = timeFormatRFC3339
+) -> Optional[bytes]:
+    """
+    One event of worker C{index} as the final line of the supervisor's
+    log, UTF-8 with its newline: exactly what the supervisor's own
+    observer would write for the event plus the worker's number.
+
+      - C{json}: L{poststack_relay.logs.event_as_json} of the event plus
+        C{"worker": index};
+      - C{text}: twistd's line (C{textFileLogObserver} with
+        C{time_format}), with C{namespace#level worker=K} in the brackets.
+
+    C{None} when the text format writes nothing for the event.  Never
+    raises.
+    """
+    if log_format == "json":
+        from .logs import event_as_json
+
+        try:
+            fields = event_as_json(event)
+            fields["worker"] = index
+            try:
+                text = json.dumps(fields, ensure_ascii=False, allow_nan=False) + "\n"
+                return text.encode("utf-8")
+            except UnicodeEncodeError:
+                return (json.dumps(fields, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+        except Exception as e:
+            return _unwritable_line(event, index, e)
+    try:
+        namespace = event.get("log_namespace") or "poststack_relay.worker"
+        level = getattr(event.get("log_level"), "name", "info")
+        shown = dict(event)
+        shown["log_system"] = f"{namespace}#{level} worker={index}"
+        line = formatEventAsClassicLogText(shown, formatTime=lambda when: formatTime(when, time_format))
+    except Exception as e:
+        line = f"- [{__name__}#error worker={index}] a log event could not be written: {e!r}\n"
+    return line.encode("utf-8", "backslashreplace") if line else None
+
+
+def _write_all(fd: int, data: bytes, wait: float = WRITE_WAIT) -> bool:
+    """
+    Write all of C{data} to C{fd}: one C{write} when the descriptor takes
+    it all (always, for a blocking pipe or file); on a descriptor someone
+    made non-blocking, wait for room up to C{wait} seconds at a time.
+
+    @return: whether it was all written (a closed pipe, a full disk or no
+        room in time loses the rest).
+    """
+    view = memoryview(data)
+    waits = 0
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            waits += 1
+            try:
+                room = select.select([], [fd], [], wait)[1]
+            except (OSError, ValueError):
+                return False
+            if not room or waits > 100:
+                return False
+            continue
+        except OSError:
+            return False
+        if written <= 0:
+            return False
+        view = view[written:]
+    return True
+
+
+class _LineWriter:
+    """
+    Writes a worker's finished lines, one C{write} each: to the shared log
+    descriptor C{direct} when the line is at most C{atomic} bytes (so that
+    it cannot interleave with another process's line on a pipe), else
+    (or without C{direct}) to C{pipe}, the pipe to the supervisor.
+    """
+
+    def __init__(self, pipe: int, direct: Optional[int], atomic: int = ATOMIC_WRITE) -> None:
+        self._pipe = pipe
+        self._direct = direct
+        self._atomic = atomic
+        self._lock = threading.Lock()
+
+    def __call__(self, line: bytes) -> None:
+        fd = self._direct if self._direct is not None and len(line) <= self._atomic else self._pipe
+        with self._lock:
+            _write_all(fd, line)
+
+
+def worker_line_observer(
+    index: int, log_format: str, time_format: Optional[str], write: Callable[[bytes], None]
+) -> ILogObserver:
+    """
+    The log observer of worker C{index} in L{LOG_LINES} mode: each event
+    as L{worker_log_line}, handed to C{write}.  Never raises.
+    """
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        line = worker_log_line(event, index, log_format, time_format)
+        if line:
+            try:
+                write(line)
+            except Exception:
+                pass
+
+    return observe
+
+
+# ---------------------------------------------------------------------------
+# Where the supervisor's log goes
+
+
+@attrs.frozen
+class LogOutput:
+    """
+    The supervisor's own log, as its workers need to know it.
+
+    @ivar format: C{json} or C{text}: how its lines look.
+    @ivar write: writes bytes made of whole lines to the log, as the
+        supervisor's own observer does (through its rotating file, under
+        its lock).
+    @ivar fd: the descriptor the log is written to, which workers may
+        write to themselves (standard output, the journal); C{None} for a
+        rotating file, which only the supervisor writes.
+    @ivar time_format: the text format's time format (C{strftime}).
+    """
+
+    format: str
+    write: Callable[[bytes], None]
+    fd: Optional[int] = None
+    time_format: Optional[str] = timeFormatRFC3339
+
+
+def _cells(function: object) -> dict[str, Any]:
+    """
+    The variables a nested function closes over, by name.
+    """
+    code = getattr(function, "__code__", None)
+    closure = getattr(function, "__closure__", None) or ()
+    found: dict[str, Any] = {}
+    for name, cell in zip(getattr(code, "co_freevars", ()), closure):
+        try:
+            found[name] = cell.cell_contents
+        except ValueError:
+            pass
+    return found
+
+
+def _observer_file(observer: object) -> Optional[tuple[str, Any, ContextManager[Any], Optional[str]]]:
+    """
+    For the observer twistd writes text with (C{textFileLogObserver}) or
+    the relay's JSON one (L{poststack_relay.logs.jsonLineObserver}): the
+    format, the file it writes to, the lock it writes under and the time
+    format.  C{None} for any other observer.
+    """
+    if isinstance(observer, FileLogObserver):
+        format_event = getattr(observer, "formatEvent", None)
+        if getattr(format_event, "__qualname__", "") != "textFileLogObserver.<locals>.formatEvent":
+            return None
+        time_format = _cells(format_event).get("timeFormat", timeFormatRFC3339)
+        out = getattr(observer, "_outFile", None)
+        if out is None or not isinstance(time_format, (str, type(None))):
+            return None
+        return "text", out, threading.Lock(), time_format
+    if (
+        getattr(observer, "__qualname__", "") == "jsonLineObserver.<locals>.observe"
+        and getattr(observer, "__module__", "") == "poststack_relay.logs"
+    ):
+        out, lock = getattr(observer, "outFile", None), getattr(observer, "lock", None)
+        if out is None or not hasattr(lock, "__enter__"):
+            return None
+        return "json", out, lock, None
+    return None
+
+
+def supervisor_log_output(observers: Sequence[object]) -> Optional[LogOutput]:
+    """
+    Where the supervisor's log goes, from the observers of its global log
+    publisher: a L{LogOutput} when the one observer is twistd's text
+    observer or the relay's JSON observer writing to a rotating
+    C{LogFile} (C{--logfile}; C{fd} is C{None}) or to a descriptor
+    (standard output: C{twistd -n}, C{--logfile -}); C{None} otherwise
+    (C{--syslog}, C{--logger}, C{twist}'s filtering observer, several
+    observers): then the workers' events are logged again, one by one.
+    """
+    if len(observers) != 1:
+        return None
+    found = _observer_file(observers[0])
+    if found is None:
+        return None
+    log_format, out, lock, time_format = found
+    if isinstance(out, BaseLogFile):
+
+        def write_file(data: bytes) -> None:
+            with lock:
+                out.write(data)
+                out.flush()
+
+        return LogOutput(log_format, write_file, None, time_format)
+    try:
+        fd = out.fileno()
+        os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return None
+
+    def write_descriptor(data: bytes) -> None:
+        with lock:
+            try:
+                out.flush()
+            except Exception:
+                pass
+            _write_all(fd, data)
+
+    return LogOutput(log_format, write_descriptor, fd, time_format)
+
+
 def describe_exit(reason: Failure) -> tuple[str, Optional[int], Optional[int]]:
     """
     How a process ended, from C{processEnded}'s reason: a text
@@ -342,6 +704,55 @@ class _LineBuffer:
         return [rest] if rest else []
 
 
+class _PassThrough:
+    """
+    Hands a stream of finished log lines on to C{write} as it comes, in
+    chunks of whole lines, without looking at them: only an unfinished
+    last line is kept back, up to C{limit} bytes (a longer one is cut and
+    ended with a newline).  Writing whole lines only, the supervisor's
+    log file rotates between lines.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], limit: int = MAX_LINE) -> None:
+        self._write = write
+        self._limit = limit
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def _hand_on(self, data: bytes) -> None:
+        try:
+            self._write(data)
+        except Exception:
+            pass  # as the log observer itself: a line the log cannot take is lost
+
+    def feed(self, data: bytes) -> None:
+        """
+        Take C{data}; write every line it finishes.
+        """
+        end = data.rfind(b"\n") + 1
+        if end:
+            head = data if end == len(data) else data[:end]
+            if self._pending:
+                head = b"".join(self._pending) + head
+                self._pending, self._size = [], 0
+            self._hand_on(head)
+            data = data[end:]
+        if data:
+            self._pending.append(data)
+            self._size += len(data)
+            if self._size > self._limit:
+                self.flush()
+
+    def flush(self) -> None:
+        """
+        Write the unfinished last line, if any, ended with a newline.
+        """
+        if self._pending:
+            rest = b"".join(self._pending)
+            self._pending, self._size = [], 0
+            self._hand_on(rest + b"\n")
+
+
 # ---------------------------------------------------------------------------
 # The supervisor
 
@@ -381,15 +792,41 @@ class WorkerSlot:
 
 class _WorkerProtocol(ProcessProtocol):
     """
-    Reads one worker process's output line by line for the supervisor.
+    Reads one worker process's pipes for the supervisor: its standard
+    output and error and its control pipe line by line, and its log pipe
+    line by line (L{LOG_EVENTS}) or passed through to C{write}
+    (L{LOG_LINES}).
+
+    @ivar control_fd: the worker's descriptor of its control pipe.
+    @ivar log_fd: the worker's descriptor of its log pipe.
     """
 
-    def __init__(self, supervisor: "Supervisor", slot: WorkerSlot) -> None:
+    def __init__(
+        self,
+        supervisor: "Supervisor",
+        slot: WorkerSlot,
+        control_fd: Optional[int] = None,
+        log_fd: Optional[int] = None,
+        write: Optional[Callable[[bytes], None]] = None,
+    ) -> None:
         self.supervisor = supervisor
         self.slot = slot
+        self.control_fd = control_fd
+        self.log_fd = log_fd
         self._lines = {1: _LineBuffer(), 2: _LineBuffer()}
+        if control_fd is not None:
+            self._lines[control_fd] = _LineBuffer(MAX_CONTROL_LINE)
+        self._through: Optional[_PassThrough] = None
+        if log_fd is not None:
+            if write is None:
+                self._lines[log_fd] = _LineBuffer()
+            else:
+                self._through = _PassThrough(write)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if self._through is not None and childFD == self.log_fd:
+            self._through.feed(data)
+            return
         buffer = self._lines.get(childFD)
         if buffer is None:
             return
@@ -397,6 +834,8 @@ class _WorkerProtocol(ProcessProtocol):
             self.supervisor._worker_line(self, childFD, line)
 
     def processEnded(self, reason: Failure) -> None:
+        if self._through is not None:
+            self._through.flush()
         for childFD, buffer in self._lines.items():
             for line in buffer.flush():
                 self.supervisor._worker_line(self, childFD, line)
@@ -429,6 +868,7 @@ class Supervisor(Service):
         observer: Optional[Callable[[LogEvent], None]] = None,
         environ: Optional[Mapping[str, str]] = None,
         stop: Optional[Callable[[], None]] = None,
+        log_output: Optional[LogOutput] = None,
     ) -> None:
         """
         @param config: the relay's settings; C{config.workers} workers.
@@ -438,12 +878,18 @@ class Supervisor(Service):
         @param clock: for restarts and time-outs; C{reactor} by default.
         @param notifier: a L{poststack_relay.systemd.SystemdNotifier}; one
             for this process's C{NOTIFY_SOCKET} by default.
-        @param observer: where the workers' log events go; the global log
-            publisher by default.
+        @param observer: where the workers' log events go when they are
+            logged again (L{LOG_EVENTS}); the global log publisher by
+            default.
         @param environ: the environment workers inherit (without
             L{STRIPPED_ENVIRONMENT}); C{os.environ} by default.
         @param stop: stops the whole relay when workers cannot start;
             C{reactor.stop} by default.
+        @param log_output: where the workers' finished lines go
+            (L{LOG_LINES}); by default found when the first worker starts
+            (L{supervisor_log_output} of the global log publisher's
+            observers), unless C{observer} is given: then the workers'
+            events are logged again through it.
         @raise ConfigError: a systemd socket of a listener was not passed.
         """
         from .systemd import SystemdNotifier, socketEndpoint
@@ -455,6 +901,8 @@ class Supervisor(Service):
         self._clock: IReactorTime = clock if clock is not None else reactor
         self.notifier = notifier if notifier is not None else SystemdNotifier()
         self._observer = observer if observer is not None else globalLogPublisher
+        self._log_output = log_output
+        self._log_known = log_output is not None or observer is not None
         self._environ = os.environ if environ is None else environ
         self._stop_relay = stop if stop is not None else self._stop_reactor
         self.slots = [WorkerSlot(index) for index in range(config.workers)]
@@ -539,6 +987,33 @@ class Supervisor(Service):
         for slot in self.slots:
             self._start(slot)
 
+    def log_output(self) -> Optional[LogOutput]:
+        """
+        Where the workers' finished lines go (L{LOG_LINES}), or C{None}
+        when their events are logged again (L{LOG_EVENTS}); found once,
+        when the first worker starts (the runner's logging has begun by
+        then), and logged as C{workers_logging}.
+        """
+        if not self._log_known:
+            self._log_known = True
+            observers = list(getattr(globalLogPublisher, "_observers", []))
+            self._log_output = supervisor_log_output(observers)
+            output = self._log_output
+            if output is None:
+                how, text = "events", "logged again by the supervisor (its log goes to syslog, a --logger or a filter)"
+            elif output.fd is None:
+                how, text = "through", "finished by each worker, written through by the supervisor"
+            else:
+                how, text = "direct", f"finished and written to descriptor {output.fd} by each worker"
+            _log.info(
+                "workers' log lines: {text}",
+                text=text,
+                mode=how,
+                line_format=output.format if output is not None else "json",
+                event="workers_logging",
+            )
+        return self._log_output
+
     def _start(self, slot: WorkerSlot) -> None:
         slot.restart = None
         if self._stopping:
@@ -548,7 +1023,28 @@ class Supervisor(Service):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for child, fd in zip(fds, self.sockets):
             child_fds[child] = fd
-        protocol = _WorkerProtocol(self, slot)
+        control_fd = FIRST_FD + len(fds)
+        log_fd = control_fd + 1
+        child_fds[control_fd] = child_fds[log_fd] = "r"
+        output = self.log_output()
+        log: dict[str, Any]
+        if output is None:
+            log = {"mode": LOG_EVENTS, "pipe": log_fd}
+        else:
+            direct = None
+            if output.fd is not None:
+                direct = log_fd + 1
+                child_fds[direct] = output.fd
+            log = {
+                "mode": LOG_LINES,
+                "format": output.format,
+                "time_format": output.time_format,
+                "pipe": log_fd,
+                "direct": direct,
+            }
+        protocol = _WorkerProtocol(
+            self, slot, control_fd, log_fd, output.write if output is not None else None
+        )
         slot.generation += 1
         slot.ready = False
         slot.metrics = None
@@ -569,7 +1065,8 @@ class Supervisor(Service):
         slot.process = process
         slot.protocol = protocol
         slot.pid = getattr(process, "pid", None)
-        line = json.dumps(worker_settings(self.config, slot.index), ensure_ascii=True) + "\n"
+        message = worker_message(self.config, slot.index, control_fd, log)
+        line = json.dumps(message, ensure_ascii=True) + "\n"
         process.write(line.encode("ascii"))
         slot.start_timer = self._clock.callLater(START_TIMEOUT, self._start_timed_out, slot, protocol)
         _log.info(
@@ -598,16 +1095,21 @@ class Supervisor(Service):
     def _worker_line(self, protocol: _WorkerProtocol, childFD: int, line: bytes) -> None:
         slot = protocol.slot
         now = self._clock.seconds()
-        fields = parse_worker_line(line) if childFD == 1 else None
-        if fields is None:
-            if line.strip():
-                self._emit(
-                    worker_output_event(line, slot.index, "stdout" if childFD == 1 else "stderr", now)
-                )
-            return
-        self._emit(worker_log_event(fields, slot.index, now))
-        if fields.get("event") == READY_EVENT and slot.protocol is protocol:
-            self._worker_ready(slot, fields)
+        stream = "stdout" if childFD == 1 else "stderr" if childFD == 2 else "log"
+        if childFD == protocol.control_fd:
+            control = parse_control_line(line)
+            if control is not None and control[0] == READY_CONTROL:
+                if slot.protocol is protocol:
+                    self._worker_ready(slot, control[1])
+                return
+            stream = "control"
+        elif childFD == protocol.log_fd:
+            fields = parse_worker_line(line)
+            if fields is not None:
+                self._emit(worker_log_event(fields, slot.index, now))
+                return
+        if line.strip():
+            self._emit(worker_output_event(line, slot.index, stream, now))
 
     def _emit(self, event: LogEvent) -> None:
         try:
@@ -909,13 +1411,20 @@ def _port_address(port: Any) -> str:
     return _address((getattr(host, "host", str(host)), getattr(host, "port", "?")))
 
 
-def run_worker(index: int, fds: Sequence[int], settings: Mapping[str, Any], reactor: Any) -> int:
+def run_worker(
+    index: int,
+    fds: Sequence[int],
+    settings: Mapping[str, Any],
+    reactor: Any,
+    control_fd: Optional[int] = None,
+) -> int:
     """
     Run one worker's relay until it is stopped: the relay of C{settings}
     on the inherited listening sockets C{fds}, SIGTERM and SIGINT stop it
     gracefully, SIGHUP reloads its certificates, end of file on standard
-    input (the supervisor is gone) stops it too.  Logs L{READY_EVENT} once
-    every port is bound.
+    input (the supervisor is gone) stops it too.  Once every port is
+    bound it logs L{READY_EVENT} and writes L{ready_line} to
+    C{control_fd}.
 
     @return: the exit status: 0 after a stop, 1 if it could not start.
     """
@@ -951,6 +1460,8 @@ def run_worker(index: int, fds: Sequence[int], settings: Mapping[str, Any], reac
             metrics_text=f"; metrics on {metrics}" if metrics else "",
             event=READY_EVENT,
         )
+        if control_fd is not None:
+            _write_all(control_fd, ready_line(os.getpid(), listening, metrics))
 
     def supervisor_lost() -> None:
         _log.warn("the supervisor is gone: stopping", worker=index, event="supervisor_lost")
@@ -1005,20 +1516,35 @@ def _parse_arguments(argv: Sequence[str]) -> tuple[int, list[int]]:
     return int(args[1]), [int(fd) for fd in args[3].split(",")]
 
 
+def worker_observer(index: int, log: Mapping[str, Any]) -> ILogObserver:
+    """
+    The log observer of worker C{index} for the C{log} part of its
+    L{worker_message}: L{worker_line_observer} writing through a
+    L{_LineWriter} (L{LOG_LINES}), or JSON events on the log pipe
+    (L{LOG_EVENTS}).
+    """
+    if log["mode"] == LOG_LINES:
+        writer = _LineWriter(log["pipe"], log.get("direct"))
+        return worker_line_observer(index, log["format"], log.get("time_format"), writer)
+    from .logs import jsonLineObserver
+
+    pipe = open(log["pipe"], "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    return jsonLineObserver(pipe)
+
+
 def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     """
     The entry point of a worker process (see L{worker_command}): reads
-    its settings as one JSON line on standard input, logs JSON lines to
-    standard output, runs L{run_worker} and exits with its status.
+    its L{worker_message} as one JSON line on standard input, logs as it
+    says (L{worker_observer}), runs L{run_worker} and exits with its
+    status.
     """
     # Until its handler is installed a SIGHUP must not kill the worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         index, fds = _parse_arguments(sys.argv[1:] if argv is None else argv)
         line = sys.stdin.buffer.readline(MAX_LINE)
-        settings = json.loads(line)
-        if not isinstance(settings, dict):
-            raise ValueError("the settings are not a JSON object")
+        settings, control_fd, log = _read_message(json.loads(line))
     except ValueError as e:
         sys.stderr.write(f"poststack-relay worker: {e}\n")
         sys.exit(2)
@@ -1029,27 +1555,33 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    from .logs import jsonLineObserver
-
-    globalLogBeginner.beginLoggingTo([jsonLineObserver(sys.stdout)], redirectStandardIO=False)
-    code = run_worker(index, fds, settings, reactor)
+    globalLogBeginner.beginLoggingTo([worker_observer(index, log)], redirectStandardIO=False)
+    code = run_worker(index, fds, settings, reactor, control_fd)
     sys.stdout.flush()
     sys.exit(code)
 
 
 __all__ = [
+    "LogOutput",
     "Supervisor",
     "WorkerSlot",
     "bind_listener",
     "describe_exit",
     "exit_with",
+    "parse_control_line",
     "parse_worker_line",
+    "ready_line",
     "run_worker",
+    "supervisor_log_output",
     "worker_command",
     "worker_environment",
+    "worker_line_observer",
     "worker_log_event",
+    "worker_log_line",
     "worker_main",
+    "worker_message",
     "worker_metrics_listen",
+    "worker_observer",
     "worker_output_event",
     "worker_settings",
 ]

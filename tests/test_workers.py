@@ -2,16 +2,21 @@
 """
 C{--workers N} (L{poststack_relay.workers}): the setting, the supervisor's
 restart, readiness and stop logic on a L{Clock} with a fake process
-spawner, the worker's log lines told again by the supervisor, the
+spawner, the workers' log lines (finished by the worker in the
+supervisor's format, passed through or written directly; told again by
+the supervisor only in the fallback), readiness on the control pipe, the
 adopted-socket hook of L{poststack_relay.service.makeRelayService}, and
 C{twistd -n poststack-relay --workers 2} as real processes against the
 sandbox: mail over real TLS through the shared port, a killed worker
 restarted while the port keeps serving, SIGHUP passed on, SIGTERM, a bad
-certificate and workers that cannot start.
+certificate, workers that cannot start, C{--logfile} with rotation and
+the C{--logger} fallback.
 """
 
 from __future__ import annotations
 
+import glob
+import io
 import json
 import os
 import shutil
@@ -32,22 +37,39 @@ from twisted.internet.error import CannotListenError, ProcessDone, ProcessTermin
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
-from twisted.logger import LogLevel, formatEvent, formatEventAsClassicLogText
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatEventAsClassicLogText,
+    textFileLogObserver,
+)
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+from zope.interface import provider
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay import tap, workers
 from poststack_relay.config import ConfigError, RelayConfig
-from poststack_relay.logs import event_as_json, event_as_json_line
+from poststack_relay.logs import event_as_json, event_as_json_line, jsonLineObserver
 from poststack_relay.service import makeRelayService
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.workers import (
+    LogOutput,
     Supervisor,
     describe_exit,
+    parse_control_line,
     parse_worker_line,
+    ready_line,
+    supervisor_log_output,
     worker_command,
     worker_environment,
+    worker_line_observer,
     worker_log_event,
+    worker_log_line,
+    worker_message,
     worker_metrics_listen,
     worker_output_event,
     worker_settings,
@@ -207,6 +229,98 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(buffer.flush(), [b"tail"])
         self.assertEqual(buffer.flush(), [])
 
+    def test_pass_through(self) -> None:
+        """Finished lines are written in whole-line chunks as they come; a partial line waits, a too long one is cut, the rest comes at the end."""
+        written: list[bytes] = []
+        through = workers._PassThrough(written.append, limit=10)
+        through.feed(b"a1\nb2\nc")
+        self.assertEqual(written, [b"a1\nb2\n"])
+        through.feed(b"3")
+        through.feed(b"\nd4\n")
+        self.assertEqual(written[1:], [b"c3\nd4\n"])
+        through.feed(b"0123456789AB")
+        self.assertEqual(written[2:], [b"0123456789AB\n"])  # cut: the buffer stays bounded
+        through.feed(b"\ntail")
+        self.assertEqual(written[3:], [b"\n"])
+        through.flush()
+        through.flush()
+        self.assertEqual(written[4:], [b"tail\n"])
+        self.assertTrue(all(chunk.endswith(b"\n") for chunk in written))
+
+    def test_pass_through_survives_its_writer(self) -> None:
+        """A log that cannot take a chunk (full disk) loses it, and nothing else."""
+        calls: list[bytes] = []
+
+        def write(data: bytes) -> None:
+            calls.append(data)
+            raise OSError("no space left")
+
+        through = workers._PassThrough(write)
+        through.feed(b"x\n")
+        through.feed(b"y\n")
+        self.assertEqual(calls, [b"x\n", b"y\n"])
+
+    def test_control_lines(self) -> None:
+        """The ready line is a word and a JSON object; anything else is not a control line."""
+        line = ready_line(42, ["127.0.0.1:465"], "127.0.0.1:9587")
+        self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(
+            parse_control_line(line.rstrip(b"\n")),
+            ("ready", {"pid": 42, "listening": ["127.0.0.1:465"], "metrics": "127.0.0.1:9587"}),
+        )
+        self.assertEqual(parse_control_line(b"ready"), ("ready", {}))
+        for bad in (b"", b"ready [1]", b"ready {", b'\xff {"a": 1}', b'{"event": "worker_ready"}'):
+            self.assertIsNone(parse_control_line(bad), bad)
+
+    def test_message(self) -> None:
+        """A worker's stdin line holds its settings, its control descriptor and how it logs; a bad one is refused."""
+        config = RelayConfig(tls_cert="c.pem", workers=3, metrics_listen="127.0.0.1:9587")
+        log = {"mode": "lines", "format": "text", "time_format": "%Y", "pipe": 5, "direct": 6}
+        message = json.loads(json.dumps(worker_message(config, 1, 4, log)))
+        self.assertEqual(workers._read_message(message), (worker_settings(config, 1), 4, log))
+        self.assertEqual(RelayConfig(**message["settings"]).metrics_listen, "127.0.0.1:9588")
+        events = {"settings": {}, "control": None, "log": {"mode": "events", "pipe": 5}}
+        self.assertEqual(workers._read_message(events), ({}, None, {"mode": "events", "pipe": 5}))
+        for bad in (
+            [1], {"settings": []}, {**events, "control": "4"}, {**events, "control": True},
+            {**events, "log": {"mode": "both", "pipe": 5}}, {**events, "log": {"mode": "events"}},
+            {**events, "log": {**log, "format": "xml"}}, {**events, "log": {**log, "direct": -1}},
+            {**events, "log": {**log, "time_format": 3}},
+        ):
+            self.assertRaises(ValueError, workers._read_message, bad)
+
+    def test_line_writer(self) -> None:
+        """Short lines go to the shared descriptor in one write, longer ones through the pipe to the supervisor."""
+        direct_r, direct_w = os.pipe()
+        pipe_r, pipe_w = os.pipe()
+        for fd in (direct_r, direct_w, pipe_r, pipe_w):
+            self.addCleanup(os.close, fd)
+        write = workers._LineWriter(pipe_w, direct_w, atomic=8)
+        write(b"short\n")
+        write(b"a longer line\n")
+        write(b"12345678")
+        self.assertEqual(os.read(direct_r, 100), b"short\n12345678")
+        self.assertEqual(os.read(pipe_r, 100), b"a longer line\n")
+        only_pipe = workers._LineWriter(pipe_w, None)
+        only_pipe(b"s\n")
+        self.assertEqual(os.read(pipe_r, 100), b"s\n")
+
+    def test_write_all_bounded(self) -> None:
+        """A full non-blocking descriptor gives up after the wait instead of hanging; a closed pipe loses the line."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, write)
+        os.set_blocking(write, False)
+        while True:
+            try:
+                os.write(write, b"x" * 65536)
+            except BlockingIOError:
+                break
+        began = time.monotonic()
+        self.assertFalse(workers._write_all(write, b"line\n", wait=0.05))
+        self.assertLess(time.monotonic() - began, 5)
+        os.close(read)
+        self.assertFalse(workers._write_all(write, b"line\n", wait=0.05))
+
 
 class WorkerLogEventTests(SynchronousTestCase):
     """
@@ -276,6 +390,170 @@ class WorkerLogEventTests(SynchronousTestCase):
         self.assertEqual((event["log_level"], event["worker"], event["event"]), (LogLevel.warn, 2, "worker_output"))
 
 
+class WorkerLogLineTests(SynchronousTestCase):
+    """
+    A worker's finished line is, byte for byte, what the supervisor used to
+    write after parsing the worker's JSON event and logging it again.
+    """
+
+    def event(self, **extra: Any) -> dict[str, Any]:
+        """A transaction event as the worker logs it."""
+        return {
+            "log_format": "s1 relayed {who} {{braces}} é",
+            "log_level": LogLevel.warn,
+            "log_namespace": "poststack_relay.delivery",
+            "log_time": 1748779200.123,
+            "log_system": "-",
+            "who": "x@example.com",
+            "event": "smtp_transaction",
+            "size": 67,
+            **extra,
+        }
+
+    def relogged(self, event: dict[str, Any], index: int) -> dict[str, Any]:
+        """The event the old path logged in the supervisor for it."""
+        fields = parse_worker_line(event_as_json_line(event).encode("utf-8"))
+        assert fields is not None
+        return worker_log_event(fields, index, now=0.0)
+
+    def test_json_as_before(self) -> None:
+        """JSON: the worker's event as a JSON line plus "worker", the same bytes the supervisor wrote."""
+        event = self.event()
+        line = worker_log_line(event, 2, "json")
+        self.assertEqual(line, event_as_json_line(self.relogged(event, 2)).encode("utf-8"))
+        assert line is not None
+        self.assertEqual(json.loads(line), {**event_as_json(event), "worker": 2})
+        self.assertEqual(list(json.loads(line))[-1], "worker")
+
+    def test_text_as_before(self) -> None:
+        """Text: twistd's line with the worker in the brackets, the same bytes the supervisor wrote."""
+        event = self.event()
+        old_out = io.StringIO()
+        old = textFileLogObserver(old_out)
+        old(self.relogged(event, 0))
+        line = worker_log_line(event, 0, "text")
+        self.assertEqual(line, old_out.getvalue().encode("utf-8"))
+        assert line is not None
+        self.assertIn(b" [poststack_relay.delivery#warn worker=0] s1 relayed x@example.com {braces} \xc3\xa9\n", line)
+        self.assertIsNone(worker_log_line({"log_format": "", "log_time": 0.0}, 0, "text"))
+
+    def test_time_format(self) -> None:
+        """The text line uses the supervisor's time format."""
+        line = worker_log_line(self.event(), 1, "text", time_format="%Y!")
+        assert line is not None
+        self.assertTrue(line.startswith(b"2025! [poststack_relay.delivery#warn worker=1] "), line)
+
+    def test_traceback(self) -> None:
+        """A failure: JSON has it as "traceback", text indents it under the message, as a single relay does."""
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        fields = json.loads(worker_log_line(self.event(log_failure=failure), 1, "json") or b"")
+        self.assertIn("ZeroDivisionError", fields["traceback"])
+        self.assertEqual((fields["message"], fields["worker"]), ("s1 relayed x@example.com {braces} é", 1))
+        text = (worker_log_line(self.event(log_failure=failure), 1, "text") or b"").decode()
+        self.assertIn("worker=1] s1 relayed x@example.com {braces} é\n\tTraceback", text)
+        self.assertIn("\n\tbuiltins.ZeroDivisionError: division by zero\n", text)
+        self.assertTrue(text.endswith("\n"), text)
+        self.assertEqual(text.count("\n"), text.count("\n\t") + 1)  # one line for a line reader
+
+    def test_odd_events(self) -> None:
+        """Odd values, lone surrogates and a broken format never raise and stay one valid UTF-8 line."""
+        odd = self.event(who="\udcff", nan=float("nan"), obj=object(), log_format="{missing} {who}")
+        for log_format in ("json", "text"):
+            line = worker_log_line(odd, 3, log_format)
+            assert line is not None
+            line.decode("utf-8")
+            self.assertEqual(line.count(b"\n"), 1, line)
+            self.assertTrue(line.endswith(b"\n"))
+        self.assertEqual(json.loads(worker_log_line(odd, 3, "json") or b"")["worker"], 3)
+
+    def test_observer(self) -> None:
+        """The worker's observer hands each finished line on, and survives a writer that fails."""
+        lines: list[bytes] = []
+        observer = worker_line_observer(1, "json", None, lines.append)
+        observer(self.event())
+        self.assertEqual(json.loads(lines[0])["worker"], 1)
+
+        def broken(data: bytes) -> None:
+            raise OSError("gone")
+
+        worker_line_observer(1, "text", None, broken)(self.event())
+
+
+@provider(ILogObserver)
+def _some_observer(event: dict[str, Any]) -> None:
+    """An observer the supervisor does not know."""
+
+
+class SupervisorLogOutputTests(SynchronousTestCase):
+    """Where the supervisor's log goes, from its observers."""
+
+    def test_descriptor(self) -> None:
+        """twistd's text observer or the JSON one on a descriptor (standard output): workers may write there."""
+        path = self.mktemp()
+        with open(path, "w") as out:
+            for observer, log_format, time_format in (
+                (textFileLogObserver(out), "text", "%Y-%m-%dT%H:%M:%S%z"),
+                (textFileLogObserver(out, timeFormat="%H"), "text", "%H"),
+                (jsonLineObserver(out), "json", None),
+            ):
+                output = supervisor_log_output([observer])
+                assert output is not None
+                self.assertEqual((output.format, output.fd, output.time_format), (log_format, out.fileno(), time_format))
+            out.write("pending ")  # the observer's own buffered text goes first
+            output.write(b"a line\n")
+        with open(path) as f:
+            self.assertEqual(f.read(), "pending a line\n")
+
+    def test_log_file(self) -> None:
+        """A rotating log file: no descriptor; whole lines are written through it, and its size rotation falls between them."""
+        log = LogFile.fromFullPath(self.mktemp(), rotateLength=30)
+        self.addCleanup(log.close)
+        for observer in (textFileLogObserver(log), jsonLineObserver(log)):
+            output = supervisor_log_output([observer])
+            assert output is not None
+            self.assertIsNone(output.fd)
+        for n in range(10):
+            output.write(b"".join(b"line %d.%d\n" % (n, k) for k in range(3)))
+        lines = []
+        for name in [f"{log.path}.{i}" for i in sorted(log.listLogs(), reverse=True)] + [log.path]:
+            with open(name, "rb") as f:
+                content = f.read()
+            self.assertTrue(content.endswith(b"\n"), name)
+            lines += content.splitlines()
+        self.assertGreater(len(log.listLogs()), 3)
+        self.assertEqual(lines, [b"line %d.%d" % (n, k) for n in range(10) for k in range(3)])
+
+    def test_json_observer_lock(self) -> None:
+        """Through the JSON observer's file, the supervisor writes under the observer's own lock."""
+        log = LogFile.fromFullPath(self.mktemp(), rotateLength=None)
+        self.addCleanup(log.close)
+        observer = jsonLineObserver(log)
+        output = supervisor_log_output([observer])
+        assert output is not None
+        lock = workers._cells(workers._cells(observer)["write"])["lock"]
+        done = threading.Event()
+        with lock:
+            writer = threading.Thread(target=lambda: (output.write(b"x\n"), done.set()), daemon=True)
+            writer.start()
+            self.assertFalse(done.wait(0.2))
+        self.assertTrue(done.wait(10))
+
+    def test_elsewhere(self) -> None:
+        """Syslog, a --logger, twist's filter, several observers or none: the events are logged again (None)."""
+        out = io.StringIO()
+        for observers in (
+            [_some_observer],
+            [FilteringLogObserver(textFileLogObserver(out), [LogLevelFilterPredicate()])],
+            [textFileLogObserver(out), _some_observer],
+            [],
+            [textFileLogObserver(out)],  # no descriptor
+        ):
+            self.assertIsNone(supervisor_log_output(observers), observers)
+
+
 # ---------------------------------------------------------------------------
 # The supervisor, with fake processes
 
@@ -340,15 +618,16 @@ class SupervisorTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def supervisor(self, count: int = 2, **kw: Any) -> Supervisor:
+    def supervisor(self, count: int = 2, log_output: Optional[LogOutput] = None, **kw: Any) -> Supervisor:
         config = RelayConfig(
             tls_cert="c.pem", port=0, interface="127.0.0.1", hostname="localhost",
             metrics_listen="127.0.0.1:9587", workers=count, **kw,
         )
         supervisor = Supervisor(
             config, MemoryReactor(), spawn=self.spawner, clock=self.clock, notifier=self.notifier,
-            observer=self.worker_events.append, environ={"PATH": "/bin", "NOTIFY_SOCKET": "/run/n"},
-            stop=lambda: self.stops.append(True),
+            observer=None if log_output else self.worker_events.append,
+            environ={"PATH": "/bin", "NOTIFY_SOCKET": "/run/n"},
+            stop=lambda: self.stops.append(True), log_output=log_output,
         )
         self.addCleanup(supervisor._close_sockets)
         return supervisor
@@ -356,14 +635,27 @@ class SupervisorTests(SynchronousTestCase):
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == name]
 
-    def say(self, worker: int, data: bytes, fd: int = 1) -> None:
-        """Worker C{worker}'s current process writes C{data}."""
+    def message(self, worker: int) -> dict[str, Any]:
+        """What worker C{worker}'s current process read on its standard input."""
+        [line] = self.spawner.last(worker)["process"].written
+        value: dict[str, Any] = json.loads(line)
+        return value
+
+    def say(self, worker: int, data: bytes, fd: Any = 1) -> None:
+        """Worker C{worker}'s current process writes C{data} on C{fd} (a number, "control" or "log")."""
+        if fd in ("control", "log"):
+            fd = self.message(worker)["control"] if fd == "control" else self.message(worker)["log"]["pipe"]
         self.spawner.last(worker)["protocol"].childDataReceived(fd, data)
 
     def ready(self, worker: int, metrics: str = "127.0.0.1:9587") -> None:
+        """Worker C{worker}'s current process says it is ready on its control pipe."""
+        self.say(worker, ready_line(2000 + worker, ["127.0.0.1:465"], metrics), "control")
+
+    def ready_event(self, metrics: str = "127.0.0.1:9587") -> bytes:
+        """The JSON line of a worker_ready log event, as a worker logs it."""
         line = json.dumps({"time": "2025-06-01T12:00:00.000Z", "level": "info", "namespace": "poststack_relay.workers",
                            "event": "worker_ready", "message": "ready", "metrics": metrics})
-        self.say(worker, line.encode() + b"\n")
+        return line.encode() + b"\n"
 
     def end(self, worker: int, reason: Any = None) -> None:
         self.spawner.last(worker)["protocol"].processEnded(Failure(reason or ProcessTerminated(signal=9)))
@@ -377,13 +669,17 @@ class SupervisorTests(SynchronousTestCase):
         supervisor.startService()
         self.assertEqual(len(self.spawner.calls), 2)
         for index, call in enumerate(self.spawner.calls):
-            self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0]})
+            # 4: the control pipe, 5: the log pipe.
+            self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0], 4: "r", 5: "r"})
             self.assertEqual(call["env"], {"PATH": "/bin"})
             self.assertEqual(call["args"][-4:], ["--worker", str(index), "--fds", "3"])
             [line] = call["process"].written
             self.assertTrue(line.endswith(b"\n"))
-            settings = json.loads(line)
+            message = json.loads(line)
+            settings = message["settings"]
             self.assertEqual((settings["workers"], settings["metrics_listen"]), (1, f"127.0.0.1:{9587 + index}"))
+            # Given an observer, the supervisor logs the workers' events again.
+            self.assertEqual((message["control"], message["log"]), (4, {"mode": "events", "pipe": 5}))
         self.assertEqual([(e["worker"], e["pid"]) for e in self.named("worker_started")], [(0, 1000), (1, 1001)])
         # The socket listens already: a connection waits in its backlog.
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -413,8 +709,7 @@ class SupervisorTests(SynchronousTestCase):
         self.clock.advance(1)
         self.ready(0)
         self.assertEqual(len(self.notifier.sent), 1)
-        # The workers' own events went to the log, with their number.
-        self.assertEqual([e["worker"] for e in self.worker_events], [0, 1, 0])
+        self.assertEqual(self.worker_events, [])  # a control line is not a log event
 
     def test_restart_backoff(self) -> None:
         """A dead worker restarts after 1 s, doubling while it dies within 10 s of its start, up to 30 s; a long run resets it."""
@@ -556,22 +851,94 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.named("workers_reload")[0]["workers"], [0, 1])
 
     def test_output(self) -> None:
-        """JSON lines are told again with the worker's number, across chunks; anything else as worker_output."""
+        """Fallback: JSON lines on the log pipe are told again with the worker's number, across chunks; anything else as worker_output."""
         supervisor = self.supervisor()
         supervisor.startService()
         line = json.dumps({"time": "2025-06-01T12:00:00.250Z", "level": "error", "namespace": "poststack_relay.api",
                            "event": "api_timeout", "message": "API timed out {x}", "attempt": 2})
-        self.say(1, line[:10].encode())
+        self.say(1, line[:10].encode(), "log")
         self.assertEqual(self.worker_events, [])
-        self.say(1, line[10:].encode() + b"\nnot json\n")
+        self.say(1, line[10:].encode() + b"\nnot json\n", "log")
+        self.say(1, line.encode() + b"\n", 1)  # on its standard output even JSON is a stray line
         self.say(0, b"Traceback (most recent call last):\n  File", fd=2)
         self.end(0)  # the unterminated line comes out too
-        first, second, third, fourth = self.worker_events
+        first, second, third, fourth, fifth = self.worker_events
         self.assertEqual((formatEvent(first), first["event"], first["attempt"], first["worker"], first["log_level"]),
                          ("API timed out {x}", "api_timeout", 2, 1, LogLevel.error))
-        self.assertEqual(formatEvent(second), "worker 1 stdout: not json")
-        self.assertEqual(formatEvent(third), "worker 0 stderr: Traceback (most recent call last):")
-        self.assertEqual(formatEvent(fourth), "worker 0 stderr:   File")
+        self.assertEqual(formatEvent(second), "worker 1 log: not json")
+        self.assertEqual((third["event"], third["stream"], third["worker"]), ("worker_output", "stdout", 1))
+        self.assertEqual(formatEvent(fourth), "worker 0 stderr: Traceback (most recent call last):")
+        self.assertEqual(formatEvent(fifth), "worker 0 stderr:   File")
+
+    def test_ready_only_on_the_control_pipe(self) -> None:
+        """A worker_ready log event (or its text) on the log pipe or stdout is logged, never taken as ready; a bad control line is reported."""
+        supervisor = self.supervisor(count=1)
+        supervisor.startService()
+        self.say(0, self.ready_event(), "log")
+        self.say(0, self.ready_event(), 1)
+        self.say(0, b"ready " + self.ready_event(), 2)
+        self.say(0, b'{"event": "worker_ready"}\n', "control")
+        self.clock.advance(1)
+        self.assertEqual((self.notifier.sent, supervisor.slots[0].ready), ([], False))
+        self.assertEqual([e["event"] for e in self.worker_events], ["worker_ready", "worker_output", "worker_output", "worker_output"])
+        self.assertEqual(self.worker_events[-1]["stream"], "control")
+        self.ready(0)
+        self.assertEqual(len(self.notifier.sent), 1)
+        self.assertEqual(supervisor.slots[0].metrics, "127.0.0.1:9587")
+
+    def test_ready_from_a_replaced_process(self) -> None:
+        """A ready line read after its process ended does not make the worker's next process ready."""
+        supervisor = self.supervisor(count=1)
+        supervisor.startService()
+        old = self.spawner.last(0)["protocol"]
+        control = self.message(0)["control"]
+        self.end(0)
+        self.clock.advance(1)
+        old.childDataReceived(control, ready_line(1, [], None))
+        self.assertEqual((self.notifier.sent, supervisor.slots[0].ready), ([], False))
+
+    def test_lines_passed_through(self) -> None:
+        """Logging to a file: workers send finished lines, written through in whole-line chunks, never parsed; stderr is still told."""
+        written: list[bytes] = []
+        supervisor = self.supervisor(log_output=LogOutput("text", written.append, None, "%H"))
+        supervisor.startService()
+        call = self.spawner.last(0)
+        self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0], 4: "r", 5: "r"})
+        self.assertEqual(self.message(0)["log"], {"mode": "lines", "format": "text", "time_format": "%H", "pipe": 5, "direct": None})
+        self.say(0, b"12 [x#info worker=0] one\n12 [x#info worker=0] tw", "log")
+        self.say(0, b"o\n" + self.ready_event(), "log")
+        self.say(1, b"12 [x#info worker=1] par", "log")
+        self.say(0, b"oops\n", 2)
+        self.assertEqual(written, [b"12 [x#info worker=0] one\n", b"12 [x#info worker=0] two\n" + self.ready_event()])
+        self.assertEqual(self.notifier.sent, [])  # the READY event's text did not count
+        self.end(1)  # a worker that died mid-line: its partial line ends the chunk
+        self.assertEqual(written[2:], [b"12 [x#info worker=1] par\n"])
+        self.assertEqual([(e["event"], e["line"]) for e in self.events if e.get("event") == "worker_output"], [("worker_output", "oops")])
+
+    def test_direct(self) -> None:
+        """Logging to a descriptor: each worker gets it as one more descriptor and writes there; only long lines come through the supervisor."""
+        written: list[bytes] = []
+        supervisor = self.supervisor(log_output=LogOutput("json", written.append, 1, None))
+        supervisor.startService()
+        for index in (0, 1):
+            call = self.spawner.last(index)
+            self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0], 4: "r", 5: "r", 6: 1})
+            self.assertEqual(self.message(index)["log"], {"mode": "lines", "format": "json", "time_format": None, "pipe": 5, "direct": 6})
+        self.say(0, b'{"long": "line"}\n', "log")
+        self.assertEqual(written, [b'{"long": "line"}\n'])
+
+    def test_finds_its_log(self) -> None:
+        """Without an observer or a log output, the supervisor looks at the global publisher's observers once, and says what it chose."""
+        config = RelayConfig(tls_cert="c.pem", port=0, interface="127.0.0.1", hostname="localhost", workers=2)
+        supervisor = Supervisor(config, MemoryReactor(), spawn=self.spawner, clock=self.clock, notifier=self.notifier,
+                                environ={}, stop=lambda: None)
+        self.addCleanup(supervisor._close_sockets)
+        supervisor.startService()  # under the tests the publisher has several observers
+        self.assertEqual(self.message(0)["log"]["mode"], "events")
+        self.assertEqual([(e["mode"], e["line_format"]) for e in self.named("workers_logging")], [("events", "json")])
+        self.end(0)
+        self.clock.advance(1)
+        self.assertEqual(len(self.named("workers_logging")), 1)
 
 
 # ---------------------------------------------------------------------------
@@ -620,6 +987,26 @@ def alive(pid: int) -> bool:
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def fallback_observer() -> ILogObserver:
+    """
+    A C{twistd --logger} factory: text lines to standard output through an
+    observer the supervisor does not know, so its workers' events are
+    logged again one by one.
+    """
+    out = sys.stdout
+    lock = threading.Lock()
+
+    @provider(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        text = formatEventAsClassicLogText(event)
+        if text:
+            with lock:
+                out.write(text)
+                out.flush()
+
+    return observe
 
 
 class ProcessTestCase(SynchronousTestCase):
@@ -752,6 +1139,8 @@ class WorkersProcessTests(ProcessTestCase):
             {"NOTIFY_SOCKET": notify.getsockname()},
         )
         self.wait_until(lambda: self.named("workers_ready"), "both workers ready", relay)
+        # Standard output: each worker writes its finished JSON lines there itself.
+        self.assertEqual([(e["mode"], e["line_format"]) for e in self.named("workers_logging")], [("direct", "json")])
         started = {e["worker"]: e["pid"] for e in self.named("worker_started")}
         self.assertEqual(sorted(started), [0, 1])
         self.assertNotEqual(started[0], started[1])
@@ -806,8 +1195,86 @@ class WorkersProcessTests(ProcessTestCase):
         self.assertEqual(len(json.load(stored)["data"]), sum(self.served().values()))
 
 
+    def journal_file(self, name: str) -> list[dict[str, Any]]:
+        """The JSON lines of one log file (every line must be one, the last one finished)."""
+        with open(name, "rb") as f:
+            content = f.read()
+        self.assertTrue(content.endswith(b"\n") or not content, name)
+        found = []
+        for line in content.splitlines():
+            value = json.loads(line)
+            self.assertIsInstance(value, dict)
+            found.append(value)
+        return found
+
+    def journal(self) -> tuple[list[str], list[dict[str, Any]]]:
+        """The files of C{--logfile journal.log}, oldest first, and their JSON lines."""
+        path = os.path.join(self.dir, "journal.log")
+        rotated = sorted(glob.glob(path + ".*"), key=lambda name: -int(name.rsplit(".", 1)[1]))
+        files = [*rotated, path]
+        return files, [event for name in files for event in self.journal_file(name)]
+
+    def test_logfile(self) -> None:
+        """With --logfile, the workers' JSON lines land in the file with their number, through the supervisor; SIGUSR1 rotations while mail flows lose and split no line."""
+        self.port = free_port()
+        relay = self.start(
+            "relay",
+            ["--logfile", "journal.log", *self.relay_args(self.port, "--log-format", "json", "--metrics-listen", "off")],
+        )
+
+        def ready() -> bool:
+            try:
+                return any(e.get("event") == "workers_ready" for e in self.journal()[1])
+            except (OSError, ValueError, self.failureException):
+                return False  # not yet written, or caught mid-write
+
+        self.wait_until(ready, "both workers ready", relay)
+        replies: list[Any] = []
+        done = threading.Event()
+
+        def mail() -> None:
+            for i in range(300):
+                if done.is_set():
+                    break
+                try:
+                    replies.append(self.send(f"rotated {i}"))
+                except Exception as e:  # reported by the assertion below
+                    replies.append(e)
+
+        sender = threading.Thread(target=mail, daemon=True)
+        sender.start()
+        try:
+            # Three rotations, each after a few more messages, while mail keeps flowing.
+            for rotation in range(4):
+                count = len(replies)
+                self.wait_until(lambda: len(replies) >= count + 4 or not sender.is_alive(), "more mail", relay, timeout=60)
+                if rotation < 3:
+                    relay.send_signal(signal.SIGUSR1)
+        finally:
+            done.set()
+            sender.join(timeout=120)
+        sent = len(replies)
+        self.assertEqual([r[0] if isinstance(r, tuple) else r for r in replies], [250] * sent)
+        relay.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.wait(timeout=30), 0, self.output("relay")[-3000:])
+        files, events = self.journal()
+        self.assertEqual(len(files), 4)  # three rotations
+        [logging] = [e for e in events if e["event"] == "workers_logging"]
+        self.assertEqual((logging["mode"], logging["line_format"]), ("through", "json"))
+        transactions = [e for e in events if e["event"] == "smtp_transaction"]
+        self.assertEqual(len(transactions), sent)
+        self.assertEqual(len({e["session"] for e in transactions}), sent)
+        per_file = [sum(1 for e in self.journal_file(name) if e.get("event") == "smtp_transaction") for name in files]
+        self.assertGreaterEqual(sum(1 for n in per_file if n), 3, per_file)  # the rotations fell amid the mail
+        self.assertTrue({e["worker"] for e in transactions} <= {0, 1})
+        self.assertEqual(sorted(e["worker"] for e in events if e["event"] == "worker_ready"), [0, 1])
+        self.assertEqual(sorted(e["worker"] for e in events if e["event"] == "drain_done"), [0, 1])
+        self.assertEqual(events[-1]["message"], "Server Shut Down.")
+        self.assertNotIn("worker", self.output("relay"))  # nothing went to standard output
+
+
 class WorkersCommandTests(ProcessTestCase):
-    """C{--workers 2}: SIGHUP, a bad certificate, workers that cannot start."""
+    """C{--workers 2}: SIGHUP, a bad certificate, workers that cannot start, the C{--logger} fallback."""
 
     def serving(self, port: int) -> bytes:
         """The DER certificate a new connection gets."""
@@ -825,6 +1292,15 @@ class WorkersCommandTests(ProcessTestCase):
         port = free_port()
         relay = self.start("relay", self.relay_args(port, "--tls-reload-interval", "0", "--metrics-listen", "off"))
         self.wait_until(lambda: "all 2 workers ready" in self.output("relay"), "both workers ready", relay)
+        # Text on standard output: each worker writes its finished lines there, in twistd's format.
+        self.assertIn("[poststack_relay.workers#info] workers' log lines: finished and written to descriptor 1 by each worker\n",
+                      self.output("relay"))
+        for worker in (0, 1):
+            self.assertRegex(
+                self.output("relay"),
+                rf"(?m)^\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{{4}} \[poststack_relay\.workers#info worker={worker}\] "
+                rf"worker {worker} ready, pid \d+: listening on 127\.0\.0\.1:{port}$",
+            )
         with open(self.cert) as f:
             old = ssl.PEM_cert_to_DER_cert(f.read())
         self.assertEqual(self.serving(port), old)
@@ -912,3 +1388,20 @@ class WorkersCommandTests(ProcessTestCase):
         self.assertEqual(log.count("#info] worker 1 started, pid"), 3)
         self.assertIn("worker 0 (pid", log)
         self.assertIn(") stopped: exit status 0", log)
+
+    def test_logger_fallback(self) -> None:
+        """twistd --logger (or --syslog): the supervisor logs its workers' events again, each with its worker; ready still comes on the control pipe."""
+        port = free_port()
+        relay = self.start(
+            "relay",
+            ["--logger", "tests.test_workers.fallback_observer",
+             *self.relay_args(port, "--metrics-listen", "off", "--tls-reload-interval", "0")],
+        )
+        self.wait_until(lambda: "all 2 workers ready" in self.output("relay"), "both workers ready", relay)
+        log = self.output("relay")
+        self.assertIn("[poststack_relay.workers#info] workers' log lines: logged again by the supervisor", log)
+        for worker in (0, 1):
+            self.assertIn(f" [poststack_relay.workers#info worker={worker}] worker {worker} ready, pid", log)
+        relay.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.wait(timeout=30), 0)
+        self.assertIn("[poststack_relay.smtp#info worker=1] drained", self.output("relay"))
