@@ -453,6 +453,11 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
+    from .memory import return_large_blocks
+
+    # This process is the relay's own: large blocks go back to the system
+    # when freed (poststack_relay.memory; docs/performance.md, S4).
+    return_large_blocks()
     service: Any
     if options.config.workers > 1:
         from .workers import Supervisor, exit_with

@@ -1552,6 +1552,9 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
         sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")  # type: ignore[union-attr]
     except (AttributeError, ValueError):
         pass
+    from .memory import return_large_blocks
+
+    return_large_blocks()  # as a single relay does (poststack_relay.tap)
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
