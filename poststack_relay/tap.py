@@ -444,12 +444,13 @@ def makeService(options: Options) -> Any:
     one-line error); SIGTERM stops them all, SIGHUP is passed on to each,
     and workers that cannot start make the command exit with status 1.
 
-    With C{--log-format text} (the default) this is the
-    L{poststack_relay.service.RelayService} itself and twistd logs as
-    usual; with C{--log-format json} the relay is wrapped so that the
-    runner writes one JSON object per line instead
-    (L{poststack_relay.logs.use_json_logs}; under twistd a
-    L{poststack_relay.logs.JSONLogService} whose C{service} is the relay).
+    The relay is wrapped so that the runner logs through the relay's own
+    observer: with C{--log-format text} (the default) twistd's own lines,
+    written for less CPU (L{poststack_relay.logs.use_text_logs}); with
+    C{--log-format json} one JSON object per line
+    (L{poststack_relay.logs.use_json_logs}).  Under twistd the result is a
+    L{poststack_relay.logs.LogObserverService} whose C{service} is the
+    relay (or the supervisor).
     """
     from twisted.internet import reactor
 
@@ -480,8 +481,8 @@ def makeService(options: Options) -> Any:
             raise SystemExit(f"poststack-relay: error: {e}")
     reactor.callWhenRunning(stop_on_sigterm, reactor)
     reactor.callWhenRunning(reload_tls_on_sighup, reactor, service)
-    if options.config.log_format == "json":
-        from .logs import use_json_logs
+    from .logs import use_json_logs, use_text_logs
 
+    if options.config.log_format == "json":
         return use_json_logs(service, getattr(options, "parent", None))
-    return service
+    return use_text_logs(service, getattr(options, "parent", None))

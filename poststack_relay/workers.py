@@ -80,8 +80,6 @@ from twisted.logger import (
     LogEvent,
     LogLevel,
     Logger,
-    formatEventAsClassicLogText,
-    formatTime,
     globalLogPublisher,
     timeFormatRFC3339,
 )
@@ -90,6 +88,7 @@ from twisted.python.logfile import BaseLogFile
 from zope.interface import implementer, provider
 
 from .config import ConfigError, ListenerConfig, RelayConfig
+from .logs import TimeStamps, classic_text
 
 _log = Logger()
 
@@ -404,6 +403,10 @@ def _unwritable_line(event: LogEvent, index: int, error: BaseException) -> bytes
     return (json.dumps(fields, ensure_ascii=True, default=repr) + "\n").encode("ascii")
 
 
+# One time formatter per time format (a worker has one): see TimeStamps.
+_TIME_STAMPS: dict[Optional[str], TimeStamps] = {}
+
+
 def worker_log_line(
     event: LogEvent, index: int, log_format: str, time_format: Optional[str] = timeFormatRFC3339
 ) -> Optional[bytes]:
@@ -438,7 +441,10 @@ def worker_log_line(
         level = getattr(event.get("log_level"), "name", "info")
         shown = dict(event)
         shown["log_system"] = f"{namespace}#{level} worker={index}"
-        line = formatEventAsClassicLogText(shown, formatTime=lambda when: formatTime(when, time_format))
+        stamp = _TIME_STAMPS.get(time_format)
+        if stamp is None:
+            stamp = _TIME_STAMPS[time_format] = TimeStamps(time_format)
+        line = classic_text(shown, stamp)
     except Exception as e:
         line = f"- [{__name__}#error worker={index}] a log event could not be written: {e!r}\n"
     return line.encode("utf-8", "backslashreplace") if line else None
@@ -571,6 +577,15 @@ def _observer_file(observer: object) -> Optional[tuple[str, Any, ContextManager[
         if out is None or not isinstance(time_format, (str, type(None))):
             return None
         return "text", out, threading.Lock(), time_format
+    if (
+        getattr(observer, "__qualname__", "") == "textLineObserver.<locals>.observe"
+        and getattr(observer, "__module__", "") == "poststack_relay.logs"
+    ):
+        out, lock = getattr(observer, "outFile", None), getattr(observer, "lock", None)
+        time_format = getattr(observer, "timeFormat", timeFormatRFC3339)
+        if out is None or not hasattr(lock, "__enter__") or not isinstance(time_format, (str, type(None))):
+            return None
+        return "text", out, lock, time_format
     if (
         getattr(observer, "__qualname__", "") == "jsonLineObserver.<locals>.observe"
         and getattr(observer, "__module__", "") == "poststack_relay.logs"

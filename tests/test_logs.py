@@ -21,7 +21,16 @@ from typing import Any, Optional
 
 from twisted.application.service import Application, IService, MultiService, Service
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, Logger, capturedLogs, formatEvent
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    Logger,
+    capturedLogs,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+)
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
@@ -43,8 +52,12 @@ from poststack_relay.delivery import (
 from poststack_relay.logs import (
     TOP_FIELDS,
     JSONLogService,
+    LogObserverService,
+    TimeStamps,
+    classic_text,
     event_as_json,
     jsonLineObserver,
+    textLineObserver,
     twistd_json_observer,
     use_json_logs,
 )
@@ -395,13 +408,116 @@ class MakeServiceTests(SynchronousTestCase):
         observer({"log_format": "hi", "log_time": 0.0})
         self.assertEqual(lines_of(out)[0]["message"], "hi")
 
-    def test_text_is_untouched(self) -> None:
-        """The default text format: the RelayService itself, no observer component."""
-        service, _ = self.make([], ServerOptions())
-        self.assertIsInstance(service, RelayService)
+    def test_text_under_twistd(self) -> None:
+        """The default text format: the relay's text observer around the RelayService, writing twistd's own lines."""
+        server_options = ServerOptions()
+        server_options["nodaemon"] = True
+        service, reactor = self.make([], server_options)
+        self.assertIsInstance(service, LogObserverService)
+        self.assertIsInstance(service.service, RelayService)
+        self.assertIn((tap.reload_tls_on_sighup, (reactor, service.service), {}), reactor.whenRunningHooks)
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
         application = Application("poststack-relay")
         service.setServiceParent(application)
-        self.assertIsNone(application.getComponent(ILogObserver, None))
+        observer = application.getComponent(ILogObserver)
+        event = {"log_format": "hi", "log_time": 0.0, "log_namespace": "n", "log_level": LogLevel.info}
+        observer(event)
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText(event))
+
+    def test_text_under_twist(self) -> None:
+        """Under twist the text observer becomes twist's file observer factory, the service is the relay itself."""
+        twist_options = {"fileLogObserverFactory": None}
+        service, _ = self.make([], twist_options)
+        self.assertIsInstance(service, RelayService)
+        self.assertIs(twist_options["fileLogObserverFactory"], textLineObserver)
+
+
+class TextLineTests(SynchronousTestCase):
+    """
+    L{textLineObserver}, L{classic_text} and L{TimeStamps}: exactly
+    twistd's text lines (C{formatEventAsClassicLogText}), made for less.
+    """
+
+    def events(self) -> list[LogEvent]:
+        captured: list[LogEvent] = []
+        log = Logger(namespace="poststack_relay.x", observer=captured.append)
+        log.info("s1 relayed client=203.0.113.9 size=10 reply=250 2.0.0")
+        log.info("{session} auth ok user={user}", session="s2", user="a@b")
+        log.info("braces {{as text}} and {n}", n=3)
+        log.info("two\nlines")
+        log.warn("{value!r}", value=[1, "x"])
+        log.info("missing {field}")
+        log.info("")
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("crashed")
+        legacy: list[LogEvent] = []
+        legacy_log.addObserver(legacy.append)
+        try:
+            legacy_log.msg("legacy message", system="HTTP11ClientProtocol,client")
+        finally:
+            legacy_log.removeObserver(legacy.append)
+        captured.extend(e for e in legacy if "log_format" in e or "format" in e)
+        captured += [
+            {"log_format": "own system", "log_system": "mine", "log_time": 1700000000.25},
+            {"log_format": b"bytes format", "log_time": 1700000000.0},
+            {"log_format": "no time"},
+            {"log_format": "int time", "log_time": 1700000000},
+            {"log_time": 1700000000.0},
+        ]
+        return captured
+
+    def test_same_as_twistd(self) -> None:
+        """Each event gives the same line as twistd's own text formatter, including None for no text."""
+        stamp = TimeStamps()
+        events = self.events()
+        self.assertGreater(len(events), 12)
+        for event in events:
+            self.assertEqual(classic_text(event, stamp), formatEventAsClassicLogText(event), event)
+
+    def test_time_kept_for_a_second(self) -> None:
+        """Times within one second share a text, the next second gets its own: all equal to formatTime's."""
+        stamp = TimeStamps()
+        for when in (1700000000.0, 1700000000.999, 1700000001.0, 1700000000.5, 1.5, 0.0, 1700003600.75):
+            self.assertEqual(stamp(when), formatTime(when), when)
+        self.assertEqual(TimeStamps(None)(1.0), "-")
+        self.assertEqual(TimeStamps("%H:%M:%S.%f")(1.25), formatTime(1.25, "%H:%M:%S.%f"))
+
+    def test_writes_and_flushes(self) -> None:
+        """Each line is written and flushed; an event without text writes nothing; a failing file loses the line silently."""
+        out = io.StringIO()
+        flushes: list[int] = []
+        out.flush = lambda: flushes.append(1)  # type: ignore[method-assign]
+        observer = textLineObserver(out)
+        observer({"log_format": "one", "log_time": 0.0})
+        observer({"log_time": 0.0})
+        self.assertEqual(out.getvalue(), formatEventAsClassicLogText({"log_format": "one", "log_time": 0.0}))
+        self.assertEqual(flushes, [1])
+        self.assertIs(observer.outFile, out)  # type: ignore[attr-defined]
+
+        class Broken:
+            def write(self, data: str) -> None:
+                raise OSError("disk full")
+
+            def flush(self) -> None:
+                pass
+
+        textLineObserver(Broken())({"log_format": "lost", "log_time": 0.0})
+
+    def test_log_file(self) -> None:
+        """Into a twisted LogFile (twistd --logfile) the lines are the same text."""
+        from twisted.python.logfile import LogFile
+
+        path = os.path.abspath(self.mktemp())
+        log_file = LogFile.fromFullPath(path)
+        observer = textLineObserver(log_file)
+        event = {"log_format": "into the file é", "log_time": 0.0, "log_namespace": "n", "log_level": LogLevel.info}
+        observer(event)
+        log_file.close()
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(f.read(), formatEventAsClassicLogText(event))
 
 
 class TransactionEventTests(SynchronousTestCase):

@@ -383,7 +383,7 @@ class SigtermHandlerTests(SynchronousTestCase):
         self.assertIs(signal.getsignal(signal.SIGTERM), before)
         self.assertEqual(
             reactor.whenRunningHooks,
-            [(tap.stop_on_sigterm, (reactor,), {}), (tap.reload_tls_on_sighup, (reactor, service), {})],
+            [(tap.stop_on_sigterm, (reactor,), {}), (tap.reload_tls_on_sighup, (reactor, service.service), {})],
         )
 
 

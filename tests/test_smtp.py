@@ -192,6 +192,23 @@ class AuthTests(SynchronousTestCase):
         self.assertTrue(out[0].startswith(b"550 5.7.1 "), out)
         self.assertEqual(h.send(b"MAIL FROM:<Alice@YourDomain.com>\r\n"), [b"250 2.1.0 Ok"])
 
+    def test_auth_ok_logged(self) -> None:
+        """A login is logged once with its text ready made: braces in the address stay text, the fields are kept."""
+        from twisted.logger import capturedLogs, formatEvent
+
+        h = Harness()
+        h.api.mailboxes["{x}@yourdomain.com"] = "mbpass"
+        h.send(b"EHLO x\r\n")
+        with capturedLogs() as events:
+            out = h.send(b"AUTH PLAIN " + plain("{x}@yourdomain.com", "mbpass") + b"\r\n")
+        self.assertEqual(out, [b"235 2.7.0 Authentication successful"])
+        [event] = [e for e in events if e.get("event") == "auth_ok"]
+        self.assertEqual(
+            formatEvent(event),
+            f"{h.proto.session} auth ok user={{x}}@yourdomain.com identity={{x}}@yourdomain.com client=192.0.2.7",
+        )
+        self.assertEqual((event["user"], event["client"]), ("{x}@yourdomain.com", "192.0.2.7"))
+
     def test_auth_bad_base64(self) -> None:
         """Undecodable base64 gets 501 5.5.2."""
         h = Harness()
