@@ -454,11 +454,13 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
-    from .memory import return_large_blocks
+    from .memory import freeze_start_up_objects, return_large_blocks
 
     # This process is the relay's own: large blocks go back to the system
-    # when freed (poststack_relay.memory; docs/performance.md, S4).
+    # when freed, and what start-up made is left out of full garbage
+    # collections (poststack_relay.memory; docs/performance.md).
     return_large_blocks()
+    reactor.callWhenRunning(freeze_start_up_objects)
     service: Any
     if options.config.workers > 1:
         from .workers import Supervisor, exit_with

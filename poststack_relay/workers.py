@@ -1514,7 +1514,10 @@ def run_worker(
             lambda f: _log.failure("worker readiness failed", f, event="worker_ready_failed")
         )
 
+    from .memory import freeze_start_up_objects
+
     reactor.callWhenRunning(start)
+    reactor.callWhenRunning(freeze_start_up_objects)
     reactor.run()
     return status[0]
 

@@ -381,9 +381,15 @@ class SigtermHandlerTests(SynchronousTestCase):
         options.parseOptions(["--tls-cert", cert, "--tls-key", key, "--port", "0"])
         service = tap.makeService(options)
         self.assertIs(signal.getsignal(signal.SIGTERM), before)
+        from poststack_relay.memory import freeze_start_up_objects
+
         self.assertEqual(
             reactor.whenRunningHooks,
-            [(tap.stop_on_sigterm, (reactor,), {}), (tap.reload_tls_on_sighup, (reactor, service.service), {})],
+            [
+                (freeze_start_up_objects, (), {}),
+                (tap.stop_on_sigterm, (reactor,), {}),
+                (tap.reload_tls_on_sighup, (reactor, service.service), {}),
+            ],
         )
 
 
