@@ -214,7 +214,9 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
         L{twisted.python.logfile.LogFile}.
     @return: the observer; its C{outFile} and C{lock} attributes are the
         file and the lock it writes under (a C{--workers} supervisor hands
-        its workers' finished lines to the same file, L{poststack_relay.workers}).
+        its workers' finished lines to the same file, L{poststack_relay.workers}),
+        and its C{line_format} is C{"json"}: the mark by which the
+        supervisor knows it.
     """
     lock = threading.Lock()
 
@@ -242,6 +244,7 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
 
     observe.outFile = outFile  # type: ignore[attr-defined]
     observe.lock = lock  # type: ignore[attr-defined]
+    observe.line_format = "json"  # type: ignore[attr-defined]
     return cast(ILogObserver, observe)
 
 
@@ -319,7 +322,8 @@ def textLineObserver(outFile: IO[Any], timeFormat: Optional[str] = timeFormatRFC
         L{twisted.python.logfile.LogFile}.
     @return: the observer; its C{outFile}, C{lock} and C{timeFormat}
         attributes are the file, the lock it writes under and the time
-        format (see L{jsonLineObserver}).
+        format, and its C{line_format} is C{"text"} (see
+        L{jsonLineObserver}).
     """
     lock = threading.Lock()
     stamp = TimeStamps(timeFormat)
@@ -338,6 +342,7 @@ def textLineObserver(outFile: IO[Any], timeFormat: Optional[str] = timeFormatRFC
     observe.outFile = outFile  # type: ignore[attr-defined]
     observe.lock = lock  # type: ignore[attr-defined]
     observe.timeFormat = timeFormat  # type: ignore[attr-defined]
+    observe.line_format = "text"  # type: ignore[attr-defined]
     return cast(ILogObserver, observe)
 
 
@@ -406,6 +411,10 @@ class LogObserverService(MultiService):
     service's.
 
     @ivar service: the wrapped service.
+    @ivar observer: the observer it made and set, or C{None} (not yet, or
+        the application logs elsewhere): the one observer the application
+        logs through (a C{--workers} supervisor writes its workers' lines
+        where it writes, L{poststack_relay.workers.Supervisor}).
     """
 
     def __init__(
@@ -419,6 +428,7 @@ class LogObserverService(MultiService):
         """
         super().__init__()
         self.service = service
+        self.observer: Optional[ILogObserver] = None
         self._observer_factory = observer_factory
         service.setServiceParent(self)
 
@@ -432,6 +442,7 @@ class LogObserverService(MultiService):
             observer = self._observer_factory()
             if observer is not None:
                 parent.setComponent(ILogObserver, observer)
+                self.observer = observer
         super().setServiceParent(parent)
 
 

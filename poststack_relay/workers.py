@@ -32,20 +32,35 @@ and no SMTP:
   - worker K (0 to N-1) serves C{/metrics}, C{/healthz} and C{/readyz} on
     the C{metrics-listen} port + K (port 0: each its own free port);
   - a worker that exits is started again after a pause (1 s, doubling up
-    to 30 s while it keeps dying within 10 s of its start); one that dies
+    to 30 s while it keeps dying within 10 s of its start).  Until every
+    worker was ready once (C{READY=1}), one that dies
     L{MAX_START_FAILURES} times in a row before it was ready stops the
-    whole relay with exit status 1;
-  - SIGTERM (or SIGINT) stops it: every worker gets SIGTERM and drains as
-    a single relay does; one still running C{drain_timeout} + 10 s later is
-    killed; then the supervisor exits 0.  SIGHUP is passed on to every
-    worker (TLS reload).  Under systemd C{Type=notify}, C{READY=1} is sent
-    once every worker is ready and C{STOPPING=1} when the stop begins;
-    workers never talk to systemd themselves.
+    whole relay with exit status 1; afterwards the relay keeps serving
+    with the healthy workers (C{workers_degraded}, a degraded systemd
+    C{STATUS=}) and tries that worker again every L{MAX_RESTART_DELAY}
+    seconds;
+  - a worker that finds another installed version than its supervisor's
+    (an upgrade while the relay runs) exits with L{VERSION_CHANGED_EXIT};
+    the supervisor then logs C{worker_version_changed} ("restart the
+    service") and does not start that worker again (before C{READY=1} it
+    stops the relay with exit status 1 instead);
+  - SIGTERM stops it: every worker gets SIGTERM and drains as a single
+    relay does; one still running C{drain_timeout} + 10 s later is
+    killed; then the supervisor exits 0.  SIGINT (Ctrl-C) stops it the
+    same way, but C{twistd} then ends itself with SIGINT, as it always
+    does for that signal.  SIGHUP is passed on to every ready worker (TLS
+    reload), and to a starting one as soon as it is ready.  Under systemd
+    C{Type=notify}, C{READY=1} is sent once every worker is ready, a new
+    C{STATUS=} whenever a worker exits or becomes ready after that, and
+    C{STOPPING=1} when the stop begins; workers never talk to systemd
+    themselves.
 
 The settings go to each worker as one JSON line on its standard input
-(L{worker_message}: never on its command line or in its environment, the
-service key is there), whose pipe then stays open as a lifeline: a worker
-whose supervisor vanished sees it close and stops (draining) by itself.
+(L{worker_message}: never on its command line or in its environment; the
+service key is in them, and every C{POSTSTACK_RELAY_*} variable is removed
+from the workers' environment), whose pipe then stays open as a lifeline:
+a worker whose supervisor vanished sees it close and stops (draining) by
+itself.
 """
 
 from __future__ import annotations
@@ -75,7 +90,6 @@ from twisted.internet.error import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import (
-    FileLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
@@ -87,6 +101,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import BaseLogFile
 from zope.interface import implementer, provider
 
+from ._version import __version__
 from .config import ConfigError, ListenerConfig, RelayConfig
 from .logs import TimeStamps, classic_text
 
@@ -103,7 +118,13 @@ STABLE_AFTER = 10.0
 again; one that dies sooner doubles the pause."""
 
 MAX_START_FAILURES = 3
-"""Deaths in a row of one worker before it was ready that stop the relay."""
+"""Deaths in a row of one worker before it was ready that stop the relay
+(before C{READY=1}) or make it degraded (after)."""
+
+VERSION_CHANGED_EXIT = 3
+"""The exit status of a worker whose installed C{poststack_relay} version
+is not its supervisor's (never change it: an old supervisor must
+recognise it from a new worker)."""
 
 START_TIMEOUT = 30.0
 """Seconds a worker has to become ready before it is killed (a failed start)."""
@@ -128,8 +149,10 @@ ATOMIC_WRITE = select.PIPE_BUF
 C{write}, atomic on a pipe); a longer one goes through the supervisor."""
 
 WRITE_WAIT = 5.0
-"""Seconds a worker waits for room on a log descriptor someone made
-non-blocking before it drops the line."""
+"""Seconds, at most, that writing one log line may wait for room on a
+log descriptor someone made non-blocking (a blocking one simply blocks);
+then the line is dropped, and the next lines are tried once each without
+waiting (and counted) until one is written again (C{log_lines_dropped})."""
 
 FIRST_FD = 3
 """A worker's first inherited listening socket; the others follow in order
@@ -161,11 +184,19 @@ STRIPPED_ENVIRONMENT = (
 )
 """Variables a worker must not see: systemd talks to the supervisor only."""
 
+STRIPPED_PREFIX = "POSTSTACK_RELAY_"
+"""Neither may a worker see the relay's own settings variables (the service
+key may be one): it takes its settings from its standard input only."""
+
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What a worker runs: the package directory appended to sys.path (so a
-# source tree found by twistd is found again), then worker_main().
+# What a worker runs: SIGHUP ignored before anything else (the supervisor
+# holds a SIGHUP for a worker that is not ready yet, but one already sent
+# must not kill a process that is still importing), the package directory
+# appended to sys.path (so a source tree found by twistd is found again),
+# then worker_main().
 _WORKER_CODE = (
+    "import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
     "import sys; sys.path.append({root!r}); "
     "from poststack_relay.workers import worker_main; worker_main()"
 )
@@ -209,10 +240,14 @@ def worker_settings(config: RelayConfig, index: int) -> dict[str, Any]:
 def worker_command(index: int, fds: Sequence[int]) -> tuple[str, list[str]]:
     """
     The executable and argument list that start worker C{index}, whose
-    listening sockets are C{fds} (its own descriptor numbers).
+    listening sockets are C{fds} (its own descriptor numbers).  C{-P}:
+    the working directory is not put first on C{sys.path}, so a file
+    there (C{email.py}, C{json.py}) cannot shadow a module of the worker
+    (C{PYTHONPATH} still applies).
     """
     return sys.executable, [
         sys.executable,
+        "-P",
         "-c",
         _WORKER_CODE.format(root=_PACKAGE_ROOT),
         "--worker",
@@ -224,15 +259,20 @@ def worker_command(index: int, fds: Sequence[int]) -> tuple[str, list[str]]:
 
 def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """
-    A worker's environment: C{environ} without L{STRIPPED_ENVIRONMENT}.
+    A worker's environment: C{environ} without L{STRIPPED_ENVIRONMENT}
+    and without any C{POSTSTACK_RELAY_*} variable (L{STRIPPED_PREFIX}).
     """
-    return {k: v for k, v in environ.items() if k not in STRIPPED_ENVIRONMENT}
+    return {
+        k: v
+        for k, v in environ.items()
+        if k not in STRIPPED_ENVIRONMENT and not k.startswith(STRIPPED_PREFIX)
+    }
 
 
 def parse_worker_line(line: bytes) -> Optional[dict[str, Any]]:
     """
-    One line of a worker's standard output as the JSON object it should
-    be; C{None} if it is not one.
+    One line of a worker's log pipe in L{LOG_EVENTS} mode as the JSON
+    object (a log event) it should be; C{None} if it is not one.
     """
     try:
         value = json.loads(line)
@@ -315,14 +355,22 @@ def worker_message(
 ) -> dict[str, Any]:
     """
     The JSON object worker C{index} reads as one line on its standard
-    input: C{settings} (L{worker_settings}), C{control} (its descriptor
-    for L{ready_line}, or C{None}) and C{log}, how it logs:
+    input: C{version} (the supervisor's C{poststack_relay.__version__}),
+    C{settings} (L{worker_settings}), C{control} (its descriptor for
+    L{ready_line}, or C{None}) and C{log}, how it logs:
     C{{"mode": "lines", "format": "json" or "text", "time_format": ...,
-    "pipe": P, "direct": D or null}} (L{LOG_LINES}: finished lines, to
-    descriptor C{D} when short enough, else to the pipe C{P} to the
-    supervisor) or C{{"mode": "events", "pipe": P}} (L{LOG_EVENTS}).
+    "pipe": P, "direct": D or null, "path": F or null}} (L{LOG_LINES}:
+    finished lines, to descriptor C{D} when short enough, else to the pipe
+    C{P} to the supervisor; C{F}, the supervisor's log file, is appended to
+    once the supervisor is gone) or C{{"mode": "events", "pipe": P}}
+    (L{LOG_EVENTS}).
     """
-    return {"settings": worker_settings(config, index), "control": control, "log": dict(log)}
+    return {
+        "version": __version__,
+        "settings": worker_settings(config, index),
+        "control": control,
+        "log": dict(log),
+    }
 
 
 def _read_message(message: object) -> tuple[dict[str, Any], Optional[int], dict[str, Any]]:
@@ -352,6 +400,8 @@ def _read_message(message: object) -> tuple[dict[str, Any], Optional[int], dict[
             raise ValueError(f"not a log format: {log.get('format')!r}")
         if not isinstance(log.get("time_format"), (str, type(None))):
             raise ValueError(f"not a time format: {log.get('time_format')!r}")
+        if not isinstance(log.get("path"), (str, type(None))):
+            raise ValueError(f"not a log file path: {log.get('path')!r}")
     return message["settings"], control, log
 
 
@@ -453,24 +503,30 @@ def worker_log_line(
 def _write_all(fd: int, data: bytes, wait: float = WRITE_WAIT) -> bool:
     """
     Write all of C{data} to C{fd}: one C{write} when the descriptor takes
-    it all (always, for a blocking pipe or file); on a descriptor someone
-    made non-blocking, wait for room up to C{wait} seconds at a time.
+    it all (always, for a blocking pipe or file, which blocks for as long
+    as its reader makes it); on a descriptor someone made non-blocking,
+    wait for room, C{wait} seconds at most for all of C{data} together
+    (0: no waiting at all).
 
     @return: whether it was all written (a closed pipe, a full disk or no
         room in time loses the rest).
     """
     view = memoryview(data)
-    waits = 0
+    deadline: Optional[float] = None
     while view:
         try:
             written = os.write(fd, view)
         except BlockingIOError:
-            waits += 1
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + wait
+            if now >= deadline:
+                return False
             try:
-                room = select.select([], [fd], [], wait)[1]
+                room = select.select([], [fd], [], deadline - now)[1]
             except (OSError, ValueError):
                 return False
-            if not room or waits > 100:
+            if not room:
                 return False
             continue
         except OSError:
@@ -481,24 +537,98 @@ def _write_all(fd: int, data: bytes, wait: float = WRITE_WAIT) -> bool:
     return True
 
 
+def _dropped_event(count: int) -> LogEvent:
+    """
+    The event a worker logs once it can write its log again after
+    C{count} lines were lost.
+    """
+    return {
+        "log_format": "{count} log lines could not be written (the log was full or gone) and were dropped",
+        "log_level": LogLevel.warn,
+        "log_namespace": __name__,
+        "log_time": time.time(),
+        "count": count,
+        "event": "log_lines_dropped",
+    }
+
+
 class _LineWriter:
     """
     Writes a worker's finished lines, one C{write} each: to the shared log
     descriptor C{direct} when the line is at most C{atomic} bytes (so that
     it cannot interleave with another process's line on a pipe), else
     (or without C{direct}) to C{pipe}, the pipe to the supervisor.
+
+    A line that cannot be written within C{wait} seconds (L{_write_all})
+    is dropped, and the writer starts dropping: each next line is tried
+    once, without waiting, and counted when it fails, so that a stuck log
+    costs the worker's reactor at most C{wait} seconds in all, not per
+    line.  The first line written again is followed by the line
+    C{dropped(count)} (C{log_lines_dropped}).
+
+    @ivar dropped_count: lines dropped since the last one written.
     """
 
-    def __init__(self, pipe: int, direct: Optional[int], atomic: int = ATOMIC_WRITE) -> None:
+    def __init__(
+        self,
+        pipe: int,
+        direct: Optional[int],
+        atomic: int = ATOMIC_WRITE,
+        *,
+        wait: float = WRITE_WAIT,
+        dropped: Optional[Callable[[int], Optional[bytes]]] = None,
+        path: Optional[str] = None,
+    ) -> None:
+        """
+        @param dropped: makes the line telling how many lines were dropped.
+        @param path: the supervisor's log file, appended to once the
+            supervisor is gone (L{orphaned}).
+        """
         self._pipe = pipe
         self._direct = direct
         self._atomic = atomic
+        self._wait = wait
+        self._dropped = dropped
+        self._path = path
         self._lock = threading.Lock()
+        self._dropping = False
+        self.dropped_count = 0
+
+    def _write(self, line: bytes, wait: float) -> bool:
+        fd = self._direct if self._direct is not None and len(line) <= self._atomic else self._pipe
+        return _write_all(fd, line, wait)
 
     def __call__(self, line: bytes) -> None:
-        fd = self._direct if self._direct is not None and len(line) <= self._atomic else self._pipe
         with self._lock:
-            _write_all(fd, line)
+            if not self._dropping:
+                if not self._write(line, self._wait):
+                    self._dropping = True
+                    self.dropped_count = 1
+                return
+            if not self._write(line, 0.0):
+                self.dropped_count += 1
+                return
+            notice = self._dropped(self.dropped_count) if self._dropped is not None else None
+            if notice is None or self._write(notice, self._wait):
+                self._dropping = False
+                self.dropped_count = 0
+
+    def orphaned(self) -> None:
+        """
+        The supervisor is gone, and nothing reads the pipe to it any more:
+        from now on every line goes to the shared descriptor (whatever its
+        length), or, without one, is appended to the supervisor's log file
+        (C{path}; it is not rotated any more).  Without either, lines are
+        lost.
+        """
+        with self._lock:
+            if self._direct is not None:
+                self._atomic = sys.maxsize
+            elif self._path is not None:
+                try:
+                    self._pipe = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                except OSError:
+                    pass  # not ours to open (made before privileges were dropped)
 
 
 def worker_line_observer(
@@ -538,74 +668,46 @@ class LogOutput:
         write to themselves (standard output, the journal); C{None} for a
         rotating file, which only the supervisor writes.
     @ivar time_format: the text format's time format (C{strftime}).
+    @ivar path: the rotating file's path (C{fd} is C{None}), which a
+        worker appends to once its supervisor is gone.
     """
 
     format: str
     write: Callable[[bytes], None]
     fd: Optional[int] = None
     time_format: Optional[str] = timeFormatRFC3339
-
-
-def _cells(function: object) -> dict[str, Any]:
-    """
-    The variables a nested function closes over, by name.
-    """
-    code = getattr(function, "__code__", None)
-    closure = getattr(function, "__closure__", None) or ()
-    found: dict[str, Any] = {}
-    for name, cell in zip(getattr(code, "co_freevars", ()), closure):
-        try:
-            found[name] = cell.cell_contents
-        except ValueError:
-            pass
-    return found
+    path: Optional[str] = None
 
 
 def _observer_file(observer: object) -> Optional[tuple[str, Any, ContextManager[Any], Optional[str]]]:
     """
-    For the observer twistd writes text with (C{textFileLogObserver}) or
-    the relay's JSON one (L{poststack_relay.logs.jsonLineObserver}): the
-    format, the file it writes to, the lock it writes under and the time
-    format.  C{None} for any other observer.
+    For an observer made by L{poststack_relay.logs.textLineObserver} or
+    L{poststack_relay.logs.jsonLineObserver} (they say so in their
+    C{line_format} attribute): the format, the file it writes to, the
+    lock it writes under and the time format.  C{None} for any other
+    observer.
     """
-    if isinstance(observer, FileLogObserver):
-        format_event = getattr(observer, "formatEvent", None)
-        if getattr(format_event, "__qualname__", "") != "textFileLogObserver.<locals>.formatEvent":
-            return None
-        time_format = _cells(format_event).get("timeFormat", timeFormatRFC3339)
-        out = getattr(observer, "_outFile", None)
-        if out is None or not isinstance(time_format, (str, type(None))):
-            return None
-        return "text", out, threading.Lock(), time_format
-    if (
-        getattr(observer, "__qualname__", "") == "textLineObserver.<locals>.observe"
-        and getattr(observer, "__module__", "") == "poststack_relay.logs"
-    ):
-        out, lock = getattr(observer, "outFile", None), getattr(observer, "lock", None)
-        time_format = getattr(observer, "timeFormat", timeFormatRFC3339)
-        if out is None or not hasattr(lock, "__enter__") or not isinstance(time_format, (str, type(None))):
-            return None
-        return "text", out, lock, time_format
-    if (
-        getattr(observer, "__qualname__", "") == "jsonLineObserver.<locals>.observe"
-        and getattr(observer, "__module__", "") == "poststack_relay.logs"
-    ):
-        out, lock = getattr(observer, "outFile", None), getattr(observer, "lock", None)
-        if out is None or not hasattr(lock, "__enter__"):
-            return None
-        return "json", out, lock, None
-    return None
+    line_format = getattr(observer, "line_format", None)
+    if line_format not in ("text", "json"):
+        return None
+    out, lock = getattr(observer, "outFile", None), getattr(observer, "lock", None)
+    time_format = getattr(observer, "timeFormat", timeFormatRFC3339) if line_format == "text" else None
+    if out is None or not hasattr(lock, "__enter__") or not isinstance(time_format, (str, type(None))):
+        return None
+    return line_format, out, lock, time_format
 
 
 def supervisor_log_output(observers: Sequence[object]) -> Optional[LogOutput]:
     """
-    Where the supervisor's log goes, from the observers of its global log
-    publisher: a L{LogOutput} when the one observer is twistd's text
-    observer or the relay's JSON observer writing to a rotating
+    Where the supervisor's log goes, from the observer it logs through: a
+    L{LogOutput} when the one observer is the relay's text or JSON
+    observer (L{poststack_relay.logs.textLineObserver},
+    L{poststack_relay.logs.jsonLineObserver}) writing to a rotating
     C{LogFile} (C{--logfile}; C{fd} is C{None}) or to a descriptor
     (standard output: C{twistd -n}, C{--logfile -}); C{None} otherwise
-    (C{--syslog}, C{--logger}, C{twist}'s filtering observer, several
-    observers): then the workers' events are logged again, one by one.
+    (no observer of the relay's: C{--syslog}, C{--logger}, C{twist}'s
+    filtering observer; or several observers): then the workers' events
+    are logged again, one by one.
     """
     if len(observers) != 1:
         return None
@@ -620,7 +722,8 @@ def supervisor_log_output(observers: Sequence[object]) -> Optional[LogOutput]:
                 out.write(data)
                 out.flush()
 
-        return LogOutput(log_format, write_file, None, time_format)
+        path = getattr(out, "path", None)
+        return LogOutput(log_format, write_file, None, time_format, path if isinstance(path, str) else None)
     try:
         fd = out.fileno()
         os.fstat(fd)
@@ -789,6 +892,13 @@ class WorkerSlot:
     @ivar start_timer: the pending start time-out, if any.
     @ivar metrics: where its metrics are served (from its ready event).
     @ivar generation: how many times it was started.
+    @ivar reload_pending: a SIGHUP came while the running process was not
+        ready yet: it gets one once it is.
+    @ivar degraded: it failed L{MAX_START_FAILURES} times in a row after
+        the relay was ready (C{workers_degraded}); cleared when it is
+        ready again.
+    @ivar halted: it found another installed version: not started again.
+    @ivar last_exit: how its last process ended (C{exit status 1}, ...).
     """
 
     index: int
@@ -803,6 +913,10 @@ class WorkerSlot:
     start_timer: Optional[IDelayedCall] = None
     metrics: Optional[str] = None
     generation: int = 0
+    reload_pending: bool = False
+    degraded: bool = False
+    halted: bool = False
+    last_exit: str = ""
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -866,8 +980,9 @@ class Supervisor(Service):
     keeps them running (see the module docstring).
 
     @ivar slots: one L{WorkerSlot} per worker.
-    @ivar exit_status: 0, or 1 once the relay stopped because workers
-        could not start (the command should then exit with it).
+    @ivar exit_status: 0, or 1 once the relay stopped because a worker
+        could not start before C{READY=1} (or found another installed
+        version then); the command should then exit with it.
     @ivar sockets: the listening sockets, in the order of
         C{config.listeners()}, as descriptors (C{None} before binding).
     """
@@ -902,9 +1017,11 @@ class Supervisor(Service):
             C{reactor.stop} by default.
         @param log_output: where the workers' finished lines go
             (L{LOG_LINES}); by default found when the first worker starts
-            (L{supervisor_log_output} of the global log publisher's
-            observers), unless C{observer} is given: then the workers'
-            events are logged again through it.
+            (L{supervisor_log_output} of the observer its parent service
+            made, a L{poststack_relay.logs.LogObserverService} as
+            L{poststack_relay.tap.makeService} makes it), unless
+            C{observer} is given: then the workers' events are logged
+            again through it.
         @raise ConfigError: a systemd socket of a listener was not passed.
         """
         from .systemd import SystemdNotifier, socketEndpoint
@@ -928,6 +1045,7 @@ class Supervisor(Service):
         self._bound = False
         self._stopping = False
         self._announced = False
+        self._status = ""
         self._stopped: Optional[Deferred[None]] = None
         self._stop_timers: list[IDelayedCall] = []
         self.addresses: list[str] = []
@@ -1008,11 +1126,17 @@ class Supervisor(Service):
         when their events are logged again (L{LOG_EVENTS}); found once,
         when the first worker starts (the runner's logging has begun by
         then), and logged as C{workers_logging}.
+
+        The runner logs through the observer the supervisor's parent made
+        (C{twistd}: L{poststack_relay.logs.LogObserverService.observer});
+        without one (C{twist}, whose level filter the workers cannot
+        apply; C{--syslog}, C{--logger}; no such parent) the workers'
+        events are logged again.
         """
         if not self._log_known:
             self._log_known = True
-            observers = list(getattr(globalLogPublisher, "_observers", []))
-            self._log_output = supervisor_log_output(observers)
+            observer = getattr(self.parent, "observer", None)
+            self._log_output = supervisor_log_output([observer]) if observer is not None else None
             output = self._log_output
             if output is None:
                 how, text = "events", "logged again by the supervisor (its log goes to syslog, a --logger or a filter)"
@@ -1056,12 +1180,14 @@ class Supervisor(Service):
                 "time_format": output.time_format,
                 "pipe": log_fd,
                 "direct": direct,
+                "path": output.path,
             }
         protocol = _WorkerProtocol(
             self, slot, control_fd, log_fd, output.write if output is not None else None
         )
         slot.generation += 1
         slot.ready = False
+        slot.reload_pending = False  # a new process loads the files anew
         slot.metrics = None
         slot.started = self._clock.seconds()
         try:
@@ -1136,13 +1262,39 @@ class Supervisor(Service):
         if slot.ready:
             return
         slot.ready = True
-        slot.start_failures = 0
+        failures, slot.start_failures = slot.start_failures, 0
         metrics = fields.get("metrics")
         slot.metrics = metrics if isinstance(metrics, str) else None
         if slot.start_timer is not None and slot.start_timer.active():
             slot.start_timer.cancel()
         slot.start_timer = None
-        if self._announced or self._stopping or not all(s.ready for s in self.slots):
+        if slot.reload_pending:
+            slot.reload_pending = False
+            if self._signal(slot, "HUP"):
+                _log.info(
+                    "SIGHUP held for worker {worker} until it was ready: passed on",
+                    worker=slot.index,
+                    trigger="held",
+                    count=1,
+                    workers=[slot.index],
+                    held=[],
+                    event="workers_reload",
+                )
+        if slot.degraded:
+            slot.degraded = False
+            _log.info(
+                "worker {worker} (pid {pid}) is ready again after {failures} failed starts",
+                worker=slot.index,
+                pid=slot.pid,
+                failures=failures,
+                event="worker_recovered",
+            )
+        if self._stopping:
+            return
+        if self._announced:
+            self._notify_status()
+            return
+        if not all(s.ready for s in self.slots):
             return
         self._announced = True
         where = ", ".join(self.addresses)
@@ -1154,7 +1306,43 @@ class Supervisor(Service):
             metrics=[s.metrics for s in self.slots],
             event="workers_ready",
         )
-        self.notifier.notify(f"READY=1\nSTATUS={len(self.slots)} workers listening on {where}")
+        self._status = self._status_text()
+        self.notifier.notify(f"READY=1\nSTATUS={self._status}")
+
+    def _status_text(self) -> str:
+        """
+        The systemd C{STATUS=} text: C{N workers listening on ...}, or which
+        workers are down and why.
+        """
+        count = len(self.slots)
+        where = ", ".join(self.addresses)
+        ready = sum(1 for slot in self.slots if slot.ready)
+        if ready == count:
+            return f"{count} workers listening on {where}"
+        down = []
+        for slot in self.slots:
+            if slot.ready:
+                continue
+            if slot.halted:
+                down.append(f"worker {slot.index} stopped: installed version changed, restart the service")
+            elif slot.degraded:
+                down.append(f"worker {slot.index} cannot start ({slot.last_exit})")
+            else:
+                down.append(f"worker {slot.index} restarting")
+        degraded = any(slot.halted or slot.degraded for slot in self.slots)
+        return f"{'degraded: ' if degraded else ''}{ready} of {count} workers listening on {where}; " + "; ".join(down)
+
+    def _notify_status(self) -> None:
+        """
+        Tell systemd the current C{STATUS=} when it changed (only after
+        C{READY=1}, and not while stopping).
+        """
+        if not self._announced or self._stopping:
+            return
+        status = self._status_text()
+        if status != self._status:
+            self._status = status
+            self.notifier.notify(f"STATUS={status}")
 
     # -- exits and restarts
 
@@ -1177,6 +1365,7 @@ class Supervisor(Service):
         slot.process = None
         slot.protocol = None
         slot.ready = False
+        slot.last_exit = status
         if slot.start_timer is not None and slot.start_timer.active():
             slot.start_timer.cancel()
         slot.start_timer = None
@@ -1193,12 +1382,33 @@ class Supervisor(Service):
             )
             self._check_stopped()
             return
+        if code == VERSION_CHANGED_EXIT and not was_ready:
+            self._version_changed(slot, pid)
+            return
         if not was_ready:
             slot.start_failures += 1
             if slot.start_failures >= MAX_START_FAILURES:
-                self._give_up(slot, pid, status, code, number)
-                return
-        if uptime >= STABLE_AFTER:
+                if not self._announced:
+                    self._give_up(slot, pid, status, code, number)
+                    return
+                if not slot.degraded:
+                    slot.degraded = True
+                    _log.critical(
+                        "worker {worker} (pid {pid}) exited with {status} before it was ready, "
+                        "{failures} times in a row: the relay goes on with the other workers "
+                        "and tries it again every {restart_in:g} s",
+                        worker=slot.index,
+                        pid=pid,
+                        status=status,
+                        exit_status=code,
+                        signal=number,
+                        failures=slot.start_failures,
+                        restart_in=MAX_RESTART_DELAY,
+                        event="workers_degraded",
+                    )
+        if slot.degraded:
+            slot.delay = MAX_RESTART_DELAY
+        elif uptime >= STABLE_AFTER:
             slot.delay = RESTART_DELAY
         delay = slot.delay
         slot.delay = min(delay * 2, MAX_RESTART_DELAY)
@@ -1217,6 +1427,32 @@ class Supervisor(Service):
             event="worker_exited",
         )
         slot.restart = self._clock.callLater(delay, self._start, slot)
+        self._notify_status()
+
+    def _version_changed(self, slot: WorkerSlot, pid: Optional[int]) -> None:
+        """
+        Worker C{slot} exited with L{VERSION_CHANGED_EXIT}: the code on
+        disk is not the supervisor's.  Starting it again cannot help:
+        before C{READY=1} the relay stops (exit status 1, for systemd to
+        start the new version); afterwards that worker stays down.
+        """
+        slot.halted = True
+        before = not self._announced
+        _log.critical(
+            "worker {worker} (pid {pid}) runs another version of poststack-relay than the "
+            "supervisor ({version}): installed version changed: restart the service; {action}",
+            worker=slot.index,
+            pid=pid,
+            version=__version__,
+            action="stopping the relay" if before else "the worker is not started again",
+            exit_status=VERSION_CHANGED_EXIT,
+            event="worker_version_changed",
+        )
+        if before:
+            self.exit_status = 1
+            self._stop_relay()
+            return
+        self._notify_status()
 
     def _give_up(
         self,
@@ -1259,17 +1495,31 @@ class Supervisor(Service):
 
     def reload_tls(self, trigger: str = "reload_tls()") -> bool:
         """
-        Pass SIGHUP on to every running worker: each loads its certificate
-        and key files again (C{twistd}'s SIGHUP handler calls this).
+        Pass SIGHUP on to every ready worker: each loads its certificate
+        and key files again (C{twistd}'s SIGHUP handler calls this).  A
+        worker still starting gets it once it is ready (it may have loaded
+        the files already, and until then it has no handler); one waiting
+        for its restart loads the files when it starts.
 
         @return: C{True} (each worker logs its own result).
         """
-        sent = [slot.index for slot in self.slots if self._signal(slot, "HUP")]
+        sent: list[int] = []
+        held: list[int] = []
+        for slot in self.slots:
+            if slot.process is None:
+                continue
+            if not slot.ready:
+                slot.reload_pending = True
+                held.append(slot.index)
+            elif self._signal(slot, "HUP"):
+                sent.append(slot.index)
         _log.info(
-            "{trigger} passed on to {count} workers",
+            "{trigger} passed on to {count} workers{held_text}",
             trigger=trigger,
             count=len(sent),
             workers=sent,
+            held=held,
+            held_text=f"; held for worker {', '.join(map(str, held))} until ready" if held else "",
             event="workers_reload",
         )
         return True
@@ -1432,6 +1682,7 @@ def run_worker(
     settings: Mapping[str, Any],
     reactor: Any,
     control_fd: Optional[int] = None,
+    orphaned: Optional[Callable[[], None]] = None,
 ) -> int:
     """
     Run one worker's relay until it is stopped: the relay of C{settings}
@@ -1441,6 +1692,8 @@ def run_worker(
     bound it logs L{READY_EVENT} and writes L{ready_line} to
     C{control_fd}.
 
+    @param orphaned: called when the supervisor is gone, before that is
+        logged (L{_LineWriter.orphaned}: the log no longer goes through it).
     @return: the exit status: 0 after a stop, 1 if it could not start.
     """
     from . import tap
@@ -1479,6 +1732,8 @@ def run_worker(
             _write_all(control_fd, ready_line(os.getpid(), listening, metrics))
 
     def supervisor_lost() -> None:
+        if orphaned is not None:
+            orphaned()
         _log.warn("the supervisor is gone: stopping", worker=index, event="supervisor_lost")
         stop()
 
@@ -1534,6 +1789,26 @@ def _parse_arguments(argv: Sequence[str]) -> tuple[int, list[int]]:
     return int(args[1]), [int(fd) for fd in args[3].split(",")]
 
 
+def _worker_logging(index: int, log: Mapping[str, Any]) -> tuple[ILogObserver, Optional[Callable[[], None]]]:
+    """
+    L{worker_observer}, and what to call when the supervisor is gone
+    (L{_LineWriter.orphaned}; C{None} in L{LOG_EVENTS} mode, where
+    nothing but the supervisor can write the log).
+    """
+    if log["mode"] == LOG_LINES:
+        log_format, time_format = log["format"], log.get("time_format")
+
+        def dropped(count: int) -> Optional[bytes]:
+            return worker_log_line(_dropped_event(count), index, log_format, time_format)
+
+        writer = _LineWriter(log["pipe"], log.get("direct"), wait=WRITE_WAIT, dropped=dropped, path=log.get("path"))
+        return worker_line_observer(index, log_format, time_format, writer), writer.orphaned
+    from .logs import jsonLineObserver
+
+    pipe = open(log["pipe"], "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+    return jsonLineObserver(pipe), None
+
+
 def worker_observer(index: int, log: Mapping[str, Any]) -> ILogObserver:
     """
     The log observer of worker C{index} for the C{log} part of its
@@ -1541,13 +1816,22 @@ def worker_observer(index: int, log: Mapping[str, Any]) -> ILogObserver:
     L{_LineWriter} (L{LOG_LINES}), or JSON events on the log pipe
     (L{LOG_EVENTS}).
     """
-    if log["mode"] == LOG_LINES:
-        writer = _LineWriter(log["pipe"], log.get("direct"))
-        return worker_line_observer(index, log["format"], log.get("time_format"), writer)
-    from .logs import jsonLineObserver
+    return _worker_logging(index, log)[0]
 
-    pipe = open(log["pipe"], "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-    return jsonLineObserver(pipe)
+
+def _version_changed(index: int, version: object) -> None:
+    """
+    Log (critical) that worker C{index} runs another version than its
+    supervisor's C{version}.
+    """
+    _log.critical(
+        "worker {worker} runs poststack-relay {installed}, its supervisor {version}: "
+        "installed version changed: restart the service",
+        worker=index,
+        installed=__version__,
+        version=str(version),
+        event="worker_version_mismatch",
+    )
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
@@ -1555,15 +1839,30 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     The entry point of a worker process (see L{worker_command}): reads
     its L{worker_message} as one JSON line on standard input, logs as it
     says (L{worker_observer}), runs L{run_worker} and exits with its
-    status.
+    status.  A message of another C{poststack_relay} version (the
+    installed one changed since the supervisor started) is logged
+    (C{worker_version_mismatch}, critical) and ends it with
+    L{VERSION_CHANGED_EXIT}; a message it cannot read at all, with 2.
     """
-    # Until its handler is installed a SIGHUP must not kill the worker.
+    # Until its handler is installed a SIGHUP must not kill the worker
+    # (the command ignores it already: _WORKER_CODE).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         index, fds = _parse_arguments(sys.argv[1:] if argv is None else argv)
-        line = sys.stdin.buffer.readline(MAX_LINE)
-        settings, control_fd, log = _read_message(json.loads(line))
+        message = json.loads(sys.stdin.buffer.readline(MAX_LINE))
     except ValueError as e:
+        sys.stderr.write(f"poststack-relay worker: {e}\n")
+        sys.exit(2)
+    version = message.get("version") if isinstance(message, dict) else None
+    try:
+        settings, control_fd, log = _read_message(message)
+    except ValueError as e:
+        if version != __version__:
+            sys.stderr.write(
+                f"poststack-relay worker: installed version {__version__}, the supervisor's {version}: "
+                "installed version changed: restart the service\n"
+            )
+            sys.exit(VERSION_CHANGED_EXIT)
         sys.stderr.write(f"poststack-relay worker: {e}\n")
         sys.exit(2)
     try:
@@ -1576,8 +1875,12 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([worker_observer(index, log)], redirectStandardIO=False)
-    code = run_worker(index, fds, settings, reactor, control_fd)
+    observer, orphaned = _worker_logging(index, log)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    if version != __version__:
+        _version_changed(index, version)
+        sys.exit(VERSION_CHANGED_EXIT)
+    code = run_worker(index, fds, settings, reactor, control_fd, orphaned)
     sys.stdout.flush()
     sys.exit(code)
 
@@ -1585,6 +1888,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> NoReturn:
 __all__ = [
     "LogOutput",
     "Supervisor",
+    "VERSION_CHANGED_EXIT",
     "WorkerSlot",
     "bind_listener",
     "describe_exit",

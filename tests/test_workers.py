@@ -4,13 +4,16 @@ C{--workers N} (L{poststack_relay.workers}): the setting, the supervisor's
 restart, readiness and stop logic on a L{Clock} with a fake process
 spawner, the workers' log lines (finished by the worker in the
 supervisor's format, passed through or written directly; told again by
-the supervisor only in the fallback), readiness on the control pipe, the
+the supervisor only in the fallback; a stuck log dropped and counted),
+readiness on the control pipe, SIGHUP held until ready, degraded service
+after a worker stops starting, installed-version changes, the worker's
+command as a real process (SIGHUP ignored from the start, C{-P}), the
 adopted-socket hook of L{poststack_relay.service.makeRelayService}, and
 C{twistd -n poststack-relay --workers 2} as real processes against the
 sandbox: mail over real TLS through the shared port, a killed worker
-restarted while the port keeps serving, SIGHUP passed on, SIGTERM, a bad
-certificate, workers that cannot start, C{--logfile} with rotation and
-the C{--logger} fallback.
+restarted while the port keeps serving, SIGHUP passed on, SIGTERM, a
+SIGKILLed supervisor (the lifeline), a bad certificate, workers that
+cannot start, C{--logfile} with rotation and the C{--logger} fallback.
 """
 
 from __future__ import annotations
@@ -46,14 +49,22 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     textFileLogObserver,
 )
+from twisted.application.service import Application, Service
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from zope.interface import provider
 from twisted.trial.unittest import SynchronousTestCase
 
+import poststack_relay
 from poststack_relay import tap, workers
 from poststack_relay.config import ConfigError, RelayConfig
-from poststack_relay.logs import event_as_json, event_as_json_line, jsonLineObserver
+from poststack_relay.logs import (
+    LogObserverService,
+    event_as_json,
+    event_as_json_line,
+    jsonLineObserver,
+    textLineObserver,
+)
 from poststack_relay.service import makeRelayService
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.workers import (
@@ -76,6 +87,40 @@ from poststack_relay.workers import (
 )
 from tests.test_commands import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 from tests.test_systemd import LAUNCHER, _pending, _receiver
+
+
+def nonblocking_full_pipe(case: SynchronousTestCase) -> tuple[int, int]:
+    """A pipe whose write end is non-blocking and full; both ends closed at cleanup."""
+    read, write = os.pipe()
+    case.addCleanup(os.close, read)
+    case.addCleanup(os.close, write)
+    os.set_blocking(write, False)
+    for _ in range(1000):
+        try:
+            os.write(write, b"x" * 65536)
+        except BlockingIOError:
+            break
+    for _ in range(1000):
+        try:
+            os.write(write, b"x")
+        except BlockingIOError:
+            break
+    return read, write
+
+
+def drain(fd: int) -> None:
+    """Read everything waiting in the pipe C{fd}."""
+    blocking = os.get_blocking(fd)
+    os.set_blocking(fd, False)
+    try:
+        for _ in range(10000):
+            try:
+                if not os.read(fd, 65536):
+                    return
+            except BlockingIOError:
+                return
+    finally:
+        os.set_blocking(fd, blocking)
 
 
 def bound_port(fd: int) -> int:
@@ -191,21 +236,23 @@ class HelperTests(SynchronousTestCase):
         )
 
     def test_environment(self) -> None:
-        """Workers inherit the environment without systemd's variables."""
+        """Workers inherit the environment without systemd's variables and without any POSTSTACK_RELAY_* one (the service key)."""
         environ = {
             "PATH": "/bin", "NOTIFY_SOCKET": "/run/n", "LISTEN_FDS": "1", "LISTEN_PID": "7",
             "LISTEN_FDNAMES": "smtps", "WATCHDOG_USEC": "1", "POSTSTACK_RELAY_PORT": "25",
+            "POSTSTACK_RELAY_SERVICE_KEY": "sk_live_secret", "PYTHONPATH": "/src",
         }
-        self.assertEqual(worker_environment(environ), {"PATH": "/bin", "POSTSTACK_RELAY_PORT": "25"})
+        self.assertEqual(worker_environment(environ), {"PATH": "/bin", "PYTHONPATH": "/src"})
 
     def test_command(self) -> None:
-        """A worker is this Python running worker_main with its number and inherited descriptors."""
+        """A worker is this Python, in safe-path mode (-P), running worker_main with its number and inherited descriptors; SIGHUP is ignored before any import."""
         executable, args = worker_command(3, [3, 4])
         self.assertEqual(executable, args[0])
-        self.assertEqual(args[1], "-c")
-        self.assertIn("worker_main()", args[2])
-        self.assertEqual(args[3:], ["--worker", "3", "--fds", "3,4"])
-        self.assertEqual(workers._parse_arguments(args[3:]), (3, [3, 4]))
+        self.assertEqual(args[1:3], ["-P", "-c"])
+        self.assertTrue(args[3].startswith("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); "), args[3])
+        self.assertIn("worker_main()", args[3])
+        self.assertEqual(args[4:], ["--worker", "3", "--fds", "3,4"])
+        self.assertEqual(workers._parse_arguments(args[4:]), (3, [3, 4]))
         self.assertRaises(ValueError, workers._parse_arguments, ["--fds", "3"])
 
     def test_describe_exit(self) -> None:
@@ -275,8 +322,9 @@ class HelperTests(SynchronousTestCase):
     def test_message(self) -> None:
         """A worker's stdin line holds its settings, its control descriptor and how it logs; a bad one is refused."""
         config = RelayConfig(tls_cert="c.pem", workers=3, metrics_listen="127.0.0.1:9587")
-        log = {"mode": "lines", "format": "text", "time_format": "%Y", "pipe": 5, "direct": 6}
+        log = {"mode": "lines", "format": "text", "time_format": "%Y", "pipe": 5, "direct": 6, "path": "/var/log/r.log"}
         message = json.loads(json.dumps(worker_message(config, 1, 4, log)))
+        self.assertEqual(message["version"], poststack_relay.__version__)
         self.assertEqual(workers._read_message(message), (worker_settings(config, 1), 4, log))
         self.assertEqual(RelayConfig(**message["settings"]).metrics_listen, "127.0.0.1:9588")
         events = {"settings": {}, "control": None, "log": {"mode": "events", "pipe": 5}}
@@ -285,7 +333,7 @@ class HelperTests(SynchronousTestCase):
             [1], {"settings": []}, {**events, "control": "4"}, {**events, "control": True},
             {**events, "log": {"mode": "both", "pipe": 5}}, {**events, "log": {"mode": "events"}},
             {**events, "log": {**log, "format": "xml"}}, {**events, "log": {**log, "direct": -1}},
-            {**events, "log": {**log, "time_format": 3}},
+            {**events, "log": {**log, "time_format": 3}}, {**events, "log": {**log, "path": 3}},
         ):
             self.assertRaises(ValueError, workers._read_message, bad)
 
@@ -320,6 +368,90 @@ class HelperTests(SynchronousTestCase):
         self.assertLess(time.monotonic() - began, 5)
         os.close(read)
         self.assertFalse(workers._write_all(write, b"line\n", wait=0.05))
+
+    def test_write_all_one_deadline_per_line(self) -> None:
+        """The wait bounds the whole line: a reader that makes a little room now and then does not keep a long line waiting past it."""
+        read, write = nonblocking_full_pipe(self)
+        stop = threading.Event()
+
+        def trickle() -> None:
+            for _ in range(400):  # 20 s at most
+                if stop.wait(0.05):
+                    return
+                os.read(read, 4096)
+
+        reader = threading.Thread(target=trickle, daemon=True)
+        reader.start()
+        self.addCleanup(reader.join, 10)
+        self.addCleanup(stop.set)
+        began = time.monotonic()
+        self.assertFalse(workers._write_all(write, b"x" * (1 << 20), wait=0.3))
+        self.assertLess(time.monotonic() - began, 2.0)
+
+    def test_line_writer_drops_then_counts(self) -> None:
+        """After a line that could not be written, the next ones are tried without waiting and counted; once writing works, one log_lines_dropped line follows."""
+        read, write = nonblocking_full_pipe(self)
+        pipe_r, pipe_w = os.pipe()
+        for fd in (pipe_r, pipe_w):
+            self.addCleanup(os.close, fd)
+        writer = workers._LineWriter(pipe_w, write, wait=0.3, dropped=lambda n: b"dropped %d\n" % n)
+        began = time.monotonic()
+        writer(b"a\n")
+        self.assertGreaterEqual(time.monotonic() - began, 0.25)  # the first line waited
+        began = time.monotonic()
+        for line in (b"b\n", b"c\n", b"d\n"):
+            writer(line)
+        self.assertLess(time.monotonic() - began, 0.25)  # the next ones did not
+        self.assertEqual(writer.dropped_count, 4)
+        drain(read)
+        writer(b"e\n")
+        writer(b"f\n")
+        self.assertEqual(os.read(read, 100), b"e\ndropped 4\nf\n")
+        self.assertEqual(writer.dropped_count, 0)
+
+    def test_line_writer_observer_tells_the_drops(self) -> None:
+        """A worker's observer writes the drop count as a log_lines_dropped line in its format."""
+        read, write = nonblocking_full_pipe(self)
+        pipe_r, pipe_w = os.pipe()
+        for fd in (pipe_r, pipe_w):
+            self.addCleanup(os.close, fd)
+        log = {"mode": "lines", "format": "json", "time_format": None, "pipe": pipe_w, "direct": write, "path": None}
+        self.patch(workers, "WRITE_WAIT", 0.05)
+        observer, orphaned = workers._worker_logging(1, log)
+        self.assertIsNotNone(orphaned)
+        observer({"log_format": "one", "log_level": LogLevel.info, "log_namespace": "t", "log_time": 0.0})
+        observer({"log_format": "two", "log_level": LogLevel.info, "log_namespace": "t", "log_time": 0.0})
+        drain(read)
+        observer({"log_format": "three", "log_level": LogLevel.info, "log_namespace": "t", "log_time": 0.0})
+        lines = [json.loads(line) for line in os.read(read, 10000).splitlines()]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual((lines[0]["message"], lines[0]["worker"]), ("three", 1))
+        self.assertEqual((lines[1]["event"], lines[1]["count"], lines[1]["worker"], lines[1]["level"]),
+                         ("log_lines_dropped", 2, 1, "warn"))
+
+    def test_line_writer_orphaned(self) -> None:
+        """Once the supervisor is gone, long lines go to the shared descriptor, or, logging to a file, every line is appended to that file."""
+        direct_r, direct_w = os.pipe()
+        pipe_r, pipe_w = os.pipe()
+        for fd in (direct_r, direct_w, pipe_w):
+            self.addCleanup(os.close, fd)
+        os.close(pipe_r)  # nothing reads the pipe to the supervisor any more
+        writer = workers._LineWriter(pipe_w, direct_w, atomic=8, wait=0.05)
+        writer.orphaned()
+        writer(b"a longer line\n")
+        self.assertEqual(os.read(direct_r, 100), b"a longer line\n")
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"before\n")
+        writer = workers._LineWriter(pipe_w, None, wait=0.05, path=path, dropped=lambda n: b"dropped %d\n" % n)
+        writer(b"lost\n")
+        writer.orphaned()
+        writer(b"after\n")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"before\nafter\ndropped 1\n")
+        no_file = workers._LineWriter(pipe_w, None, wait=0.05, path=os.path.join(path, "not-a-directory"))
+        no_file.orphaned()
+        no_file(b"lost\n")  # cannot be opened: lost, nothing raised
 
 
 class WorkerLogEventTests(SynchronousTestCase):
@@ -488,33 +620,34 @@ def _some_observer(event: dict[str, Any]) -> None:
 
 
 class SupervisorLogOutputTests(SynchronousTestCase):
-    """Where the supervisor's log goes, from its observers."""
+    """Where the supervisor's log goes, from the observer it logs through."""
 
     def test_descriptor(self) -> None:
-        """twistd's text observer or the JSON one on a descriptor (standard output): workers may write there."""
+        """The relay's text or JSON observer on a descriptor (standard output): workers may write there."""
         path = self.mktemp()
         with open(path, "w") as out:
             for observer, log_format, time_format in (
-                (textFileLogObserver(out), "text", "%Y-%m-%dT%H:%M:%S%z"),
-                (textFileLogObserver(out, timeFormat="%H"), "text", "%H"),
+                (textLineObserver(out), "text", "%Y-%m-%dT%H:%M:%S%z"),
+                (textLineObserver(out, timeFormat="%H"), "text", "%H"),
                 (jsonLineObserver(out), "json", None),
             ):
                 output = supervisor_log_output([observer])
                 assert output is not None
-                self.assertEqual((output.format, output.fd, output.time_format), (log_format, out.fileno(), time_format))
+                self.assertEqual((output.format, output.fd, output.time_format, output.path),
+                                 (log_format, out.fileno(), time_format, None))
             out.write("pending ")  # the observer's own buffered text goes first
             output.write(b"a line\n")
         with open(path) as f:
             self.assertEqual(f.read(), "pending a line\n")
 
     def test_log_file(self) -> None:
-        """A rotating log file: no descriptor; whole lines are written through it, and its size rotation falls between them."""
+        """A rotating log file: no descriptor but its path; whole lines are written through it, and its size rotation falls between them."""
         log = LogFile.fromFullPath(self.mktemp(), rotateLength=30)
         self.addCleanup(log.close)
-        for observer in (textFileLogObserver(log), jsonLineObserver(log)):
+        for observer in (textLineObserver(log), jsonLineObserver(log)):
             output = supervisor_log_output([observer])
             assert output is not None
-            self.assertIsNone(output.fd)
+            self.assertEqual((output.fd, output.path), (None, log.path))
         for n in range(10):
             output.write(b"".join(b"line %d.%d\n" % (n, k) for k in range(3)))
         lines = []
@@ -526,32 +659,37 @@ class SupervisorLogOutputTests(SynchronousTestCase):
         self.assertGreater(len(log.listLogs()), 3)
         self.assertEqual(lines, [b"line %d.%d" % (n, k) for n in range(10) for k in range(3)])
 
-    def test_json_observer_lock(self) -> None:
-        """Through the JSON observer's file, the supervisor writes under the observer's own lock."""
+    def test_observer_lock(self) -> None:
+        """Through the relay's observers' file, the supervisor writes under the observer's own lock."""
         log = LogFile.fromFullPath(self.mktemp(), rotateLength=None)
         self.addCleanup(log.close)
-        observer = jsonLineObserver(log)
-        output = supervisor_log_output([observer])
-        assert output is not None
-        lock = workers._cells(workers._cells(observer)["write"])["lock"]
-        done = threading.Event()
-        with lock:
-            writer = threading.Thread(target=lambda: (output.write(b"x\n"), done.set()), daemon=True)
-            writer.start()
-            self.assertFalse(done.wait(0.2))
-        self.assertTrue(done.wait(10))
+        for observer in (jsonLineObserver(log), textLineObserver(log)):
+            output = supervisor_log_output([observer])
+            assert output is not None
+            done = threading.Event()
+            with observer.lock:  # type: ignore[attr-defined]
+                writer = threading.Thread(target=lambda: (output.write(b"x\n"), done.set()), daemon=True)
+                writer.start()
+                self.assertFalse(done.wait(0.2))
+            self.assertTrue(done.wait(10))
 
     def test_elsewhere(self) -> None:
-        """Syslog, a --logger, twist's filter, several observers or none: the events are logged again (None)."""
+        """Syslog, a --logger, twist's filter, twistd's own observer, several observers or none: the events are logged again (None)."""
         out = io.StringIO()
-        for observers in (
-            [_some_observer],
-            [FilteringLogObserver(textFileLogObserver(out), [LogLevelFilterPredicate()])],
-            [textFileLogObserver(out), _some_observer],
-            [],
-            [textFileLogObserver(out)],  # no descriptor
-        ):
-            self.assertIsNone(supervisor_log_output(observers), observers)
+        path = self.mktemp()
+        with open(path, "w") as real:
+            marked_wrong = textLineObserver(real)
+            marked_wrong.line_format = "xml"  # type: ignore[attr-defined]
+            for observers in (
+                [_some_observer],
+                [FilteringLogObserver(textLineObserver(real), [LogLevelFilterPredicate()])],
+                [textFileLogObserver(real)],  # not the relay's: no mark
+                [textLineObserver(real), _some_observer],
+                [marked_wrong],
+                [],
+                [textLineObserver(out)],  # no descriptor
+            ):
+                self.assertIsNone(supervisor_log_output(observers), observers)
 
 
 # ---------------------------------------------------------------------------
@@ -626,7 +764,7 @@ class SupervisorTests(SynchronousTestCase):
         supervisor = Supervisor(
             config, MemoryReactor(), spawn=self.spawner, clock=self.clock, notifier=self.notifier,
             observer=None if log_output else self.worker_events.append,
-            environ={"PATH": "/bin", "NOTIFY_SOCKET": "/run/n"},
+            environ={"PATH": "/bin", "NOTIFY_SOCKET": "/run/n", "POSTSTACK_RELAY_SERVICE_KEY": "sk_live_secret"},
             stop=lambda: self.stops.append(True), log_output=log_output,
         )
         self.addCleanup(supervisor._close_sockets)
@@ -661,7 +799,7 @@ class SupervisorTests(SynchronousTestCase):
         self.spawner.last(worker)["protocol"].processEnded(Failure(reason or ProcessTerminated(signal=9)))
 
     def test_start(self) -> None:
-        """Each worker gets the shared socket as fd 3, the environment without NOTIFY_SOCKET and its settings on stdin."""
+        """Each worker gets the shared socket as fd 3, the environment without NOTIFY_SOCKET or the service key, and its settings and the version on stdin."""
         supervisor = self.supervisor()
         supervisor.privilegedStartService()
         port = bound_port(supervisor.sockets[0])
@@ -678,6 +816,7 @@ class SupervisorTests(SynchronousTestCase):
             message = json.loads(line)
             settings = message["settings"]
             self.assertEqual((settings["workers"], settings["metrics_listen"]), (1, f"127.0.0.1:{9587 + index}"))
+            self.assertEqual(message["version"], poststack_relay.__version__)
             # Given an observer, the supervisor logs the workers' events again.
             self.assertEqual((message["control"], message["log"]), (4, {"mode": "events", "pipe": 5}))
         self.assertEqual([(e["worker"], e["pid"]) for e in self.named("worker_started")], [(0, 1000), (1, 1001)])
@@ -696,10 +835,12 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.spawner.calls, [])
 
     def test_ready_once_all_are(self) -> None:
-        """READY=1 goes to systemd once, when the last worker is ready, not again after a restart."""
+        """READY=1 goes to systemd once, when the last worker is ready, not again after a restart: then only STATUS= changes."""
         supervisor = self.supervisor()
         supervisor.startService()
         self.ready(0)
+        self.end(1, ProcessTerminated(exitCode=1))  # before READY=1: no STATUS= either
+        self.clock.advance(1)
         self.assertEqual(self.notifier.sent, [])
         self.ready(1, "127.0.0.1:9588")
         where = supervisor.addresses[0]
@@ -708,7 +849,11 @@ class SupervisorTests(SynchronousTestCase):
         self.end(0)
         self.clock.advance(1)
         self.ready(0)
-        self.assertEqual(len(self.notifier.sent), 1)
+        self.assertEqual(self.notifier.sent[1:], [
+            f"STATUS=1 of 2 workers listening on {where}; worker 0 restarting",
+            f"STATUS=2 workers listening on {where}",
+        ])
+        self.assertFalse(any("READY=1" in sent for sent in self.notifier.sent[1:]))
         self.assertEqual(self.worker_events, [])  # a control line is not a log event
 
     def test_restart_backoff(self) -> None:
@@ -842,13 +987,48 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.spawner.calls), 2)
 
     def test_sighup_passed_on(self) -> None:
-        """reload_tls (what SIGHUP calls) sends SIGHUP to every running worker."""
+        """reload_tls (what SIGHUP calls) sends SIGHUP to every ready worker; one waiting for its restart gets none."""
         supervisor = self.supervisor(count=3)
         supervisor.startService()
+        self.ready(0)
+        self.ready(1)
         self.end(2)
         self.assertTrue(supervisor.reload_tls("SIGHUP"))
         self.assertEqual([self.spawner.last(i)["process"].signals for i in range(3)], [["HUP"], ["HUP"], []])
-        self.assertEqual(self.named("workers_reload")[0]["workers"], [0, 1])
+        [reload] = self.named("workers_reload")
+        self.assertEqual((reload["workers"], reload["held"]), ([0, 1], []))
+        self.assertEqual(formatEvent(reload), "SIGHUP passed on to 2 workers")
+        self.clock.advance(1)
+        self.ready(2)
+        self.assertEqual(self.spawner.last(2)["process"].signals, [])  # its new process loaded the files itself
+
+    def test_sighup_held_until_ready(self) -> None:
+        """A worker still starting (no SIGHUP handler yet) gets no SIGHUP until it says it is ready, then exactly one; a restart forgets it."""
+        supervisor = self.supervisor(count=2)
+        supervisor.startService()
+        self.ready(0)
+        supervisor.reload_tls("SIGHUP")
+        supervisor.reload_tls("SIGHUP")
+        self.assertEqual(self.spawner.last(0)["process"].signals, ["HUP", "HUP"])
+        self.assertEqual(self.spawner.last(1)["process"].signals, [])
+        self.assertEqual(formatEvent(self.named("workers_reload")[0]), "SIGHUP passed on to 1 workers; held for worker 1 until ready")
+        self.assertEqual(self.named("workers_reload")[0]["held"], [1])
+        self.ready(1)
+        self.assertEqual(self.spawner.last(1)["process"].signals, ["HUP"])
+        self.assertEqual(self.named("workers_reload")[-1]["workers"], [1])
+        self.ready(1)  # a second ready line changes nothing
+        self.assertEqual(self.spawner.last(1)["process"].signals, ["HUP"])
+        # Held, then the process dies: its replacement loads the files anew and gets none.
+        self.end(1)
+        self.clock.advance(1)
+        supervisor.reload_tls("SIGHUP")
+        first = self.spawner.last(1)["process"]
+        self.end(1)
+        self.clock.advance(2)
+        self.assertIsNot(self.spawner.last(1)["process"], first)
+        self.ready(1)
+        self.assertEqual(self.spawner.last(1)["process"].signals, [])
+        self.assertEqual(first.signals, [])
 
     def test_output(self) -> None:
         """Fallback: JSON lines on the log pipe are told again with the worker's number, across chunks; anything else as worker_output."""
@@ -904,7 +1084,7 @@ class SupervisorTests(SynchronousTestCase):
         supervisor.startService()
         call = self.spawner.last(0)
         self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0], 4: "r", 5: "r"})
-        self.assertEqual(self.message(0)["log"], {"mode": "lines", "format": "text", "time_format": "%H", "pipe": 5, "direct": None})
+        self.assertEqual(self.message(0)["log"], {"mode": "lines", "format": "text", "time_format": "%H", "pipe": 5, "direct": None, "path": None})
         self.say(0, b"12 [x#info worker=0] one\n12 [x#info worker=0] tw", "log")
         self.say(0, b"o\n" + self.ready_event(), "log")
         self.say(1, b"12 [x#info worker=1] par", "log")
@@ -923,22 +1103,107 @@ class SupervisorTests(SynchronousTestCase):
         for index in (0, 1):
             call = self.spawner.last(index)
             self.assertEqual(call["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0], 4: "r", 5: "r", 6: 1})
-            self.assertEqual(self.message(index)["log"], {"mode": "lines", "format": "json", "time_format": None, "pipe": 5, "direct": 6})
+            self.assertEqual(self.message(index)["log"], {"mode": "lines", "format": "json", "time_format": None, "pipe": 5, "direct": 6, "path": None})
         self.say(0, b'{"long": "line"}\n', "log")
         self.assertEqual(written, [b'{"long": "line"}\n'])
 
     def test_finds_its_log(self) -> None:
-        """Without an observer or a log output, the supervisor looks at the global publisher's observers once, and says what it chose."""
+        """Without an observer or a log output, the supervisor takes the observer its LogObserverService parent made, once, and says what it chose."""
         config = RelayConfig(tls_cert="c.pem", port=0, interface="127.0.0.1", hostname="localhost", workers=2)
+        log = LogFile.fromFullPath(self.mktemp(), rotateLength=None)
+        self.addCleanup(log.close)
         supervisor = Supervisor(config, MemoryReactor(), spawn=self.spawner, clock=self.clock, notifier=self.notifier,
                                 environ={}, stop=lambda: None)
         self.addCleanup(supervisor._close_sockets)
-        supervisor.startService()  # under the tests the publisher has several observers
-        self.assertEqual(self.message(0)["log"]["mode"], "events")
-        self.assertEqual([(e["mode"], e["line_format"]) for e in self.named("workers_logging")], [("events", "json")])
+        wrapper = LogObserverService(supervisor, lambda: jsonLineObserver(log))
+        wrapper.setServiceParent(Application("relay"))  # what twistd does: it sets the application's observer
+        self.assertIs(supervisor.parent, wrapper)
+        supervisor.startService()
+        self.assertEqual(self.message(0)["log"], {"mode": "lines", "format": "json", "time_format": None, "pipe": 5,
+                                                  "direct": None, "path": log.path})
+        self.assertEqual([(e["mode"], e["line_format"]) for e in self.named("workers_logging")], [("through", "json")])
         self.end(0)
         self.clock.advance(1)
         self.assertEqual(len(self.named("workers_logging")), 1)
+
+    def test_logs_elsewhere(self) -> None:
+        """Without such a parent (twist, embedding) or when it made no observer (--syslog, --logger), the workers' events are logged again."""
+        config = RelayConfig(tls_cert="c.pem", port=0, interface="127.0.0.1", hostname="localhost", workers=2)
+        for parent in (None, LogObserverService(Service(), lambda: None)):
+            self.events.clear()
+            supervisor = Supervisor(config, MemoryReactor(), spawn=self.spawner, clock=self.clock,
+                                    notifier=self.notifier, environ={}, stop=lambda: None)
+            self.addCleanup(supervisor._close_sockets)
+            if parent is not None:
+                supervisor.setServiceParent(parent)
+                parent.setServiceParent(Application("relay"))
+            supervisor.startService()
+            self.assertEqual(self.message(0)["log"]["mode"], "events")
+            self.assertEqual([(e["mode"], e["line_format"]) for e in self.named("workers_logging")], [("events", "json")])
+
+    def test_degraded_after_ready(self) -> None:
+        """After READY=1, a worker that keeps failing to start leaves the others serving: workers_degraded once, retries every 30 s, STATUS= says so until it is ready again."""
+        supervisor = self.supervisor()
+        supervisor.startService()
+        self.ready(0)
+        self.ready(1)
+        where = supervisor.addresses[0]
+        self.clock.advance(100)
+        self.end(0)  # a crash of a ready worker
+        for _ in range(6):
+            self.clock.advance(self.named("worker_exited")[-1]["restart_in"])
+            self.end(0, ProcessTerminated(exitCode=1))  # then it cannot start again
+        self.assertEqual((self.stops, supervisor.exit_status), ([], 0))
+        self.assertEqual(self.spawner.last(1)["process"].signals, [])  # the healthy worker is left alone
+        [degraded] = self.named("workers_degraded")
+        self.assertEqual((degraded["worker"], degraded["failures"], degraded["status"], degraded["log_level"]),
+                         (0, 3, "exit status 1", LogLevel.critical))
+        self.assertEqual([e["restart_in"] for e in self.named("worker_exited")], [1.0, 2.0, 4.0, 30.0, 30.0, 30.0, 30.0])
+        self.assertEqual(self.notifier.sent[-1],
+                         f"STATUS=degraded: 1 of 2 workers listening on {where}; worker 0 cannot start (exit status 1)")
+        self.assertEqual(self.named("workers_failed"), [])
+        spawned = len(self.spawner.of(0))
+        self.clock.advance(30)
+        self.assertEqual(len(self.spawner.of(0)), spawned + 1)  # still tried
+        self.ready(0)
+        self.assertEqual(self.notifier.sent[-1], f"STATUS=2 workers listening on {where}")
+        [recovered] = self.named("worker_recovered")
+        self.assertEqual((recovered["worker"], recovered["failures"]), (0, 6))
+        self.clock.advance(100)
+        self.end(0)
+        self.assertEqual(self.named("worker_exited")[-1]["restart_in"], 1.0)  # back to the usual backoff
+
+    def test_version_changed_after_ready(self) -> None:
+        """After READY=1, a worker that finds another installed version is not started again, is not a start failure, and STATUS= asks for a restart."""
+        supervisor = self.supervisor()
+        supervisor.startService()
+        self.ready(0)
+        self.ready(1)
+        where = supervisor.addresses[0]
+        self.end(1)
+        self.clock.advance(1)
+        self.end(1, ProcessTerminated(exitCode=workers.VERSION_CHANGED_EXIT))
+        [changed] = self.named("worker_version_changed")
+        self.assertEqual((changed["worker"], changed["log_level"], changed["version"]),
+                         (1, LogLevel.critical, poststack_relay.__version__))
+        self.assertIn("installed version changed: restart the service", formatEvent(changed))
+        self.assertEqual(self.notifier.sent[-1], f"STATUS=degraded: 1 of 2 workers listening on {where}; "
+                                                 "worker 1 stopped: installed version changed, restart the service")
+        self.clock.advance(600)
+        self.assertEqual(len(self.spawner.of(1)), 2)  # not started again
+        self.assertEqual((self.stops, supervisor.exit_status, supervisor.slots[1].start_failures), ([], 0, 0))
+
+    def test_version_changed_before_ready(self) -> None:
+        """Before READY=1, a worker that finds another installed version stops the relay at once with status 1."""
+        supervisor = self.supervisor()
+        supervisor.startService()
+        self.ready(0)
+        self.end(1, ProcessTerminated(exitCode=workers.VERSION_CHANGED_EXIT))
+        self.assertEqual((self.stops, supervisor.exit_status), ([True], 1))
+        self.assertEqual(self.named("worker_version_changed")[0]["action"], "stopping the relay")
+        self.assertEqual(self.named("workers_failed"), [])
+        self.clock.advance(60)
+        self.assertEqual(len(self.spawner.of(1)), 1)
 
 
 # ---------------------------------------------------------------------------
@@ -1007,6 +1272,75 @@ def fallback_observer() -> ILogObserver:
                 out.flush()
 
     return observe
+
+
+def kill_stray_worker(pid: int) -> None:
+    """SIGKILL process C{pid} if it is still one of our workers (a failed test's orphan)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+    except OSError:
+        return
+    if alive(pid) and b"worker_main()" in command:
+        os.kill(pid, signal.SIGKILL)
+
+
+class WorkerCommandTests(SynchronousTestCase):
+    """The command that starts a worker, run as a real process without a supervisor."""
+
+    def run_worker(self, cwd: str, pythonpath: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        executable, args = worker_command(0, [3])
+        env = dict(os.environ, PYTHONPATH=pythonpath)
+        return subprocess.run(args, executable=executable, cwd=cwd, env=env, input=stdin, capture_output=True, timeout=60)
+
+    def fake_package(self, text: str) -> str:
+        """A directory holding a poststack_relay package whose __init__ runs C{text}."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "poststack_relay"))
+        with open(os.path.join(root, "poststack_relay", "__init__.py"), "w") as f:
+            f.write(text)
+        return root
+
+    def test_sighup_ignored_before_any_import(self) -> None:
+        """SIGHUP is already ignored when the worker imports its first module, so a SIGHUP during start-up cannot kill it."""
+        fake = self.fake_package(
+            "import signal, sys\n"
+            "sys.stdout.write('ignored=%s' % (signal.getsignal(signal.SIGHUP) == signal.SIG_IGN))\n"
+            "raise SystemExit(7)\n"
+        )
+        result = self.run_worker(fake, fake)
+        self.assertEqual((result.returncode, result.stdout), (7, b"ignored=True"), result.stderr)
+
+    def test_working_directory_not_on_path(self) -> None:
+        """A module in the working directory does not shadow the worker's own (python -P)."""
+        cwd = self.fake_package("import sys\nsys.stdout.write('shadowed')\nraise SystemExit(7)\n")
+        result = self.run_worker(cwd, ROOT)
+        self.assertNotIn(b"shadowed", result.stdout)
+        self.assertEqual(result.returncode, 2, result.stderr)  # the real worker: no message on stdin
+        self.assertIn(b"poststack-relay worker: ", result.stderr)
+
+    def test_other_version(self) -> None:
+        """A worker given another version's message logs a critical line and exits with VERSION_CHANGED_EXIT."""
+        message = {"version": "0.0.0+other", "settings": {}, "control": None, "log": {"mode": "events", "pipe": 1}}
+        result = self.run_worker(self.mktemp_dir(), ROOT, json.dumps(message).encode() + b"\n")
+        self.assertEqual(result.returncode, workers.VERSION_CHANGED_EXIT, result.stderr)
+        [line] = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual((line["event"], line["level"], line["installed"], line["version"], line["worker"]),
+                         ("worker_version_mismatch", "critical", poststack_relay.__version__, "0.0.0+other", 0))
+        self.assertIn("installed version changed: restart the service", line["message"])
+        # A message it cannot even read: the same status if its version differs, 2 if not.
+        unreadable = {"version": "0.0.0+other", "settings": []}
+        result = self.run_worker(self.mktemp_dir(), ROOT, json.dumps(unreadable).encode() + b"\n")
+        self.assertEqual(result.returncode, workers.VERSION_CHANGED_EXIT, result.stderr)
+        self.assertIn(b"installed version changed: restart the service", result.stderr)
+        unreadable["version"] = poststack_relay.__version__
+        result = self.run_worker(self.mktemp_dir(), ROOT, json.dumps(unreadable).encode() + b"\n")
+        self.assertEqual(result.returncode, 2, result.stderr)
+
+    def mktemp_dir(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
 
 
 class ProcessTestCase(SynchronousTestCase):
@@ -1178,14 +1512,19 @@ class WorkersProcessTests(ProcessTestCase):
         self.send_many("after-stop-", 3)
         new1 = self.wait_until(lambda: self.ready_pid(1, after=1), "worker 1's replacement", relay)
         self.send_many("end-", 4)
-        self.assertEqual(_pending(notify), [])  # READY=1 only once
+        statuses = _pending(notify)
+        # READY=1 only once; the restarts are told in STATUS= alone.
+        self.assertIn(f"STATUS=1 of 2 workers listening on 127.0.0.1:{self.port}; worker 0 restarting".encode(), statuses)
+        self.assertTrue(all(m.startswith(b"STATUS=") for m in statuses), statuses)
 
         # SIGTERM to the supervisor: every worker stops, status 0, the port closes.
         began = time.monotonic()
         relay.send_signal(signal.SIGTERM)
         self.assertEqual(relay.wait(timeout=30), 0, self.output("relay")[-3000:])
         self.assertLess(time.monotonic() - began, 15)
-        self.assertEqual(_pending(notify), [b"STOPPING=1\nSTATUS=stopping"])
+        statuses += _pending(notify)
+        self.assertEqual(statuses[-2:], [f"STATUS=2 workers listening on 127.0.0.1:{self.port}".encode(),
+                                         b"STOPPING=1\nSTATUS=stopping"])
         for pid in (new0, new1):
             self.assertFalse(alive(pid), pid)
         self.assertEqual(sorted(e["worker"] for e in self.named("worker_stopped")), [0, 1])
@@ -1271,6 +1610,51 @@ class WorkersProcessTests(ProcessTestCase):
         self.assertEqual(sorted(e["worker"] for e in events if e["event"] == "drain_done"), [0, 1])
         self.assertEqual(events[-1]["message"], "Server Shut Down.")
         self.assertNotIn("worker", self.output("relay"))  # nothing went to standard output
+
+
+class LifelineTests(ProcessTestCase):
+    """A supervisor killed with SIGKILL leaves no worker behind: each sees its pipe close, drains and exits."""
+
+    def kill_supervisor(self, relay: subprocess.Popen[bytes], pids: list[int]) -> None:
+        """SIGKILL the supervisor; its workers must be gone within drain_timeout (5) + 5 s."""
+        self.assertEqual(len(set(pids)), 2, pids)
+        for pid in pids:
+            self.addCleanup(kill_stray_worker, pid)
+        self.assertTrue(all(alive(pid) for pid in pids), pids)
+        relay.kill()
+        relay.wait(timeout=10)
+        deadline = time.monotonic() + 5 + 5
+        while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+            time.sleep(0.05)
+        self.assertEqual([pid for pid in pids if alive(pid)], [], self.output("relay")[-3000:])
+
+    def test_supervisor_killed(self) -> None:
+        """Logging to standard output: both workers stop by themselves and say so (supervisor_lost)."""
+        relay = self.start("relay", self.relay_args(free_port(), "--log-format", "json", "--metrics-listen", "off"))
+        self.wait_until(lambda: self.named("workers_ready"), "both workers ready", relay)
+        self.kill_supervisor(relay, [e["pid"] for e in self.named("worker_started")])
+        self.assertEqual(sorted(e["worker"] for e in self.named("supervisor_lost")), [0, 1])
+        self.assertEqual(sorted(e["worker"] for e in self.named("drain_done")), [0, 1])
+
+    def test_supervisor_killed_logfile(self) -> None:
+        """Logging to a file through the supervisor: the orphaned workers append their last lines to the file themselves."""
+        path = os.path.join(self.dir, "journal.log")
+
+        def events() -> list[dict[str, Any]]:
+            try:
+                with open(path, "rb") as f:
+                    return [json.loads(line) for line in f.read().splitlines()]
+            except (OSError, ValueError):
+                return []  # not yet written, or caught mid-write
+
+        relay = self.start("relay", ["--logfile", "journal.log",
+                                     *self.relay_args(free_port(), "--log-format", "json", "--metrics-listen", "off")])
+        self.wait_until(lambda: any(e.get("event") == "workers_ready" for e in events()), "both workers ready", relay)
+        self.kill_supervisor(relay, [e["pid"] for e in events() if e.get("event") == "worker_started"])
+        found = events()
+        self.assertTrue(found)
+        self.assertEqual(sorted(e["worker"] for e in found if e.get("event") == "supervisor_lost"), [0, 1])
+        self.assertEqual(sorted(e["worker"] for e in found if e.get("event") == "drain_done"), [0, 1])
 
 
 class WorkersCommandTests(ProcessTestCase):
