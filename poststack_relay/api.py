@@ -3,8 +3,9 @@
 The PostStack API as the relay sees it: an interface, and its HTTP client.
 
 L{IEmailAPI} is the seam between the SMTP side and the network.
-L{HTTPEmailAPI} implements it with a Twisted web agent over a persistent
-connection pool (or a treq client: tests use treq's C{StubTreq});
+L{HTTPEmailAPI} implements it over the relay's own small HTTP/1.1 client
+(L{poststack_relay.http11.HTTP11Client}, keep-alive connections), a Twisted
+web agent, or a treq client (tests use treq's C{StubTreq});
 L{poststack_relay.testing.MemoryEmailAPI} implements it in memory.
 
 Every failed send becomes an L{APIError} that carries the SMTP reply the
@@ -66,6 +67,7 @@ from .config import (
     DEFAULT_API_MAX_IN_FLIGHT,
     DEFAULT_API_QUEUE_TIMEOUT,
 )
+from .http11 import HTTP11Client
 from .metrics import RelayMetrics, UpstreamMetrics
 from .replies import Reply, clean_text
 from .translate import EmailRequest
@@ -826,13 +828,15 @@ _CALLS = {
 @implementer(IEmailAPI)
 class HTTPEmailAPI:
     """
-    L{IEmailAPI} over HTTP (an agent or treq), with retries, a bound on requests in
-    flight and a circuit breaker (see C{docs/replies.md}, "Retries").
+    L{IEmailAPI} over HTTP, with retries, a bound on requests in flight
+    and a circuit breaker (see C{docs/replies.md}, "Retries").
 
-    @param client: an C{IAgent} (the relay's: a C{twisted.web.client.Agent}
-        over a persistent C{HTTPConnectionPool}), used directly with the
-        URLs and header names encoded once; or a C{treq.client.HTTPClient}
-        (C{treq.testing.StubTreq} in tests), used through its C{request}.
+    @param client: an L{HTTP11Client} (the relay's), given the URLs encoded
+        once and the body as it is; or an C{IAgent} (such as a
+        C{twisted.web.client.Agent} over a persistent
+        C{HTTPConnectionPool}), used the same way; or a
+        C{treq.client.HTTPClient} (C{treq.testing.StubTreq} in tests), used
+        through its C{request}.
     @param base_url: the API's base URL.
     @param timeout: seconds one attempt may take, from sending the request
         to the last byte of the answer.
@@ -890,6 +894,7 @@ class HTTPEmailAPI:
         if backoff_base < 0 or backoff_cap < 0:
             raise ValueError("back-off settings must not be negative")
         self._client = client
+        self._http11: Optional[HTTP11Client] = client if isinstance(client, HTTP11Client) else None
         self._agent: Optional[IAgent] = client if IAgent.providedBy(client) else None
         base = base_url.rstrip("/")
         self._emails_url = base + "/emails"
@@ -1010,6 +1015,12 @@ class HTTPEmailAPI:
     async def _exchange(
         self, method: str, url: str, headers: Mapping[bytes, list[bytes]], data: "Optional[bytes | list[bytes | str]]"
     ) -> tuple[Any, bytes]:
+        if self._http11 is not None:
+            # The whole answer is read by the client (at most 1 MiB).
+            answer = await self._http11.request(
+                method.encode("ascii"), self._wire_urls.get(url) or _wire_url(url), headers, data
+            )
+            return answer, answer.content
         if self._agent is not None:
             # The agent follows no redirects, buffers nothing, and takes
             # the URL as bytes, encoded once per URL (IDNA, percent-encoding).
@@ -1050,9 +1061,10 @@ class HTTPEmailAPI:
         The time-out is ours, not treq's: treq's C{timeout=} only covers the
         wait for the response headers, while a body that trickles in must
         not hold an SMTP session forever either.  When it expires, the
-        request is cancelled, which closes its connection (before the
-        headers, Twisted aborts it; after, L{_BodyReader} stops it), so a
-        half-used connection never returns to the pool.
+        request is cancelled, which closes its connection (L{HTTP11Client}
+        aborts it in any state; with an agent, before the headers Twisted
+        aborts it, after them L{_BodyReader} stops it), so a half-used
+        connection never returns to the pool.
         """
         if data is not None:
             headers = dict(headers)

@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from treq.testing import RequestTraversalAgent, StringStubbingResource, StubTreq
@@ -48,6 +48,7 @@ from poststack_relay.api import (
     json_body,
     reply_for_status,
 )
+from poststack_relay.http11 import HTTP11Client
 from poststack_relay.replies import Reply
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,
@@ -58,6 +59,7 @@ from poststack_relay.sandbox import (
 )
 from poststack_relay.testing import MemoryEmailAPI
 from poststack_relay.translate import EmailRequest
+from tests.test_http11 import SiteClient
 
 BASE = "http://sandbox.invalid"
 FULL = "sk_test_full_access"
@@ -170,11 +172,15 @@ def scripted(
 class SandboxMixin:
     """
     A sandbox on a temporary SQLite file, a shared L{Clock}, and helpers to
-    build an L{HTTPEmailAPI} over C{StubTreq}, or, with C{via_agent}, over
-    treq's in-memory agent itself (the relay's own path: an C{IAgent}).
+    build an L{HTTPEmailAPI} over C{StubTreq}; or, with C{via_agent}, over
+    treq's in-memory agent itself (an C{IAgent}); or, with C{via_http11},
+    over the relay's own L{HTTP11Client} connected in memory to a
+    C{twisted.web} server (L{tests.test_http11.SiteClient}: real HTTP
+    bytes both ways, kept-alive connections).
     """
 
     via_agent = False
+    via_http11 = False
     mktemp: Callable[[], str]
     addCleanup: Callable[..., None]
 
@@ -201,6 +207,9 @@ class SandboxMixin:
         options.setdefault("max_attempts", 1)
         options.setdefault("breaker_failures", 0)
         served = resource if resource is not None else self.recorder
+        if self.via_http11:
+            self.stub = client = SiteClient(served)
+            return HTTPEmailAPI(client, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options)
         if self.via_agent:
             self.stub = agent = RequestTraversalAgent(served)
             return HTTPEmailAPI(agent, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options)
@@ -1086,6 +1095,211 @@ class SecretsViaAgentTests(SecretsTests):
     """
 
     via_agent = True
+
+
+class CheckAPIKeyViaHTTP11Tests(CheckAPIKeyTests):
+    """
+    L{CheckAPIKeyTests} over the relay's own HTTP/1.1 client.
+    """
+
+    via_http11 = True
+
+
+class AuthenticateMailboxViaHTTP11Tests(AuthenticateMailboxTests):
+    """
+    L{AuthenticateMailboxTests} over the relay's own HTTP/1.1 client.
+    """
+
+    via_http11 = True
+
+
+class SendEmailViaHTTP11Tests(SendEmailTests):
+    """
+    L{SendEmailTests} over the relay's own HTTP/1.1 client.
+    """
+
+    via_http11 = True
+
+
+class RequestDetailsViaHTTP11Tests(RequestDetailsTests):
+    """
+    L{RequestDetailsTests} over the relay's own HTTP/1.1 client: the same
+    method, URL, headers and body on the wire.
+    """
+
+    via_http11 = True
+
+
+class SecretsViaHTTP11Tests(SecretsTests):
+    """
+    L{SecretsTests} over the relay's own HTTP/1.1 client.
+    """
+
+    via_http11 = True
+
+
+class HTTPEmailAPIContractViaHTTP11Tests(HTTPEmailAPIContractTests):
+    """
+    The contract, against L{HTTPEmailAPI} over the relay's own HTTP/1.1
+    client (in memory, to the sandbox).
+    """
+
+    via_http11 = True
+
+
+def attachment_email(size: int = STREAM_MIN_CONTENT + 4096) -> EmailRequest:
+    """An email with one base64 attachment of C{size} characters (streamed when large)."""
+    content = "QUJD" * (size // 4)
+    return email(attachments=[{"filename": "a.bin", "content": content}])
+
+
+class HTTP11ConnectionTests(SandboxMixin, SynchronousTestCase):
+    """
+    L{HTTPEmailAPI} over L{HTTP11Client} (in memory, to the sandbox): which
+    connections are kept and which are not.
+    """
+
+    via_http11 = True
+
+    def setUp(self) -> None:
+        self.make_sandbox()
+        self.api = self.make_api()
+
+    def test_kept_alive(self) -> None:
+        """Sends, key checks and mailbox logins share one connection."""
+        for _ in range(3):
+            self.successResultOf(self.api.send_email(FULL, email()))
+        self.assertIs(self.successResultOf(self.api.check_api_key(FULL)), True)
+        self.assertEqual(
+            self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password")),
+            "alice@yourdomain.com",
+        )
+        self.assertEqual(self.stub.connections, 1)
+        self.assertEqual(len(self.store.emails()), 3)
+
+    def test_reset_then_new_connection(self) -> None:
+        """A reset connection is not reused: the next send connects anew and succeeds."""
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.sandbox.inject_fault("reset")
+        self.assertEqual(_reply_of(self, self.api.send_email(FULL, email())), REPLY_NO_ANSWER)
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.assertEqual(self.stub.connections, 2)
+
+    def test_timed_out_not_reused(self) -> None:
+        """A timed-out attempt's connection is closed (the server sees it go) and never reused."""
+        self.sandbox.inject_fault("hang")
+        d = self.api.send_email(FULL, email())
+        self.assertEqual(self.sandbox.pending, 1)
+        self.clock.advance(TIMEOUT)
+        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
+        self.stub.flush()
+        self.assertEqual(self.sandbox.pending, 0)
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.assertEqual(self.stub.connections, 2)
+
+    def test_large_attachment(self) -> None:
+        """An attachment large enough to be streamed arrives whole; the connection is kept."""
+        request = attachment_email()
+        self.successResultOf(self.api.send_email(FULL, request))
+        [stored] = self.store.emails()
+        self.assertEqual(
+            stored.payload["attachments"][0]["content"], request.payload["attachments"][0]["content"]
+        )
+        self.successResultOf(self.api.send_email(FULL, email()))
+        self.assertEqual(self.stub.connections, 1)
+
+
+class HTTP11LoopbackTests(TestCase):
+    """
+    L{HTTPEmailAPI} over L{HTTP11Client} and L{APIEndpoints}, as the relay
+    builds it, to the sandbox over real loopback TCP.
+    """
+
+    timeout = 30
+
+    async def start(self, **options: Any) -> HTTPEmailAPI:
+        from twisted.internet import reactor
+
+        from poststack_relay.sandbox.resource import makeSandboxService
+
+        self.service = makeSandboxService(0, "127.0.0.1", self.mktemp(), IN_TREE_DATA_PATH, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        port = (await self.service.when_listening()).getHost().port
+        self.client = HTTP11Client(reactor, APIEndpoints(reactor, 5))
+        self.addCleanup(self.client.close_idle)
+        self.port = port
+        options.setdefault("max_attempts", 1)
+        return HTTPEmailAPI(
+            self.client, f"http://127.0.0.1:{port}", 5.0, SERVICE, clock=reactor, **options
+        )
+
+    def idle(self) -> int:
+        return self.client.idle_count(b"http", b"127.0.0.1", self.port)
+
+    async def test_calls(self) -> None:
+        """Key checks, a mailbox login and sends work over one kept-alive connection."""
+        api = await self.start()
+        self.assertIs(await api.check_api_key(FULL), True)
+        self.assertIs(await api.check_api_key(UNKNOWN), False)
+        self.assertEqual(
+            await api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
+            "alice@yourdomain.com",
+        )
+        ids = [await api.send_email(FULL, email()) for _ in range(3)]
+        self.assertEqual(sorted(ids), sorted(e.id for e in self.service.store.emails()))
+        self.assertEqual(self.idle(), 1)
+
+    async def test_api_errors(self) -> None:
+        """A 422 and a 429 arrive as their SMTP replies."""
+        api = await self.start()
+        with self.assertRaises(APIError) as caught:
+            await api.send_email(FULL, email(**{"from": "you@pendingdomain.com"}))
+        self.assertEqual((caught.exception.status, caught.exception.reply.code), (422, 554))
+        self.service.resource.inject_fault("429", retry_after="3")
+        with self.assertRaises(APIError) as caught:
+            await api.send_email(FULL, email())
+        self.assertEqual(caught.exception.reply.text, "PostStack rate limit reached, retry-after=3s")
+
+    async def test_reset(self) -> None:
+        """A reset connection is 451 4.4.1; the next send succeeds on a new connection."""
+        api = await self.start()
+        await api.send_email(FULL, email())
+        self.service.resource.inject_fault("reset")
+        with self.assertRaises(APIError) as caught:
+            await api.send_email(FULL, email())
+        self.assertEqual(caught.exception.reply, REPLY_NO_ANSWER)
+        await api.send_email(FULL, email())
+        self.assertEqual(len(self.service.store.emails()), 2)
+
+    async def test_timeout(self) -> None:
+        """A hanging API is 451 4.4.2 after the time-out, and the held request's connection is closed."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        api = await self.start()
+        api._timeout = 0.3
+        self.service.resource.inject_fault("hang")
+        with self.assertRaises(APIError) as caught:
+            await api.send_email(FULL, email())
+        self.assertEqual(caught.exception.reply, REPLY_TIMEOUT)
+        for _ in range(500):
+            if self.service.resource.pending == 0:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.service.resource.pending, 0)
+        self.assertEqual(self.idle(), 0)
+
+    async def test_large_attachment(self) -> None:
+        """A 3 MB attachment is streamed and stored byte for byte."""
+        api = await self.start()
+        request = attachment_email(3 * 1024 * 1024)
+        await api.send_email(FULL, request)
+        [stored] = self.service.store.emails()
+        self.assertEqual(
+            stored.payload["attachments"][0]["content"], request.payload["attachments"][0]["content"]
+        )
+        self.assertEqual(self.idle(), 1)
 
 
 class WireURLTests(SynchronousTestCase):
