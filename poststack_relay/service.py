@@ -39,7 +39,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from zope.interface import directlyProvides, providedBy
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import (
