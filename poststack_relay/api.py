@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from datetime import timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -56,7 +56,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import Interface, implementer
 
 from ._version import __version__
@@ -67,7 +67,7 @@ from .config import (
     DEFAULT_API_MAX_IN_FLIGHT,
     DEFAULT_API_QUEUE_TIMEOUT,
 )
-from .http11 import HTTP11Client
+from .http11 import STREAM_MIN_CONTENT, HTTP11Client, _PiecesProducer
 from .metrics import RelayMetrics, UpstreamMetrics
 from .replies import Reply, clean_text
 from .translate import EmailRequest
@@ -667,9 +667,6 @@ class APIEndpoints:
         return endpoint
 
 
-# Attachment contents at least this long are not copied into the JSON text.
-STREAM_MIN_CONTENT = 256 * 1024
-_STREAM_SLICE = 64 * 1024
 _BASE64_TEXT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
@@ -734,77 +731,6 @@ def body_bytes(body: "bytes | list[bytes | str]") -> bytes:
     if isinstance(body, bytes):
         return body
     return b"".join(p if isinstance(p, bytes) else p.encode("ascii") for p in body)
-
-
-@implementer(IBodyProducer)
-class _PiecesProducer:
-    """
-    A body of pieces (L{json_body}), written a slice at a time and only as
-    fast as the connection takes it (the transport pauses and resumes it).
-    """
-
-    def __init__(self, pieces: "list[bytes | str]") -> None:
-        self._pieces = pieces
-        self.length = sum(len(p) for p in pieces)  # str pieces are ASCII
-        self._slices: Optional[Iterator[bytes]] = None
-        self._consumer: Any = None
-        self._done: Optional[Deferred[None]] = None
-        self._paused = False
-        self._producing = False
-
-    def _each(self) -> Iterator[bytes]:
-        for piece in self._pieces:
-            for start in range(0, len(piece), _STREAM_SLICE):
-                chunk = piece[start : start + _STREAM_SLICE]
-                yield chunk if isinstance(chunk, bytes) else chunk.encode("ascii")
-
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
-        self._consumer = consumer
-        self._slices = self._each()
-        done: Deferred[None] = Deferred()
-        self._done = done
-        self._produce()  # may finish at once, and fire it
-        return done
-
-    def _produce(self) -> None:
-        if self._producing:
-            return
-        self._producing = True
-        try:
-            while not self._paused and self._slices is not None:
-                chunk = next(self._slices, None)
-                if chunk is None:
-                    self._release()
-                    done, self._done = self._done, None
-                    if done is not None:
-                        done.callback(None)
-                    return
-                self._consumer.write(chunk)
-        finally:
-            self._producing = False
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._produce()
-
-    def stopProducing(self) -> None:
-        # The request is abandoned: write nothing more, and (as the
-        # interface asks) never fire the Deferred.
-        self._release()
-        self._done = None
-
-    def _release(self) -> None:
-        # Written or abandoned: let go of the body and the consumer at
-        # once.  The request, its consumer and Deferreds can end up in a
-        # reference cycle (a Failure's frames) that only the cyclic garbage
-        # collector frees, and with them a large message's body (S4 in
-        # docs/performance.md).
-        self._slices = None
-        self._pieces = []
-        self._consumer = None
 
 
 def _read_body(response: Any) -> "Deferred[bytes]":

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.error import ConnectionDone
@@ -52,8 +52,10 @@ from twisted.web._newclient import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
-__all__ = ["Answer", "AnswerHeaders", "HTTP11Client", "MalformedResponse", "parse_url"]
+__all__ = ["STREAM_MIN_CONTENT", "Answer", "AnswerHeaders", "HTTP11Client", "MalformedResponse", "parse_url"]
 
 MAX_HEAD = 64 * 1024
 """Bytes: the most a response head (status line and fields) may take."""
@@ -69,7 +71,11 @@ CLOSE_GRACE = 5.0
 """Seconds a politely closed connection may take before it is aborted."""
 STREAM_TOTAL = 1024 * 1024
 """Bytes: a request body larger than this is streamed, not written at once."""
-_STREAM_PIECE = 256 * 1024  # == api.STREAM_MIN_CONTENT (checked by the tests)
+STREAM_MIN_CONTENT = 256 * 1024
+"""Characters: an attachment content at least this long is not copied into
+the JSON text but written from its own string (L{poststack_relay.api.json_body}),
+and a body holding such a piece is streamed."""
+_STREAM_SLICE = 64 * 1024
 
 Body = Union[bytes, Sequence[Union[bytes, str]]]
 
@@ -272,6 +278,77 @@ class _Exchange:
             connection.abandon()
 
 
+@implementer(IBodyProducer)
+class _PiecesProducer:
+    """
+    A body of pieces (L{json_body}), written a slice at a time and only as
+    fast as the connection takes it (the transport pauses and resumes it).
+    """
+
+    def __init__(self, pieces: "list[bytes | str]") -> None:
+        self._pieces = pieces
+        self.length = sum(len(p) for p in pieces)  # str pieces are ASCII
+        self._slices: Optional[Iterator[bytes]] = None
+        self._consumer: Any = None
+        self._done: Optional[Deferred[None]] = None
+        self._paused = False
+        self._producing = False
+
+    def _each(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            for start in range(0, len(piece), _STREAM_SLICE):
+                chunk = piece[start : start + _STREAM_SLICE]
+                yield chunk if isinstance(chunk, bytes) else chunk.encode("ascii")
+
+    def startProducing(self, consumer: Any) -> "Deferred[None]":
+        self._consumer = consumer
+        self._slices = self._each()
+        done: Deferred[None] = Deferred()
+        self._done = done
+        self._produce()  # may finish at once, and fire it
+        return done
+
+    def _produce(self) -> None:
+        if self._producing:
+            return
+        self._producing = True
+        try:
+            while not self._paused and self._slices is not None:
+                chunk = next(self._slices, None)
+                if chunk is None:
+                    self._release()
+                    done, self._done = self._done, None
+                    if done is not None:
+                        done.callback(None)
+                    return
+                self._consumer.write(chunk)
+        finally:
+            self._producing = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._produce()
+
+    def stopProducing(self) -> None:
+        # The request is abandoned: write nothing more, and (as the
+        # interface asks) never fire the Deferred.
+        self._release()
+        self._done = None
+
+    def _release(self) -> None:
+        # Written or abandoned: let go of the body and the consumer at
+        # once.  The request, its consumer and Deferreds can end up in a
+        # reference cycle (a Failure's frames) that only the cyclic garbage
+        # collector frees, and with them a large message's body (S4 in
+        # docs/performance.md).
+        self._slices = None
+        self._pieces = []
+        self._consumer = None
+
+
 class _Connection(Protocol):
     """
     One HTTP/1.1 connection of an L{HTTP11Client}: writes a request, parses
@@ -378,8 +455,6 @@ class _Connection(Protocol):
         transport.write(data)
         if pieces is None:
             return
-        from .api import _PiecesProducer
-
         producer = _PiecesProducer(pieces)
         self._producer = producer
         transport.registerProducer(producer, True)
@@ -923,7 +998,7 @@ class HTTP11Client:
                 elif not isinstance(piece, bytes):
                     raise TypeError("body pieces must be bytes or str")
                 total += len(piece)
-                if len(piece) >= _STREAM_PIECE:
+                if len(piece) >= STREAM_MIN_CONTENT:
                     stream = True
             out.append(b"Content-Length: %d\r\n\r\n" % (total,))
             if stream or total > STREAM_TOTAL:

@@ -49,7 +49,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import directlyProvides
 
-from poststack_relay import api, http11
+from poststack_relay import api
 from poststack_relay.api import _NETWORK_ERRORS, APIEndpoints
 from poststack_relay.http11 import (
     CLOSE_GRACE,
@@ -100,6 +100,15 @@ class RecordingTransport(StringTransport):
         super().abortConnection()
 
 
+class PausingTransport(RecordingTransport):
+    """A transport that pauses its producer after every write (a full socket buffer)."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+
 class Attempt:
     """One connection attempt made through L{FakeEndpoints}."""
 
@@ -112,10 +121,10 @@ class Attempt:
         self.cancelled = True
         d.errback(ConnectingCancelledError(IPv4Address("TCP", "127.0.0.1", 80)))
 
-    def succeed(self) -> tuple[Any, RecordingTransport]:
-        """Connect: the protocol and its transport."""
+    def succeed(self, transport_class: type[RecordingTransport] = RecordingTransport) -> tuple[Any, RecordingTransport]:
+        """Connect over a new C{transport_class}: the protocol and its transport."""
         protocol = self.factory.buildProtocol(None)
-        transport = RecordingTransport()
+        transport = transport_class()
         protocol.makeConnection(transport)
         self.deferred.callback(protocol)
         return protocol, transport
@@ -783,10 +792,6 @@ class StreamingTests(ParsingMixin, SynchronousTestCase):
         protocol, transport = self.endpoints.attempts[-1].succeed()
         return d, protocol, transport
 
-    def test_threshold(self) -> None:
-        """The client streams at the size the API module makes pieces at."""
-        self.assertEqual(http11._STREAM_PIECE, api.STREAM_MIN_CONTENT)
-
     def test_streamed(self) -> None:
         """The head is written alone, then the body in slices of at most 64 KiB; Content-Length is the total."""
         d, protocol, transport = self.start()
@@ -803,18 +808,7 @@ class StreamingTests(ParsingMixin, SynchronousTestCase):
     def test_pause_resume(self) -> None:
         """A paused body writes nothing until resumed, then goes on where it stopped."""
         d = self.request(self.pieces)
-        attempt = self.endpoints.attempts[-1]
-        protocol = attempt.factory.buildProtocol(None)
-
-        class Pausing(RecordingTransport):
-            def write(inner, data: bytes) -> None:
-                super().write(data)
-                if inner.producer is not None:
-                    inner.producer.pauseProducing()
-
-        transport = Pausing()
-        protocol.makeConnection(transport)
-        attempt.deferred.callback(protocol)
+        protocol, transport = self.endpoints.attempts[-1].succeed(PausingTransport)
         self.assertEqual(len(transport.writes), 2)  # the head, one slice
         for _ in range(100):
             if transport.producer is None:
@@ -835,18 +829,7 @@ class StreamingTests(ParsingMixin, SynchronousTestCase):
     def test_early_answer(self) -> None:
         """An answer complete while the body is still streaming: the body stops, the connection is aborted, not reused, and the answer is delivered."""
         d = self.request(self.pieces)
-        attempt = self.endpoints.attempts[-1]
-        protocol = attempt.factory.buildProtocol(None)
-
-        class Stalled(RecordingTransport):
-            def write(inner, data: bytes) -> None:
-                super().write(data)
-                if inner.producer is not None:
-                    inner.producer.pauseProducing()
-
-        transport = Stalled()
-        protocol.makeConnection(transport)
-        attempt.deferred.callback(protocol)
+        protocol, transport = self.endpoints.attempts[-1].succeed(PausingTransport)
         producer = transport.producer
         protocol.dataReceived(answer(b'{"error":"too large"}', b"413 Payload Too Large"))
         result = self.successResultOf(d)
@@ -861,18 +844,7 @@ class StreamingTests(ParsingMixin, SynchronousTestCase):
     def test_head_before_body_done(self) -> None:
         """An answer's head may arrive early; if the body is all written before the answer ends, the connection is reused."""
         d = self.request(self.pieces)
-        attempt = self.endpoints.attempts[-1]
-        protocol = attempt.factory.buildProtocol(None)
-
-        class Stalled(RecordingTransport):
-            def write(inner, data: bytes) -> None:
-                super().write(data)
-                if inner.producer is not None:
-                    inner.producer.pauseProducing()
-
-        transport = Stalled()
-        protocol.makeConnection(transport)
-        attempt.deferred.callback(protocol)
+        protocol, transport = self.endpoints.attempts[-1].succeed(PausingTransport)
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
         for _ in range(100):
             if transport.producer is None:
@@ -885,18 +857,7 @@ class StreamingTests(ParsingMixin, SynchronousTestCase):
     def test_lost_while_streaming(self) -> None:
         """A connection lost while the body is streaming, before any answer: RequestTransmissionFailed."""
         d = self.request(self.pieces)
-        attempt = self.endpoints.attempts[-1]
-        protocol = attempt.factory.buildProtocol(None)
-
-        class Stalled(RecordingTransport):
-            def write(inner, data: bytes) -> None:
-                super().write(data)
-                if inner.producer is not None:
-                    inner.producer.pauseProducing()
-
-        transport = Stalled()
-        protocol.makeConnection(transport)
-        attempt.deferred.callback(protocol)
+        protocol, transport = self.endpoints.attempts[-1].succeed(PausingTransport)
         producer = transport.producer
         protocol.connectionLost(Failure(ConnectionLost()))
         self.failureResultOf(d, RequestTransmissionFailed)
@@ -948,18 +909,7 @@ class CancellationTests(ParsingMixin, SynchronousTestCase):
     def test_sending(self) -> None:
         """Cancelled while the body is streaming: the body stops, the connection is aborted."""
         d = self.request(["x" * api.STREAM_MIN_CONTENT])
-        attempt = self.endpoints.attempts[-1]
-        protocol = attempt.factory.buildProtocol(None)
-
-        class Stalled(RecordingTransport):
-            def write(inner, data: bytes) -> None:
-                super().write(data)
-                if inner.producer is not None:
-                    inner.producer.pauseProducing()
-
-        transport = Stalled()
-        protocol.makeConnection(transport)
-        attempt.deferred.callback(protocol)
+        protocol, transport = self.endpoints.attempts[-1].succeed(PausingTransport)
         producer = transport.producer
         d.cancel()
         self.failureResultOf(d, CancelledError)
