@@ -450,34 +450,37 @@ JSONLogService = LogObserverService
 """The name L{LogObserverService} had when it only wrote JSON."""
 
 
-def use_text_logs(service: IService, runner_options: Optional[MutableMapping[str, Any]]) -> IService:
+def use_log_observer(
+    service: IService,
+    runner_options: Optional[MutableMapping[str, Any]],
+    factory: Callable[[IO[Any]], ILogObserver],
+) -> IService:
     """
-    L{use_json_logs} for twistd's own text lines, written by
-    L{textLineObserver} (the same lines, for less CPU).
-    """
-    if runner_options is not None and "fileLogObserverFactory" in runner_options:
-        runner_options["fileLogObserverFactory"] = textLineObserver
-        return service
-    options: Mapping[str, Any] = runner_options if runner_options is not None else {}
-    return LogObserverService(service, lambda: twistd_observer(options, textLineObserver))
-
-
-def use_json_logs(service: IService, runner_options: Optional[MutableMapping[str, Any]]) -> IService:
-    """
-    Make the runner that runs C{service} log as JSON lines; returns the
-    service to hand to it.
+    Make the runner that runs C{service} log through the observers
+    C{factory} makes (L{textLineObserver} or L{jsonLineObserver}); returns
+    the service to hand to it.
 
       - C{twist} (its options have C{fileLogObserverFactory}): that
-        factory becomes L{jsonLineObserver}, so C{twist --log-file}
-        still chooses the file; C{service} is returned as it is.
-      - C{twistd}, or no runner options: a L{JSONLogService} around
-        C{service} (see L{twistd_json_observer}).
+        factory becomes C{factory}, so C{twist --log-file} still chooses
+        the file; C{service} is returned as it is.
+      - C{twistd}, or no runner options: a L{LogObserverService} around
+        C{service} (see L{twistd_observer}).
 
     @param runner_options: the plugin options' C{parent}: C{twist}'s or
         C{twistd}'s own options, or C{None}.
     """
     if runner_options is not None and "fileLogObserverFactory" in runner_options:
-        runner_options["fileLogObserverFactory"] = jsonLineObserver
+        runner_options["fileLogObserverFactory"] = factory
         return service
     options: Mapping[str, Any] = runner_options if runner_options is not None else {}
-    return LogObserverService(service, lambda: twistd_json_observer(options))
+    return LogObserverService(service, lambda: twistd_observer(options, factory))
+
+
+def use_text_logs(service: IService, runner_options: Optional[MutableMapping[str, Any]]) -> IService:
+    """L{use_log_observer} with L{textLineObserver}: twistd's own lines, for less CPU."""
+    return use_log_observer(service, runner_options, textLineObserver)
+
+
+def use_json_logs(service: IService, runner_options: Optional[MutableMapping[str, Any]]) -> IService:
+    """L{use_log_observer} with L{jsonLineObserver}: one JSON object per line."""
+    return use_log_observer(service, runner_options, jsonLineObserver)
