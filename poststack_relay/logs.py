@@ -188,19 +188,25 @@ def event_as_json_line(event: LogEvent) -> str:
     return json.dumps(event_as_json(event), ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def _fallback_line(event: LogEvent, error: BaseException) -> str:
+def fallback_line(event: LogEvent, error: BaseException, **extra: Any) -> str:
     """
     The line written when an event cannot be written as it is: its time
-    and level, and what went wrong.
+    (C{null} if even that cannot be written) and level, what went wrong,
+    and C{extra} fields (a worker's number).
     """
+    try:
+        when: Optional[str] = _timestamp(event)
+    except (OverflowError, OSError, ValueError):
+        when = None
     fields = {
-        "time": _timestamp(event),
+        "time": when,
         "level": "error",
         "namespace": __name__,
         "event": "log_unwritable",
         "message": "a log event could not be written as JSON: " + _str(error),
+        **extra,
     }
-    return json.dumps(fields, ensure_ascii=True) + "\n"
+    return json.dumps(fields, ensure_ascii=True, default=repr) + "\n"
 
 
 def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
@@ -230,7 +236,7 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
         try:
             line = event_as_json_line(event)
         except Exception as e:
-            line = _fallback_line(event, e)
+            line = fallback_line(event, e)
         try:
             write(line)
         except UnicodeEncodeError:

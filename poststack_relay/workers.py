@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import select
 import signal
@@ -103,7 +102,7 @@ from zope.interface import implementer, provider
 
 from ._version import __version__
 from .config import ConfigError, ListenerConfig, RelayConfig
-from .logs import TimeStamps, classic_text
+from .logs import TimeStamps, classic_text, fallback_line
 
 _log = Logger()
 
@@ -430,29 +429,6 @@ def parse_control_line(line: bytes) -> Optional[tuple[str, dict[str, Any]]]:
     return name, value
 
 
-def _unwritable_line(event: LogEvent, index: int, error: BaseException) -> bytes:
-    """
-    The JSON line written instead of an event that cannot be written.
-    """
-    when = event.get("log_time")
-    if not isinstance(when, (int, float)) or not math.isfinite(when):
-        when = time.time()
-    try:
-        stamp = datetime.fromtimestamp(when, timezone.utc)
-        time_text = stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
-    except (OverflowError, OSError, ValueError):
-        time_text = None
-    fields = {
-        "time": time_text,
-        "level": "error",
-        "namespace": "poststack_relay.logs",
-        "event": "log_unwritable",
-        "message": f"a log event could not be written as JSON: {error!r}",
-        "worker": index,
-    }
-    return (json.dumps(fields, ensure_ascii=True, default=repr) + "\n").encode("ascii")
-
-
 # One time formatter per time format (a worker has one): see TimeStamps.
 _TIME_STAMPS: dict[Optional[str], TimeStamps] = {}
 
@@ -485,7 +461,7 @@ def worker_log_line(
             except UnicodeEncodeError:
                 return (json.dumps(fields, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
         except Exception as e:
-            return _unwritable_line(event, index, e)
+            return fallback_line(event, e, worker=index).encode("ascii")
     try:
         namespace = event.get("log_namespace") or "poststack_relay.worker"
         level = getattr(event.get("log_level"), "name", "info")
