@@ -9,7 +9,7 @@ SANDBOX_PORT ?= 8025
 SANDBOX_SERVICE_KEY ?= sk_test_relay_service
 export PYTHONPATH := .
 
-.PHONY: run test interop venv cert clean lint
+.PHONY: run test interop venv cert clean lint typecheck
 
 venv: $(VENV)/.installed
 
@@ -54,6 +54,10 @@ run: venv cert
 
 test: venv .venv-sslyze/.installed
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# mypy --strict with the zope plugin over poststack_relay/ (pyproject.toml).
+typecheck: venv
+	$(VENV)/bin/mypy
 
 # Real clients against relay + sandbox over loopback TLS (docs/interop.md):
 # swaks, curl, msmtp, smtplib, Postfix (tests/interop), nodemailer, and the

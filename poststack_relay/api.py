@@ -57,7 +57,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from ._version import __version__
 from .config import (
@@ -70,6 +70,7 @@ from .config import (
 from .http11 import STREAM_MIN_CONTENT, HTTP11Client, _PiecesProducer
 from .metrics import RelayMetrics, UpstreamMetrics
 from .replies import Reply, clean_text
+from .interfaces import IEmailAPI
 from .translate import EmailRequest
 
 _log = Logger()
@@ -135,31 +136,6 @@ class APIError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reply.code} {self.reply.enhanced} {self.reply.text}"
-
-
-class IEmailAPI(Interface):
-    """
-    What the relay needs from PostStack.
-    """
-
-    def check_api_key(api_key: str) -> "Deferred[bool]":
-        """
-        Is this API key valid?  Fires C{True}/C{False}; fails with
-        L{APIUnavailable} when the API cannot tell.
-        """
-
-    def authenticate_mailbox(email: str, password: str) -> "Deferred[Optional[str]]":
-        """
-        Check a mailbox login with the relay's service key.  Fires with the
-        mailbox's own address, or C{None} for bad credentials; fails with
-        L{APIUnavailable} when the API cannot tell.
-        """
-
-    def send_email(api_key: str, request: EmailRequest) -> "Deferred[str]":
-        """
-        C{POST /emails}.  Fires with the new email's id; fails with
-        L{APIError} carrying the SMTP reply.
-        """
 
 
 def _redact(text: str, secrets: Iterable[Optional[str]]) -> str:

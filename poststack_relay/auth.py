@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from .api import APIUnavailable, IEmailAPI
 from .config import mask_secret
+from .interfaces import IRelayDelivery
 
 _log = Logger()
 
@@ -386,8 +387,6 @@ class RelayRealm:
     delivery_factory: Callable[[Identity], Any]
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
-        from .delivery import IRelayDelivery
-
         if IRelayDelivery not in interfaces:
             raise NotImplementedError("only IRelayDelivery is supported")
         avatar = self.delivery_factory(avatarId)

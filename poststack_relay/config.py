@@ -9,6 +9,8 @@ them.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 import tomllib
 from typing import Any, Optional
@@ -94,6 +96,43 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path!r} is not valid TOML: {reason}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path!r} is not valid TOML: not UTF-8") from None
+
+
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})$")
+
+
+def parse_metrics_listen(value: str) -> tuple[str, int]:
+    """
+    Parse C{HOST:PORT} or C{[IPv6]:PORT}: C{HOST} is an IPv4 address or
+    C{localhost} (127.0.0.1), C{PORT} 0 to 65535.
+
+    @return: (IP address, port).
+    @raise ConfigError: one line starting with C{metrics-listen}.
+    """
+    problem = (
+        f"metrics-listen must be HOST:PORT or [IPv6]:PORT with an IP address "
+        f"(e.g. 127.0.0.1:9587, [::1]:9587, 0.0.0.0:9587), or empty to disable, not {value!r}"
+    )
+    m = _LISTEN.match(value.strip())
+    if m is None:
+        raise ConfigError(problem)
+    port = int(m.group("port"))
+    if port > 65535:
+        raise ConfigError(f"metrics-listen port must be between 0 and 65535, not {port}")
+    if m.group("v6") is not None:
+        try:
+            address = ipaddress.IPv6Address(m.group("v6"))
+        except ValueError:
+            raise ConfigError(problem) from None
+        return str(address), port
+    host = m.group("host")
+    if host.lower() == "localhost":
+        return "127.0.0.1", port
+    try:
+        address4 = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ConfigError(problem) from None
+    return str(address4), port
 
 
 def _default_hostname() -> str:
@@ -443,8 +482,6 @@ class RelayConfig:
         if not self.hostname or any(c.isspace() for c in self.hostname):
             raise ConfigError(f"hostname must be a host name, not {self.hostname!r}")
         if self.metrics_enabled:
-            from .metrics import parse_metrics_listen  # metrics imports this module
-
             _, metrics_port = parse_metrics_listen(self.metrics_listen)
             last = metrics_port + self.workers - 1
             if metrics_port != 0 and last > 65535:

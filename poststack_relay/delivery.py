@@ -18,39 +18,16 @@ from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from . import replies
 from .api import APIError, IEmailAPI
 from .auth import Identity
+from .interfaces import IRelayDelivery
 from .replies import Reply
 from .translate import EmailRequest, Envelope, TranslationError, translate
 
 _log = Logger()
-
-
-class IRelayDelivery(Interface):
-    """
-    The avatar of an authenticated SMTP session: it validates the envelope
-    sender and delivers whole transactions.
-
-    (Twisted's C{IMessageDelivery} hands out one message object per
-    recipient and replies C{250} or C{550} itself; the relay needs one API
-    call per transaction and exact replies, so it uses this interface.)
-    """
-
-    identity = Attribute("The L{Identity} that logged in.")
-
-    def validate_sender(address: str) -> Optional[Reply]:
-        """
-        C{None} if C{address} may be the envelope sender, else the reply.
-        """
-
-    def deliver(envelope: Envelope, raw: bytes, session: str, client: str) -> "Deferred[Reply]":
-        """
-        Translate and send one transaction; fires with the client's reply.
-        C{session} and C{client} (the client's address) are for the log.
-        """
 
 
 _DERIVATION_PREFIX = b"poststack-relay idempotency v1\0"

@@ -24,8 +24,6 @@ uses the global reactor and a thread pool); L{ApiProbeService} keeps the
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -41,7 +39,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .config import ConfigError
+from .config import parse_metrics_listen
 
 _log = Logger()
 
@@ -268,43 +266,6 @@ class RelayMetrics:
 
 # ---------------------------------------------------------------------------
 # The listen address
-
-_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})$")
-
-
-def parse_metrics_listen(value: str) -> tuple[str, int]:
-    """
-    Parse C{HOST:PORT} or C{[IPv6]:PORT}: C{HOST} is an IPv4 address or
-    C{localhost} (127.0.0.1), C{PORT} 0 to 65535.
-
-    @return: (IP address, port).
-    @raise ConfigError: one line starting with C{metrics-listen}.
-    """
-    problem = (
-        f"metrics-listen must be HOST:PORT or [IPv6]:PORT with an IP address "
-        f"(e.g. 127.0.0.1:9587, [::1]:9587, 0.0.0.0:9587), or empty to disable, not {value!r}"
-    )
-    m = _LISTEN.match(value.strip())
-    if m is None:
-        raise ConfigError(problem)
-    port = int(m.group("port"))
-    if port > 65535:
-        raise ConfigError(f"metrics-listen port must be between 0 and 65535, not {port}")
-    if m.group("v6") is not None:
-        try:
-            address = ipaddress.IPv6Address(m.group("v6"))
-        except ValueError:
-            raise ConfigError(problem) from None
-        return str(address), port
-    host = m.group("host")
-    if host.lower() == "localhost":
-        return "127.0.0.1", port
-    try:
-        address4 = ipaddress.IPv4Address(host)
-    except ValueError:
-        raise ConfigError(problem) from None
-    return str(address4), port
-
 
 # ---------------------------------------------------------------------------
 # The HTTP side

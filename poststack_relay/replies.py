@@ -223,3 +223,18 @@ def queued(email_id: str) -> Reply:
     The success reply after the API accepted the email.
     """
     return Reply(250, "2.0.0", "Ok: queued as " + clean_text(email_id, 100))
+
+
+# ---------------------------------------------------------------------------
+# Replies for the PostStack API's answers (the API client maps every
+# outcome of a call to one of these; texts built from an API answer go
+# through clean_text).
+#
+# (section kept apart from the next one on purpose)
+
+
+# ---------------------------------------------------------------------------
+# Replies for messages that cannot be translated into an API request
+# (translation raises these; none is written with a literal code elsewhere).
+#
+# (section kept apart from the previous one on purpose)

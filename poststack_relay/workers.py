@@ -214,7 +214,7 @@ def worker_metrics_listen(metrics_listen: str, index: int) -> str:
     """
     if metrics_listen.strip().lower() in ("", "off"):
         return metrics_listen
-    from .metrics import parse_metrics_listen
+    from .config import parse_metrics_listen
 
     host, port = parse_metrics_listen(metrics_listen)
     if port != 0:

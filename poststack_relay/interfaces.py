@@ -1,0 +1,72 @@
+# -*- test-case-name: tests.test_exports -*-
+"""
+The seams of the relay, as zope interfaces, in a module that imports no
+other module of the relay at run time (so nothing that implements or uses
+an interface has to import its peer: no import cycles).
+
+L{IEmailAPI} is what the relay needs from PostStack (implemented by
+L{poststack_relay.api.HTTPEmailAPI} over HTTP and by
+L{poststack_relay.testing.MemoryEmailAPI} in memory);
+L{IRelayDelivery} is the avatar an authenticated SMTP session gets from
+the cred realm.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from .replies import Reply
+    from .translate import EmailRequest, Envelope
+
+
+class IEmailAPI(Interface):
+    """
+    What the relay needs from PostStack.
+    """
+
+    def check_api_key(api_key: str) -> "Deferred[bool]":
+        """
+        Is this API key valid?  Fires C{True}/C{False}; fails with
+        L{APIUnavailable} when the API cannot tell.
+        """
+
+    def authenticate_mailbox(email: str, password: str) -> "Deferred[Optional[str]]":
+        """
+        Check a mailbox login with the relay's service key.  Fires with the
+        mailbox's own address, or C{None} for bad credentials; fails with
+        L{APIUnavailable} when the API cannot tell.
+        """
+
+    def send_email(api_key: str, request: EmailRequest) -> "Deferred[str]":
+        """
+        C{POST /emails}.  Fires with the new email's id; fails with
+        L{APIError} carrying the SMTP reply.
+        """
+
+
+class IRelayDelivery(Interface):
+    """
+    The avatar of an authenticated SMTP session: it validates the envelope
+    sender and delivers whole transactions.
+
+    (Twisted's C{IMessageDelivery} hands out one message object per
+    recipient and replies C{250} or C{550} itself; the relay needs one API
+    call per transaction and exact replies, so it uses this interface.)
+    """
+
+    identity = Attribute("The L{Identity} that logged in.")
+
+    def validate_sender(address: str) -> Optional[Reply]:
+        """
+        C{None} if C{address} may be the envelope sender, else the reply.
+        """
+
+    def deliver(envelope: Envelope, raw: bytes, session: str, client: str) -> "Deferred[Reply]":
+        """
+        Translate and send one transaction; fires with the client's reply.
+        C{session} and C{client} (the client's address) are for the log.
+        """
