@@ -36,6 +36,8 @@ from typing import Any, Final
 
 import attrs
 
+from .addresses import bare_address, header_address_problem, is_header_address
+
 __all__ = [
     "MAX_FILENAME_LENGTH",
     "MAX_HEADER_BYTES",
@@ -87,13 +89,6 @@ MAX_ID_LENGTH: Final = 256
 
 #: Longest attachment filename, in characters (longer ones are shortened).
 MAX_FILENAME_LENGTH: Final = 255
-
-# RFC 5321 section 4.5.3.1: local part, domain and whole address (a path of
-# 256 octets holds the address and its two angle brackets), in octets.
-_MAX_LOCAL_PART: Final = 64
-_MAX_DOMAIN: Final = 255
-_MAX_ADDRESS: Final = 254
-
 
 def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
     """Freeze any iterable of recipient addresses into a tuple."""
@@ -232,15 +227,11 @@ _CONTENT_TYPE: Final = re.compile(
     r"[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}"
 )
 _TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
-_ATOM_PART: Final = r'[^\s<>()\[\],;:\\@"]+'
 _BLANKS: Final = re.compile(r"[ \t]+")
 _NOT_SIMPLE: Final = re.compile(r'["()\\:;\[\]]')
 _SIMPLE_ADDR: Final = r"[^\s<>(),;:\\\"@\[\]]+@[^\s<>(),;:\\\"@\[\]]+"
 _SIMPLE_MAILBOX: Final = re.compile(
     rf"[ \t]*(?:([^<>@]*?)[ \t]*<({_SIMPLE_ADDR})>|({_SIMPLE_ADDR}))[ \t]*"
-)
-_ADDRESS: Final = re.compile(
-    rf'(?:"[^"\r\n]*"|{_ATOM_PART})@(?:{_ATOM_PART}|\[[^\[\]\s\\]+\])'
 )
 
 # Charset labels mapped to the codec that real senders mean by them: the
@@ -611,40 +602,6 @@ def _parse_addresses(values: list[str]) -> list[tuple[str, str]]:
             if address:
                 pairs.append((_clean(_decode_words(name)).strip(), address))
     return pairs
-
-
-def _bare_address(address: str) -> str:
-    """Strip whitespace and one pair of angle brackets from an address."""
-    address = _utf8_safe(address.strip())
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1].strip()
-    return address
-
-
-def _address_problem(address: str) -> str | None:
-    """
-    Why ``address`` cannot be used as a sender or recipient, or ``None``.
-
-    It must be ``local@domain`` without whitespace or specials (a quoted
-    local part and a domain literal are allowed), without control
-    characters, and within the RFC 5321 limits: local part 64 octets,
-    domain 255 octets, address 254 octets (a 256-octet path with its angle
-    brackets).  Octets are counted in UTF-8, so an internationalized
-    (RFC 6531) address is measured as it goes on the wire.
-    """
-    if _ADDRESS.fullmatch(address) is None or _ID_CONTROLS.search(address):
-        return "not valid; use name@domain"
-    local, _, domain = address.rpartition("@")
-    if (
-        len(local.encode("utf-8")) > _MAX_LOCAL_PART
-        or len(domain.encode("utf-8")) > _MAX_DOMAIN
-        or len(address.encode("utf-8")) > _MAX_ADDRESS
-    ):
-        return (
-            "too long (RFC 5321: local part at most 64 octets, domain at most"
-            " 255, address at most 254)"
-        )
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -1297,12 +1254,12 @@ def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> 
                 " put other authors in Reply-To",
             )
         name, address = pairs[0]
-        problem = _address_problem(address)
+        problem = header_address_problem(address)
         if problem is not None:
             raise TranslationError(554, "5.6.0", f"From header address is {problem}")
         formatted = _format_address(name, address)
     else:
-        address = _bare_address(envelope.mail_from)
+        address = bare_address(_utf8_safe(envelope.mail_from))
         if not address:
             raise TranslationError(
                 554,
@@ -1310,7 +1267,7 @@ def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> 
                 "Message has no From header and the envelope sender is empty;"
                 " add a From header",
             )
-        if _address_problem(address) is not None:
+        if header_address_problem(address) is not None:
             raise TranslationError(
                 554,
                 "5.6.0",
@@ -1340,9 +1297,9 @@ def _recipients(
     """
     envelope_keys: dict[str, str] = {}
     for recipient in envelope.rcpt_to:
-        address = _bare_address(recipient)
+        address = bare_address(_utf8_safe(recipient))
         if address:
-            problem = _address_problem(address)
+            problem = header_address_problem(address)
             if problem is not None:
                 # The SMTP layer checks RCPT TO; this is the last line of
                 # defence: the API gets no recipient it would misread.
@@ -1625,7 +1582,7 @@ def translate(
     reply_to = [
         _format_address(name, address)
         for name, address in _parse_addresses(reply_to_values)
-        if _ADDRESS.fullmatch(address) is not None
+        if is_header_address(address)
     ]
     if reply_to:
         payload["reply_to"] = ", ".join(reply_to)

@@ -1,0 +1,122 @@
+"""
+Tests for L{poststack_relay.addresses}: the one address validator, for
+envelope paths and header addresses.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from poststack_relay.addresses import (
+    MAX_ADDRESS,
+    MAX_DOMAIN,
+    MAX_LOCAL_PART,
+    MAX_PATH,
+    NOT_VALID,
+    TOO_LONG,
+    bare_address,
+    has_domain,
+    has_dotted_domain,
+    header_address_problem,
+    is_header_address,
+    path_problem,
+)
+
+
+def _path(address: str) -> str | None:
+    return path_problem(address.encode("utf-8"), address)
+
+
+class LimitsTests(SynchronousTestCase):
+    """The RFC 5321 section 4.5.3.1 limits, shared by both sides."""
+
+    def test_values(self) -> None:
+        """64, 255, 256 and 254 octets."""
+        self.assertEqual((MAX_LOCAL_PART, MAX_DOMAIN, MAX_PATH, MAX_ADDRESS), (64, 255, 256, 254))
+
+    def test_counted_in_utf8_octets(self) -> None:
+        """An internationalized local part is measured in UTF-8 on both sides."""
+        local = "\u00e9" * 33  # 66 octets, 33 characters
+        self.assertEqual(_path(local + "@example.com"), "local")
+        self.assertEqual(header_address_problem(local + "@example.com"), TOO_LONG)
+        local = "\u00e9" * 32
+        self.assertIsNone(_path(local + "@example.com"))
+        self.assertIsNone(header_address_problem(local + "@example.com"))
+
+    def test_address_length(self) -> None:
+        """254 octets fit, 255 do not (a header address; a path counts its brackets)."""
+        domain = ".".join(["a" * 60] * 4)[:MAX_ADDRESS - 11 - 1]
+        address = "l" * 11 + "@" + domain
+        self.assertEqual(len(address), MAX_ADDRESS)
+        self.assertIsNone(header_address_problem(address))
+        self.assertIsNone(_path(address))
+        self.assertEqual(header_address_problem("l" + address), TOO_LONG)
+        self.assertEqual(_path("l" + address), "path")
+
+
+class PathTests(SynchronousTestCase):
+    """L{path_problem} and L{has_domain}: envelope paths (RFC 5321 Mailbox)."""
+
+    def test_fine(self) -> None:
+        """Ordinary, quoted, literal and UTF-8 paths are fine."""
+        for address in ("a@b.com", '"a b"@b.com', "a@[192.0.2.1]", "j\u00f6rg@b\u00fccher.de", "a..b@c.d"):
+            self.assertIsNone(_path(address), address)
+
+    def test_problems(self) -> None:
+        """Comments and bad syntax are named."""
+        self.assertEqual(_path("a(x)@b.com"), "comment")
+        self.assertEqual(_path("a@b(x).com"), "comment")
+        self.assertIsNone(_path('"a(x)"@b.com'))
+        self.assertEqual(_path("a b@c.com"), "syntax")
+        self.assertEqual(_path("a@-b.com"), "syntax")
+        self.assertEqual(_path("a@" + "b" * 256), "domain")
+
+    def test_no_domain_left_to_caller(self) -> None:
+        """An address without a domain has no path problem: the caller replies."""
+        self.assertIsNone(_path("postmaster"))
+        self.assertIsNone(_path("a b@localhost"))
+
+    def test_has_domain(self) -> None:
+        """A dotted domain or a non-empty literal."""
+        self.assertTrue(has_domain("a@b.c"))
+        self.assertTrue(has_domain("a@[IPv6:::1]"))
+        self.assertFalse(has_domain("a@[]"))
+        self.assertFalse(has_domain("a@localhost"))
+        self.assertFalse(has_domain("a@.b.c"))
+        self.assertFalse(has_domain("@b.c"))
+        self.assertFalse(has_domain("abc"))
+
+    def test_has_dotted_domain(self) -> None:
+        """The sender rule's domain: a dot inside it, literals included."""
+        self.assertTrue(has_dotted_domain("a@b.c"))
+        self.assertTrue(has_dotted_domain("a@[192.0.2.1]"))
+        self.assertFalse(has_dotted_domain("a@[IPv6:::1]"))
+        self.assertFalse(has_dotted_domain("a@localhost."))
+        self.assertFalse(has_dotted_domain("a@"))
+
+
+class HeaderAddressTests(SynchronousTestCase):
+    """L{header_address_problem}: addresses from header fields."""
+
+    def test_fine(self) -> None:
+        """Lenient atoms, quoted local parts, literals and bare hosts pass."""
+        for address in ("a@b.com", '"a b"@b.com', "a@[192.0.2.1]", "a@localhost", "a..b@c"):
+            self.assertIsNone(header_address_problem(address), address)
+            self.assertTrue(is_header_address(address), address)
+
+    def test_not_valid(self) -> None:
+        """Specials, whitespace, controls and a missing part are refused."""
+        for address in ("a b@c.com", "a@b c", "a@", "@b.c", "a<b@c.d", "a\t@b.c", "a\x01b@c.d", "a\x85b@c.d", "a@b\u2028c"):
+            self.assertEqual(header_address_problem(address), NOT_VALID, repr(address))
+
+    def test_syntax_only(self) -> None:
+        """L{is_header_address} checks the syntax, not controls or lengths."""
+        self.assertTrue(is_header_address("a\x01b@c.d"))
+        self.assertTrue(is_header_address("a" * 100 + "@c.d"))
+
+    def test_bare_address(self) -> None:
+        """Whitespace and one pair of angle brackets go."""
+        self.assertEqual(bare_address("  <a@b.c> "), "a@b.c")
+        self.assertEqual(bare_address("< a@b.c >"), "a@b.c")
+        self.assertEqual(bare_address("<<a@b.c>>"), "<a@b.c>")
+        self.assertEqual(bare_address(""), "")
