@@ -1413,3 +1413,42 @@ class PluginTests(_TempPathMixin, SynchronousTestCase):
         self.assertFalse(service.running)
         self.assertIsNone(service.port)
         self.assertEqual(service.resource.data, options["sandbox_data"])
+
+
+class PublicNamesTests(SynchronousTestCase):
+    """
+    The names C{poststack_relay.sandbox} exports are its API; the modules
+    behind them may move.
+    """
+
+    def test_all(self) -> None:
+        """The package exports exactly these names, each importable."""
+        import poststack_relay.sandbox as sandbox
+
+        self.assertEqual(
+            sorted(sandbox.__all__),
+            [
+                "FAULT_MODES",
+                "IN_TREE_DATA_PATH",
+                "SandboxData",
+                "SandboxResource",
+                "SandboxService",
+                "SandboxStore",
+                "StoredEmail",
+                "load_sandbox_data",
+                "makeSandboxService",
+            ],
+        )
+        for name in sandbox.__all__:
+            self.assertIsNotNone(getattr(sandbox, name))
+
+    def test_old_module_path(self) -> None:
+        """
+        C{poststack_relay.sandbox.resource} still gives the names importers
+        took from it before the split, the very same objects.
+        """
+        import poststack_relay.sandbox as sandbox
+        from poststack_relay.sandbox import resource
+
+        for name in resource.__all__:
+            self.assertIs(getattr(resource, name), getattr(sandbox, name))

@@ -14,7 +14,8 @@ from typing import Mapping
 
 from twisted.python import usage
 
-from .resource import SandboxService, load_sandbox_data, makeSandboxService
+from .data import load_sandbox_data
+from .service import SandboxService, makeSandboxService
 
 DEFAULTS = {
     "port": "8025",
@@ -38,7 +39,7 @@ class Options(usage.Options):
     Options of the C{poststack-sandbox} twistd plugin.
 
     After parsing, C{self["port"]} is an L{int}, C{self["sandbox_data"]} the
-    parsed L{poststack_relay.sandbox.resource.SandboxData}.
+    parsed L{poststack_relay.sandbox.data.SandboxData}.
     """
 
     synopsis = "[--port N] [--interface ADDR] [--db FILE] [--data FILE]"
@@ -85,7 +86,7 @@ class Options(usage.Options):
         @param environ: Where the C{POSTSTACK_SANDBOX_*} variables are read;
             L{os.environ} if L{None}.
         """
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's usage.Options is unannotated
         self._environ = os.environ if environ is None else environ
 
     def _value(self, name: str) -> str:
