@@ -45,6 +45,15 @@ from poststack_relay.sandbox import (
     makeSandboxService,
 )
 from poststack_relay.sandbox import tap
+from poststack_relay.sandbox.auth import authenticate_key, require_loopback
+from poststack_relay.sandbox.exchange import ApiError, Reply
+from poststack_relay.sandbox.faults import FaultQueue, fault_reply, make_fault
+from poststack_relay.sandbox.validation import (
+    canonical_fingerprint,
+    json_object,
+    parse_address,
+    query_int,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL = "sk_test_full_access"
@@ -1452,3 +1461,172 @@ class PublicNamesTests(SynchronousTestCase):
 
         for name in resource.__all__:
             self.assertIs(getattr(resource, name), getattr(sandbox, name))
+
+
+class FaultPartsTests(SynchronousTestCase):
+    """
+    The fault parts without a request: L{make_fault}, L{FaultQueue} and
+    L{fault_reply}.
+    """
+
+    def test_make_fault_normalises(self) -> None:
+        """The method is upper-cased, the path loses its trailing slash, a
+        number of seconds to retry after becomes text."""
+        fault = make_fault("429", retry_after=3, path="/emails/", method="post")
+        self.assertEqual(
+            (fault.method, fault.path, fault.retry_after, fault.remaining, fault.delay),
+            ("POST", "/emails", "3", 1, 0.0),
+        )
+
+    def test_make_fault_refuses(self) -> None:
+        """Each bad argument is a ValueError naming the problem."""
+        for kwargs, message in [
+            ({"mode": "teapot"}, "unknown fault mode 'teapot'"),
+            ({"mode": "503", "count": 0}, "count must be a positive integer or -1"),
+            ({"mode": "503", "count": True}, "count must be a positive integer or -1"),
+            ({"mode": "503", "delay": -1}, "delay must be a number of seconds >= 0"),
+            ({"mode": "503", "retry_after": " "}, "retry_after must be a string (seconds or HTTP date)"),
+            ({"mode": "503", "path": 5}, "method and path must be strings"),
+        ]:
+            with self.assertRaises(ValueError) as raised:
+                make_fault(**kwargs)
+            self.assertEqual(str(raised.exception), message)
+
+    def test_queue_order_and_counts(self) -> None:
+        """A request takes one count of the first matching fault; -1 lasts."""
+        queue = FaultQueue()
+        queue.add(make_fault("503", count=2))
+        queue.add(make_fault("429", count=-1))
+        queue.add(make_fault("500", method="GET"))
+        taken = [queue.take("POST", "/emails") for _ in range(4)]
+        self.assertEqual(
+            [f.mode if f else None for f in taken], ["503", "503", "429", "429"]
+        )
+        self.assertEqual([f.remaining for f in taken if f], [1, 1, 1, 1])
+        self.assertIsNone(queue.take("POST", "/domains"))
+        self.assertEqual([f["mode"] for f in queue.to_json()], ["429", "500"])
+        self.assertEqual(queue.clear(), 2)
+        self.assertIsNone(queue.take("GET", "/emails"))
+
+    def test_replies(self) -> None:
+        """Each mode's answer, and when the normal answer is computed."""
+        answered: list[int] = []
+        aborted: list[int] = []
+
+        def answer() -> Reply:
+            answered.append(1)
+            return Reply.json(202, {"id": "em_1"})
+
+        def reply(mode: str, retry_after: str | None = None) -> Reply | None:
+            fault = make_fault(mode, retry_after=retry_after)
+            return fault_reply(fault, answer, 202, lambda: aborted.append(1))
+
+        for mode, status in [("500", 500), ("502", 502), ("503", 503), ("422", 422), ("quota", 429)]:
+            result = reply(mode)
+            assert result is not None
+            self.assertEqual(result.status, status)
+            self.assertEqual(dict(result.headers), {})
+        limited = reply("429", retry_after="7")
+        assert limited is not None
+        self.assertEqual((limited.status, dict(limited.headers)), (429, {"Retry-After": "7"}))
+        self.assertEqual(json.loads(limited.body)["code"], "rate_limit_exceeded")
+        self.assertEqual(answered, [])
+
+        malformed = reply("malformed")
+        assert malformed is not None
+        self.assertEqual((malformed.status, malformed.content_type), (202, "text/html"))
+        noid = reply("noid")
+        assert noid is not None
+        self.assertEqual(json.loads(noid.body), {"object": "email", "status": "queued"})
+        self.assertIsNone(reply("reset"))
+        self.assertEqual(aborted, [1])
+        self.assertEqual(answered, [])
+
+        slow = reply("slow")
+        assert slow is not None
+        self.assertEqual(slow.status, 202)
+        lost = reply("accept_then_500")
+        assert lost is not None
+        self.assertEqual(lost.status, 500)
+        self.assertEqual(answered, [1, 1])
+
+
+class AuthPartsTests(SynchronousTestCase):
+    """
+    The key and loopback checks of L{poststack_relay.sandbox.auth}, without
+    a request.
+    """
+
+    def setUp(self) -> None:
+        self.data = load_sandbox_data(IN_TREE_DATA_PATH)
+
+    def refused(self, header: bytes | None) -> tuple[int, str]:
+        with self.assertRaises(ApiError) as raised:
+            authenticate_key(self.data, header)
+        return raised.exception.status, raised.exception.message
+
+    def test_bearer(self) -> None:
+        """A Bearer header naming a known key gives that key."""
+        key = authenticate_key(self.data, b"bearer  " + FULL.encode() + b" ")
+        self.assertEqual(key.key, FULL)
+
+    def test_refused(self) -> None:
+        """A missing header, another scheme, or an unknown key is a 401."""
+        self.assertEqual(self.refused(None), (401, "Missing API key"))
+        self.assertEqual(
+            self.refused(b"Basic " + FULL.encode()),
+            (401, "Authorization must be 'Bearer <api key>'"),
+        )
+        self.assertEqual(self.refused(b"Bearer sk_test_nope"), (401, "Invalid API key"))
+
+    def test_loopback(self) -> None:
+        """Loopback hosts pass; any other host, or none, is a 403."""
+        for host in ("127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.2"):
+            require_loopback(host)
+        for other in ("10.0.0.1", "::ffff:10.0.0.1", "localhost", None, "/tmp/socket"):
+            with self.assertRaises(ApiError) as raised:
+                require_loopback(other)
+            self.assertEqual(raised.exception.status, 403)
+
+
+class ValidationPartsTests(SynchronousTestCase):
+    """
+    The request rules of L{poststack_relay.sandbox.validation}, without a
+    request.
+    """
+
+    def test_parse_address(self) -> None:
+        """The bare address of the two accepted shapes, else None."""
+        self.assertEqual(parse_address("A B <a@b.example>"), "a@b.example")
+        self.assertEqual(parse_address(" a@b.example "), "a@b.example")
+        for bad in ("a", "@b.example", "a@", "a@b..example", "<a@b> c", "a b@c"):
+            self.assertIsNone(parse_address(bad), bad)
+
+    def test_json_object(self) -> None:
+        """A body over the limit is a 413; not a JSON object, a 400."""
+        self.assertEqual(json_object(b'{"a": 1}', 8, 8), {"a": 1})
+        for body, status in [(None, 413), (b"NaN", 400), (b"[]", 400), (b"\xff", 400)]:
+            with self.assertRaises(ApiError) as raised:
+                json_object(body, 9, 8)
+            self.assertEqual(raised.exception.status, status)
+
+    def test_query_int(self) -> None:
+        """Absent gives the default; out of range or not a number, a 400."""
+        self.assertEqual(query_int(None, "page", 1, 1, 5), 1)
+        self.assertEqual(query_int("5", "page", 1, 1, 5), 5)
+        for raw in ("0", "6", "x", ""):
+            with self.assertRaises(ApiError) as raised:
+                query_int(raw, "page", 1, 1, 5)
+            self.assertEqual(
+                raised.exception.message, "'page' must be an integer from 1 to 5"
+            )
+
+    def test_fingerprint(self) -> None:
+        """Key order and the idempotency key do not change the fingerprint."""
+        self.assertEqual(
+            canonical_fingerprint({"a": 1, "b": [2], "idempotency_key": "k"}),
+            canonical_fingerprint({"b": [2], "a": 1}),
+        )
+        self.assertNotEqual(
+            canonical_fingerprint({"a": 1}), canonical_fingerprint({"a": 2})
+        )
