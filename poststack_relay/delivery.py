@@ -10,7 +10,6 @@ exactly one API call per transaction however many recipients it has.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from email.header import decode_header, make_header
 from email.utils import getaddresses
@@ -23,53 +22,35 @@ from zope.interface import implementer
 from . import replies
 from .api import APIError, IEmailAPI
 from .auth import Identity
+from .idempotency import (  # the kinds are re-exported: log readers import them from here
+    IDEMPOTENCY_CLIENT,
+    IDEMPOTENCY_DERIVED,
+    IDEMPOTENCY_RANDOM,
+    keyed,
+)
 from .interfaces import IRelayDelivery
 from .replies import Reply
-from .translate import EmailRequest, Envelope, TranslationError, translate
+from .translate import Envelope, TranslationError, translate
+
+__all__ = [
+    "IDEMPOTENCY_CLIENT",
+    "IDEMPOTENCY_DERIVED",
+    "IDEMPOTENCY_RANDOM",
+    "IRelayDelivery",
+    "OUTCOME_DEFERRED",
+    "OUTCOME_REJECTED",
+    "OUTCOME_RELAYED",
+    "TRANSACTION_EVENT",
+    "TRANSACTION_FIELDS",
+    "RelayDelivery",
+    "log_transaction",
+    "sender_header_reply",
+    "sender_header_values",
+    "sender_reply",
+    "transaction_outcome",
+]
 
 _log = Logger()
-
-
-_DERIVATION_PREFIX = b"poststack-relay idempotency v1\0"
-
-
-def derived_idempotency_key(identity: Identity, envelope: Envelope, raw: bytes) -> str:
-    """
-    The idempotency key of a message that carries a Message-ID but no
-    X-PostStack-Idempotency-Key: a SHA-256 over the sending account, the
-    envelope and the exact message bytes (which hold the Message-ID).
-
-    A client that sends the same message again (after a 4xx or a dropped
-    connection: same Message-ID, same bytes, same credential, same
-    envelope) gets the same key, so the API cannot send it twice.  Two
-    different messages never share a key: any differing byte, recipient or
-    credential changes it.  The same in every relay process and after
-    restarts.
-    """
-    h = hashlib.sha256(_DERIVATION_PREFIX)
-    h.update(identity.account.encode("utf-8"))
-    h.update(b"\0")
-    h.update(envelope.mail_from.lower().encode("utf-8", "surrogateescape"))
-    h.update(b"\0")
-    for rcpt in sorted(r.lower() for r in envelope.rcpt_to):
-        h.update(rcpt.encode("utf-8", "surrogateescape"))
-        h.update(b"\0")
-    h.update(b"%d\0" % len(raw))
-    h.update(raw)
-    return "psr-" + h.hexdigest()[:40]
-
-
-def with_derived_key(request: EmailRequest, identity: Identity, envelope: Envelope, raw: bytes) -> EmailRequest:
-    """
-    C{request} with a derived idempotency key when it has a Message-ID and
-    no key of its own; otherwise C{request} unchanged.
-    """
-    if request.idempotency_key is not None or not request.message_id:
-        return request
-    key = derived_idempotency_key(identity, envelope, raw)
-    payload = dict(request.payload)
-    payload["idempotency_key"] = key
-    return EmailRequest(payload, key, request.message_id)
 
 
 def sender_reply(identity: Identity, address: str) -> Optional[Reply]:
@@ -167,14 +148,6 @@ OUTCOME_DEFERRED = "deferred"
 OUTCOME_REJECTED = "rejected"
 """The client got a 5xx: the relay or the API refused the message."""
 
-# Which idempotency key a message went out with.
-IDEMPOTENCY_CLIENT = "client"
-"""The message's own C{X-PostStack-Idempotency-Key}."""
-IDEMPOTENCY_DERIVED = "derived"
-"""Derived from the message (L{derived_idempotency_key})."""
-IDEMPOTENCY_RANDOM = "random"
-"""None of its own: the API client makes a random one per message."""
-
 TRANSACTION_EVENT = "smtp_transaction"
 """The C{event} of the one log event per SMTP transaction."""
 
@@ -200,20 +173,6 @@ The fields of every C{smtp_transaction} event besides C{event}, always all
 present (C{None} where they do not apply); documented in
 C{docs/logging.md}.  Their names are stable: log queries rely on them.
 """
-
-
-def idempotency_kind(request: EmailRequest, client_key: bool) -> str:
-    """
-    Which kind of idempotency key C{request} goes out with:
-    L{IDEMPOTENCY_CLIENT} when the message brought its own (C{client_key}),
-    L{IDEMPOTENCY_DERIVED} when the relay derived one, else
-    L{IDEMPOTENCY_RANDOM} (the API client makes one up).
-    """
-    if client_key:
-        return IDEMPOTENCY_CLIENT
-    if request.idempotency_key is not None:
-        return IDEMPOTENCY_DERIVED
-    return IDEMPOTENCY_RANDOM
 
 
 def transaction_outcome(reply: Reply, email_id: Optional[str]) -> str:
@@ -309,7 +268,8 @@ class RelayDelivery:
 
     @param identity: who logged in.
     @param api: where the emails go.
-    @param derive_keys: derive idempotency keys (L{with_derived_key}).
+    @param derive_keys: derive idempotency keys from messages with a
+        Message-ID (L{poststack_relay.idempotency.keyed}).
     """
 
     def __init__(self, identity: Identity, api: IEmailAPI, derive_keys: bool = True) -> None:
@@ -357,11 +317,14 @@ class RelayDelivery:
                 if rejection is not None:
                     log(rejection)
                     return _succeed(rejection)
-            request = translate(raw, envelope, mailbox=identity.mailbox)
-            client_key = request.idempotency_key is not None
-            if self._derive_keys:
-                request = with_derived_key(request, identity, envelope, raw)
-            idempotency = idempotency_kind(request, client_key)
+            request = keyed(
+                translate(raw, envelope, mailbox=identity.mailbox),
+                account=identity.account,
+                envelope=envelope,
+                raw=raw,
+                derive=self._derive_keys,
+            )
+            idempotency = request.idempotency_kind
             # Nothing below needs the raw message: let it go before the
             # request body is built.
             del raw

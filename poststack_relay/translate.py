@@ -116,17 +116,33 @@ class EmailRequest:
     One ``POST /emails`` call.
 
     :ivar payload: The JSON-ready request body.
-    :ivar idempotency_key: The ``X-PostStack-Idempotency-Key`` of the message,
-        or ``None``.  When set it is also in ``payload["idempotency_key"]``;
-        the HTTP layer sends it as the ``Idempotency-Key`` header.
+    :ivar idempotency_key: The idempotency key, or ``None``.  When set it is
+        also in ``payload["idempotency_key"]``; the HTTP layer sends it as
+        the ``Idempotency-Key`` header.  The translation sets the message's
+        own ``X-PostStack-Idempotency-Key``; delivery then decides the key
+        of every request it sends (:func:`poststack_relay.idempotency.keyed`),
+        so a request that leaves delivery always has one.
     :ivar message_id: The message's ``Message-ID`` (trimmed), or ``None``.
-        It is not sent; the delivery layer uses its presence to decide
-        whether a key may be derived from the message.
+        It is not sent; its presence decides whether a key may be derived
+        from the message.
+    :ivar idempotency_kind: Where the key comes from: ``"client"``,
+        ``"derived"`` or ``"random"`` (the ``IDEMPOTENCY_*`` names of
+        :mod:`poststack_relay.idempotency`), or ``None`` when not said.
     """
 
     payload: dict[str, Any]
     idempotency_key: str | None
     message_id: str | None = None
+    idempotency_kind: str | None = None
+
+    @property
+    def retry_safe(self) -> bool:
+        """
+        Would the client's retry of this message carry the same key (its
+        own or a derived one), so that it cannot be sent twice?  False
+        without a key or with a random one (made for this transaction only).
+        """
+        return self.idempotency_key is not None and self.idempotency_kind != "random"
 
 
 _UNPRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]+")
@@ -1618,4 +1634,9 @@ def translate(
         payload["variables"] = variables
     if idempotency_key is not None:
         payload["idempotency_key"] = idempotency_key
-    return EmailRequest(payload=payload, idempotency_key=idempotency_key, message_id=message_id)
+    return EmailRequest(
+        payload=payload,
+        idempotency_key=idempotency_key,
+        message_id=message_id,
+        idempotency_kind=None if idempotency_key is None else "client",
+    )

@@ -1,6 +1,7 @@
 """
 Tests for message delivery (L{poststack_relay.delivery}): one API call per
-transaction, and derived idempotency keys.
+transaction, and the idempotency key every request leaves with
+(L{poststack_relay.idempotency}).
 """
 
 from __future__ import annotations
@@ -8,9 +9,16 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.auth import Identity
-from poststack_relay.delivery import RelayDelivery, derived_idempotency_key
+from poststack_relay.delivery import RelayDelivery
+from poststack_relay.idempotency import (
+    IDEMPOTENCY_CLIENT,
+    IDEMPOTENCY_DERIVED,
+    IDEMPOTENCY_RANDOM,
+    derived_idempotency_key,
+    keyed,
+)
 from poststack_relay.testing import MemoryEmailAPI
-from poststack_relay.translate import Envelope
+from poststack_relay.translate import EmailRequest, Envelope, translate
 
 ALICE = Identity("api_key", "sk_test_a", None, "sk_test_a…", b"", "key:aaa")
 BOB = Identity("api_key", "sk_test_b", None, "sk_test_b…", b"", "key:bbb")
@@ -24,13 +32,28 @@ def message(message_id: bytes | None = b"<m1@yourdomain.com>", body: bytes = b"h
     return head + b"\r\n" + body + b"\r\n"
 
 
+RANDOM_KEY = r"^psr-[0-9a-f]{32}$"
+
+
 class DerivedKeyTests(SynchronousTestCase):
-    def send(self, raw: bytes, identity: Identity = ALICE, env: Envelope = ENV, derive: bool = True) -> str | None:
+    def sent(self, raw: bytes, identity: Identity = ALICE, env: Envelope = ENV, derive: bool = True) -> EmailRequest:
+        """The one request delivery sent for C{raw}: its key always set, in the field and the payload."""
         api = MemoryEmailAPI()
         reply = self.successResultOf(RelayDelivery(identity, api, derive).deliver(env, raw))
         self.assertEqual(reply.code, 250)
         [(_, request)] = api.sent
+        self.assertIsInstance(request.idempotency_key, str)
         self.assertEqual(request.payload.get("idempotency_key"), request.idempotency_key)
+        return request
+
+    def send(self, raw: bytes, identity: Identity = ALICE, env: Envelope = ENV, derive: bool = True) -> str | None:
+        """The key of a derived or client request; C{None} for a random one (made for one transaction)."""
+        request = self.sent(raw, identity, env, derive)
+        if request.idempotency_kind == IDEMPOTENCY_RANDOM:
+            self.assertRegex(request.idempotency_key, RANDOM_KEY)
+            self.assertFalse(request.retry_safe)
+            return None
+        self.assertTrue(request.retry_safe)
         return request.idempotency_key
 
     def test_same_message_same_key(self) -> None:
@@ -59,13 +82,16 @@ class DerivedKeyTests(SynchronousTestCase):
         self.assertEqual(len({base, *variants}), 6)
 
     def test_no_message_id_no_derivation(self) -> None:
-        """Without a Message-ID two identical sends may be two intended messages: no derived key."""
+        """Without a Message-ID two identical sends may be two intended messages: a random key each."""
         self.assertIsNone(self.send(message(message_id=None)))
+        first = self.sent(message(message_id=None)).idempotency_key
+        self.assertNotEqual(self.sent(message(message_id=None)).idempotency_key, first)
 
     def test_client_key_wins(self) -> None:
         """The client's X-PostStack-Idempotency-Key is used as it is."""
-        key = self.send(message(extra=b"X-PostStack-Idempotency-Key: order-7\r\n"))
-        self.assertEqual(key, "order-7")
+        request = self.sent(message(extra=b"X-PostStack-Idempotency-Key: order-7\r\n"))
+        self.assertEqual((request.idempotency_key, request.idempotency_kind), ("order-7", IDEMPOTENCY_CLIENT))
+        self.assertEqual(request.payload["idempotency_key"], "order-7")
 
     def test_switch_off(self) -> None:
         """With derivation off, a Message-ID alone gives no key."""
@@ -74,7 +100,7 @@ class DerivedKeyTests(SynchronousTestCase):
     def test_key_is_stable(self) -> None:
         """The derivation is fixed (relay restarts and other instances compute the same key)."""
         self.assertEqual(
-            derived_idempotency_key(ALICE, ENV, message()),
+            derived_idempotency_key(ALICE.account, ENV, message()),
             "psr-" + __import__("hashlib").sha256(
                 b"poststack-relay idempotency v1\0key:aaa\0you@yourdomain.com\0user@example.com\0"
                 + b"%d\0" % len(message()) + message()
@@ -88,3 +114,43 @@ class DerivedKeyTests(SynchronousTestCase):
         self.successResultOf(RelayDelivery(ALICE, api).deliver(env, message()))
         self.assertEqual(len(api.sent), 1)
         self.assertEqual(api.sent[0][1].payload["bcc"], ["b@example.com", "c@example.com"])
+
+
+class KeyedTests(SynchronousTestCase):
+    """L{keyed}: the one function that decides a request's idempotency key."""
+
+    def request(self, raw: bytes) -> EmailRequest:
+        return translate(raw, ENV)
+
+    def test_order(self) -> None:
+        """The client's key, else derived (with a Message-ID and derivation on), else random."""
+        own = self.request(message(extra=b"X-PostStack-Idempotency-Key: k-1\r\n"))
+        for derive in (True, False):
+            out = keyed(own, account="key:aaa", envelope=ENV, raw=b"", derive=derive)
+            self.assertEqual((out.idempotency_key, out.idempotency_kind), ("k-1", IDEMPOTENCY_CLIENT))
+        with_id = self.request(message())
+        out = keyed(with_id, account="key:aaa", envelope=ENV, raw=message(), derive=True)
+        self.assertEqual(
+            (out.idempotency_key, out.idempotency_kind),
+            (derived_idempotency_key("key:aaa", ENV, message()), IDEMPOTENCY_DERIVED),
+        )
+        for request, derive in ((with_id, False), (self.request(message(message_id=None)), True)):
+            out = keyed(request, account="key:aaa", envelope=ENV, raw=message(), derive=derive)
+            self.assertEqual(out.idempotency_kind, IDEMPOTENCY_RANDOM)
+            self.assertRegex(out.idempotency_key, RANDOM_KEY)
+
+    def test_payload_carries_the_key(self) -> None:
+        """The payload gets the key; the request it was made from is left alone."""
+        request = self.request(message())
+        out = keyed(request, account="a", envelope=ENV, raw=message(), derive=True)
+        self.assertEqual(out.payload["idempotency_key"], out.idempotency_key)
+        self.assertNotIn("idempotency_key", request.payload)
+        self.assertEqual({k: v for k, v in out.payload.items() if k != "idempotency_key"}, request.payload)
+
+    def test_retry_safe(self) -> None:
+        """Only a client or derived key makes a client's retry safe; a request without a kind but with a key counts as safe."""
+        self.assertTrue(EmailRequest({}, "k", None, IDEMPOTENCY_CLIENT).retry_safe)
+        self.assertTrue(EmailRequest({}, "k", None, IDEMPOTENCY_DERIVED).retry_safe)
+        self.assertTrue(EmailRequest({}, "k").retry_safe)
+        self.assertFalse(EmailRequest({}, "k", None, IDEMPOTENCY_RANDOM).retry_safe)
+        self.assertFalse(EmailRequest({}, None).retry_safe)
