@@ -1,4 +1,4 @@
-# -*- test-case-name: tests -*-
+# -*- test-case-name: tests.test_exports -*-
 """
 poststack-relay: an implicit-TLS SMTP submission gateway to the PostStack
 email API.

@@ -13,7 +13,7 @@ import ipaddress
 import re
 import socket
 import tomllib
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import attrs
 
@@ -142,12 +142,15 @@ def _default_hostname() -> str:
         return "localhost"
 
 
-def _positive(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+_Number = TypeVar("_Number", int, float)
+
+
+def _positive(instance: object, attribute: "attrs.Attribute[_Number]", value: _Number) -> None:
     if value <= 0:
         raise ConfigError(f"{attribute.name.replace('_', '-')} must be positive, not {value}")
 
 
-def _not_negative(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+def _not_negative(instance: object, attribute: "attrs.Attribute[_Number]", value: _Number) -> None:
     if value < 0:
         raise ConfigError(f"{attribute.name.replace('_', '-')} must not be negative, not {value}")
 

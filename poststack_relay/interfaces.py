@@ -8,7 +8,7 @@ L{IEmailAPI} is what the relay needs from PostStack (implemented by
 L{poststack_relay.api.HTTPEmailAPI} over HTTP and by
 L{poststack_relay.testing.MemoryEmailAPI} in memory);
 L{IRelayDelivery} is the avatar an authenticated SMTP session gets from
-the cred realm.
+the cred realm; L{IRelayReactor} names what the relay needs of a reactor.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorPluggableNameResolver,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorTime,
+)
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
@@ -70,3 +78,26 @@ class IRelayDelivery(Interface):
         Translate and send one transaction; fires with the client's reply.
         C{session} and C{client} (the client's address) are for the log.
         """
+
+
+class IRelayReactor(
+    IReactorCore,
+    IReactorTime,
+    IReactorTCP,
+    IReactorSocket,
+    IReactorPluggableNameResolver,
+    IReactorFromThreads,
+):
+    """
+    What the relay needs of a reactor, as one type: run and stop
+    (C{IReactorCore}), timers (C{IReactorTime}), TCP listeners and the API's
+    connections (C{IReactorTCP}), adopted sockets from systemd or a
+    supervisor (C{IReactorSocket}), name resolution for the API's host
+    (C{IReactorPluggableNameResolver}) and signals handed to the reactor
+    thread (C{IReactorFromThreads}).
+
+    Twisted's default reactors provide all of them, and
+    C{twisted.internet.testing.MemoryReactorClock} what the tests use; no
+    reactor declares this combination itself, so the one place that takes
+    the global reactor (L{poststack_relay.tap}) casts it to this type.
+    """

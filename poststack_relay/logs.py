@@ -34,7 +34,7 @@ import time
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Mapping, MutableMapping, Optional, cast
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.logger import ILogObserver, LogEvent, eventAsText, formatEvent, formatTime, timeFormatRFC3339
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -248,9 +248,9 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
         except Exception:
             pass
 
-    observe.outFile = outFile  # type: ignore[attr-defined]
-    observe.lock = lock  # type: ignore[attr-defined]
-    observe.line_format = "json"  # type: ignore[attr-defined]
+    observe.outFile = outFile
+    observe.lock = lock
+    observe.line_format = "json"
     return cast(ILogObserver, observe)
 
 
@@ -345,10 +345,10 @@ def textLineObserver(outFile: IO[Any], timeFormat: Optional[str] = timeFormatRFC
         except Exception:
             pass
 
-    observe.outFile = outFile  # type: ignore[attr-defined]
-    observe.lock = lock  # type: ignore[attr-defined]
-    observe.timeFormat = timeFormat  # type: ignore[attr-defined]
-    observe.line_format = "text"  # type: ignore[attr-defined]
+    observe.outFile = outFile
+    observe.lock = lock
+    observe.timeFormat = timeFormat
+    observe.line_format = "text"
     return cast(ILogObserver, observe)
 
 
@@ -402,7 +402,7 @@ def twistd_observer(
         return factory(sys.stdout)
     if nodaemon and not logfile:
         return factory(sys.stdout)
-    logFile = LogFile.fromFullPath(logfile or TWISTD_DEFAULT_LOGFILE)
+    logFile = LogFile.fromFullPath(logfile or TWISTD_DEFAULT_LOGFILE)  # type: ignore[no-untyped-call]  # Twisted's LogFile is not annotated
     _rotate_on_sigusr1(logFile)
     return factory(logFile)
 
@@ -432,24 +432,25 @@ class LogObserverService(MultiService):
             an application that has none; C{None} from it leaves the
             application's logging alone.
         """
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
         self.service = service
         self.observer: Optional[ILogObserver] = None
         self._observer_factory = observer_factory
-        service.setServiceParent(self)
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's IService is not annotated
 
-    def setServiceParent(self, parent: Any) -> None:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         """
         Set the JSON observer as C{parent}'s L{ILogObserver} component
         (when C{parent} is a componentized application without one), then
         join C{parent}.
         """
-        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+        # Twisted's Componentized and MultiService are not annotated.
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:  # type: ignore[no-untyped-call]
             observer = self._observer_factory()
             if observer is not None:
-                parent.setComponent(ILogObserver, observer)
+                parent.setComponent(ILogObserver, observer)  # type: ignore[no-untyped-call]
                 self.observer = observer
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
 
 JSONLogService = LogObserverService

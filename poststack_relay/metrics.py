@@ -24,22 +24,28 @@ uses the global reactor and a thread pool); L{ApiProbeService} keeps the
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorTCP,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
 from .config import parse_metrics_listen
+from .listening import ListeningService
 
 _log = Logger()
 
@@ -87,7 +93,7 @@ class UpstreamMetrics:
     def __init__(self, metrics: "RelayMetrics", call: str) -> None:
         self._requests = metrics.upstream_requests_total
         self._call = call
-        self._by_status: dict[Any, Any] = {}
+        self._by_status: dict["int | str", Counter] = {}
         self.duration = metrics.upstream_request_duration_seconds.labels(call)
         self.retries = metrics.upstream_retries_total.labels(call)
 
@@ -114,122 +120,117 @@ class RelayMetrics:
     """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
-        r = self.registry = registry if registry is not None else CollectorRegistry()
-        p = PREFIX
+        self.registry = registry if registry is not None else CollectorRegistry()
+        # One line per metric: its kind, name (after the prefix), help and labels.
         # -- connections and sessions
-        self.connections_open = Gauge(
-            p + "connections_open", "SMTP sessions open now.", registry=r
-        )
-        self.connections_total = Counter(
-            p + "connections_total",
+        self.connections_open = self._gauge("connections_open", "SMTP sessions open now.")
+        self.connections_total = self._counter(
+            "connections_total",
             "SMTP sessions started (TCP connections accepted within the limits).",
-            registry=r,
         )
-        self.connections_refused_total = Counter(
-            p + "connections_refused_total",
+        self.connections_refused_total = self._counter(
+            "connections_refused_total",
             "Connections answered 421 and closed: relay stopping or a connection limit reached.",
-            ["reason"],
-            registry=r,
+            "reason",
         )
-        self.session_duration_seconds = Histogram(
-            p + "session_duration_seconds",
+        self.session_duration_seconds = self._histogram(
+            "session_duration_seconds",
             "Duration of SMTP sessions, connect to disconnect.",
-            buckets=SESSION_DURATION_BUCKETS,
-            registry=r,
+            SESSION_DURATION_BUCKETS,
         )
-        self.refused = {
-            reason: self.connections_refused_total.labels(reason) for reason in REFUSAL_REASONS
-        }
         # -- TLS
-        self.tls_handshake_failures_total = Counter(
-            p + "tls_handshake_failures_total",
+        self.tls_handshake_failures_total = self._counter(
+            "tls_handshake_failures_total",
             "Connections that never completed the implicit-TLS handshake, by reason: "
             "plaintext (refused, not TLS), timeout (no ClientHello in time), "
             "handshake (TLS error), closed (client left mid-handshake).",
-            ["reason"],
-            registry=r,
+            "reason",
         )
+        self.tls_certificate_expiry_timestamp_seconds = self._gauge(
+            "tls_certificate_expiry_timestamp_seconds",
+            "End of validity (notAfter, Unix time) of the certificate in use, by certificate file.",
+            "certificate",
+        )
+        self.tls_reloads_total = self._counter(
+            "tls_reloads_total",
+            "Certificate reloads (SIGHUP or changed files), by result: ok or failed.",
+            "result",
+        )
+        # -- AUTH
+        self.auth_total = self._counter(
+            "auth_total",
+            "AUTH attempts by result: ok, invalid (535), unavailable (454, API down), "
+            "throttled (454, too many failures), error (454, unexpected), malformed (501).",
+            "result",
+        )
+        # -- messages
+        self.messages_total = self._counter(
+            "messages_total",
+            "Messages (SMTP transactions that reached the end of DATA), by the final reply code.",
+            "code",
+        )
+        self.message_size_bytes = self._histogram(
+            "message_size_bytes",
+            "Size of received messages (octets of DATA after dot-unstuffing).",
+            MESSAGE_SIZE_BUCKETS,
+        )
+        # -- the API
+        self.upstream_requests_total = self._counter(
+            "upstream_requests_total",
+            "HTTP attempts to the PostStack API, by call and by HTTP status or "
+            "timeout/network_error/client_error/cancelled.",
+            "call",
+            "status",
+        )
+        self.upstream_request_duration_seconds = self._histogram(
+            "upstream_request_duration_seconds",
+            "Duration of one HTTP attempt to the PostStack API, whatever its outcome.",
+            UPSTREAM_DURATION_BUCKETS,
+            "call",
+        )
+        self.upstream_retries_total = self._counter(
+            "upstream_retries_total",
+            "Attempts to the PostStack API repeated after a transient failure.",
+            "call",
+        )
+        self.upstream_in_flight = self._gauge(
+            "upstream_in_flight", "HTTP requests to the PostStack API in flight now."
+        )
+        self.upstream_queue = self._gauge(
+            "upstream_queue", "Requests waiting for a free request slot (api-max-in-flight) now."
+        )
+        self.api_breaker_open = self._gauge(
+            "api_breaker_open",
+            "1 while the circuit breaker refuses API requests (open or half-open), else 0.",
+        )
+        self.api_last_reachable_timestamp_seconds = self._gauge(
+            "api_last_reachable_timestamp_seconds",
+            "When the PostStack API last gave an answer that is not a 5xx (Unix time; 0: never).",
+        )
+        # Children bound once, so the hot path does no label lookups.
+        self.refused = {
+            reason: self.connections_refused_total.labels(reason) for reason in REFUSAL_REASONS
+        }
         self.tls_failures = {
             reason: self.tls_handshake_failures_total.labels(reason)
             for reason in TLS_FAILURE_REASONS
         }
-        self.tls_certificate_expiry_timestamp_seconds = Gauge(
-            p + "tls_certificate_expiry_timestamp_seconds",
-            "End of validity (notAfter, Unix time) of the certificate in use, by certificate file.",
-            ["certificate"],
-            registry=r,
-        )
-        self.tls_reloads_total = Counter(
-            p + "tls_reloads_total",
-            "Certificate reloads (SIGHUP or changed files), by result: ok or failed.",
-            ["result"],
-            registry=r,
-        )
-        # -- AUTH
-        self.auth_total = Counter(
-            p + "auth_total",
-            "AUTH attempts by result: ok, invalid (535), unavailable (454, API down), "
-            "throttled (454, too many failures), error (454, unexpected), malformed (501).",
-            ["result"],
-            registry=r,
-        )
         self.auth = {result: self.auth_total.labels(result) for result in AUTH_RESULTS}
-        # -- messages
-        self.messages_total = Counter(
-            p + "messages_total",
-            "Messages (SMTP transactions that reached the end of DATA), by the final reply code.",
-            ["code"],
-            registry=r,
-        )
-        self._messages_by_code: dict[int, Any] = {}
-        self.message_size_bytes = Histogram(
-            p + "message_size_bytes",
-            "Size of received messages (octets of DATA after dot-unstuffing).",
-            buckets=MESSAGE_SIZE_BUCKETS,
-            registry=r,
-        )
-        # -- the API
-        self.upstream_requests_total = Counter(
-            p + "upstream_requests_total",
-            "HTTP attempts to the PostStack API, by call and by HTTP status or "
-            "timeout/network_error/client_error/cancelled.",
-            ["call", "status"],
-            registry=r,
-        )
-        self.upstream_request_duration_seconds = Histogram(
-            p + "upstream_request_duration_seconds",
-            "Duration of one HTTP attempt to the PostStack API, whatever its outcome.",
-            ["call"],
-            buckets=UPSTREAM_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.upstream_retries_total = Counter(
-            p + "upstream_retries_total",
-            "Attempts to the PostStack API repeated after a transient failure.",
-            ["call"],
-            registry=r,
-        )
-        self.upstream_in_flight = Gauge(
-            p + "upstream_in_flight",
-            "HTTP requests to the PostStack API in flight now.",
-            registry=r,
-        )
-        self.upstream_queue = Gauge(
-            p + "upstream_queue",
-            "Requests waiting for a free request slot (api-max-in-flight) now.",
-            registry=r,
-        )
-        self.api_breaker_open = Gauge(
-            p + "api_breaker_open",
-            "1 while the circuit breaker refuses API requests (open or half-open), else 0.",
-            registry=r,
-        )
-        self.api_last_reachable_timestamp_seconds = Gauge(
-            p + "api_last_reachable_timestamp_seconds",
-            "When the PostStack API last gave an answer that is not a 5xx (Unix time; 0: never).",
-            registry=r,
-        )
+        self._messages_by_code: dict[int, Counter] = {}
         self.upstream = {call: UpstreamMetrics(self, call) for call in UPSTREAM_CALLS}
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(PREFIX + name, documentation, labels, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        return Gauge(PREFIX + name, documentation, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, documentation: str, buckets: Sequence[float], *labels: str
+    ) -> Histogram:
+        return Histogram(
+            PREFIX + name, documentation, labels, buckets=buckets, registry=self.registry
+        )
 
     def message(self, code: int) -> None:
         """
@@ -265,12 +266,13 @@ class RelayMetrics:
 
 
 # ---------------------------------------------------------------------------
-# The listen address
-
-# ---------------------------------------------------------------------------
 # The HTTP side
 
 Readiness = Callable[[], list[str]]
+
+
+def _set(request: Request, name: bytes, value: bytes) -> None:
+    request.responseHeaders.setRawHeaders(name, [value])
 
 
 class MetricsResource(Resource):
@@ -284,7 +286,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, metrics: RelayMetrics, readiness: Readiness) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Resource is not annotated
         self.metrics = metrics
         self.readiness = readiness
 
@@ -292,12 +294,12 @@ class MetricsResource(Resource):
         """
         Answer one request (see the class docstring).
         """
-        request.setHeader(b"Cache-Control", b"no-store")
+        _set(request, b"Cache-Control", b"no-store")
         path = request.path
         if path not in (b"/metrics", b"/healthz", b"/readyz"):
             return self._text(request, 404, "not found\n")
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"Allow", b"GET, HEAD")
+            _set(request, b"Allow", b"GET, HEAD")
             return self._text(request, 405, "method not allowed\n")
         if path == b"/healthz":
             return self._text(request, 200, "ok\n")
@@ -315,13 +317,13 @@ class MetricsResource(Resource):
             accept.decode("latin-1") if accept is not None else None
         )
         request.setResponseCode(200)
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        _set(request, b"Content-Type", content_type.encode("ascii"))
         return body
 
     @staticmethod
     def _text(request: Request, code: int, text: str) -> bytes:
         request.setResponseCode(code)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        _set(request, b"Content-Type", b"text/plain; charset=utf-8")
         return text.encode("utf-8")
 
 
@@ -333,27 +335,28 @@ class _QuietSite(Site):
     noisy = False
     displayTracebacks = False
 
-    def log(self, request: Any) -> None:
+    def log(self, request: HTTPRequest) -> None:
         pass
 
 
-class MetricsService(StreamServerEndpointService):
+class MetricsService(ListeningService):
     """
     The metrics HTTP listener; a failed bind stops start-up.
     """
 
-    def port(self) -> "Deferred[IListeningPort]":
+    def port(self) -> "Deferred[Optional[IListeningPort]]":
         """
         A Deferred firing with the listening port (for tests using port 0).
         """
-        assert self._waitingForPort is not None, "the service was not started"
-        return self._waitingForPort  # type: ignore[no-any-return]
+        waiting = self.when_listening()
+        assert waiting is not None, "the service was not started"
+        return waiting
 
 
 def makeMetricsService(
     metrics: RelayMetrics,
     listen: str,
-    reactor: Any,
+    reactor: IReactorTCP,
     readiness: Readiness,
 ) -> MetricsService:
     """
@@ -368,34 +371,44 @@ def makeMetricsService(
     @raise ConfigError: if C{listen} is not valid.
     """
     host, port = parse_metrics_listen(listen)
-    endpoint: Any
+    endpoint: IStreamServerEndpoint
     if ":" in host:
-        endpoint = TCP6ServerEndpoint(reactor, port, interface=host)
+        endpoint = TCP6ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port, interface=host)
-    site = _QuietSite(MetricsResource(metrics, readiness), timeout=30, reactor=reactor)
-    service = MetricsService(endpoint, site)
-    service._raiseSynchronously = True  # a failed bind stops start-up
-    return service
+        endpoint = TCP4ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+    site = _QuietSite(MetricsResource(metrics, readiness), timeout=30, reactor=reactor)  # type: ignore[no-untyped-call]  # Twisted's Site is not annotated
+    return MetricsService(endpoint, site)
 
 
-def listener_bound(listener: StreamServerEndpointService) -> bool:
+def listener_bound(listener: ListeningService) -> bool:
     """
     Is C{listener} running and bound to its port?
     """
-    waiting = getattr(listener, "_waitingForPort", None)
-    return bool(
-        listener.running
-        and waiting is not None
-        and waiting.called
-        and IListeningPort.providedBy(waiting.result)
-    )
+    return bool(listener.running and listener.listening_port is not None)
+
+
+@runtime_checkable
+class Reachable(Protocol):
+    """
+    What C{/readyz} and L{ApiProbeService} need of the API client
+    (L{poststack_relay.api.HTTPEmailAPI}).
+    """
+
+    def reachable_within(self, seconds: float) -> bool:
+        """
+        Did the API give an answer that is not a 5xx within C{seconds}?
+        """
+
+    def probe(self) -> "Deferred[bool]":
+        """
+        Ask the API once whether it answers.
+        """
 
 
 def relay_readiness(
-    listeners: Callable[[], Iterable[tuple[str, StreamServerEndpointService]]],
-    factory: Any,
-    api: Any,
+    listeners: Callable[[], Iterable[tuple[str, ListeningService]]],
+    factory: object,
+    api: object,
     max_age: float,
 ) -> Readiness:
     """
@@ -407,7 +420,7 @@ def relay_readiness(
     @param listeners: returns (label, listening service) for each SMTP
         listener; called for each check.
     @param factory: the L{poststack_relay.smtp.RelayFactory} (its C{stopping}).
-    @param api: the L{poststack_relay.api.HTTPEmailAPI}.
+    @param api: the API client (L{Reachable} when it can tell).
     @param max_age: seconds.
     """
 
@@ -435,7 +448,7 @@ class ApiProbeService(Service):
     the service cancels it.
     """
 
-    def __init__(self, api: Any, clock: IReactorTime, interval: float = 15.0) -> None:
+    def __init__(self, api: Reachable, clock: IReactorTime, interval: float = 15.0) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, not {interval}")
         self.api = api
@@ -448,16 +461,16 @@ class ApiProbeService(Service):
         """
         Probe now and every C{interval} seconds.
         """
-        Service.startService(self)
+        Service.startService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
         loop = self._loop = LoopingCall(self.tick)
         loop.clock = self.clock
         loop.start(self.interval, now=True)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         """
         Stop probing; cancel a probe in flight.
         """
-        Service.stopService(self)
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
@@ -482,7 +495,7 @@ class ApiProbeService(Service):
         def done(result: object) -> None:
             if self._probing is d:
                 self._probing = None
-            if isinstance(result, Failure) and not result.check(CancelledError):
+            if isinstance(result, Failure) and not isinstance(result.value, CancelledError):
                 _log.failure("API probe crashed", result, event="api_probe_crash")
 
         d.addBoth(done)

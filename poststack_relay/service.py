@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_proxy_protocol,tests.test_listeners,tests.test_workers -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_listeners,tests.test_workers -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -15,50 +15,49 @@ signal handlers: C{twistd} stops services on SIGTERM, and C{tap.makeService}
 makes that stop end with exit status 0 and makes SIGHUP call
 L{RelayService.reload_tls}.
 
-With C{proxy_protocol} on, the listener expects a PROXY protocol v1 or v2
-header (HAProxy, cloud TCP balancers) before the TLS ClientHello:
-TCP -> L{ProxyProtocolFactory} -> implicit TLS -> SMTP.
-
-Each C{listen} spec adds a listener (L{RelayConfig.listeners}), wrapped the
-same way with its own PROXY setting and certificate.  All listeners share
-the one SMTP factory, so connection limits, the drain and AUTH throttling
-count every listener together.
+The assembly, as the design card says it: for each listener (the main one,
+then one per C{listen} spec, L{RelayConfig.listeners}) an endpoint ->
+(a PROXY protocol header, when configured) -> implicit TLS with its
+certificate (L{poststack_relay.endpoints.relay_endpoint}) -> the one
+L{RelayFactory}, whose sessions log in through the cred portal
+(L{PostStackChecker}, L{RelayRealm}) and deliver through the API client;
+then the services around them: readiness for systemd, the certificate
+file poll, metrics.  All listeners share the one SMTP factory, so
+connection limits, the drain and AUTH throttling count every listener
+together.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
-from zope.interface import directlyProvides, providedBy
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
-from twisted.internet.endpoints import (
-    AdoptedStreamServerEndpoint,
-    TCP4ServerEndpoint,
-    TCP6ServerEndpoint,
-)
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from .api import APIEndpoints, HTTPEmailAPI, IEmailAPI
+from .api import APIEndpoints, HTTPEmailAPI
 from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import ConfigError, ListenerConfig, RelayConfig, mask_secret
 from .delivery import RelayDelivery
+from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
 from .http11 import HTTP11Client
+from .interfaces import IEmailAPI, IRelayReactor
+from .listening import ListeningService
+from .metrics import (
+    ApiProbeService,
+    MetricsService,
+    Reachable,
+    RelayMetrics,
+    makeMetricsService,
+    relay_readiness,
+)
 from .smtp import RelayFactory
-from .systemd import ReadinessService, SystemdNotifier, socketEndpoint
-from .tls import ImplicitTLSFactory, ReloadableTLS
-from .metrics import ApiProbeService, RelayMetrics, makeMetricsService, relay_readiness
+from .systemd import ReadinessService, SystemdNotifier
+from .tls import ReloadableTLS
 
 _log = Logger()
 
@@ -71,140 +70,9 @@ class _PoolService(Service):
     def __init__(self, client: HTTP11Client) -> None:
         self.client = client
 
-    def stopService(self) -> Any:
-        Service.stopService(self)
+    def stopService(self) -> "Deferred[None]":
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
         return self.client.close_idle()
-
-
-# Seconds a connection may take to send its PROXY header (a balancer sends it
-# at once, with the connection).
-PROXY_HEADER_TIMEOUT = 10.0
-
-
-class _ProxiedConnection(HAProxyProtocolWrapper):
-    """
-    Reads the PROXY header, and only then builds the wrapped protocol with
-    the client's address and connects it.
-
-    Twisted's own wrapper builds and connects the wrapped protocol as soon
-    as TCP connects, so the factory's per-address limits and the session's
-    C{connectionMade} would see the balancer's address; here neither runs
-    before the header is parsed.  A connection whose first bytes are not a
-    valid v1 or v2 header, or that sends none within the factory's
-    C{headerTimeout}, is dropped without a reply.
-    """
-
-    factory: "ProxyProtocolFactory"
-
-    def __init__(self, factory: "ProxyProtocolFactory") -> None:
-        super().__init__(factory, Protocol())  # placeholder until the header
-        self._buffer = b""
-        self._started = False
-        self._headerCall: Optional[IDelayedCall] = None
-
-    def makeConnection(self, transport: Any) -> None:
-        directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
-        if self.factory.headerTimeout > 0:
-            self._headerCall = self.factory.clock.callLater(
-                self.factory.headerTimeout, self._drop, "no PROXY header in time"
-            )
-
-    def _drop(self, reason: str) -> None:
-        self._headerCall = None
-        peer = self.transport.getPeer()
-        _log.info(
-            "dropped connection from {balancer}: {reason}",
-            balancer=getattr(peer, "host", str(peer)),
-            reason=reason,
-            event="proxy_header_invalid",
-        )
-        self.disconnecting = 1
-        self.transport.abortConnection()
-
-    def _stopTimer(self) -> None:
-        if self._headerCall is not None and self._headerCall.active():
-            self._headerCall.cancel()
-        self._headerCall = None
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._started:
-            self.wrappedProtocol.dataReceived(data)
-            return
-        if self.disconnecting:
-            return
-        if self._parser is None:
-            self._buffer += data
-            head = self._buffer
-            if head.startswith(V1Parser.PROXYSTR):
-                self._parser = V1Parser()
-            elif len(head) < 13 and (
-                V2Parser.PREFIX.startswith(head) or V1Parser.PROXYSTR.startswith(head)
-            ):
-                return  # not enough bytes yet to tell what this is
-            elif head[:12] == V2Parser.PREFIX and head[12] & 0xF0 == 0x20:
-                self._parser = V2Parser()
-            else:
-                self._stopTimer()
-                self._drop("no PROXY protocol header")
-                return
-            data, self._buffer = head, b""
-        try:
-            info, remaining = self._parser.feed(data)
-        except InvalidProxyHeader:
-            self._stopTimer()
-            self._drop("invalid PROXY protocol header")
-            return
-        if info is None:
-            return
-        self._proxyInfo = info
-        self._stopTimer()
-        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
-        if protocol is None:
-            self.transport.loseConnection()
-            return
-        self.wrappedProtocol = protocol
-        self._started = True
-        protocol.makeConnection(self)
-        if remaining:
-            protocol.dataReceived(remaining)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self._stopTimer()
-        super().connectionLost(reason)
-
-
-class ProxyProtocolFactory(HAProxyWrappingFactory):
-    """
-    Wraps a server factory so each connection starts with a PROXY protocol
-    v1 or v2 header; the wrapped factory's C{buildProtocol} and its
-    protocol's transport (C{getPeer}, C{getHost}) see the addresses from the
-    header.  A v2 C{LOCAL} header (a balancer's health check) keeps the
-    real TCP addresses.
-
-    @ivar headerTimeout: seconds a connection may take to send the header
-        (0: no limit).
-    """
-
-    protocol = _ProxiedConnection  # type: ignore[assignment]
-    noisy = False
-
-    def __init__(
-        self,
-        wrappedFactory: Any,
-        clock: IReactorTime,
-        headerTimeout: float = PROXY_HEADER_TIMEOUT,
-    ) -> None:
-        super().__init__(wrappedFactory)
-        self.clock = clock
-        self.headerTimeout = headerTimeout
-
-    def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
-        """
-        A connection that waits for its PROXY header.
-        """
-        return _ProxiedConnection(self)
 
 
 # Seconds between API probes when no real traffic shows the API reachable;
@@ -214,13 +82,11 @@ API_PROBE_INTERVAL = 15.0
 
 class RelayService(MultiService):
     """
-    The relay: its listeners and the API client's pool.
+    The relay: its listeners and the services around them.
 
     @ivar factory: the SMTP factory (unwrapped), shared by every listener.
     @ivar listeners: the listening services, the main listener first, in
-        the order of L{RelayConfig.listeners}; each one's
-        C{_waitingForPort} Deferred fires with its C{IListeningPort} once
-        bound.
+        the order of L{RelayConfig.listeners}.
     @ivar listener: the main listening service (C{listeners[0]}).
     @ivar listener_configs: the settings of each of L{listeners}.
     @ivar certificates: every distinct TLS setting the listeners use, the
@@ -228,16 +94,44 @@ class RelayService(MultiService):
         same certificate and key files share one.
     @ivar tls: the main listener's TLS settings (C{certificates[0]}).
     @ivar drain_timeout: seconds L{stopService} lets sessions finish.
+    @ivar readiness: tells systemd when the relay is ready and stopping.
+    @ivar metrics: where the relay counts.
+    @ivar metrics_service: the HTTP listener of C{/metrics}, C{/healthz}
+        and C{/readyz}; C{None} when C{metrics_listen} is off.
     """
 
-    factory: RelayFactory
-    listener: StreamServerEndpointService
-    listeners: list[StreamServerEndpointService]
-    listener_configs: list[ListenerConfig]
-    tls: ReloadableTLS
-    certificates: list[ReloadableTLS]
-    drain_timeout: float = 0.0
-    readiness: Optional[ReadinessService] = None
+    def __init__(
+        self,
+        factory: RelayFactory,
+        metrics: RelayMetrics,
+        certificates: Sequence[ReloadableTLS],
+        drain_timeout: float,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
+        self.factory = factory
+        self.metrics = metrics
+        self.certificates = list(certificates)
+        self.tls = self.certificates[0]
+        self.drain_timeout = drain_timeout
+        self.listeners: list[ListeningService] = []
+        self.listener_configs: list[ListenerConfig] = []
+        self.readiness: Optional[ReadinessService] = None
+        self.metrics_service: Optional[MetricsService] = None
+
+    @property
+    def listener(self) -> ListeningService:
+        """
+        The main listener's service.
+        """
+        return self.listeners[0]
+
+    def add_listener(self, config: ListenerConfig, listening: ListeningService) -> None:
+        """
+        Add one SMTP listener (in the order of L{RelayConfig.listeners}).
+        """
+        self.listener_configs.append(config)
+        self.listeners.append(listening)
+        self.addService(listening)  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
 
     def privilegedStartService(self) -> None:
         """
@@ -246,7 +140,7 @@ class RelayService(MultiService):
         closed again and the error is raised, so start-up stops with it.
         """
         try:
-            super().privilegedStartService()
+            super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
         except BaseException:
             self._abandon()
             raise
@@ -258,7 +152,7 @@ class RelayService(MultiService):
         and the error is raised, so start-up stops with it.
         """
         try:
-            super().startService()
+            super().startService()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
         except BaseException:
             self._abandon()
             raise
@@ -271,13 +165,13 @@ class RelayService(MultiService):
         self.running = 0
         for child in reversed(list(self)):
             # The SMTP listeners and the metrics listener bind before they run.
-            bound = getattr(child, "_waitingForPort", None) is not None
+            bound = isinstance(child, ListeningService) and child.started_listening
             if child.running or bound:
-                maybeDeferred(child.stopService).addErrback(
-                    lambda f, child=child: _log.failure(
-                        "stopping {child} failed", f, child=child, event="stop_child_failed"
-                    )
-                )
+                maybeDeferred(child.stopService).addErrback(self._log_stop_failure, child)
+
+    @staticmethod
+    def _log_stop_failure(failure: Failure, child: object) -> None:
+        _log.failure("stopping {child} failed", failure, child=child, event="stop_child_failed")
 
     def reload_tls(self, trigger: str = "reload_tls()") -> bool:
         """
@@ -312,20 +206,13 @@ class RelayService(MultiService):
         """
         if self.readiness is not None and self.running:
             self.readiness.stopping()
-        Service.stopService(self)
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         stopping = [
-            maybeDeferred(listener.stopService).addErrback(
-                lambda f, label=label: _log.failure(
-                    "stopping the listener {listener} failed",
-                    f,
-                    listener=label,
-                    event="stop_listener_failed",
-                )
-            )
-            for listener, label in zip(self.listeners, [c.label for c in self.listener_configs])
+            maybeDeferred(listener.stopService).addErrback(self._log_listener_failure, config.label)
+            for listener, config in zip(self.listeners, self.listener_configs)
             if listener.running
         ]
         if stopping:
@@ -339,62 +226,68 @@ class RelayService(MultiService):
             except Exception:
                 _log.failure("stopping {child} failed", child=child, event="stop_child_failed")
 
-    def port(self) -> Any:
+    @staticmethod
+    def _log_listener_failure(failure: Failure, label: str) -> None:
+        _log.failure(
+            "stopping the listener {listener} failed",
+            failure,
+            listener=label,
+            event="stop_listener_failed",
+        )
+
+    def port(self) -> "Optional[Deferred[Optional[IListeningPort]]]":
         """
         A Deferred firing with the main listener's port once bound (for
         tests using port 0); C{None} before L{startService}.
         """
-        return self.listener._waitingForPort
+        return self.listener.when_listening()
 
-    def ports(self) -> "Optional[Deferred[list[Any]]]":
+    def ports(self) -> "Optional[Deferred[list[Optional[IListeningPort]]]]":
         """
-        A Deferred firing with every listener's C{IListeningPort}, in the
-        order of L{listeners}, once all are bound; C{None} before
-        L{startService}.
+        A Deferred firing with every listener's C{IListeningPort} (C{None}
+        for one that could not bind), in the order of L{listeners}, once
+        all are settled; C{None} before L{startService}.
         """
-        waiting = [listener._waitingForPort for listener in self.listeners]
-        if any(d is None for d in waiting):
+        waiting = [listener.when_listening() for listener in self.listeners]
+        ready = [d for d in waiting if d is not None]
+        if len(ready) != len(waiting):
             return None
-        return gatherResults(waiting)
+        return gatherResults(ready)
 
 
-def _endpoint(listener: ListenerConfig, reactor: Any) -> IStreamServerEndpoint:
+def _certificates(
+    config: RelayConfig, listeners: Sequence[ListenerConfig], metrics: RelayMetrics
+) -> tuple[list[ReloadableTLS], list[ReloadableTLS]]:
     """
-    Where C{listener} listens: its systemd socket, else TCP over IPv6 or
-    IPv4 by the interface.
+    One L{ReloadableTLS} per distinct pair of certificate and key files:
+    listeners without a certificate of their own share the main
+    listener's.
 
-    @raise ConfigError: the systemd socket was not passed.
+    @return: (the distinct ones, the main listener's first; the one of
+        each listener, in order).
+    @raise ConfigError: a certificate or key cannot be used; the message
+        names the listener's spec.
     """
-    if listener.systemd_socket:
-        try:
-            return socketEndpoint(reactor, listener.systemd_socket)
-        except ConfigError as e:
-            if not listener.spec:
-                raise
-            raise ConfigError(f"listen {listener.spec!r}: {e}") from None
-    if ":" in listener.interface:
-        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.interface)
-    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface)
-
-
-def _adopted(reactor: Any, fd: int) -> IStreamServerEndpoint:
-    """
-    An endpoint that takes over the listening socket C{fd} (a supervisor's
-    shared socket, L{poststack_relay.workers}); C{fd} is closed once the
-    port has its own copy, so the port's C{stopListening} really closes
-    this process's hold on the socket.
-    """
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
-        family = probe.family
-    finally:
-        probe.close()
-    return AdoptedStreamServerEndpoint(reactor, fd, family)
+    certificates: list[ReloadableTLS] = []
+    by_files: dict[tuple[str, Optional[str]], ReloadableTLS] = {}
+    tls_of: list[ReloadableTLS] = []
+    for listener in listeners:
+        files = (listener.tls_cert, listener.tls_key)
+        if files not in by_files:
+            try:
+                by_files[files] = ReloadableTLS(*files, config.tls_profile, metrics=metrics)
+            except ConfigError as e:
+                if not listener.spec:
+                    raise
+                raise ConfigError(f"listen {listener.spec!r}: {e}") from None
+            certificates.append(by_files[files])
+        tls_of.append(by_files[files])
+    return certificates, tls_of
 
 
 def makeRelayService(
     config: RelayConfig,
-    reactor: Any,
+    reactor: IRelayReactor,
     api: Optional[IEmailAPI] = None,
     endpoint: Optional[IStreamServerEndpoint] = None,
     metrics: Optional[RelayMetrics] = None,
@@ -404,16 +297,15 @@ def makeRelayService(
     Build the relay as one C{IService}.
 
     @param config: the settings.
-    @param reactor: provides C{IReactorTCP} and C{IReactorTime} (and
-        C{IReactorPluggableNameResolver} for a real API URL).
+    @param reactor: see L{IRelayReactor} (what it must provide).
     @param api: the API client; by default an L{HTTPEmailAPI} over an
         L{HTTP11Client} (keep-alive connections, at most 64 idle) to
         C{config.api_url}.
     @param endpoint: where the main listener listens; by default the
         systemd socket named C{config.systemd_socket} if set, else TCP on
         C{config.port} and C{config.interface}.  It is wrapped in implicit
-        TLS (and, with C{config.proxy_protocol}, in L{ProxyProtocolFactory}
-        below TLS).  The listeners of C{config.listen} always use their own
+        TLS (and, with C{config.proxy_protocol}, a PROXY protocol header
+        first).  The listeners of C{config.listen} always use their own
         spec's address.
     @param metrics: where the relay counts; by default a new
         L{RelayMetrics} with its own registry (C{service.metrics}).  An
@@ -436,29 +328,14 @@ def makeRelayService(
         )
     if metrics is None:
         metrics = RelayMetrics()
-    # One ReloadableTLS per distinct pair of files: listeners without a
-    # certificate of their own share the main listener's.
-    certificates: list[ReloadableTLS] = []
-    by_files: dict[tuple[str, Optional[str]], ReloadableTLS] = {}
-    tls_of: list[ReloadableTLS] = []
-    for listener in listeners:
-        files = (listener.tls_cert, listener.tls_key)
-        if files not in by_files:
-            try:
-                by_files[files] = ReloadableTLS(*files, config.tls_profile, metrics=metrics)
-            except ConfigError as e:
-                if not listener.spec:
-                    raise
-                raise ConfigError(f"listen {listener.spec!r}: {e}") from None
-            certificates.append(by_files[files])
-        tls_of.append(by_files[files])
-    endpoints = [
+    certificates, tls_of = _certificates(config, listeners, metrics)
+    places = [
         endpoint if index == 0 and endpoint is not None
-        else _adopted(reactor, adopt[index]) if adopt is not None
-        else _endpoint(listener, reactor)
+        else adopted_endpoint(reactor, adopt[index]) if adopt is not None
+        else listening_endpoint(listener, reactor)
         for index, listener in enumerate(listeners)
     ]
-    service = RelayService()
+    pool: Optional[Service] = None
     if api is None:
         # The relay's own HTTP/1.1 client, not Twisted's agent and pool:
         # a third of the CPU per request (docs/performance.md).  Like the
@@ -478,8 +355,33 @@ def makeRelayService(
             breaker_cooldown=config.api_breaker_cooldown,
             metrics=metrics,
         )
-        _PoolService(client).setServiceParent(service)
+        pool = _PoolService(client)
+    factory = RelayFactory(_portal(config, api, reactor), config, reactor, throttle=_throttle(config, reactor), metrics=metrics)
+    service = RelayService(factory, metrics, certificates, config.drain_timeout)
+    if pool is not None:
+        pool.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+    for place, listener, tls in zip(places, listeners, tls_of):
+        smtps = relay_endpoint(place, listener, tls, reactor, config.tls_detect_timeout, metrics)
+        service.add_listener(listener, ListeningService(smtps, factory))
+    # After the listeners, so their ports are known when this starts.
+    service.readiness = ReadinessService(SystemdNotifier(), service)
+    service.readiness.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+    if config.tls_reload_interval > 0:
+        # Picks up renewed certificates (ACME) without a SIGHUP.
+        poll = TimerService(config.tls_reload_interval, service._reload_changed)  # type: ignore[no-untyped-call]  # Twisted's TimerService is not annotated
+        poll.clock = reactor
+        poll.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+    if config.metrics_enabled:
+        _add_metrics(service, config, api, reactor)
+    _log_configuration(config, listeners, tls_of, certificates, injected=endpoint is not None)
+    return service
 
+
+def _portal(config: RelayConfig, api: IEmailAPI, reactor: IRelayReactor) -> Portal:
+    """
+    The cred portal: credentials checked against the API, each login's
+    avatar a L{RelayDelivery} through C{api}.
+    """
     checker = PostStackChecker(
         api,
         reactor,
@@ -487,11 +389,17 @@ def makeRelayService(
         positive_ttl=config.auth_cache_ttl,
         negative_ttl=config.auth_negative_ttl,
     )
-    portal = Portal(
-        RelayRealm(lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys)),
-        [checker],
+    realm = RelayRealm(
+        lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys)
     )
-    throttle = AuthThrottle(
+    return Portal(realm, [checker])
+
+
+def _throttle(config: RelayConfig, reactor: IRelayReactor) -> AuthThrottle:
+    """
+    The AUTH failure throttle shared by every session.
+    """
+    return AuthThrottle(
         reactor,
         window=config.auth_failure_window,
         per_ip=config.auth_failures_per_ip,
@@ -499,54 +407,29 @@ def makeRelayService(
         delay=config.auth_failure_delay,
         max_delay=config.auth_failure_max_delay,
     )
-    factory = RelayFactory(portal, config, reactor, throttle=throttle, metrics=metrics)
-    service.factory = factory
-    service.listeners = []
-    service.listener_configs = list(listeners)
-    for index, (listener, tls) in enumerate(zip(listeners, tls_of)):
-        wrapped: Any = ImplicitTLSFactory(
-            tls, factory, config.tls_detect_timeout, reactor, metrics=metrics
-        )
-        if listener.proxy_protocol:
-            # The PROXY header comes before the TLS ClientHello.
-            wrapped = ProxyProtocolFactory(wrapped, reactor)
-        listening = StreamServerEndpointService(endpoints[index], wrapped)
-        listening._raiseSynchronously = True  # a failed bind stops start-up
-        listening.setServiceParent(service)
-        service.listeners.append(listening)
-    # After the listeners, so their port Deferreds exist when this starts.
-    readiness = ReadinessService(SystemdNotifier(), service)
-    readiness.setServiceParent(service)
-    service.readiness = readiness
-    if config.tls_reload_interval > 0:
-        # Picks up renewed certificates (ACME) without a SIGHUP.
-        poll = TimerService(config.tls_reload_interval, service._reload_changed)
-        poll.clock = reactor
-        poll.setServiceParent(service)
-    service.metrics = metrics
-    service.metrics_service = None
-    if config.metrics_enabled:
-        if callable(getattr(api, "probe", None)):
-            # Keeps /readyz's "API reachable recently" true while idle.
-            ApiProbeService(api, reactor, API_PROBE_INTERVAL).setServiceParent(service)
-        readiness_check = relay_readiness(
-            lambda: zip([c.label for c in service.listener_configs], service.listeners),
-            factory,
-            api,
-            2 * API_PROBE_INTERVAL + config.api_timeout,
-        )
-        # Stopped after the drain (a child, not a listener): /readyz says
-        # "stopping" while sessions finish, so balancers stop sending.
-        service.metrics_service = makeMetricsService(
-            metrics, config.metrics_listen, reactor, readiness_check
-        )
-        service.metrics_service.setServiceParent(service)
-    service.tls = certificates[0]
-    service.certificates = certificates
-    service.listener = service.listeners[0]
-    service.drain_timeout = config.drain_timeout
-    _log_configuration(config, listeners, tls_of, certificates, injected=endpoint is not None)
-    return service
+
+
+def _add_metrics(
+    service: RelayService, config: RelayConfig, api: IEmailAPI, reactor: IRelayReactor
+) -> None:
+    """
+    Serve the metrics, C{/healthz} and C{/readyz} on C{config.metrics_listen},
+    with an API probe keeping C{/readyz}'s "API reachable" true while idle.
+    """
+    if isinstance(api, Reachable):
+        ApiProbeService(api, reactor, API_PROBE_INTERVAL).setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+    readiness_check = relay_readiness(
+        lambda: zip([c.label for c in service.listener_configs], service.listeners),
+        service.factory,
+        api,
+        2 * API_PROBE_INTERVAL + config.api_timeout,
+    )
+    # Stopped after the drain (a child, not a listener): /readyz says
+    # "stopping" while sessions finish, so balancers stop sending.
+    service.metrics_service = makeMetricsService(
+        service.metrics, config.metrics_listen, reactor, readiness_check
+    )
+    service.metrics_service.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
 
 
 def _log_configuration(

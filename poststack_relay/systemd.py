@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorSocket, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from .config import ConfigError
@@ -65,7 +66,21 @@ class SystemdNotifier:
         return True
 
 
-def _describe(port: Any) -> str:
+class Listening(Protocol):
+    """
+    What L{ReadinessService} needs of the relay
+    (L{poststack_relay.service.RelayService}).
+    """
+
+    def ports(self) -> "Optional[Deferred[list[Optional[IListeningPort]]]]":
+        """
+        A Deferred firing with every listening port (C{None} for one that
+        could not bind) once all are settled; C{None} before the listeners
+        start.
+        """
+
+
+def _describe(port: IListeningPort) -> str:
     host = port.getHost()
     address = getattr(host, "host", None)
     number = getattr(host, "port", None)
@@ -82,7 +97,7 @@ class ReadinessService(Service):
     @ivar notifier: where the state goes.
     """
 
-    def __init__(self, notifier: SystemdNotifier, relay: Any) -> None:
+    def __init__(self, notifier: SystemdNotifier, relay: Listening) -> None:
         """
         @param relay: the L{poststack_relay.service.RelayService}; its
             C{ports()} Deferred fires with every listening port once all
@@ -92,17 +107,21 @@ class ReadinessService(Service):
         self._relay = relay
 
     def startService(self) -> None:
-        Service.startService(self)
+        """
+        Send C{READY=1} once every listener is bound.
+        """
+        Service.startService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
         if self.notifier.address is None:
             return
         d = self._relay.ports()
         if d is not None:
             d.addCallback(self._ready)
 
-    def _ready(self, ports: list[Any]) -> list[Any]:
-        if any(port is None for port in ports):
+    def _ready(self, ports: list[Optional[IListeningPort]]) -> list[Optional[IListeningPort]]:
+        bound = [port for port in ports if port is not None]
+        if len(bound) != len(ports):
             return ports  # a listener failed to bind (logged): not ready
-        where = ", ".join(_describe(port) for port in ports)
+        where = ", ".join(_describe(port) for port in bound)
         self.notifier.notify(f"READY=1\nSTATUS=listening on {where}")
         return ports
 
@@ -113,7 +132,7 @@ class ReadinessService(Service):
         self.notifier.notify("STOPPING=1\nSTATUS=stopping")
 
 
-def socketEndpoint(reactor: Any, name: str) -> IStreamServerEndpoint:
+def socketEndpoint(reactor: IReactorSocket, name: str) -> IStreamServerEndpoint:
     """
     The listening socket systemd passed with C{FileDescriptorName=name}
     (C{LISTEN_FDS}, C{LISTEN_FDNAMES}, C{LISTEN_PID}) as Twisted's
@@ -126,13 +145,13 @@ def socketEndpoint(reactor: Any, name: str) -> IStreamServerEndpoint:
     @raise ConfigError: if no such TCP socket was passed.
     """
     try:
-        endpoint = serverFromString(reactor, f"systemd:domain=INET:name={name}")
+        endpoint: AdoptedStreamServerEndpoint = serverFromString(reactor, f"systemd:domain=INET:name={name}")  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
     except KeyError:
         raise ConfigError(
             f"systemd-socket {name!r}: systemd passed no socket of that name "
             "(FileDescriptorName= in the .socket unit)"
         ) from None
-    fileno: int = endpoint.fileno  # type: ignore[attr-defined]
+    fileno: int = endpoint.fileno
     try:
         probe = socket.socket(fileno=os.dup(fileno))
     except OSError as e:
@@ -144,5 +163,6 @@ def socketEndpoint(reactor: Any, name: str) -> IStreamServerEndpoint:
     if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
         raise ConfigError(f"systemd-socket {name!r} is not a TCP listening socket")
     if family == socket.AF_INET6:
-        return serverFromString(reactor, f"systemd:domain=INET6:name={name}")
+        inet6: AdoptedStreamServerEndpoint = serverFromString(reactor, f"systemd:domain=INET6:name={name}")  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+        return inet6
     return endpoint

@@ -18,14 +18,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, cast
 
+from twisted.application.service import IService
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
 from . import config as _config
 from .config import ConfigError, RelayConfig, mask_secret, read_config_file
+from .interfaces import IRelayReactor
 
 ENV_PREFIX = "POSTSTACK_RELAY_"
 
@@ -202,7 +204,12 @@ def _file_values(path: str, table: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config file {path!r}: {key} must be {wanted}, not {value!r}")
         if value == "":
             continue  # as in the environment: empty means unset
-        values[name] = float(value) if convert is float else convert(value) if convert is _listen_specs else value
+        if convert is _listen_specs:
+            values[name] = _listen_specs(cast("list[str]", value))
+        elif convert is float:
+            values[name] = float(cast(float, value))
+        else:
+            values[name] = value
     return values
 
 
@@ -284,7 +291,7 @@ Example:
     sources: dict[str, str]
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's usage.Options is not annotated
         self._environ = os.environ if environ is None else environ
         self["listen"] = None
 
@@ -390,7 +397,7 @@ def check_certificates(config: RelayConfig) -> None:
             raise ConfigError(f"listen {listener.spec!r}: {e}") from None
 
 
-def stop_on_sigterm(reactor: Any) -> None:
+def stop_on_sigterm(reactor: IRelayReactor) -> None:
     """
     Make SIGTERM stop C{reactor} as a normal, successful stop.
 
@@ -415,7 +422,20 @@ def stop_on_sigterm(reactor: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def reload_tls_on_sighup(reactor: Any, service: Any) -> None:
+class Reloadable(Protocol):
+    """
+    A service whose TLS certificates SIGHUP reloads: the relay
+    (L{poststack_relay.service.RelayService}) or the C{--workers}
+    supervisor.
+    """
+
+    def reload_tls(self, trigger: str = ...) -> object:
+        """
+        Load the certificate and key files again; C{trigger} is for the log.
+        """
+
+
+def reload_tls_on_sighup(reactor: IRelayReactor, service: Reloadable) -> None:
     """
     Make SIGHUP reload the TLS certificate and key: C{service.reload_tls}
     (L{poststack_relay.service.RelayService.reload_tls}) runs on the
@@ -431,7 +451,7 @@ def reload_tls_on_sighup(reactor: Any, service: Any) -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
-def makeService(options: Options) -> Any:
+def makeService(options: Options) -> IService:
     """
     Build the relay for twistd.  A certificate or key that cannot be used
     ends the command with one line on stderr and exit status 1.  SIGTERM
@@ -452,8 +472,11 @@ def makeService(options: Options) -> Any:
     L{poststack_relay.logs.LogObserverService} whose C{service} is the
     relay (or the supervisor).
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
+    # The global reactor provides everything the relay needs of one
+    # (IRelayReactor); nothing declares that combination, hence the cast.
+    reactor = cast(IRelayReactor, global_reactor)
     from .memory import freeze_start_up_objects, return_large_blocks
 
     # This process is the relay's own: large blocks go back to the system
@@ -461,7 +484,7 @@ def makeService(options: Options) -> Any:
     # collections (poststack_relay.memory; docs/performance.md).
     return_large_blocks()
     reactor.callWhenRunning(freeze_start_up_objects)
-    service: Any
+    service: Any  # the relay, or the --workers supervisor
     if options.config.workers > 1:
         from .workers import Supervisor, exit_with
 

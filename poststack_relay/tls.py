@@ -1,16 +1,10 @@
-# -*- test-case-name: tests.test_tls,tests.test_tls_scan,tests.test_tls_reload,tests.test_metrics -*-
+# -*- test-case-name: tests.test_tls,tests.test_tls_scan,tests.test_tls_reload -*-
 """
-Implicit TLS for the listener: Mozilla's server profiles, certificate
-reload without restart, and polite refusal of plaintext clients.
+The listener's TLS settings: Mozilla's server profiles, certificates and
+keys from PEM files, and their reload without restart.
 
-The relay does not use C{SSL4ServerEndpoint} directly: it wraps whatever
-stream endpoint it listens on (TCP, or a C{systemd:} socket) in TLS the way
-txsni does, with a L{TLSMemoryBIOFactory}.  That is exactly what
-C{listenSSL} does inside Twisted, with one addition: the wrapper sees the
-first bytes before OpenSSL does, so a client that speaks plaintext SMTP or
-waits for a banner (a STARTTLS-configured client on the implicit-TLS port)
-is told in one plaintext line what is wrong instead of timing out in
-silence.
+The wrapping itself (implicit TLS on any endpoint, refusing plaintext
+clients politely) is L{poststack_relay.implicittls}'s.
 
 The TLS settings follow Mozilla's server side TLS recommendations
 (U{https://wiki.mozilla.org/Security/Server_Side_TLS}), version 6.0, and
@@ -37,37 +31,24 @@ with.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Optional, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ed448, ed25519, rsa
 from OpenSSL import SSL
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IOpenSSLServerConnectionCreator,
-    IProtocolFactory,
-    IReactorTime,
-)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from twisted.python.failure import Failure
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.randbytes import secureRandom
 from zope.interface import implementer
 
 from .config import TLS_PROFILES, ConfigError
+from .implicittls import ImplicitTLSFactory, ImplicitTLSProtocol
 from .metrics import RelayMetrics
-from .replies import NOT_TLS
 
 _log = Logger()
-
-try:
-    # Does an OpenSSL error stand for an end of file?  (Twisted's own test.)
-    from twisted.protocols.tls import _representsEOF
-except ImportError:  # pragma: no cover - depends on the Twisted version
-
-    def _representsEOF(exceptionObject: Any) -> bool:
-        return isinstance(exceptionObject, SSL.SysCallError)
 
 # Mozilla intermediate, TLS 1.2: ECDHE with AEAD ciphers, in Mozilla's order.
 TLS12_CIPHERS = ":".join(
@@ -89,8 +70,15 @@ TLS_GROUPS_CLASSIC = "X25519:P-256:P-384"
 
 _MINIMUM_VERSION = {"intermediate": SSL.TLS1_2_VERSION, "modern": SSL.TLS1_3_VERSION}
 
-# A TLS record starts with content type 22 (handshake) and major version 3.
-_TLS_HANDSHAKE = 0x16
+
+# The private keys OpenSSL can sign a handshake with.
+_ServerKey = Union[
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    dsa.DSAPrivateKey,
+]
 
 
 def _read(path: str, what: str) -> bytes:
@@ -119,19 +107,24 @@ def _set_groups(context: SSL.Context) -> None:
     pyOpenSSL has no public call for this (OpenSSL's
     C{SSL_CTX_set1_groups_list}), so this calls the OpenSSL binding that
     pyOpenSSL itself uses, the way Twisted's C{CertificateOptions} calls
-    C{SSL_CTX_set_ecdh_auto}.  Should that binding ever go away, the context
-    falls back to P-256 alone (public API): still within Mozilla's profiles,
-    without X25519.
+    C{SSL_CTX_set_ecdh_auto}.  It is the one private name the relay uses
+    (pyOpenSSL's C{_util.lib} and C{Context._context}), and only here.
+    Should either go away in a pyOpenSSL release, the context falls back to
+    P-256 alone (public API): still within Mozilla's profiles, but without
+    X25519 and the post-quantum hybrid (tests/test_tls_scan.py checks the
+    groups offered, so such an upgrade fails the tests rather than
+    passing silently).
     """
     try:
         from OpenSSL._util import lib
 
         set_list = lib.SSL_CTX_set1_curves_list  # the old name of set1_groups_list
+        handle = context._context
     except (ImportError, AttributeError):  # pragma: no cover - depends on pyOpenSSL
         context.set_tmp_ecdh(ec.SECP256R1())
         return
     for groups in (TLS_GROUPS, TLS_GROUPS_CLASSIC):
-        if set_list(context._context, groups.encode("ascii")) == 1:
+        if set_list(handle, groups.encode("ascii")) == 1:
             return
     raise ConfigError(f"OpenSSL refused the TLS groups {TLS_GROUPS_CLASSIC!r}")
 
@@ -192,7 +185,7 @@ def describe_certificate(certificate: x509.Certificate) -> dict[str, str]:
 
 
 def _make_context(
-    profile: str, leaf: x509.Certificate, chain: list[x509.Certificate], key: Any
+    profile: str, leaf: x509.Certificate, chain: list[x509.Certificate], key: _ServerKey
 ) -> SSL.Context:
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(_MINIMUM_VERSION[profile])
@@ -251,6 +244,20 @@ def load_certificate_options(
         raise ConfigError(
             f"TLS key {where!r} holds no usable unencrypted PEM private key ({e.__class__.__name__})"
         ) from None
+    where = key_path or cert_path
+    if not isinstance(
+        key,
+        (
+            rsa.RSAPrivateKey,
+            ec.EllipticCurvePrivateKey,
+            ed25519.Ed25519PrivateKey,
+            ed448.Ed448PrivateKey,
+            dsa.DSAPrivateKey,
+        ),
+    ):
+        raise ConfigError(
+            f"TLS key {where!r} is a {key.__class__.__name__}, not a key a TLS server can sign with"
+        )
     leaf = certs[0]
     if leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -411,102 +418,13 @@ class ReloadableTLS:
             return False
 
 
-class ImplicitTLSProtocol(BufferingTLSTransport):
-    """
-    A server TLS connection that refuses plaintext clients politely.
-
-    If the first byte is not a TLS handshake record, or no byte arrives
-    within the factory's C{detectTimeout}, one plaintext C{554 5.7.0} line is
-    written under the TLS layer and the connection closes.  The application
-    protocol's own greeting is inside TLS and is never seen in plaintext.
-
-    A connection that never completes the handshake is counted once in the
-    factory's metrics (C{tls_handshake_failures_total}): C{plaintext},
-    C{timeout} (no byte within C{detectTimeout}), C{handshake} (an OpenSSL
-    error: no common protocol or cipher, a client alert...) or C{closed}
-    (the client left mid-handshake).  A connection that closes before
-    sending any byte (a TCP health check) is not counted.
-    """
-
-    factory: "ImplicitTLSFactory"
-    _detectCall: Optional[IDelayedCall] = None
-    _sawFirstByte = False
-    _failureCounted = False
-
-    def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(transport)
-        timeout = self.factory.detectTimeout
-        if timeout and self.transport is not None and not self._sawFirstByte:
-            self._detectCall = self.factory._clock.callLater(timeout, self._refusePlaintext)
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._sawFirstByte and data:
-            self._sawFirstByte = True
-            self._cancelDetect()
-            if data[0] != _TLS_HANDSHAKE:
-                self._refusePlaintext("plaintext")
-                return
-        super().dataReceived(data)
-
-    def _cancelDetect(self) -> None:
-        if self._detectCall is not None and self._detectCall.active():
-            self._detectCall.cancel()
-        self._detectCall = None
-
-    def _refusePlaintext(self, reason: str = "timeout") -> None:
-        self._detectCall = None
-        self._sawFirstByte = True
-        self._countFailure(reason)
-        peer = self.transport.getPeer()
-        _log.info(
-            "refused plaintext client {client}: port requires implicit TLS",
-            client=getattr(peer, "host", str(peer)),
-            event="tls_plaintext_refused",
-        )
-        # Written under the TLS layer, in clear.
-        self.transport.write(NOT_TLS.line())
-        self.transport.loseConnection()
-
-    def _countFailure(self, reason: str) -> None:
-        if not self._failureCounted:
-            self._failureCounted = True
-            self.factory.metrics.tls_failures[reason].inc()
-
-    def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
-        if (
-            reason is not None
-            and not self._handshakeDone
-            and isinstance(reason.value, SSL.Error)
-            and not _representsEOF(reason.value)
-        ):
-            self._countFailure("handshake")
-        super()._tlsShutdownFinished(reason)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self._cancelDetect()
-        super().connectionLost(reason)
-        if self._sawFirstByte and not self._handshakeDone:
-            self._countFailure("closed")
-
-
-class ImplicitTLSFactory(TLSMemoryBIOFactory):
-    """
-    Wraps an SMTP factory in server-side TLS with plaintext detection.
-
-    @ivar metrics: where handshake failures are counted (a private
-        L{RelayMetrics} if none is given).
-    """
-
-    protocol = ImplicitTLSProtocol
-
-    def __init__(
-        self,
-        contextFactory: Any,
-        wrappedFactory: IProtocolFactory,
-        detectTimeout: float,
-        clock: Optional[IReactorTime] = None,
-        metrics: Optional[RelayMetrics] = None,
-    ) -> None:
-        super().__init__(contextFactory, False, wrappedFactory, clock)
-        self.detectTimeout = detectTimeout
-        self.metrics = metrics if metrics is not None else RelayMetrics()
+# ImplicitTLSFactory and ImplicitTLSProtocol moved to poststack_relay.implicittls;
+# importable from here until the tests that still import them from here move.
+__all__ = [
+    "ImplicitTLSFactory",
+    "ImplicitTLSProtocol",
+    "ReloadableTLS",
+    "TLSOptions",
+    "describe_certificate",
+    "load_certificate_options",
+]

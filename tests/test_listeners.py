@@ -29,10 +29,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from poststack_relay import RelayConfig, makeRelayService, tap
 from poststack_relay.config import ConfigError, ListenerConfig, parse_listener
-from poststack_relay.service import ProxyProtocolFactory, RelayService
+from poststack_relay.proxyprotocol import ProxyProtocolFactory
+from poststack_relay.service import RelayService
 from poststack_relay.smtp import RelayFactory
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
-from poststack_relay.tls import ImplicitTLSFactory
+from poststack_relay.implicittls import ImplicitTLSFactory
 from tests.test_commands import free_port
 from tests.test_systemd import _pending, _receiver
 
@@ -61,7 +62,7 @@ def combined(directory: str) -> str:
 
 def context_of(factory: Any) -> Any:
     """The C{SSL.Context} a new connection of a TLS wrapping factory gets."""
-    return factory._creatorCallable(None).get_context()
+    return factory.connectionCreator.getContext()
 
 
 def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

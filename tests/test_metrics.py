@@ -17,7 +17,6 @@ import urllib.request
 from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -49,7 +48,9 @@ from poststack_relay.sandbox import (
 )
 from poststack_relay.smtp import RelayFactory
 from poststack_relay.testing import MemoryEmailAPI, make_certificate, write_certificate
-from poststack_relay.tls import ImplicitTLSFactory, ReloadableTLS, load_certificate_options
+from poststack_relay.implicittls import ImplicitTLSFactory
+from poststack_relay.listening import ListeningService
+from poststack_relay.tls import ReloadableTLS, load_certificate_options
 from tests.test_api import BASE, FULL, SERVICE, email
 from tests.test_smtp import MESSAGE, Harness, plain
 
@@ -559,9 +560,7 @@ class ReadinessTests(SynchronousTestCase):
     def test_reasons(self) -> None:
         """Not listening, stopping and API unreachable each give a reason; an in-memory API is reachable."""
         reactor = MemoryReactorClock()
-        listener = StreamServerEndpointService(
-            TCP4ServerEndpoint(reactor, 0), Factory.forProtocol(Protocol)
-        )
+        listener = ListeningService(TCP4ServerEndpoint(reactor, 0), Factory.forProtocol(Protocol))
 
         class Stopping:
             stopping = False
@@ -669,12 +668,10 @@ class LoopbackTests(TestCase):
         self.factory = factory = RelayFactory(portal, cfg, reactor, metrics=metrics)
         tls = ReloadableTLS(self.cafile, keyfile, metrics=metrics)
         wrapped = ImplicitTLSFactory(tls, factory, 2.0, reactor, metrics=metrics)
-        listener = StreamServerEndpointService(
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), wrapped
-        )
+        listener = ListeningService(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), wrapped)
         listener.startService()
         self.addCleanup(listener.stopService)
-        self.smtp_port = (await listener._waitingForPort).getHost().port
+        self.smtp_port = (await listener.when_listening()).getHost().port
         service = makeMetricsService(
             metrics, "127.0.0.1:0", reactor, relay_readiness(lambda: [("smtps", listener)], factory, api, 60)
         )

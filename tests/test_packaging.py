@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_packaging -*-
 """
-Packaging: what the wheel holds, and twistd finding both plugins
+Packaging: what the wheel holds, and twistd finding both plugins and the implicittls: endpoint parser
 (C{poststack-relay}, C{poststack-sandbox}) in the three ways the project is
 run: after C{pip install .}, after C{pip install -e .} in pip's default
 editable mode, and from the source tree with C{PYTHONPATH=.}.
@@ -41,10 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300
 
 PLUGIN_NAMES = ("poststack-relay", "poststack-sandbox")
-PLUGIN_FILES = ("poststack_relay_plugin.py", "poststack_sandbox_plugin.py")
+PLUGIN_FILES = (
+    "poststack_relay_endpoints.py",
+    "poststack_relay_plugin.py",
+    "poststack_sandbox_plugin.py",
+)
 # The five of the design, and prometheus-client for /metrics (README says why).
 RUNTIME_REQUIREMENTS = {"twisted", "service-identity", "pyopenssl", "treq", "attrs", "prometheus-client"}
-TEST_REQUIREMENTS = {"pytest", "hypothesis"}
+TEST_REQUIREMENTS = {"pytest", "hypothesis", "mypy", "mypy-zope"}
 
 # Run in the interpreter under test with -P (no script/cwd directory on
 # sys.path); prints where the plugins, Twisted and our package came from.
@@ -52,14 +56,18 @@ PROBE = """\
 import json
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
+from twisted.internet.interfaces import IStreamServerEndpointStringParser
 tapnames = sorted(p.tapname for p in getPlugins(IServiceMaker))
+prefixes = sorted(p.prefix for p in getPlugins(IStreamServerEndpointStringParser))
 import twisted
+import twisted.plugins.poststack_relay_endpoints as endpoints
 import twisted.plugins.poststack_relay_plugin as relay
 import twisted.plugins.poststack_sandbox_plugin as sandbox
 import poststack_relay
 print(json.dumps({
     "tapnames": tapnames,
-    "plugin_files": [relay.__file__, sandbox.__file__],
+    "prefixes": prefixes,
+    "plugin_files": [endpoints.__file__, relay.__file__, sandbox.__file__],
     "twisted": twisted.__file__,
     "package": poststack_relay.__file__,
 }))
@@ -72,6 +80,7 @@ class ProbeResult(TypedDict):
     """
 
     tapnames: list[str]
+    prefixes: list[str]
     plugin_files: list[str]
     twisted: str
     package: str
@@ -258,6 +267,7 @@ class PackagingTests(SynchronousTestCase):
             self.assertRegex(help_text, rf"(?m)^\s+{re.escape(name)}\s", f"{name} not in twistd --help:\n{help_text}")
         found = self._probe(python, cwd, env)
         self.assertTrue(set(PLUGIN_NAMES) <= set(found["tapnames"]), found)
+        self.assertIn("implicittls", found["prefixes"])
         self.assertEqual(sorted(Path(f).name for f in found["plugin_files"]), sorted(PLUGIN_FILES))
         for plugin_file in found["plugin_files"]:
             self.assertTrue(_is_within(plugin_file, plugin_dir), f"{plugin_file} is not in {plugin_dir}")
@@ -315,7 +325,7 @@ class PackagingTests(SynchronousTestCase):
         return wheel
 
     def test_wheel_contents(self) -> None:
-        """The wheel ships both plugin modules and every package file, but no twisted/__init__.py and no dropin.cache."""
+        """The wheel ships the three plugin modules and every package file, but no twisted/__init__.py and no dropin.cache."""
         names = set(self._build_wheel().namelist())
         for plugin in PLUGIN_FILES:
             self.assertIn(f"twisted/plugins/{plugin}", names)

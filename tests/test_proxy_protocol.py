@@ -1,5 +1,5 @@
 """
-Tests for the PROXY protocol v1/v2 option (L{poststack_relay.service.ProxyProtocolFactory}):
+Tests for the PROXY protocol v1/v2 option (L{poststack_relay.proxyprotocol}):
 in memory, and end to end over loopback with real TLS and a real SMTP client.
 """
 
@@ -15,17 +15,25 @@ import time
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import provider
 
 from poststack_relay import RelayConfig, makeRelayService
-from poststack_relay.service import PROXY_HEADER_TIMEOUT, ProxyProtocolFactory, RelayService
+from poststack_relay.proxyprotocol import (
+    PROXY_HEADER_TIMEOUT,
+    InvalidProxyHeader,
+    NoProxyHeader,
+    ProxyHeader,
+    ProxyProtocolFactory,
+    parse_proxy_header,
+)
+from poststack_relay.service import RelayService
 from poststack_relay.tap import Options
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
-from poststack_relay.tls import ImplicitTLSFactory
+from poststack_relay.implicittls import ImplicitTLSFactory
 from tests.e2e.harness import FULL_KEY, RelayTestCase
 
 V1_HEADER = b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 587\r\n"
@@ -53,6 +61,72 @@ def client_hello() -> bytes:
     except SSL.WantReadError:
         pass
     return connection.bio_read(65536)
+
+
+class HeaderParserTests(SynchronousTestCase):
+    """L{parse_proxy_header}, the pure parser, on bytes alone."""
+
+    def test_v1(self) -> None:
+        """v1 TCP4 and TCP6 headers give both addresses and the header's length."""
+        header, length = parse_proxy_header(V1_HEADER + b"\x16rest")
+        self.assertEqual(length, len(V1_HEADER))
+        assert header is not None
+        self.assertEqual(header.source, IPv4Address("TCP", "203.0.113.7", 56324))
+        self.assertEqual(header.destination, IPv4Address("TCP", "192.0.2.1", 587))
+        header, _ = parse_proxy_header(b"PROXY TCP6 2001:db8::1 2001:db8::2 4000 587\r\n")
+        assert header is not None
+        self.assertEqual(header.source, IPv6Address("TCP", "2001:db8::1", 4000))
+
+    def test_v1_unknown(self) -> None:
+        """PROXY UNKNOWN carries no addresses (the connection's own stand)."""
+        self.assertEqual(
+            parse_proxy_header(b"PROXY UNKNOWN whatever\r\n"), (ProxyHeader(), 24)
+        )
+
+    def test_v2(self) -> None:
+        """v2 PROXY over IPv4 and IPv6, with TLVs after the addresses; LOCAL carries none."""
+        data = v2_header("198.51.100.23", "192.0.2.1", 40123, 587)
+        header, length = parse_proxy_header(data + b"tail")
+        self.assertEqual(length, len(data))
+        assert header is not None
+        self.assertEqual(header.source, IPv4Address("TCP", "198.51.100.23", 40123))
+        six = (
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x21" + struct.pack("!H", 36 + 7)
+            + socket.inet_pton(socket.AF_INET6, "2001:db8::7") + socket.inet_pton(socket.AF_INET6, "::1")
+            + struct.pack("!HH", 5000, 587) + b"\x04\x00\x04abcd"
+        )
+        header, length = parse_proxy_header(six)
+        self.assertEqual(length, len(six))
+        assert header is not None
+        # Eight groups without zero compression, as Twisted's parser wrote them.
+        self.assertEqual(header.source, IPv6Address("TCP", "2001:db8:0:0:0:0:0:7", 5000))
+        local = v2_header("0.0.0.0", "0.0.0.0", 0, 0, command=0x20)
+        self.assertEqual(parse_proxy_header(local), (ProxyHeader(), len(local)))
+
+    def test_needs_more(self) -> None:
+        """Every proper prefix of a v1 or v2 header asks for more bytes (a v2 header split anywhere)."""
+        for whole in (V1_HEADER, v2_header("198.51.100.23", "192.0.2.1", 40123, 587)):
+            for cut in range(len(whole)):
+                self.assertEqual(parse_proxy_header(whole[:cut]), (None, 0), (whole, cut))
+
+    def test_invalid(self) -> None:
+        """Bytes that are not a header, and malformed headers, raise; the first kind says there is no header."""
+        for data in (client_hello(), b"EHLO client.test\r\n", b"\r\n\r\n\x00\r\nQUIT\n\x11"):
+            with self.assertRaises(NoProxyHeader, msg=data):
+                parse_proxy_header(data)
+        for data in (
+            b"PROXY TCP4 not-an-address\r\n",
+            b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 99999\r\n",
+            b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",
+            b"PROXY TCP5 203.0.113.7 192.0.2.1 1 2\r\n",
+            b"PROXY " + b"x" * 120,
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04abcd",  # addresses cut short
+            b"\r\n\r\n\x00\r\nQUIT\n\x22\x11\x00\x00",  # unknown command
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x41\x00\x00",  # unknown family
+        ):
+            with self.assertRaises(InvalidProxyHeader, msg=data) as raised:
+                parse_proxy_header(data)
+            self.assertFalse(isinstance(raised.exception, NoProxyHeader), data)
 
 
 class ProxyProtocolMemoryTests(SynchronousTestCase):

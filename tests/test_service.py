@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from poststack_relay import ConfigError, RelayConfig, makeRelayService
 from poststack_relay.smtp import RelayFactory
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
-from poststack_relay.tls import ImplicitTLSFactory
+from poststack_relay.implicittls import ImplicitTLSFactory
 
 
 class ServiceTests(SynchronousTestCase):

@@ -25,7 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from poststack_relay import ConfigError, RelayConfig, makeRelayService, tap
 from poststack_relay.systemd import SystemdNotifier, socketEndpoint
 from poststack_relay.testing import write_certificate
-from poststack_relay.tls import ImplicitTLSFactory
+from poststack_relay.implicittls import ImplicitTLSFactory
 from tests.test_commands import ROOT, TWISTD, stop_process
 
 ETC = Path(ROOT) / "etc"

@@ -15,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.config import ConfigError
 from poststack_relay.testing import make_certificate, write_certificate
-from poststack_relay.tls import ImplicitTLSFactory, load_certificate_options
+from poststack_relay.implicittls import ImplicitTLSFactory
+from poststack_relay.tls import load_certificate_options
 
 
 class Recorder(Protocol):

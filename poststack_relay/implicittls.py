@@ -1,0 +1,245 @@
+# -*- test-case-name: tests.test_tls,tests.test_endpoints,tests.test_metrics -*-
+"""
+Implicit TLS (RFC 8314) on any stream server endpoint, with polite refusal
+of plaintext clients.
+
+The relay does not listen with C{SSL4ServerEndpoint}: L{ImplicitTLSEndpoint}
+wraps whatever endpoint it listens on (TCP, a C{systemd:} socket, a
+supervisor's shared socket, a L{ProxyProtocolEndpoint
+<poststack_relay.proxyprotocol.ProxyProtocolEndpoint>}) in a
+L{TLSMemoryBIOFactory}, the way txsni's C{TLSEndpoint} does and what
+C{listenSSL} does inside Twisted, with one addition a bare
+C{SSL4ServerEndpoint} cannot make: the wrapper sees the first bytes before
+OpenSSL does, so a client that speaks plaintext SMTP or waits for a banner
+(a STARTTLS-configured client on the implicit-TLS port) is told in one
+plaintext C{554 5.7.0} line what is wrong instead of timing out in silence.
+
+The TLS settings themselves (profiles, certificates, reload) are
+L{poststack_relay.tls}'s; C{implicittls:} endpoint descriptions are parsed
+by L{poststack_relay.endpoints}.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .metrics import RelayMetrics
+from .replies import NOT_TLS
+
+_log = Logger()
+
+# A TLS record starts with content type 22 (handshake).
+_TLS_HANDSHAKE = 0x16
+
+
+def is_end_of_file(error: SSL.Error) -> bool:
+    """
+    Does an OpenSSL error only say that the peer went away (an end of file
+    in the middle of TLS) rather than that TLS failed?  The same test as
+    Twisted's own C{TLSMemoryBIOProtocol} makes before it reports a lost
+    connection.
+    """
+    if isinstance(error, SSL.SysCallError):
+        reason = error.args[1] if len(error.args) > 1 else ""
+    else:
+        queue = error.args[0] if error.args else None
+        if not queue:
+            return True  # OpenSSL 4 reports an end of file with no reason
+        reason = queue[-1][-1] if isinstance(queue, list) else str(queue)
+    return str(reason).casefold().startswith("unexpected eof")
+
+
+class ImplicitTLSProtocol(BufferingTLSTransport):
+    """
+    A server TLS connection that refuses plaintext clients politely.
+
+    If the first byte is not a TLS handshake record, or no byte arrives
+    within the factory's C{detectTimeout}, one plaintext C{554 5.7.0} line is
+    written under the TLS layer and the connection closes.  The application
+    protocol's own greeting is inside TLS and is never seen in plaintext.
+
+    A connection that never completes the handshake is counted once in the
+    factory's metrics (C{tls_handshake_failures_total}): C{plaintext},
+    C{timeout} (no byte within C{detectTimeout}), C{handshake} (an OpenSSL
+    error: no common protocol or cipher, a client alert...) or C{closed}
+    (the client left mid-handshake).  A connection that closes before
+    sending any byte (a TCP health check) is not counted.
+    """
+
+    factory: "ImplicitTLSFactory"
+    _detectCall: Optional[IDelayedCall] = None
+    _sawFirstByte = False
+    _failureCounted = False
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """
+        Connect, and start waiting for the client's first byte.
+        """
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+        timeout = self.factory.detectTimeout
+        if timeout and self.transport is not None and not self._sawFirstByte:
+            self._detectCall = self.factory.clock.callLater(timeout, self._refusePlaintext)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Refuse a first byte that does not start a TLS record; pass the rest
+        to TLS.
+        """
+        if not self._sawFirstByte and data:
+            self._sawFirstByte = True
+            self._cancelDetect()
+            if data[0] != _TLS_HANDSHAKE:
+                self._refusePlaintext("plaintext")
+                return
+        super().dataReceived(data)  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+
+    def _cancelDetect(self) -> None:
+        if self._detectCall is not None and self._detectCall.active():
+            self._detectCall.cancel()
+        self._detectCall = None
+
+    def _refusePlaintext(self, reason: str = "timeout") -> None:
+        self._detectCall = None
+        self._sawFirstByte = True
+        self._countFailure(reason)
+        transport = self.transport
+        assert transport is not None, "not connected"
+        peer = transport.getPeer()
+        _log.info(
+            "refused plaintext client {client}: port requires implicit TLS",
+            client=getattr(peer, "host", str(peer)),
+            event="tls_plaintext_refused",
+        )
+        # Written under the TLS layer, in clear.
+        transport.write(NOT_TLS.line())
+        transport.loseConnection()
+
+    def _countFailure(self, reason: str) -> None:
+        if not self._failureCounted:
+            self._failureCounted = True
+            self.factory.metrics.tls_failures[reason].inc()
+
+    def _handshake_done(self) -> bool:
+        # Twisted's own flag (private): Twisted has no public "handshake
+        # done" on the server side.  If it is renamed, every failed
+        # handshake counts as "closed", never "handshake"
+        # (tests/test_metrics.py pins both counts).
+        return bool(getattr(self, "_handshakeDone", False))
+
+    def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
+        # Twisted's own hook (private): the one place the TLS layer says it
+        # gave up, with OpenSSL's error; Twisted has no public callback for
+        # a failed server handshake.  If it is renamed, this override is
+        # never called and handshake failures count as "closed" (see
+        # _handshake_done).
+        if (
+            reason is not None
+            and not self._handshake_done()
+            and isinstance(reason.value, SSL.Error)
+            and not is_end_of_file(reason.value)
+        ):
+            self._countFailure("handshake")
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Stop waiting; count a client that left mid-handshake.
+        """
+        self._cancelDetect()
+        super().connectionLost(reason)
+        if self._sawFirstByte and not self._handshake_done():
+            self._countFailure("closed")
+
+
+class ImplicitTLSFactory(TLSMemoryBIOFactory):
+    """
+    Wraps a server factory (the relay's SMTP factory) in server-side TLS
+    with plaintext detection.
+
+    @ivar connectionCreator: where each connection's C{SSL.Connection}
+        comes from (L{poststack_relay.tls.ReloadableTLS} in the relay).
+    @ivar detectTimeout: seconds to wait for the first byte (0: forever).
+    @ivar clock: for C{detectTimeout}.
+    @ivar metrics: where handshake failures are counted (a private
+        L{RelayMetrics} if none is given).
+    """
+
+    protocol = ImplicitTLSProtocol
+
+    def __init__(
+        self,
+        contextFactory: IOpenSSLServerConnectionCreator,
+        wrappedFactory: IProtocolFactory,
+        detectTimeout: float,
+        clock: IReactorTime,
+        metrics: Optional[RelayMetrics] = None,
+    ) -> None:
+        super().__init__(contextFactory, False, wrappedFactory, clock)
+        self.connectionCreator = contextFactory
+        self.clock: IReactorTime = clock
+        self.detectTimeout = detectTimeout
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class ImplicitTLSEndpoint:
+    """
+    A stream server endpoint speaking implicit TLS (with plaintext
+    detection, see the module) on top of another endpoint.
+
+    @ivar wrapped: where to listen: TCP, a systemd socket, a
+        L{ProxyProtocolEndpoint
+        <poststack_relay.proxyprotocol.ProxyProtocolEndpoint>}...
+    @ivar tls: the server's TLS settings (an
+        C{IOpenSSLServerConnectionCreator}: L{poststack_relay.tls.TLSOptions}
+        or L{poststack_relay.tls.ReloadableTLS}).
+    @ivar clock: for C{detectTimeout} and TLS's own buffering.
+    @ivar detectTimeout: seconds to wait for a client's first byte before
+        telling it, in plaintext, that the port needs TLS (0: never).
+    @ivar metrics: where handshake failures are counted; C{None}: nowhere
+        shared.
+    """
+
+    wrapped: IStreamServerEndpoint
+    tls: IOpenSSLServerConnectionCreator
+    clock: IReactorTime
+    detectTimeout: float
+    metrics: Optional[RelayMetrics] = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> "Deferred[IListeningPort]":
+        """
+        Listen on the wrapped endpoint with C{protocolFactory} inside
+        implicit TLS.
+        """
+        return self.wrapped.listen(
+            ImplicitTLSFactory(
+                self.tls, protocolFactory, self.detectTimeout, self.clock, metrics=self.metrics
+            )
+        )
+
+
+__all__ = [
+    "ImplicitTLSEndpoint",
+    "ImplicitTLSFactory",
+    "ImplicitTLSProtocol",
+    "is_end_of_file",
+]
