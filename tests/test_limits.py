@@ -376,7 +376,7 @@ class LongLineTests(SynchronousTestCase):
         out: list[bytes] = []
         for chunk in self.chunks(stuff(self.MESSAGE)):
             out += h.feed(chunk)
-            self.assertLessEqual(len(h.proto._held), DATA_HOLD_LIMIT + 16384)
+            self.assertLessEqual(h.held, DATA_HOLD_LIMIT + 16384)
         self.assertEqual(out, [queued(1)])
         self.assertEqual(h.raws, [self.MESSAGE])
         text = h.api.sent[0][1].payload["text"]
@@ -390,12 +390,12 @@ class LongLineTests(SynchronousTestCase):
         out: list[bytes] = []
         for chunk in self.chunks(stuff(self.MESSAGE)):
             out += h.feed(chunk)
-            self.assertLessEqual(sum(map(len, h.proto._chunks)), limit)
-            self.assertLessEqual(len(h.proto._held), DATA_HOLD_LIMIT + 16384)
+            self.assertLessEqual(h.kept, limit)
+            self.assertLessEqual(h.held, DATA_HOLD_LIMIT + 16384)
         self.assertEqual(
             out, [b"552 5.3.4 Message size exceeds fixed maximum message size of %d octets" % limit]
         )
-        self.assertEqual((h.raws, h.api.sent, h.proto._chunks), ([], [], []))
+        self.assertEqual((h.raws, h.api.sent, h.proto.state.scanner), ([], [], None))
 
     def test_line_of_1001_octets(self) -> None:
         """A line just over RFC 5321's 1000 octets (CRLF included) is accepted unchanged."""

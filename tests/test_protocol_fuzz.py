@@ -265,7 +265,7 @@ class _Session:
         while remaining > 0:
             tick = min(remaining, 1.0)
             remaining -= tick
-            waiting = self.proto._mode == "wait"
+            waiting = self.proto.state.mode == "wait"
             before = len(self.transport.value())
             clock.advance(tick)
             if waiting:
@@ -279,7 +279,7 @@ class _Session:
         waiting = [d for d in self.api.pending if not d.called]
         if not waiting:
             return
-        if self.proto._mode == "closed":
+        if self.proto.state.mode == "closed":
             self.unanswerable += 1
         waiting[index % len(waiting)].callback(None)
 
@@ -322,7 +322,7 @@ class _Session:
         self.check()
         self.harness.clock.advance(3600)
         self.check()
-        self.testcase.assertEqual(self.proto._mode, "closed", self.describe())
+        self.testcase.assertEqual(self.proto.state.mode, "closed", self.describe())
         self.testcase.assertTrue(
             self.lost or self.transport.disconnecting, self.describe()
         )
@@ -370,7 +370,7 @@ class _Session:
             found = _QUEUED.match(line)
             if found is not None:
                 queued.append(found.group(1))
-        mode = self.proto._mode
+        mode = self.proto.state.mode
         tc.assertIn(mode, KNOWN_MODES)
         self.modes.add(mode)
         if closing is not None:
@@ -498,10 +498,10 @@ class InvariantSelfTests(SynchronousTestCase):
     def test_catches_a_hang(self) -> None:
         """A session waiting with nothing to wake it fails the check."""
         session = _Session(self)
-        session.proto.setTimeout(None)
-        session.proto._mode = "wait"
+        session.proto.set_idle_timer(None)
+        session.proto.state.mode = "wait"
         self.assertRaises(self.failureException, session.check)
-        session.proto._mode = "command"
+        session.proto.state.mode = "command"
 
     def test_good_session_passes(self) -> None:
         """A normal pipelined session passes every check and ends closed."""
@@ -518,7 +518,7 @@ class InvariantSelfTests(SynchronousTestCase):
         session.run(("api", "hold"))
         session.run(("send", [PIECES[3]], []))
         session.check()
-        self.assertEqual(session.proto._mode, "wait")
+        self.assertEqual(session.proto.state.mode, "wait")
         session.run(("lose",))
         session.run(("fire", 0))
         session.check()

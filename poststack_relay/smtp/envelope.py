@@ -1,0 +1,139 @@
+# -*- test-case-name: tests.test_smtp_envelope,tests.test_smtp_commands -*-
+"""
+The arguments of C{MAIL FROM:} and C{RCPT TO:}, pure: a path and its
+parameters in, the address (route removed) or the reply refusing it out.
+
+Only SMTP syntax is decided here (the path, RFC 5321's length limits and
+address syntax, the parameters the relay supports); whether the sender
+may be used is the delivery avatar's policy (L{IRelayDelivery.validate_sender}).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Union
+
+from .. import replies
+from ..replies import Reply
+from .paths import has_domain, path_problem
+
+_PATH = rb"<(?P<path>[^<>]*)>|(?P<bare>[^\s<>]+)"
+_MAIL_RE = re.compile(rb"FROM:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", re.I)
+_RCPT_RE = re.compile(rb"TO:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", re.I)
+_ROUTE_RE = re.compile(r"^@[^:]*:")
+
+_BODY_TYPES = (b"7BIT", b"8BITMIME")
+
+
+def parse_path(match: "re.Match[bytes]") -> Optional[str]:
+    """
+    The address of a MAIL/RCPT path: angle brackets and source routes
+    removed, C{""} for C{<>}; C{None} if it is not UTF-8.
+    """
+    raw = match.group("path")
+    if raw is None:
+        raw = match.group("bare")
+    try:
+        address = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return _ROUTE_RE.sub("", address)
+
+
+def _raw_path(match: "re.Match[bytes]") -> bytes:
+    raw: Optional[bytes] = match.group("path")
+    if raw is None:
+        raw = match.group("bare")
+    assert raw is not None
+    return raw
+
+
+def _has_comment(params: bytes) -> bool:
+    """
+    Does the text after a path hold an RFC 5322 comment (which SMTP
+    paths do not allow), e.g. C{MAIL FROM:<a@b.com> (me)}?
+    """
+    return any(token.startswith(b"(") for token in params.split())
+
+
+def _unsupported(key: bytes) -> Reply:
+    return replies.UNSUPPORTED_PARAMETER.with_text(
+        "Unsupported option: " + key.decode("ascii", "replace")
+    )
+
+
+def mail_parameters_problem(params: bytes, max_message_size: int) -> Optional[Reply]:
+    """
+    The reply refusing the parameters of a C{MAIL} command (C{SIZE},
+    C{BODY} and C{AUTH} are understood), or C{None} if they are fine.
+    """
+    for param in params.split():
+        key, _, value = param.partition(b"=")
+        key = key.upper()
+        if key == b"SIZE":
+            if not value.isdigit():
+                return replies.BAD_SIZE_PARAMETER
+            if int(value) > max_message_size:
+                return replies.MESSAGE_TOO_BIG.with_text(
+                    "Message size exceeds fixed limit of %d octets" % max_message_size
+                )
+        elif key == b"BODY":
+            if value.upper() not in _BODY_TYPES:
+                return replies.UNSUPPORTED_PARAMETER.with_text(
+                    "Unsupported BODY type: use 7BIT or 8BITMIME"
+                )
+        elif key != b"AUTH":
+            return _unsupported(key)
+    return None
+
+
+def parse_mail(arg: bytes, max_message_size: int) -> Union[str, Reply]:
+    """
+    The sender address of C{MAIL FROM:<path> [parameters]} (C{""} for the
+    null sender), or the reply refusing the command's syntax.
+    """
+    m = _MAIL_RE.match(arg)
+    if m is None:
+        return replies.MAIL_SYNTAX
+    address = parse_path(m)
+    if address is None:
+        return replies.SENDER_BAD_SYNTAX
+    params = m.group("params")
+    if _has_comment(params):
+        return replies.SENDER_PATH_PROBLEMS["comment"]
+    bad = mail_parameters_problem(params, max_message_size)
+    if bad is not None:
+        return bad
+    if address:
+        problem = path_problem(_raw_path(m), address)
+        if problem is not None:
+            return replies.SENDER_PATH_PROBLEMS[problem]
+        if not has_domain(address):
+            # Path syntax (RFC 5321 has no domain-less Mailbox), with the
+            # reply that tells the user what a sender must be.
+            # (sender_reply refuses most such addresses too, but not a
+            # domain with a leading dot, e.g. a@.example.com.)
+            return replies.SENDER_NO_DOMAIN
+    return address
+
+
+def parse_rcpt(arg: bytes) -> Union[str, Reply]:
+    """
+    The recipient address of C{RCPT TO:<path>}, or the reply refusing it
+    (no C{RCPT} parameter is supported).
+    """
+    m = _RCPT_RE.match(arg)
+    if m is None:
+        return replies.RCPT_SYNTAX
+    address = parse_path(m)
+    if address is None:
+        return replies.RECIPIENT_BAD_SYNTAX
+    params = m.group("params")
+    problem = "comment" if _has_comment(params) else path_problem(_raw_path(m), address)
+    if problem is not None:
+        return replies.RECIPIENT_PATH_PROBLEMS[problem]
+    if not has_domain(address):
+        return replies.RECIPIENT_BAD_SYNTAX
+    for param in params.split():
+        return _unsupported(param.partition(b"=")[0].upper())
+    return address

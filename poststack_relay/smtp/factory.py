@@ -1,0 +1,253 @@
+# -*- test-case-name: tests.test_smtp_limits,tests.test_shutdown -*-
+"""
+L{RelayFactory}: builds the SMTP sessions of one relay within its
+connection limits (in total and per client address), keeps the set of
+live ones, and drains them for a graceful shutdown.  A connection past a
+limit gets a L{RefusalProtocol} (one C{421} reply) instead of a session.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from .. import replies
+from ..auth import AuthThrottle
+from ..config import RelayConfig
+from ..metrics import RelayMetrics
+from ..replies import Reply
+from .login import Authenticator
+from .protocol import RelaySMTP
+
+_log = Logger()
+
+# Seconds a refused connection may take to receive its 421 (the TLS
+# handshake comes first) before it is dropped.
+REFUSAL_LINGER = 10.0
+
+
+def _client_key(addr: Any) -> str:
+    """
+    The client address a per-client connection limit counts by.
+    """
+    host = getattr(addr, "host", None)
+    return str(host) if host is not None else str(addr)
+
+
+class RefusalProtocol(Protocol):
+    """
+    A connection the relay will not serve: it gets one C{421} reply (inside
+    TLS, after the handshake, when wrapped) and is closed.  If the peer does
+    not finish the handshake or read the reply within L{REFUSAL_LINGER}
+    seconds, the connection is dropped.
+    """
+
+    transport: ITCPTransport  # set before connectionMade, never None after
+
+    def __init__(self, reply: Reply, clock: IReactorTime) -> None:
+        self.reply = reply
+        self._clock = clock
+        self._linger: Optional[IDelayedCall] = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.reply.line())
+        self.transport.loseConnection()
+        self._linger = self._clock.callLater(REFUSAL_LINGER, self._drop)
+
+    def _drop(self) -> None:
+        self._linger = None
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+
+class RelayFactory(smtp.SMTPFactory):
+    """
+    Builds L{RelaySMTP} sessions, within the connection limits, and keeps
+    the set of live ones.
+
+    @param portal: checks AUTH credentials; yields L{IRelayDelivery} avatars.
+    @param config: the relay's settings.
+    @param clock: for idle, transaction and drain time-outs.
+    @param throttle: failed-login bookkeeping shared by all sessions (and
+        by every listener of the relay); C{None} disables failure delays
+        and refusals (L{makeRelayService} always passes one).
+    @param metrics: where sessions, refusals, AUTH results and messages
+        are counted; a private L{RelayMetrics} if C{None}.
+
+    @ivar throttle: the L{AuthThrottle}, or C{None}.
+    @ivar sessions: the live sessions (built and not yet disconnected).
+    @ivar stopping: true once L{drain} was called: new connections get
+        C{421 4.3.2} and sessions close between transactions.
+    """
+
+    # What buildProtocol builds (it does not use this: it passes the factory
+    # to RelaySMTP, which is a Protocol, not Twisted's SMTP).
+    protocol = RelaySMTP  # type: ignore[assignment]  # not an smtp.SMTP subclass, see above
+    noisy = False
+
+    def __init__(
+        self,
+        portal: Portal,
+        config: RelayConfig,
+        clock: IReactorTime,
+        throttle: Optional[AuthThrottle] = None,
+        metrics: Optional[RelayMetrics] = None,
+    ) -> None:
+        smtp.SMTPFactory.__init__(self, portal)  # type: ignore[no-untyped-call]  # Twisted's is untyped
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.config = config
+        self.clock = clock
+        self.throttle = throttle
+        self.sessions: set[RelaySMTP] = set()
+        self.stopping = False
+        self._per_client: dict[str, int] = {}
+        self._session_keys: dict[RelaySMTP, str] = {}
+        self._drain_waiters: list[Deferred[None]] = []
+        self._drain_done = False
+        self._drain_call: Optional[IDelayedCall] = None
+        self.authenticator = Authenticator(portal, throttle, self.metrics)
+        host = config.hostname.encode("ascii", "replace")
+        self.greeting = b"220 " + host + b" ESMTP PostStack relay\r\n"
+        self.helo_reply = b"250 " + host + b"\r\n"
+        extensions = [
+            b"AUTH PLAIN LOGIN",
+            b"SIZE %d" % config.max_message_size,
+            b"8BITMIME",
+            b"PIPELINING",
+            b"ENHANCEDSTATUSCODES",
+        ]
+        lines = [host] + extensions
+        self.ehlo_reply = b"".join(
+            (b"250-" if n < len(lines) - 1 else b"250 ") + line + b"\r\n"
+            for n, line in enumerate(lines)
+        )
+
+    def connections_from(self, client: str) -> int:
+        """
+        How many live sessions the client address C{client} has.
+        """
+        return self._per_client.get(client, 0)
+
+    def _refusal(self, client: str) -> Optional[Reply]:
+        if self.stopping:
+            return replies.SHUTTING_DOWN
+        if len(self.sessions) >= self.config.max_connections:
+            return replies.TOO_MANY_CONNECTIONS
+        if self._per_client.get(client, 0) >= self.config.max_connections_per_ip:
+            return replies.TOO_MANY_CONNECTIONS_FROM_CLIENT
+        return None
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """
+        A new session for a client at C{addr}, or a L{RefusalProtocol} if a
+        connection limit is reached or the relay is stopping.
+        """
+        client = _client_key(addr)
+        refusal = self._refusal(client)
+        if refusal is not None:
+            _log.info(
+                "refused connection from {client}: {reason}",
+                event="connection_refused",
+                client=client,
+                reason=refusal.text,
+                sessions=len(self.sessions),
+                from_client=self._per_client.get(client, 0),
+            )
+            if refusal is replies.SHUTTING_DOWN:
+                self.metrics.refused["stopping"].inc()
+            elif refusal is replies.TOO_MANY_CONNECTIONS:
+                self.metrics.refused["max_connections"].inc()
+            else:
+                self.metrics.refused["max_connections_per_ip"].inc()
+            return RefusalProtocol(refusal, self.clock)
+        p = RelaySMTP(self)
+        self.sessions.add(p)
+        self._session_keys[p] = client
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        self.metrics.connections_total.inc()
+        self.metrics.connections_open.inc()
+        return p
+
+    def session_closed(self, session: RelaySMTP) -> None:
+        """
+        Release C{session}'s place in the limits (called once its
+        connection is lost; calling it again does nothing).
+        """
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self.metrics.connections_open.dec()
+        client = self._session_keys.pop(session)
+        left = self._per_client[client] - 1
+        if left:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
+        if self.stopping and not self.sessions:
+            self._finish_drain()
+
+    def drain(self, timeout: float) -> "Deferred[None]":
+        """
+        Stop serving: refuse new connections with C{421 4.3.2}, close idle
+        sessions with it now, and the others as soon as their current
+        transaction is answered.  Fires once every session is gone, or
+        after C{timeout} seconds, when the remaining ones are dropped
+        without a reply.  Calling it again waits for the same end.
+        """
+        d: Deferred[None] = Deferred()
+        if self._drain_done:
+            d.callback(None)
+            return d
+        self._drain_waiters.append(d)
+        if self.stopping:
+            return d
+        self.stopping = True
+        _log.info(
+            "draining: {sessions} sessions, {busy} in a transaction; deadline {timeout}s",
+            event="drain_started",
+            sessions=len(self.sessions),
+            busy=sum(1 for s in self.sessions if not s.idle),
+            timeout=timeout,
+        )
+        for session in list(self.sessions):
+            session.shutdown()
+        if self.sessions:
+            self._drain_call = self.clock.callLater(timeout, self._drain_expired)
+        else:
+            self._finish_drain()
+        return d
+
+    def _drain_expired(self) -> None:
+        self._drain_call = None
+        remaining = list(self.sessions)
+        _log.info(
+            "drain deadline passed: dropping {count} sessions",
+            event="drain_timeout",
+            count=len(remaining),
+        )
+        for session in remaining:
+            session.abort()
+        self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        if self._drain_done:
+            return
+        self._drain_done = True
+        _log.info("drained", event="drain_done")
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
