@@ -20,8 +20,9 @@ The parts, each with one job:
     input, timers, calls to the authenticator and the delivery);
   - L{session}: the session and transaction state machine (commands,
     limits, error counting), without a transport;
-  - L{envelope}: C{MAIL}/C{RCPT} arguments (paths, parameters);
-  - L{paths}: RFC 5321 address syntax;
+  - L{commands}: one function per command (checks, replies);
+  - L{envelope}: C{MAIL}/C{RCPT} arguments (paths, parameters; the
+    address syntax is L{poststack_relay.addresses});
   - L{sasl}: SASL PLAIN/LOGIN decoding;
   - L{data}: the DATA scanner (terminator, dot-unstuffing, size);
   - L{login}: the credential check (throttle, portal, its log lines);
@@ -35,7 +36,7 @@ data.  Neither ever ends DATA (see docs/design.md, "SMTP smuggling").
 from .data import DATA_HOLD_LIMIT, DataScanner
 from .envelope import parse_path
 from .factory import REFUSAL_LINGER, RefusalProtocol, RelayFactory
-from .paths import MAX_DOMAIN, MAX_LOCAL_PART, MAX_PATH, path_problem
+from ..addresses import path_problem
 from .protocol import CLOSE_LINGER, MAX_AUTH_LINE, MAX_COMMAND_LINE, MAX_PENDING_INPUT, RelaySMTP
 from .session import Session
 
@@ -45,9 +46,6 @@ __all__ = [
     "DataScanner",
     "MAX_AUTH_LINE",
     "MAX_COMMAND_LINE",
-    "MAX_DOMAIN",
-    "MAX_LOCAL_PART",
-    "MAX_PATH",
     "MAX_PENDING_INPUT",
     "REFUSAL_LINGER",
     "RefusalProtocol",

@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 from .. import replies
 from ..replies import Reply
-from .paths import has_domain, path_problem
+from ..addresses import has_domain, path_problem
 
 _PATH = rb"<(?P<path>[^<>]*)>|(?P<bare>[^\s<>]+)"
 _MAIL_RE = re.compile(rb"FROM:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", re.I)
