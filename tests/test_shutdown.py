@@ -40,9 +40,7 @@ from poststack_relay.service import _PoolService
 from poststack_relay.smtp import CLOSE_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from tests.test_commands import DATA, ROOT, TWISTD, free_port, wait_for_port, stop_process
-from tests.test_limits import Connections
-from tests.test_smtp import KEY, MESSAGE, plain
-from tests.test_smtp_review import AUTH_OK, BEGIN, ReviewHarness, queued, ready, stuff
+from tests.smtp_harness import AUTH_OK, BEGIN, KEY, MESSAGE, Connections, RecordingHarness, plain, queued, ready, stuff
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later"
 LOGIN = b"EHLO c\r\nAUTH PLAIN " + plain("poststack", KEY) + b"\r\n"
@@ -130,7 +128,7 @@ class DrainTests(SynchronousTestCase):
 
     def test_pending_auth(self) -> None:
         """An AUTH check pending when the relay stops is answered, then 421 4.3.2; the pipelined MAIL is not served."""
-        h = ReviewHarness()
+        h = RecordingHarness()
         h.send(b"EHLO c\r\n")
         h.api.hold_checks = True
         h.send(b"AUTH PLAIN " + plain("poststack", KEY) + b"\r\nMAIL FROM:<you@yourdomain.com>\r\n")

@@ -26,7 +26,9 @@ from ..replies import Reply
 from .login import Authenticator
 from .protocol import RelaySMTP
 
-_log = Logger()
+# One namespace for the SMTP side's events, as text logs show it
+# ("[poststack_relay.smtp#info]"), whichever module logs them.
+_log = Logger(namespace="poststack_relay.smtp")
 
 # Seconds a refused connection may take to receive its 421 (the TLS
 # handshake comes first) before it is dropped.

@@ -23,7 +23,9 @@ from ..interfaces import IRelayDelivery
 from ..metrics import RelayMetrics
 from ..replies import Reply
 
-_log = Logger()
+# One namespace for the SMTP side's events, as text logs show it
+# ("[poststack_relay.smtp#info]"), whichever module logs them.
+_log = Logger(namespace="poststack_relay.smtp")
 
 
 def username_label(username: bytes) -> str:

@@ -35,7 +35,9 @@ from .session import AUTH, CLOSED, COMMAND, DATA, WAIT, Session
 if TYPE_CHECKING:
     from .factory import RelayFactory
 
-_log = Logger()
+# One namespace for the SMTP side's events, as text logs show it
+# ("[poststack_relay.smtp#info]"), whichever module logs them.
+_log = Logger(namespace="poststack_relay.smtp")
 
 # Longest command line accepted (Postfix: line_length_limit = 2048), and the
 # longest SASL response line (RFC 4954 section 4: 12288 octets).

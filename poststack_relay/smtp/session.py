@@ -30,7 +30,9 @@ from .data import DataScanner
 from .commands import COMMANDS
 from .sasl import Challenge, Credentials, SASLExchange, Step
 
-_log = Logger()
+# One namespace for the SMTP side's events, as text logs show it
+# ("[poststack_relay.smtp#info]"), whichever module logs them.
+_log = Logger(namespace="poststack_relay.smtp")
 
 COMMAND = "command"
 AUTH = "auth"

@@ -1,73 +1,61 @@
-# -*- test-case-name: tests.test_limits -*-
+# -*- test-case-name: tests.test_smtp_limits -*-
 """
-The relay's limits (L{poststack_relay.smtp}): connections in total and per
-client address, the whole-transaction time limit, AUTH failures and errors
-per connection, long lines and the size limit in DATA, and the handling of
-bare LF / lone CR in message content.
-
-Synchronous: StringTransport (or iosim for real TLS), a Clock and an
-in-memory API, through the harnesses of test_smtp and test_smtp_review.
+The relay's limits: connections in total and per client address, the
+whole-transaction time limit, AUTH failures and errors per connection,
+the size limit advertised and enforced, and the error count reset.
 """
 
 from __future__ import annotations
 
 import base64
-import re
 import shutil
 import tempfile
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from poststack_relay.api import APIError
-from poststack_relay.replies import Reply
-from poststack_relay.smtp import CLOSE_LINGER, DATA_HOLD_LIMIT, REFUSAL_LINGER, RefusalProtocol, RelaySMTP
+from poststack_relay.smtp import CLOSE_LINGER, REFUSAL_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import write_certificate
 from poststack_relay.tls import ImplicitTLSFactory, load_certificate_options
-from tests.test_smtp import KEY, plain
-from tests.test_smtp_review import BEGIN, Collector, ReviewHarness, queued, ready, stuff
+from tests.smtp_harness import (
+    AUTH_OK,
+    BEGIN,
+    KEY,
+    MESSAGE,
+    TOO_MANY_ERRORS,
+    Collector,
+    Connections,
+    RecordingHarness,
+    plain,
+    queued,
+    ready,
+    stuff,
+)
 
 BANNER = b"220 relay.test ESMTP PostStack relay\r\n"
+
+
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
+
+
 TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from your address, try again later\r\n"
+
+
 TRANSACTION_TIMEOUT = b"421 4.4.2 Error: transaction time limit exceeded, closing connection"
+
+
 IDLE_TIMEOUT = b"421 4.4.2 Error: timeout exceeded, closing connection"
+
+
 AUTH_LIMIT = b"421 4.7.0 Error: too many authentication failures"
-TOO_MANY_ERRORS = b"421 4.7.0 Error: too many errors, closing connection"
-AUTH_OK = b"235 2.7.0 Authentication successful"
+
+
 BAD_AUTH = b"AUTH PLAIN " + plain("poststack", "sk_test_wrong") + b"\r\n"
-
-
-def normalised(message: bytes) -> bytes:
-    """C{message} with every LF that has no CR before it made CRLF."""
-    return re.sub(rb"(?<!\r)\n", b"\r\n", message)
-
-
-class Connections:
-    """
-    Connections to one factory (that of a L{ReviewHarness}), each from a
-    chosen client address, over StringTransports.
-    """
-
-    def __init__(self, **config: Any) -> None:
-        self.harness = ReviewHarness(**config)
-        self.factory = self.harness.factory
-
-    def open(self, host: str = "192.0.2.7") -> tuple[Any, StringTransport]:
-        """A new connection from C{host}: its protocol and transport."""
-        address = IPv4Address("TCP", host, 40000)
-        proto = self.factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address)
-        proto.makeConnection(transport)
-        return proto, transport
 
 
 class ConnectionLimitTests(SynchronousTestCase):
@@ -263,9 +251,9 @@ class TransactionTimeLimitTests(SynchronousTestCase):
 
 
 class AuthFailureLimitTests(SynchronousTestCase):
-    def helo(self, **config: Any) -> ReviewHarness:
+    def helo(self, **config: Any) -> RecordingHarness:
         """A session that has sent EHLO."""
-        h = ReviewHarness(**config)
+        h = RecordingHarness(**config)
         h.send(b"EHLO x\r\n")
         return h
 
@@ -345,7 +333,7 @@ class AuthFailureLimitTests(SynchronousTestCase):
 class ErrorLimitTests(SynchronousTestCase):
     def test_configurable(self) -> None:
         """max_errors sets how many error replies are tolerated before 421 4.7.0."""
-        h = ReviewHarness(max_errors=5)
+        h = RecordingHarness(max_errors=5)
         out = h.send(b"BOGUS\r\n" * 10)
         self.assertEqual(len(out), 7, out)
         self.assertEqual(out[6], TOO_MANY_ERRORS)
@@ -360,56 +348,24 @@ class ErrorLimitTests(SynchronousTestCase):
         self.assertEqual(out[-1], TOO_MANY_ERRORS)
 
 
-class LongLineTests(SynchronousTestCase):
-    # Ten million octets of body on one line: far past RFC 5321's 1000.
-    LINE = (b"0123456789" * 1_000_000)
-    MESSAGE = b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: long\r\n\r\n" + LINE + b"\r\n"
-
-    def chunks(self, wire: bytes, size: int = 16384) -> list[bytes]:
-        """C{wire} cut as TLS records would cut it."""
-        return [wire[n : n + size] for n in range(0, len(wire), size)]
-
-    def test_ten_megabyte_line_relayed_intact(self) -> None:
-        """A 10 MB single-line message under the size limit is accepted and handed on byte for byte, while little is held."""
+class ErrorResetTests(SynchronousTestCase):
+    def test_errors_reset_after_delivery(self) -> None:
+        """The error count restarts after a delivered message, as in Postfix."""
         h = ready()
-        h.open_data()
-        out: list[bytes] = []
-        for chunk in self.chunks(stuff(self.MESSAGE)):
-            out += h.feed(chunk)
-            self.assertLessEqual(h.held, DATA_HOLD_LIMIT + 16384)
-        self.assertEqual(out, [queued(1)])
-        self.assertEqual(h.raws, [self.MESSAGE])
-        text = h.api.sent[0][1].payload["text"]
-        self.assertEqual(text.replace("\r\n", "\n").strip("\n"), self.LINE.decode())
-
-    def test_ten_megabyte_line_over_limit(self) -> None:
-        """The same line with a limit one octet smaller gets 552 5.3.4, and nothing past the limit is ever kept."""
-        limit = len(self.MESSAGE) - 1
-        h = ready(max_message_size=limit)
-        h.open_data()
-        out: list[bytes] = []
-        for chunk in self.chunks(stuff(self.MESSAGE)):
-            out += h.feed(chunk)
-            self.assertLessEqual(h.kept, limit)
-            self.assertLessEqual(h.held, DATA_HOLD_LIMIT + 16384)
-        self.assertEqual(
-            out, [b"552 5.3.4 Message size exceeds fixed maximum message size of %d octets" % limit]
+        h.send(b"BOGUS\r\n" * 15)
+        out = h.send(
+            b"MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n" + stuff(MESSAGE)
         )
-        self.assertEqual((h.raws, h.api.sent, h.proto.state.scanner), ([], [], None))
-
-    def test_line_of_1001_octets(self) -> None:
-        """A line just over RFC 5321's 1000 octets (CRLF included) is accepted unchanged."""
-        h = ready()
-        h.open_data()
-        message = b"Subject: x\r\n\r\n" + b"y" * 999 + b"\r\n"
-        self.assertEqual(h.feed(stuff(message)), [queued(1)])
-        self.assertEqual(h.raws, [message])
+        self.assertEqual(out[-1], queued(1))
+        out = h.send(b"BOGUS\r\n" * 15)
+        self.assertEqual(len(out), 15)
+        self.assertFalse(h.transport.disconnecting)
 
 
 class SizeLimitTests(SynchronousTestCase):
     def test_size_advertised_and_enforced(self) -> None:
         """EHLO advertises the configured SIZE; MAIL SIZE= over it and data over it both get 552 5.3.4."""
-        h = ReviewHarness(max_message_size=500)
+        h = RecordingHarness(max_message_size=500)
         self.assertIn(b"250-SIZE 500", h.send(b"EHLO x\r\n"))
         h.send(b"AUTH PLAIN " + plain("poststack", KEY) + b"\r\n")
         out = h.send(b"MAIL FROM:<you@yourdomain.com> SIZE=501\r\n")
@@ -426,60 +382,3 @@ class SizeLimitTests(SynchronousTestCase):
         h.open_data()
         out = h.feed(b"a\nb\nc\nd\ne\r\n.\r\n")  # 11 on the wire, 15 once normalised
         self.assertTrue(out[0].startswith(b"552 5.3.4 "), out)
-
-
-class NewlineTests(SynchronousTestCase):
-    def delivered(self, *pieces: bytes) -> bytes:
-        """Feed C{pieces} after DATA; the one message delivered."""
-        h = ready()
-        h.open_data()
-        out = h.feed(*pieces)
-        self.assertEqual(out, [queued(1)])
-        [raw] = h.raws
-        return raw
-
-    def test_bare_lf_normalised(self) -> None:
-        """A message written with LF only (as PHP scripts do) is handed on with CRLF."""
-        raw = self.delivered(b"From: you@yourdomain.com\nSubject: lf\n\nline one\nline two\n\r\n.\r\n")
-        self.assertEqual(raw, b"From: you@yourdomain.com\r\nSubject: lf\r\n\r\nline one\r\nline two\r\n\r\n")
-
-    def test_lone_cr_is_data(self) -> None:
-        """A CR not followed by LF is passed on as it is, and CRCRLF keeps its first CR."""
-        self.assertEqual(self.delivered(b"a\rb\r\r\nc\r\n.\r\n"), b"a\rb\r\r\nc\r\n")
-
-    def test_lf_dot_lines_are_content(self) -> None:
-        """Dot lines ended by a bare LF are content: the dot stays unless it followed a CRLF (RFC 5321 unstuffing)."""
-        self.assertEqual(self.delivered(b"a\n.\nb\r\n.\nc\r\n.\r\n"), b"a\r\n.\r\nb\r\n\r\nc\r\n")
-
-    def test_crlf_message_unchanged(self) -> None:
-        """A well-formed CRLF message is handed on exactly."""
-        message = b"Subject: x\r\n\r\n\r\n\r\nend\r\n"
-        self.assertEqual(self.delivered(stuff(message)), message)
-
-    def test_bare_lf_at_every_chunk_boundary(self) -> None:
-        """A CR and its LF split across chunks are one CRLF, a lone LF after a split is normalised."""
-        message = b"\na\r\nb\nc\r\n\nd\r\r\ne\n\r\n"
-        wire = stuff(message)
-        for k in range(len(wire) + 1):
-            self.assertEqual(self.delivered(wire[:k], wire[k:]), normalised(message), k)
-
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(
-        body=st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n."]), max_size=30),
-        cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=5),
-    )
-    def test_any_cr_lf_mix_any_cuts(self, body: list[bytes], cuts: list[int]) -> None:
-        """Any mix of CR, LF and dots, cut anywhere, is delivered with exactly its bare LFs made CRLF."""
-        message = b"".join(body) + b"\r\n"
-        wire = stuff(message)
-        bounds = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
-        self.assertEqual(
-            self.delivered(*[wire[a:b] for a, b in zip(bounds, bounds[1:])]), normalised(message)
-        )
-
-    def test_api_failure_reply_kept(self) -> None:
-        """A normalised message that the API refuses gets the API's reply, not a 250."""
-        h = ready()
-        h.api.next_error = APIError(Reply(554, "5.6.0", "PostStack API: refused (HTTP 422)"))
-        h.open_data()
-        self.assertEqual(h.feed(b"Subject: x\n\nbody\n\r\n.\r\n"), [b"554 5.6.0 PostStack API: refused (HTTP 422)"])

@@ -1,0 +1,83 @@
+# -*- test-case-name: tests.test_smtp_commands -*-
+"""
+MAIL, RCPT, DATA, RSET and EHLO through the protocol: the path and
+parameter forms accepted and refused, UTF-8 addresses, and how commands
+end or keep the transaction.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from poststack_relay.translate import Envelope
+from tests.smtp_harness import MESSAGE, RecordingHarness, queued, ready, stuff
+
+class EnvelopeParsingTests(SynchronousTestCase):
+    def deliver(self, h: RecordingHarness) -> Envelope:
+        """Send DATA and a message; the envelope the delivery got."""
+        self.assertEqual(h.send(b"DATA\r\n" + stuff(MESSAGE))[-1], queued(len(h.record)))
+        return h.record[-1][0]
+
+    def test_sender_forms(self) -> None:
+        """A space after FROM:, a bare address, a source route, a quoted local part and lower case are all read alike."""
+        for line, address in [
+            (b"MAIL FROM: <you@yourdomain.com>", "you@yourdomain.com"),
+            (b"MAIL FROM:you@yourdomain.com", "you@yourdomain.com"),
+            (b"mail from:<you@yourdomain.com>   ", "you@yourdomain.com"),
+            (b"MAIL FROM:<@relay.example,@other.example:you@yourdomain.com>", "you@yourdomain.com"),
+            (b'MAIL FROM:<"you two"@yourdomain.com>', '"you two"@yourdomain.com'),
+            (b"MAIL FROM:<you@yourdomain.com> BODY=8BITMIME size=100", "you@yourdomain.com"),
+            (b"MAIL FROM:<you@yourdomain.com> AUTH=<>", "you@yourdomain.com"),
+            (b"MAIL FROM:<>", ""),
+        ]:
+            h = ready()
+            self.assertEqual(h.send(line + b"\r\n"), [b"250 2.1.0 Ok"], line)
+            h.send(b"rcpt to: <User@Example.com> \r\n")
+            self.assertEqual(self.deliver(h), Envelope(address, ("User@Example.com",)), line)
+
+    def test_bad_parameters(self) -> None:
+        """Non-numeric SIZE is 501, unknown BODY and unknown parameters 555; the transaction is not opened."""
+        h = ready()
+        for line, reply in [
+            (b"MAIL FROM:<you@yourdomain.com> SIZE=ten", b"501 5.5.4 Bad message size syntax"),
+            (b"MAIL FROM:<you@yourdomain.com> SIZE=", b"501 5.5.4 Bad message size syntax"),
+            (b"MAIL FROM:<you@yourdomain.com> SIZE=-1", b"501 5.5.4 Bad message size syntax"),
+            (b"MAIL FROM:<you@yourdomain.com> BODY=BINARYMIME", b"555 5.5.4 Unsupported BODY type: use 7BIT or 8BITMIME"),
+            (b"MAIL FROM:<you@yourdomain.com> SMTPUTF8", b"555 5.5.4 Unsupported option: SMTPUTF8"),
+            (b"MAIL FROM:<you@yourdomain.com> RET=HDRS", b"555 5.5.4 Unsupported option: RET"),
+            (b"MAIL FROM:<you@yourdomain.com>SIZE=1", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+            (b"MAIL FROM:", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+            (b"MAIL TO:<you@yourdomain.com>", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
+        ]:
+            self.assertEqual(h.send(line + b"\r\n"), [reply], line)
+        self.assertEqual(h.send(b"RCPT TO:<a@example.com>\r\n"), [b"503 5.5.1 Error: need MAIL command"])
+        h.send(b"MAIL FROM:<you@yourdomain.com>\r\n")
+        self.assertEqual(
+            h.send(b"RCPT TO:<a@example.com> NOTIFY=NEVER\r\n"), [b"555 5.5.4 Unsupported option: NOTIFY"]
+        )
+        self.assertEqual(h.send(b"RCPT TO:<>\r\n"), [b"501 5.1.3 Bad recipient address syntax"])
+        self.assertEqual(h.send(b"RCPT TO:<\xff@example.com>\r\n"), [b"501 5.1.3 Bad recipient address syntax"])
+
+    def test_utf8_addresses_accepted(self) -> None:
+        """UTF-8 (internationalised) addresses are taken as UTF-8 and passed on, though SMTPUTF8 is not advertised."""
+        h = ready()
+        h.send("MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<jos\u00e9@ex\u00e4mple.com>\r\n".encode())
+        self.assertEqual(self.deliver(h).rcpt_to, ("jos\u00e9@ex\u00e4mple.com",))
+
+    def test_rset_and_ehlo_end_transaction(self) -> None:
+        """RSET, HELO and EHLO in a transaction drop it: DATA then needs MAIL again, and AUTH stays."""
+        for reset in (b"RSET", b"HELO again", b"EHLO again"):
+            h = ready()
+            h.send(b"MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<a@example.com>\r\n")
+            h.send(reset + b"\r\n")
+            self.assertEqual(h.send(b"DATA\r\n"), [b"503 5.5.1 Error: need MAIL command"], reset)
+            h.send(b"MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<b@example.com>\r\n")
+            self.assertEqual(self.deliver(h).rcpt_to, ("b@example.com",))
+
+    def test_data_after_failed_recipients(self) -> None:
+        """DATA after only failed RCPTs is 503 5.5.1 need RCPT and does not enter DATA mode."""
+        h = ready(max_recipients=1)
+        h.send(b"MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<nodomain>\r\nRCPT TO:<a@b@>\r\n")
+        self.assertEqual(h.send(b"DATA\r\n"), [b"503 5.5.1 Error: need RCPT command"])
+        self.assertEqual(h.send(b"NOOP\r\n"), [b"250 2.0.0 Ok"])
+        self.assertEqual(h.send(b"DATA extra\r\n"), [b"501 5.5.4 Syntax: command takes no arguments"])
