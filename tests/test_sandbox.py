@@ -3,8 +3,10 @@
 Tests for L{poststack_relay.sandbox}: the local PostStack API stand-in.
 
 Unit tests drive L{SandboxResource} through C{treq.testing.StubTreq} with a
-L{Clock} and a temporary SQLite file; a few tests use the real reactor over
-loopback, and the plugin tests run C{twistd} discovery in a subprocess.
+L{Clock} and a temporary SQLite file; the pure parts (faults, auth,
+validation) are also tested alone, without a request; a few tests use the
+real reactor over loopback, and the plugin tests run C{twistd} discovery in
+a subprocess.
 """
 
 from __future__ import annotations
