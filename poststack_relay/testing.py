@@ -35,6 +35,8 @@ from .api import APIError, APIUnavailable, reply_for_status
 from .interfaces import IEmailAPI
 from .translate import EmailRequest
 
+__all__ = ["MemoryEmailAPI", "PrivateKey", "make_certificate", "write_certificate"]
+
 PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
 """The private keys L{make_certificate} makes and signs with."""
 
