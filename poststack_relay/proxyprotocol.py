@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IListeningPort,
-    IProtocol,
+    ILoggingContext,
     IProtocolFactory,
     IReactorTime,
     IStreamServerEndpoint,
@@ -337,6 +337,16 @@ class ProxyProtocolFactory(WrappingFactory[ProxiedConnection]):
         A connection that waits for its PROXY header.
         """
         return ProxiedConnection(self)
+
+    def logPrefix(self) -> str:
+        """
+        The wrapped factory's prefix marked C{(PROXY)}, as Twisted's own
+        PROXY wrapper wrote it (C{RelayFactory (TLS) (PROXY) starting on 587}).
+        """
+        wrapped = self.wrappedFactory
+        if ILoggingContext.providedBy(wrapped):
+            return f"{ILoggingContext(wrapped).logPrefix()} (PROXY)"
+        return f"{wrapped.__class__.__name__} (PROXY)"
 
 
 @implementer(IStreamServerEndpoint)

@@ -156,6 +156,11 @@ class ProxyProtocolMemoryTests(SynchronousTestCase):
         self.assertIs(factory.wrappedFactory.wrappedFactory, service.factory)
         self.assertFalse(RelayConfig(metrics_listen="off", tls_cert="x").proxy_protocol)
 
+    def test_log_prefix(self) -> None:
+        """The listener logs as "RelayFactory (TLS) (PROXY)", as with Twisted's own PROXY wrapper."""
+        _, _, factory = self.start()
+        self.assertEqual(factory.logPrefix(), "RelayFactory (TLS) (PROXY)")
+
     def test_v1_header_then_tls(self) -> None:
         """A v1 header then a ClientHello: TLS answers and the session's client is the header's source."""
         service, _, factory = self.start()
