@@ -52,7 +52,7 @@ from poststack_relay.implicittls import ImplicitTLSFactory
 from poststack_relay.listening import ListeningService
 from poststack_relay.tls import ReloadableTLS, load_certificate_options
 from tests.test_api import BASE, FULL, SERVICE, email
-from tests.test_smtp import MESSAGE, Harness, plain
+from tests.smtp_harness import MESSAGE, Harness, plain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "etc", "grafana-dashboard.json")
