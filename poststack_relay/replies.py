@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp,tests.test_auth_throttle,tests.test_senders -*-
+# -*- test-case-name: tests.test_smtp,tests.test_auth_throttle,tests.test_senders,tests.test_api -*-
 """
 Every SMTP reply the relay sends, in one table.
 
@@ -11,6 +11,7 @@ below, which keep the text on one line and in printable ASCII.
 from __future__ import annotations
 
 import re
+from typing import Any, Iterable, Optional
 
 import attrs
 
@@ -229,8 +230,151 @@ def queued(email_id: str) -> Reply:
 # Replies for the PostStack API's answers (the API client maps every
 # outcome of a call to one of these; texts built from an API answer go
 # through clean_text).
-#
-# (section kept apart from the next one on purpose)
+
+# No answer at all: the connection failed, was reset or was cut short.
+API_NO_ANSWER = Reply(451, "4.4.1", "PostStack API unreachable: no answer, try again later")
+# The attempt's time-out expired before the whole answer arrived.
+API_TIMEOUT = Reply(451, "4.4.2", "PostStack API did not answer in time, try again later")
+# A 2xx without a usable email id; one of the two hints below is added.
+API_BAD_ANSWER = Reply(
+    451,
+    "4.3.0",
+    "PostStack API answered without an email id; the email may have been accepted, "
+    "try again later",
+)
+API_BAD_ANSWER_IDEMPOTENT = (
+    " (its idempotency key prevents a second send if the same message is sent again)"
+)
+API_BAD_ANSWER_NO_KEY = " (set X-PostStack-Idempotency-Key so that a retry cannot send it twice)"
+# A 401 for the relay's own service key, sending for a mailbox user.
+API_SERVICE_KEY_REJECTED = Reply(
+    451,
+    "4.3.5",
+    "Relay misconfigured: PostStack rejected the relay's service key; "
+    "the message was not sent, try again later",
+)
+# The attempt failed in the relay's own client (an unexpected exception).
+API_CLIENT_ERROR = Reply(451, "4.3.0", "PostStack API request failed unexpectedly, try again later")
+# The payload cannot be encoded as JSON.
+API_NOT_ENCODABLE = Reply(554, "5.6.0", "Message could not be converted to an API request")
+# No request slot came free in time (too many messages waiting for the API).
+API_BUSY = Reply(
+    451,
+    "4.3.2",
+    "PostStack relay busy: too many messages waiting for the API, try again later",
+)
+# The circuit breaker is open.
+API_DOWN = Reply(
+    451,
+    "4.3.0",
+    "PostStack API temporarily unavailable after repeated failures, try again later",
+)
+
+# The 429 codes that mean a sending quota (waiting seconds will not help),
+# as opposed to throttling.
+QUOTA_CODES = frozenset(
+    {
+        "quota_exceeded",
+        "monthly_limit_exceeded",
+        "daily_limit_exceeded",
+        "daily_cap_exceeded",
+        "send_limit_exceeded",
+    }
+)
+
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
+def redact(text: str, secrets: Iterable[Optional[str]]) -> str:
+    """
+    C{text} with every occurrence of each (non-empty) secret replaced.
+    """
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def api_error_text(
+    body: Any, status: int, secrets: Iterable[Optional[str]] = ()
+) -> tuple[str, Optional[str]]:
+    """
+    The API's own message and code from an error body, if it has them
+    (C{"HTTP <status>"} if it has no message).  Secrets are removed before
+    the text is shortened, so no part of one can survive.
+    """
+    message: Optional[str] = None
+    code: Optional[str] = None
+    if isinstance(body, dict):
+        m = body.get("error") or body.get("message")
+        if isinstance(m, dict):  # {"error": {"message": ..., "code": ...}}
+            code = m.get("code") if isinstance(m.get("code"), str) else None
+            m = m.get("message")
+        if isinstance(m, str):
+            message = m
+        c = body.get("code")
+        if isinstance(c, str):
+            code = c
+    if not message:
+        message = f"HTTP {status}"
+    return clean_text(redact(message, secrets), 200), code
+
+
+def reply_for_status(
+    status: int,
+    body: Any,
+    retry_after: Optional[str] = None,
+    redact: Iterable[Optional[str]] = (),
+) -> Reply:
+    """
+    The SMTP reply for an API error answer (the table in
+    C{docs/replies.md}).
+
+    @param status: the HTTP status (not 2xx).
+    @param body: the decoded JSON body, or C{None}.
+    @param retry_after: the C{Retry-After} header, if any.
+    @param redact: secrets (the API key) to blank out of the API's message
+        should it ever echo them.
+    """
+    message, code = api_error_text(body, status, redact)
+    said = f"PostStack API: {message}"
+    if status in (400, 404, 422):
+        return Reply(554, "5.6.0", f"{said} (HTTP {status})")
+    if status == 401:
+        # Not 535: RFC 4954 defines 535 for the AUTH command only, and the
+        # replies RFC 5321 (4.3.2) allows after DATA are 250/450/451/452/
+        # 550/552/554.  5.7.8 still says "credentials invalid".
+        return Reply(
+            554, "5.7.8", f"{said}: the API key was rejected; check that it is valid and not revoked"
+        )
+    if status == 403:
+        return Reply(550, "5.7.1", f"{said} (not permitted for this key or sender domain)")
+    if status == 409:
+        return Reply(
+            554,
+            "5.6.0",
+            f"{said}: this idempotency key was already used for a different message",
+        )
+    if status == 413:
+        return Reply(552, "5.3.4", f"{said}: message too large for the API")
+    if status == 429:
+        if code in QUOTA_CODES:
+            return Reply(
+                451,
+                "4.7.0",
+                f"{said}: PostStack sending quota reached ({code}); "
+                "waiting seconds will not help, raise the quota or wait for it to reset",
+            )
+        hint = ""
+        if retry_after and _DIGITS.fullmatch(retry_after.strip()):
+            hint = f", retry-after={int(retry_after.strip())}s"
+        return Reply(451, "4.7.0", f"PostStack rate limit reached{hint}")
+    if status >= 500:
+        return Reply(451, "4.3.0", f"{said}: temporary API failure, try again later")
+    # Anything else (3xx, 408, other 4xx) is not part of the contract: a
+    # temporary failure is the answer that can never lose a message.
+    return Reply(451, "4.3.0", f"{said}: unexpected API answer, try again later")
+
 
 
 # ---------------------------------------------------------------------------

@@ -38,13 +38,13 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeD
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
 
-from .api import APIEndpoints, HTTPEmailAPI
+from .api import HTTPEmailAPI, make_http_client
 from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import ConfigError, ListenerConfig, RelayConfig, mask_secret
 from .delivery import RelayDelivery
 from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
-from .http11 import HTTP11Client
 from .interfaces import IEmailAPI, IRelayReactor
 from .listening import ListeningService
 from .metrics import (
@@ -67,12 +67,12 @@ class _PoolService(Service):
     Closes the API client's idle connections when the relay stops.
     """
 
-    def __init__(self, client: HTTP11Client) -> None:
-        self.client = client
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self.pool = pool
 
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
-        return self.client.close_idle()
+        return self.pool.closeCachedConnections()  # type: ignore[no-any-return, no-untyped-call]  # (untyped in Twisted)
 
 
 # Seconds between API probes when no real traffic shows the API reachable;
@@ -298,9 +298,9 @@ def makeRelayService(
 
     @param config: the settings.
     @param reactor: see L{IRelayReactor} (what it must provide).
-    @param api: the API client; by default an L{HTTPEmailAPI} over an
-        L{HTTP11Client} (keep-alive connections, at most 64 idle) to
-        C{config.api_url}.
+    @param api: the API client; by default an L{HTTPEmailAPI} over treq
+        and a persistent connection pool (at most 64 idle connections) to
+        C{config.api_url} (L{poststack_relay.api.make_http_client}).
     @param endpoint: where the main listener listens; by default the
         systemd socket named C{config.systemd_socket} if set, else TCP on
         C{config.port} and C{config.interface}.  It is wrapped in implicit
@@ -337,11 +337,9 @@ def makeRelayService(
     ]
     pool: Optional[Service] = None
     if api is None:
-        # The relay's own HTTP/1.1 client, not Twisted's agent and pool:
-        # a third of the CPU per request (docs/performance.md).  Like the
-        # pool before it (retryAutomatically = False), it never retries:
-        # POST retries are the relay's decision.
-        client = HTTP11Client(reactor, APIEndpoints(reactor, 10), max_idle_per_host=64)
+        # treq over a persistent pool that never retries by itself: POST
+        # retries are the relay's decision.
+        client, connections = make_http_client(reactor, connect_timeout=10)
         api = HTTPEmailAPI(
             client,
             config.api_url,
@@ -355,7 +353,7 @@ def makeRelayService(
             breaker_cooldown=config.api_breaker_cooldown,
             metrics=metrics,
         )
-        pool = _PoolService(client)
+        pool = _PoolService(connections)
     factory = RelayFactory(_portal(config, api, reactor), config, reactor, throttle=_throttle(config, reactor), metrics=metrics)
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
     if pool is not None:

@@ -7,6 +7,8 @@ C{treq.testing.StubTreq}; the sandbox and the client's time-out share one
 L{Clock}, so slow, hanging and trickling answers are driven by hand.  A few
 tests use a small recording or scripted resource where the sandbox cannot
 produce the answer (redirects, answers without a mailbox, trickled bodies).
+C{tests/test_api_transport.py} tests the relay's own treq client over real
+loopback TCP.
 """
 
 from __future__ import annotations
@@ -17,39 +19,35 @@ from typing import Any, Callable, Optional
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from treq.testing import RequestTraversalAgent, StringStubbingResource, StubTreq
-from twisted.web.iweb import IAgent
-from zope.interface import implementer
+from treq.testing import StringStubbingResource, StubTreq
 from zope.interface.verify import verifyObject
 
 from poststack_relay._version import __version__
 from poststack_relay.api import (
     QUOTA_CODES,
-    REPLY_BAD_ANSWER,
-    REPLY_NO_ANSWER,
-    REPLY_SERVICE_KEY_REJECTED,
-    REPLY_TIMEOUT,
+    STREAM_MIN_CONTENT,
     USER_AGENT,
-    APIEndpoints,
     APIError,
     APIUnavailable,
+    BodyProducer,
     HTTPEmailAPI,
-    STREAM_MIN_CONTENT,
     IEmailAPI,
-    _PiecesProducer,
-    _wire_url,
     body_bytes,
     json_body,
     reply_for_status,
 )
-from poststack_relay.http11 import HTTP11Client
-from poststack_relay.replies import Reply
+from poststack_relay.replies import (
+    API_BAD_ANSWER,
+    API_NO_ANSWER,
+    API_SERVICE_KEY_REJECTED,
+    API_TIMEOUT,
+    Reply,
+)
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,
     SandboxData,
@@ -59,7 +57,6 @@ from poststack_relay.sandbox import (
 )
 from poststack_relay.testing import MemoryEmailAPI
 from poststack_relay.translate import EmailRequest
-from tests.test_http11 import SiteClient
 
 BASE = "http://sandbox.invalid"
 FULL = "sk_test_full_access"
@@ -172,15 +169,9 @@ def scripted(
 class SandboxMixin:
     """
     A sandbox on a temporary SQLite file, a shared L{Clock}, and helpers to
-    build an L{HTTPEmailAPI} over C{StubTreq}; or, with C{via_agent}, over
-    treq's in-memory agent itself (an C{IAgent}); or, with C{via_http11},
-    over the relay's own L{HTTP11Client} connected in memory to a
-    C{twisted.web} server (L{tests.test_http11.SiteClient}: real HTTP
-    bytes both ways, kept-alive connections).
+    build an L{HTTPEmailAPI} over C{StubTreq}.
     """
 
-    via_agent = False
-    via_http11 = False
     mktemp: Callable[[], str]
     addCleanup: Callable[..., None]
 
@@ -207,12 +198,6 @@ class SandboxMixin:
         options.setdefault("max_attempts", 1)
         options.setdefault("breaker_failures", 0)
         served = resource if resource is not None else self.recorder
-        if self.via_http11:
-            self.stub = client = SiteClient(served)
-            return HTTPEmailAPI(client, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options)
-        if self.via_agent:
-            self.stub = agent = RequestTraversalAgent(served)
-            return HTTPEmailAPI(agent, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options)
         self.stub = StubTreq(served)
         return HTTPEmailAPI(
             self.stub, BASE + "/", TIMEOUT, service_key, clock=self.clock, **options
@@ -468,7 +453,7 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         api = self.make_api(service_key=UNKNOWN)
         with capturedLogs() as events:
             d = api.send_email(UNKNOWN, email())
-        self.assertEqual(_reply_of(self, d), REPLY_SERVICE_KEY_REJECTED)
+        self.assertEqual(_reply_of(self, d), API_SERVICE_KEY_REJECTED)
         self.assertEqual(
             [e["log_level"].name for e in events if e.get("event") == "api_service_key_rejected"],
             ["error"],
@@ -606,20 +591,20 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         self.assertEqual(len(self.store.emails()), 1)
 
     def test_malformed(self) -> None:
-        """A 2xx with a non-JSON body is 451 4.3.0 (REPLY_BAD_ANSWER)."""
+        """A 2xx with a non-JSON body is 451 4.3.0 (API_BAD_ANSWER)."""
         self.sandbox.inject_fault("malformed")
         reply = self.assertReply(self.api.send_email(FULL, email()), 451, "4.3.0")
-        self.assertTrue(reply.text.startswith(REPLY_BAD_ANSWER.text), reply)
+        self.assertTrue(reply.text.startswith(API_BAD_ANSWER.text), reply)
 
     def test_noid(self) -> None:
-        """A 2xx JSON body without an id is 451 4.3.0 (REPLY_BAD_ANSWER), with the API status."""
+        """A 2xx JSON body without an id is 451 4.3.0 (API_BAD_ANSWER), with the API status."""
         self.sandbox.inject_fault("noid")
         failure = self.failureResultOf(self.api.send_email(FULL, email()), APIError)
         self.assertEqual(failure.value.status, 202)
-        self.assertTrue(failure.value.reply.text.startswith(REPLY_BAD_ANSWER.text))
+        self.assertTrue(failure.value.reply.text.startswith(API_BAD_ANSWER.text))
         self.assertEqual(
             (failure.value.reply.code, failure.value.reply.enhanced),
-            (REPLY_BAD_ANSWER.code, REPLY_BAD_ANSWER.enhanced),
+            (API_BAD_ANSWER.code, API_BAD_ANSWER.enhanced),
         )
 
     def test_bad_answer_hint(self) -> None:
@@ -635,9 +620,9 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
     def test_reset(self) -> None:
         """A connection reset is 451 4.4.1."""
         self.sandbox.inject_fault("reset")
-        self.assertEqual(_reply_of(self, self.api.send_email(FULL, email())), REPLY_NO_ANSWER)
-        self.assertEqual(REPLY_NO_ANSWER.code, 451)
-        self.assertEqual(REPLY_NO_ANSWER.enhanced, "4.4.1")
+        self.assertEqual(_reply_of(self, self.api.send_email(FULL, email())), API_NO_ANSWER)
+        self.assertEqual(API_NO_ANSWER.code, 451)
+        self.assertEqual(API_NO_ANSWER.enhanced, "4.4.1")
 
     def test_timeout_hang(self) -> None:
         """A request with no answer is 451 4.4.2 exactly when the time-out expires."""
@@ -646,8 +631,8 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         self.clock.advance(TIMEOUT - 1)
         self.assertNoResult(d)
         self.clock.advance(1)
-        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
-        self.assertEqual((REPLY_TIMEOUT.code, REPLY_TIMEOUT.enhanced), (451, "4.4.2"))
+        self.assertEqual(_reply_of(self, d), API_TIMEOUT)
+        self.assertEqual((API_TIMEOUT.code, API_TIMEOUT.enhanced), (451, "4.4.2"))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_slow_but_in_time(self) -> None:
@@ -665,7 +650,7 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         self.sandbox.inject_fault("slow", delay=TIMEOUT * 2)
         d = self.api.send_email(FULL, email())
         self.clock.advance(TIMEOUT)
-        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
+        self.assertEqual(_reply_of(self, d), API_TIMEOUT)
 
     def test_timeout_covers_body(self) -> None:
         """
@@ -679,7 +664,7 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         self.assertEqual(len(trickle.requests), 1)
         self.assertNoResult(d)
         self.clock.advance(TIMEOUT)
-        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
+        self.assertEqual(_reply_of(self, d), API_TIMEOUT)
 
     def test_redirect_not_followed(self) -> None:
         """A 302 is 451 4.3.0 and no second request is made."""
@@ -1056,322 +1041,10 @@ class HTTPEmailAPIContractTests(SandboxMixin, EmailAPIContractMixin, Synchronous
         return api, FULL, UNKNOWN, down
 
 
-class CheckAPIKeyViaAgentTests(CheckAPIKeyTests):
-    """
-    L{CheckAPIKeyTests} with an C{IAgent} instead of a treq client.
-    """
-
-    via_agent = True
-
-
-class AuthenticateMailboxViaAgentTests(AuthenticateMailboxTests):
-    """
-    L{AuthenticateMailboxTests} with an C{IAgent} instead of a treq client.
-    """
-
-    via_agent = True
-
-
-class SendEmailViaAgentTests(SendEmailTests):
-    """
-    L{SendEmailTests} with an C{IAgent} instead of a treq client.
-    """
-
-    via_agent = True
-
-
-class RequestDetailsViaAgentTests(RequestDetailsTests):
-    """
-    L{RequestDetailsTests} with an C{IAgent}: the same method, URL, headers
-    and body on the wire.
-    """
-
-    via_agent = True
-
-
-class SecretsViaAgentTests(SecretsTests):
-    """
-    L{SecretsTests} with an C{IAgent} instead of a treq client.
-    """
-
-    via_agent = True
-
-
-class CheckAPIKeyViaHTTP11Tests(CheckAPIKeyTests):
-    """
-    L{CheckAPIKeyTests} over the relay's own HTTP/1.1 client.
-    """
-
-    via_http11 = True
-
-
-class AuthenticateMailboxViaHTTP11Tests(AuthenticateMailboxTests):
-    """
-    L{AuthenticateMailboxTests} over the relay's own HTTP/1.1 client.
-    """
-
-    via_http11 = True
-
-
-class SendEmailViaHTTP11Tests(SendEmailTests):
-    """
-    L{SendEmailTests} over the relay's own HTTP/1.1 client.
-    """
-
-    via_http11 = True
-
-
-class RequestDetailsViaHTTP11Tests(RequestDetailsTests):
-    """
-    L{RequestDetailsTests} over the relay's own HTTP/1.1 client: the same
-    method, URL, headers and body on the wire.
-    """
-
-    via_http11 = True
-
-
-class SecretsViaHTTP11Tests(SecretsTests):
-    """
-    L{SecretsTests} over the relay's own HTTP/1.1 client.
-    """
-
-    via_http11 = True
-
-
-class HTTPEmailAPIContractViaHTTP11Tests(HTTPEmailAPIContractTests):
-    """
-    The contract, against L{HTTPEmailAPI} over the relay's own HTTP/1.1
-    client (in memory, to the sandbox).
-    """
-
-    via_http11 = True
-
-
 def attachment_email(size: int = STREAM_MIN_CONTENT + 4096) -> EmailRequest:
     """An email with one base64 attachment of C{size} characters (streamed when large)."""
     content = "QUJD" * (size // 4)
     return email(attachments=[{"filename": "a.bin", "content": content}])
-
-
-class HTTP11ConnectionTests(SandboxMixin, SynchronousTestCase):
-    """
-    L{HTTPEmailAPI} over L{HTTP11Client} (in memory, to the sandbox): which
-    connections are kept and which are not.
-    """
-
-    via_http11 = True
-
-    def setUp(self) -> None:
-        self.make_sandbox()
-        self.api = self.make_api()
-
-    def test_kept_alive(self) -> None:
-        """Sends, key checks and mailbox logins share one connection."""
-        for _ in range(3):
-            self.successResultOf(self.api.send_email(FULL, email()))
-        self.assertIs(self.successResultOf(self.api.check_api_key(FULL)), True)
-        self.assertEqual(
-            self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password")),
-            "alice@yourdomain.com",
-        )
-        self.assertEqual(self.stub.connections, 1)
-        self.assertEqual(len(self.store.emails()), 3)
-
-    def test_reset_then_new_connection(self) -> None:
-        """A reset connection is not reused: the next send connects anew and succeeds."""
-        self.successResultOf(self.api.send_email(FULL, email()))
-        self.sandbox.inject_fault("reset")
-        self.assertEqual(_reply_of(self, self.api.send_email(FULL, email())), REPLY_NO_ANSWER)
-        self.successResultOf(self.api.send_email(FULL, email()))
-        self.assertEqual(self.stub.connections, 2)
-
-    def test_timed_out_not_reused(self) -> None:
-        """A timed-out attempt's connection is closed (the server sees it go) and never reused."""
-        self.sandbox.inject_fault("hang")
-        d = self.api.send_email(FULL, email())
-        self.assertEqual(self.sandbox.pending, 1)
-        self.clock.advance(TIMEOUT)
-        self.assertEqual(_reply_of(self, d), REPLY_TIMEOUT)
-        self.stub.flush()
-        self.assertEqual(self.sandbox.pending, 0)
-        self.successResultOf(self.api.send_email(FULL, email()))
-        self.assertEqual(self.stub.connections, 2)
-
-    def test_large_attachment(self) -> None:
-        """An attachment large enough to be streamed arrives whole; the connection is kept."""
-        request = attachment_email()
-        self.successResultOf(self.api.send_email(FULL, request))
-        [stored] = self.store.emails()
-        self.assertEqual(
-            stored.payload["attachments"][0]["content"], request.payload["attachments"][0]["content"]
-        )
-        self.successResultOf(self.api.send_email(FULL, email()))
-        self.assertEqual(self.stub.connections, 1)
-
-
-class HTTP11LoopbackTests(TestCase):
-    """
-    L{HTTPEmailAPI} over L{HTTP11Client} and L{APIEndpoints}, as the relay
-    builds it, to the sandbox over real loopback TCP.
-    """
-
-    timeout = 30
-
-    async def start(self, **options: Any) -> HTTPEmailAPI:
-        from twisted.internet import reactor
-
-        from poststack_relay.sandbox.resource import makeSandboxService
-
-        self.service = makeSandboxService(0, "127.0.0.1", self.mktemp(), IN_TREE_DATA_PATH, reactor)
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
-        port = (await self.service.when_listening()).getHost().port
-        self.client = HTTP11Client(reactor, APIEndpoints(reactor, 5))
-        self.addCleanup(self.client.close_idle)
-        self.port = port
-        options.setdefault("max_attempts", 1)
-        return HTTPEmailAPI(
-            self.client, f"http://127.0.0.1:{port}", 5.0, SERVICE, clock=reactor, **options
-        )
-
-    def idle(self) -> int:
-        return self.client.idle_count(b"http", b"127.0.0.1", self.port)
-
-    async def test_calls(self) -> None:
-        """Key checks, a mailbox login and sends work over one kept-alive connection."""
-        api = await self.start()
-        self.assertIs(await api.check_api_key(FULL), True)
-        self.assertIs(await api.check_api_key(UNKNOWN), False)
-        self.assertEqual(
-            await api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
-            "alice@yourdomain.com",
-        )
-        ids = [await api.send_email(FULL, email()) for _ in range(3)]
-        self.assertEqual(sorted(ids), sorted(e.id for e in self.service.store.emails()))
-        self.assertEqual(self.idle(), 1)
-
-    async def test_api_errors(self) -> None:
-        """A 422 and a 429 arrive as their SMTP replies."""
-        api = await self.start()
-        with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email(**{"from": "you@pendingdomain.com"}))
-        self.assertEqual((caught.exception.status, caught.exception.reply.code), (422, 554))
-        self.service.resource.inject_fault("429", retry_after="3")
-        with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
-        self.assertEqual(caught.exception.reply.text, "PostStack rate limit reached, retry-after=3s")
-
-    async def test_reset(self) -> None:
-        """A reset connection is 451 4.4.1; the next send succeeds on a new connection."""
-        api = await self.start()
-        await api.send_email(FULL, email())
-        self.service.resource.inject_fault("reset")
-        with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
-        self.assertEqual(caught.exception.reply, REPLY_NO_ANSWER)
-        await api.send_email(FULL, email())
-        self.assertEqual(len(self.service.store.emails()), 2)
-
-    async def test_timeout(self) -> None:
-        """A hanging API is 451 4.4.2 after the time-out, and the held request's connection is closed."""
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
-
-        api = await self.start()
-        api._timeout = 0.3
-        self.service.resource.inject_fault("hang")
-        with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
-        self.assertEqual(caught.exception.reply, REPLY_TIMEOUT)
-        for _ in range(500):
-            if self.service.resource.pending == 0:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
-        self.assertEqual(self.service.resource.pending, 0)
-        self.assertEqual(self.idle(), 0)
-
-    async def test_large_attachment(self) -> None:
-        """A 3 MB attachment is streamed and stored byte for byte."""
-        api = await self.start()
-        request = attachment_email(3 * 1024 * 1024)
-        await api.send_email(FULL, request)
-        [stored] = self.service.store.emails()
-        self.assertEqual(
-            stored.payload["attachments"][0]["content"], request.payload["attachments"][0]["content"]
-        )
-        self.assertEqual(self.idle(), 1)
-
-
-class WireURLTests(SynchronousTestCase):
-    """
-    L{poststack_relay.api._wire_url}: the bytes an agent is given.
-    """
-
-    def test_ascii(self) -> None:
-        """A plain URL stays as it is."""
-        self.assertEqual(
-            _wire_url("http://127.0.0.1:8080/v1/emails?per_page=1"),
-            b"http://127.0.0.1:8080/v1/emails?per_page=1",
-        )
-
-    def test_idn_host(self) -> None:
-        """An internationalised host name goes out in IDNA."""
-        self.assertEqual(
-            _wire_url("https://b\u00fccher.example/emails"),
-            b"https://xn--bcher-kva.example/emails",
-        )
-
-    def test_idn_api_url_sends(self) -> None:
-        """An API URL with a non-ASCII host still makes a request (to its IDNA form)."""
-        seen: list[bytes] = []
-
-        @implementer(IAgent)
-        class Agent:
-            def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Any:
-                seen.append(uri)
-                return Deferred()
-
-        api = HTTPEmailAPI(Agent(), "https://b\u00fccher.example/v1", TIMEOUT, clock=Clock())
-        api.check_api_key(FULL)
-        self.assertEqual(seen, [b"https://xn--bcher-kva.example/v1/emails?per_page=1"])
-
-
-class APIEndpointsTests(SynchronousTestCase):
-    """
-    L{APIEndpoints}: one endpoint per scheme, host and port, made once.
-    """
-
-    def uri(self, text: bytes) -> Any:
-        from twisted.web.client import URI
-
-        return URI.fromBytes(text)
-
-    def test_http_cached(self) -> None:
-        """An http URI gets a plain TCP endpoint, the same one for every request to that host and port."""
-        from twisted.internet.endpoints import HostnameEndpoint
-
-        endpoints = APIEndpoints(MemoryReactorClock(), 10)
-        first = endpoints.endpointForURI(self.uri(b"http://127.0.0.1:8080/emails"))
-        self.assertIsInstance(first, HostnameEndpoint)
-        self.assertIs(endpoints.endpointForURI(self.uri(b"http://127.0.0.1:8080/emails?per_page=1")), first)
-        self.assertIsNot(endpoints.endpointForURI(self.uri(b"http://127.0.0.1:8081/emails")), first)
-
-    def test_https_wrapped(self) -> None:
-        """An https URI gets TLS around TCP (not the bare TCP endpoint), also cached."""
-        from twisted.internet.endpoints import HostnameEndpoint
-
-        endpoints = APIEndpoints(MemoryReactorClock(), 10)
-        first = endpoints.endpointForURI(self.uri(b"https://api.example.com/v1/emails"))
-        self.assertNotIsInstance(first, HostnameEndpoint)
-        self.assertIs(endpoints.endpointForURI(self.uri(b"https://api.example.com/v1/emails")), first)
-        self.assertIsNot(endpoints.endpointForURI(self.uri(b"http://api.example.com/v1/emails")), first)
-
-    def test_other_scheme(self) -> None:
-        """Any other scheme is refused as the standard agent refuses it."""
-        from twisted.web.error import SchemeNotSupported
-
-        with self.assertRaises(SchemeNotSupported):
-            APIEndpoints(MemoryReactorClock(), 10).endpointForURI(self.uri(b"ftp://api.example.com/"))
 
 
 class JSONBodyTests(SynchronousTestCase):
@@ -1415,15 +1088,15 @@ class JSONBodyTests(SynchronousTestCase):
         self.assertEqual(json_body(payload), self.plain(payload))
 
 
-class PiecesProducerTests(SynchronousTestCase):
+class BodyProducerTests(SynchronousTestCase):
     """
-    L{_PiecesProducer}: writes slices only while not paused, and finishes
+    L{BodyProducer}: writes slices only while not paused, and finishes
     with the Deferred of C{startProducing}.
     """
 
     def setUp(self) -> None:
         self.pieces: list[bytes | str] = [b'{"c":"', "QUJD" * 40_000, b'"}']
-        self.producer = _PiecesProducer(self.pieces)
+        self.producer = BodyProducer(self.pieces)
         self.written: list[bytes] = []
 
     def test_length(self) -> None:
@@ -1491,7 +1164,7 @@ class PiecesProducerTests(SynchronousTestCase):
         self.assertEqual(self.producer._pieces, [])
         self.assertIsNone(self.producer._consumer)
 
-        stopped = _PiecesProducer(list(self.pieces))
+        stopped = BodyProducer(list(self.pieces))
         paused = Consumer()
         paused.write = lambda data: stopped.pauseProducing()  # type: ignore[method-assign]
         alive = weakref.ref(paused)

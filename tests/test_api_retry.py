@@ -25,21 +25,23 @@ from twisted.web.server import NOT_DONE_YET, Request
 from treq.testing import StubTreq
 
 from poststack_relay.api import (
-    REPLY_API_DOWN,
-    REPLY_BAD_ANSWER,
-    REPLY_BUSY,
-    REPLY_NO_ANSWER,
-    REPLY_TIMEOUT,
     APIError,
     APIUnavailable,
     CircuitBreaker,
     HTTPEmailAPI,
     RequestSlots,
-    _NoSlot,
     parse_retry_after,
     reply_for_status,
 )
-from poststack_relay.replies import Reply
+from poststack_relay.api.slots import NoSlot
+from poststack_relay.replies import (
+    API_BAD_ANSWER,
+    API_BUSY,
+    API_DOWN,
+    API_NO_ANSWER,
+    API_TIMEOUT,
+    Reply,
+)
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,
     SandboxResource,
@@ -482,7 +484,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         self.sandbox.inject_fault("503", count=-1)
         d = self.api.send_email(FULL, email())
         self.settle(d)
-        self.assertEqual(self.reply_of(d), REPLY_API_DOWN)
+        self.assertEqual(self.reply_of(d), API_DOWN)
         self.assertEqual(len(self.recorder.seen), 5)
         self.assertLessEqual(self.clock.seconds(), DEADLINE)
 
@@ -503,7 +505,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         self.sandbox.inject_fault("hang", count=-1)
         d = self.api.send_email(FULL, email())
         self.settle(d)
-        self.assertEqual(self.reply_of(d), REPLY_TIMEOUT)
+        self.assertEqual(self.reply_of(d), API_TIMEOUT)
         self.assertEqual(self.clock.seconds(), DEADLINE)
         self.assertEqual(len(self.recorder.seen), 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -514,7 +516,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         api = self.make_api(breaker_failures=0)
         d = api.send_email(FULL, email())
         self.settle(d)
-        self.assertEqual(self.reply_of(d), REPLY_NO_ANSWER)
+        self.assertEqual(self.reply_of(d), API_NO_ANSWER)
         self.assertLessEqual(self.clock.seconds(), DEADLINE)
         self.assertLessEqual(len(self.recorder.seen), 8)
 
@@ -524,7 +526,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         d = self.api.send_email(FULL, email())
         self.settle(d)
         reply = self.reply_of(d)
-        self.assertTrue(reply.text.startswith(REPLY_BAD_ANSWER.text))
+        self.assertTrue(reply.text.startswith(API_BAD_ANSWER.text))
         self.assertIn("set X-PostStack-Idempotency-Key", reply.text)
         self.assertEqual(self.store.emails(), [])
         self.assertEqual(len(set(self.keys_seen())), 1)
@@ -651,9 +653,9 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         self.clock.advance(1.999)
         self.assertNoResult(second)
         self.clock.advance(0.001)
-        self.assertEqual(self.reply_of(second), REPLY_BUSY)
+        self.assertEqual(self.reply_of(second), API_BUSY)
         self.assertEqual(
-            REPLY_BUSY.line(),
+            API_BUSY.line(),
             b"451 4.3.2 PostStack relay busy: too many messages waiting for the API, "
             b"try again later\r\n",
         )
@@ -783,13 +785,13 @@ class RequestSlotsTests(SynchronousTestCase):
         self.assertEqual(slots.held, 0)
 
     def test_timeout(self) -> None:
-        """A waiter fails with _NoSlot after its timeout and leaves the queue."""
+        """A waiter fails with NoSlot after its timeout and leaves the queue."""
         clock = Clock()
         slots = RequestSlots(1, clock)
         self.successResultOf(slots.acquire(1))
         waiter = slots.acquire(3)
         clock.advance(3)
-        self.failureResultOf(waiter, _NoSlot)
+        self.failureResultOf(waiter, NoSlot)
         self.assertEqual(slots.waiting, 0)
         slots.release()
         self.assertEqual(slots.held, 0)
@@ -798,7 +800,7 @@ class RequestSlotsTests(SynchronousTestCase):
         """With no slot free, a zero wait fails at once."""
         slots = RequestSlots(1, Clock())
         self.successResultOf(slots.acquire(0))
-        self.failureResultOf(slots.acquire(0), _NoSlot)
+        self.failureResultOf(slots.acquire(0), NoSlot)
 
     def test_no_overtaking(self) -> None:
         """A new acquirer does not jump the queue."""
@@ -838,7 +840,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
             self.fail_times(3)
             self.assertEqual(self.api.breaker.state, "open")
             for _ in range(5):
-                self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), REPLY_API_DOWN)
+                self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
             self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
             self.failureResultOf(
                 self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
@@ -846,7 +848,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
             )
         self.assertEqual(len(self.recorder.seen), 3)
         self.assertEqual(
-            REPLY_API_DOWN.line(),
+            API_DOWN.line(),
             b"451 4.3.0 PostStack API temporarily unavailable after repeated failures, "
             b"try again later\r\n",
         )
@@ -858,7 +860,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         """After the cool-down one request probes; its success closes the breaker."""
         self.fail_times(3)
         self.clock.advance(9.999)
-        self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), REPLY_API_DOWN)
+        self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
         self.clock.advance(0.001)
         with capturedLogs() as events:
             email_id = self.successResultOf(self.api.send_email(FULL, email()))
@@ -877,7 +879,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
             self.clock.advance(10)
             self.fail_times(1)
             self.assertEqual(self.api.breaker.state, "open")
-            self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), REPLY_API_DOWN)
+            self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
             self.clock.advance(10)
             self.successResultOf(self.api.send_email(FULL, email()))
         self.assertEqual(len(self.recorder.seen), 5)
@@ -891,7 +893,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         self.sandbox.inject_fault("slow", delay=2)
         probe = self.api.send_email(FULL, email())
         self.assertEqual(self.api.breaker.state, "half-open")
-        self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), REPLY_API_DOWN)
+        self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
         self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
         self.clock.advance(2)
         self.stub.flush()
@@ -957,7 +959,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         self.sandbox.inject_fault("hang", count=-1)
         d = api.send_email(FULL, email())
         self.settle(d)
-        self.assertEqual(self.reply_of(d), REPLY_TIMEOUT)
+        self.assertEqual(self.reply_of(d), API_TIMEOUT)
         self.assertEqual(len(self.recorder.seen), 2)
         self.assertEqual(api.breaker.failures, 1)
         self.assertEqual(api.breaker.state, "closed")
@@ -972,8 +974,8 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         self.assertNoResult(other)
         self.assertEqual(api.breaker.state, "open")
         self.clock.advance(0.25)
-        self.assertEqual(self.reply_of(waiting), REPLY_API_DOWN)
-        self.assertEqual(self.reply_of(other), REPLY_API_DOWN)
+        self.assertEqual(self.reply_of(waiting), API_DOWN)
+        self.assertEqual(self.reply_of(other), API_DOWN)
         self.assertEqual(len(self.recorder.seen), 2)
 
     def test_straggler_success_closes(self) -> None:
@@ -1034,7 +1036,7 @@ class ConnectionHygieneTests(RetryMixin, SynchronousTestCase):
         self.assertEqual(self.sandbox.pending, 1)
         self.clock.advance(TIMEOUT)
         self.stub.flush()
-        self.assertEqual(self.reply_of(d), REPLY_TIMEOUT)
+        self.assertEqual(self.reply_of(d), API_TIMEOUT)
         self.assertEqual(self.sandbox.pending, 0)
 
     def test_timeout_during_body_closes(self) -> None:
@@ -1046,7 +1048,7 @@ class ConnectionHygieneTests(RetryMixin, SynchronousTestCase):
         self.assertEqual(trickle.lost, [])
         self.clock.advance(TIMEOUT)
         self.stub.flush()
-        self.assertEqual(self.reply_of(d), REPLY_TIMEOUT)
+        self.assertEqual(self.reply_of(d), API_TIMEOUT)
         self.assertEqual(trickle.lost, trickle.requests)
 
 
@@ -1102,7 +1104,7 @@ class ConstructorTests(SynchronousTestCase):
 class EmailIdShapeTests(SynchronousTestCase):
     def test_odd_ids_are_not_ids(self) -> None:
         """A 2xx whose id could not stand in a reply line counts as an answer without an id."""
-        from poststack_relay.api import _email_id
+        from poststack_relay.api.answers import email_id as _email_id
 
         self.assertEqual(_email_id({"id": "em_abc123"}), "em_abc123")
         for bad in ("", " ", "em_\r\n250 ok", "x" * 101, "é", None, 7):
