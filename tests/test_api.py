@@ -25,7 +25,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from treq.testing import StringStubbingResource, StubTreq
-from zope.interface.verify import verifyObject
 
 from poststack_relay._version import __version__
 from poststack_relay.api import (
@@ -36,7 +35,6 @@ from poststack_relay.api import (
     APIUnavailable,
     BodyProducer,
     HTTPEmailAPI,
-    IEmailAPI,
     body_bytes,
     json_body,
     reply_for_status,
@@ -55,7 +53,6 @@ from poststack_relay.sandbox import (
     SandboxStore,
     load_sandbox_data,
 )
-from poststack_relay.testing import MemoryEmailAPI
 from poststack_relay.translate import EmailRequest
 
 BASE = "http://sandbox.invalid"
@@ -948,97 +945,6 @@ class ReplyForStatusTests(SynchronousTestCase):
         secret = "sk_live_" + "s" * 40
         reply = reply_for_status(400, {"error": "x" * 180 + secret}, redact=[secret])
         self.assertNotIn("sk_live_", reply.text)
-
-
-class EmailAPIContractMixin:
-    """
-    Behaviour every L{IEmailAPI} shares.  Subclasses provide C{make_api()}
-    returning the API, a valid key, an invalid key, and a callable that
-    makes the next call fail as if the API were down.
-    """
-
-    assertIs: Callable[..., None]
-    assertIsNone: Callable[..., None]
-    assertIsInstance: Callable[..., None]
-    assertTrue: Callable[..., None]
-    assertEqual: Callable[..., None]
-    successResultOf: Callable[..., Any]
-    failureResultOf: Callable[..., Any]
-
-    def make_api(self) -> tuple[IEmailAPI, str, str, Callable[[], None]]:
-        raise NotImplementedError()
-
-    def test_provides(self) -> None:
-        """The implementation provides IEmailAPI, completely."""
-        api, _, _, _ = self.make_api()
-        self.assertTrue(verifyObject(IEmailAPI, api))
-
-    def test_valid_key(self) -> None:
-        """A valid key checks True."""
-        api, good, _, _ = self.make_api()
-        self.assertIs(self.successResultOf(api.check_api_key(good)), True)
-
-    def test_invalid_key(self) -> None:
-        """An invalid key checks False."""
-        api, _, bad, _ = self.make_api()
-        self.assertIs(self.successResultOf(api.check_api_key(bad)), False)
-
-    def test_unavailable(self) -> None:
-        """A key check the API cannot answer fails with APIUnavailable."""
-        api, good, _, down = self.make_api()
-        down()
-        self.failureResultOf(api.check_api_key(good), APIUnavailable)
-
-    def test_send(self) -> None:
-        """A send fires with a non-empty id string; two sends give two ids."""
-        api, good, _, _ = self.make_api()
-        first = self.successResultOf(api.send_email(good, email()))
-        second = self.successResultOf(api.send_email(good, email(subject="Again")))
-        self.assertIsInstance(first, str)
-        self.assertTrue(first)
-        self.assertTrue(first != second)
-
-    def test_mailbox(self) -> None:
-        """A good mailbox login gives the address; a wrong password gives None."""
-        api, _, _, _ = self.make_api()
-        self.assertEqual(
-            self.successResultOf(api.authenticate_mailbox("alice@yourdomain.com", "alice-password")),
-            "alice@yourdomain.com",
-        )
-        self.assertIsNone(
-            self.successResultOf(api.authenticate_mailbox("alice@yourdomain.com", "wrong"))
-        )
-
-
-class MemoryEmailAPIContractTests(EmailAPIContractMixin, SynchronousTestCase):
-    """
-    The contract, against L{MemoryEmailAPI}.
-    """
-
-    def make_api(self) -> tuple[IEmailAPI, str, str, Callable[[], None]]:
-        api = MemoryEmailAPI(
-            api_keys={FULL}, mailboxes={"alice@yourdomain.com": "alice-password"}
-        )
-
-        def down() -> None:
-            api.unavailable = True
-
-        return api, FULL, UNKNOWN, down
-
-
-class HTTPEmailAPIContractTests(SandboxMixin, EmailAPIContractMixin, SynchronousTestCase):
-    """
-    The contract, against L{HTTPEmailAPI} over C{StubTreq(sandbox)}.
-    """
-
-    def make_api(self) -> tuple[IEmailAPI, str, str, Callable[[], None]]:
-        self.make_sandbox()
-        api = SandboxMixin.make_api(self)
-
-        def down() -> None:
-            self.sandbox.inject_fault("503", count=-1, path="/emails", method="GET")
-
-        return api, FULL, UNKNOWN, down
 
 
 def attachment_email(size: int = STREAM_MIN_CONTENT + 4096) -> EmailRequest:
