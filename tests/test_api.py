@@ -39,6 +39,7 @@ from poststack_relay.api import (
     json_body,
     reply_for_status,
 )
+from poststack_relay.idempotency import IDEMPOTENCY_CLIENT, IDEMPOTENCY_RANDOM, random_idempotency_key
 from poststack_relay.replies import (
     API_BAD_ANSWER,
     API_NO_ANSWER,
@@ -65,9 +66,11 @@ TIMEOUT = 10.0
 
 def email(**changes: Any) -> EmailRequest:
     """
-    A valid C{POST /emails} request; C{changes} edit the payload (C{None}
-    deletes a field), C{idempotency_key} sets both the field and the
-    request's key.
+    A valid C{POST /emails} request, its idempotency key decided as
+    delivery decides it: C{idempotency_key} sets the client's own key,
+    else the message gets a random one (as a message with neither a key
+    nor a Message-ID does).  Other C{changes} edit the payload (C{None}
+    deletes a field).
     """
     payload: dict[str, Any] = {
         "from": "You <you@yourdomain.com>",
@@ -76,14 +79,16 @@ def email(**changes: Any) -> EmailRequest:
         "text": "Hello there",
     }
     idempotency_key = changes.pop("idempotency_key", None)
+    kind = IDEMPOTENCY_CLIENT if idempotency_key is not None else IDEMPOTENCY_RANDOM
+    if idempotency_key is None:
+        idempotency_key = random_idempotency_key()
     for name, value in changes.items():
         if value is None:
             payload.pop(name, None)
         else:
             payload[name] = value
-    if idempotency_key is not None:
-        payload["idempotency_key"] = idempotency_key
-    return EmailRequest(payload=payload, idempotency_key=idempotency_key)
+    payload["idempotency_key"] = idempotency_key
+    return EmailRequest(payload=payload, idempotency_key=idempotency_key, idempotency_kind=kind)
 
 
 @attrs.define
@@ -605,9 +610,15 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         )
 
     def test_bad_answer_hint(self) -> None:
-        """The no-id reply only promises no duplicate when the message has an idempotency key."""
+        """
+        The no-id reply only promises no duplicate when a resend carries
+        the same key (the client's own, or a derived one), not a random one.
+        """
         self.sandbox.inject_fault("noid")
         with_key = _reply_of(self, self.api.send_email(FULL, email(idempotency_key="k-3")))
+        derived = attrs.evolve(email(idempotency_key="psr-" + "d" * 40), idempotency_kind="derived")
+        self.sandbox.inject_fault("noid")
+        self.assertIn("prevents a second send", _reply_of(self, self.api.send_email(FULL, derived)).text)
         self.sandbox.inject_fault("noid")
         without_key = _reply_of(self, self.api.send_email(FULL, email()))
         self.assertIn("prevents a second send", with_key.text)
@@ -732,32 +743,39 @@ class RequestDetailsTests(SandboxMixin, SynchronousTestCase):
         [stored] = self.store.emails()
         self.assertEqual(stored.idempotency_key, "order-1234")
 
-    def test_relay_made_idempotency_key(self) -> None:
-        """
-        Without an idempotency key the relay makes one for the message
-        (psr- and 32 hex digits), sent as the header and in the body.
-        """
-        seen = self.sent(email())
-        [header] = seen.headers[b"idempotency-key"]
-        key = header.decode("ascii")
-        self.assertRegex(key, r"^psr-[0-9a-f]{32}$")
+    def test_random_key_sent_as_it_is(self) -> None:
+        """A message's random key (no key of its own) goes out unchanged, as the header and in the body."""
+        request = email()
+        seen = self.sent(request)
+        key = request.idempotency_key
+        assert key is not None
+        self.assertEqual(seen.headers[b"idempotency-key"], [key.encode("ascii")])
         self.assertEqual(json.loads(seen.body)["idempotency_key"], key)
         [stored] = self.store.emails()
         self.assertEqual(stored.idempotency_key, key)
 
-    def test_relay_made_keys_differ(self) -> None:
-        """Two messages without a key get two different relay-made keys."""
-        self.successResultOf(self.api.send_email(FULL, email()))
-        self.successResultOf(self.api.send_email(FULL, email()))
-        keys = [s.headers[b"idempotency-key"][0] for s in self.recorder.seen]
-        self.assertEqual(len(set(keys)), 2)
-        self.assertEqual(len(self.store.emails()), 2)
-
     def test_request_not_changed(self) -> None:
-        """Adding the relay-made key leaves the caller's EmailRequest payload alone."""
+        """Sending leaves the caller's EmailRequest payload alone."""
         request = email()
+        before = dict(request.payload)
         self.sent(request)
-        self.assertNotIn("idempotency_key", request.payload)
+        self.assertEqual(request.payload, before)
+
+    def test_no_key_is_a_bug(self) -> None:
+        """
+        A request whose key was not decided (none, or none in its payload,
+        or another one there) is refused at once: no request is made.
+        """
+        payload = email().payload
+        no_key = dict(payload)
+        del no_key["idempotency_key"]
+        for request in (
+            EmailRequest(payload=no_key, idempotency_key=None),
+            EmailRequest(payload=no_key, idempotency_key="k-1"),
+            EmailRequest(payload=payload, idempotency_key="k-other"),
+        ):
+            self.assertRaises(ValueError, self.api.send_email, FULL, request)
+        self.assertEqual(self.recorder.seen, [])
 
     def test_body_is_utf8_json(self) -> None:
         """The body is the payload as UTF-8 JSON; a non-ASCII subject survives."""
@@ -766,7 +784,6 @@ class RequestDetailsTests(SandboxMixin, SynchronousTestCase):
         seen = self.sent(request)
         self.assertIn(subject.encode("utf-8"), seen.body)
         body = json.loads(seen.body.decode("utf-8"))
-        self.assertTrue(body.pop("idempotency_key").startswith("psr-"))
         self.assertEqual(body, request.payload)
         [stored] = self.store.emails()
         self.assertEqual(stored.payload["subject"], subject)

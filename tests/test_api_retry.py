@@ -239,7 +239,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
         self.assertEqual(email_id, stored.id)
 
     def test_same_key_on_every_attempt(self) -> None:
-        """Every attempt of one message carries the same relay-made key and the same body."""
+        """Every attempt of one message carries its (random) key, the same each time, and the same body."""
         self.sandbox.inject_fault("503", count=3)
         d = self.api.send_email(FULL, email())
         self.settle(d)

@@ -202,7 +202,7 @@ def mailbox_outcome(answer: Answer, email: str, service_key: str, password: str)
 
 
 def send_outcome(
-    answer: Answer, api_key: str, service_key: Optional[str], client_key: bool
+    answer: Answer, api_key: str, service_key: Optional[str], retry_safe: bool
 ) -> str:
     """
     C{POST /emails}: the email id of the final answer.
@@ -211,8 +211,9 @@ def send_outcome(
         text the API echoes).
     @param service_key: the relay's own service key, if any: a 401 for it
         is the operator's problem (C{API_SERVICE_KEY_REJECTED}).
-    @param client_key: the message's idempotency key came from the client
-        (so a resend cannot send it twice), for the no-id reply's hint.
+    @param retry_safe: the client's resend of the message carries the same
+        idempotency key (its own or a derived one: C{EmailRequest.retry_safe}),
+        so it cannot be sent twice; for the no-id reply's hint.
     @raise APIError: with the SMTP reply for any other answer.
     """
     status, body = answer.status, answer.body
@@ -229,7 +230,7 @@ def send_outcome(
             attempts=answer.attempts,
             event="api_bad_answer",
         )
-        hint = API_BAD_ANSWER_IDEMPOTENT if client_key else API_BAD_ANSWER_NO_KEY
+        hint = API_BAD_ANSWER_IDEMPOTENT if retry_safe else API_BAD_ANSWER_NO_KEY
         raise APIError(
             API_BAD_ANSWER.with_text(API_BAD_ANSWER.text + hint),
             status=status,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
@@ -257,27 +256,27 @@ class HTTPEmailAPI:
     def send_email(self, api_key: str, request: EmailRequest) -> "Deferred[str]":
         """
         See L{IEmailAPI.send_email}: C{POST /emails}, retried on transient
-        failures within the deadline.  Every attempt carries the same
-        idempotency key, in the C{Idempotency-Key} header and the body's
-        C{idempotency_key}: the request's own, or, when it has none, one
-        made for this message (C{psr-} and 32 hex digits), so a retry after
-        a lost answer cannot send twice.
+        failures within the deadline.  Every attempt carries the request's
+        own idempotency key, as it is, in the C{Idempotency-Key} header and
+        the body's C{idempotency_key}, so a retry after a lost answer cannot
+        send twice.  The key is decided before (by delivery:
+        L{poststack_relay.idempotency.keyed}), never here.
+
+        @raise ValueError: (at once) the request has no idempotency key, or
+            its payload holds another one: a bug in the caller.
         """
+        key = request.idempotency_key
+        if key is None or request.payload.get("idempotency_key") != key:
+            raise ValueError(
+                "send_email needs a request whose idempotency key is decided "
+                "(poststack_relay.idempotency.keyed), in the request and its payload"
+            )
 
         async def send() -> str:
             attempts = self._attempts
             deadline_at = attempts.clock.seconds() + self._deadline
-            payload = request.payload
-            key = request.idempotency_key
-            if key is None and isinstance(payload.get("idempotency_key"), str):
-                key = payload["idempotency_key"]
-            if key is None:
-                key = "psr-" + uuid.uuid4().hex
-            if payload.get("idempotency_key") is None:
-                payload = dict(payload)
-                payload["idempotency_key"] = key
             try:
-                data = json_body(payload)
+                data = json_body(request.payload)
             except (TypeError, ValueError, UnicodeEncodeError):
                 raise APIError(API_NOT_ENCODABLE) from None
             transport = self._transport
@@ -290,8 +289,6 @@ class HTTPEmailAPI:
                 raise APIError(API_DOWN if e.reason == "breaker" else API_BUSY) from None
             except AttemptError as e:
                 raise APIError(e.reply) from None
-            return send_outcome(
-                answer, api_key, self._service_key, bool(request.idempotency_key)
-            )
+            return send_outcome(answer, api_key, self._service_key, request.retry_safe)
 
         return Deferred.fromCoroutine(send())
