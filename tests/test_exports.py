@@ -28,10 +28,14 @@ class PublicNamesTests(SynchronousTestCase):
             self.assertTrue(hasattr(poststack_relay, name), name)
 
     def test_testing(self) -> None:
-        """poststack_relay.testing offers the in-memory API and the test certificates."""
+        """poststack_relay.testing exports exactly the in-memory API and the test certificates."""
         from poststack_relay import testing
         from poststack_relay.interfaces import IEmailAPI
 
+        self.assertEqual(
+            sorted(testing.__all__),
+            ["MemoryEmailAPI", "PrivateKey", "make_certificate", "write_certificate"],
+        )
         for name in ("MemoryEmailAPI", "make_certificate", "write_certificate"):
             self.assertTrue(callable(getattr(testing, name, None)), name)
         self.assertTrue(IEmailAPI.implementedBy(testing.MemoryEmailAPI))
