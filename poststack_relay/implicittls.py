@@ -138,18 +138,18 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             self.factory.metrics.tls_failures[reason].inc()
 
     def _handshake_done(self) -> bool:
-        # Twisted's own flag (private): Twisted has no public "handshake
-        # done" on the server side.  If it is renamed, every failed
-        # handshake counts as "closed", never "handshake"
-        # (tests/test_metrics.py pins both counts).
-        return bool(getattr(self, "_handshakeDone", False))
+        # Public pyOpenSSL: the client's Finished message arrives last in a
+        # TLS 1.3 handshake, and in a full TLS 1.2 one (the relay resumes
+        # no sessions) the server answers it in the same step.
+        handle: Optional[SSL.Connection] = self.getHandle()  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+        return handle is not None and handle.get_peer_finished() is not None
 
     def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
         # Twisted's own hook (private): the one place the TLS layer says it
         # gave up, with OpenSSL's error; Twisted has no public callback for
         # a failed server handshake.  If it is renamed, this override is
-        # never called and handshake failures count as "closed" (see
-        # _handshake_done).
+        # never called and handshake failures count as "closed"
+        # (tests/test_metrics.py pins both counts).
         if (
             reason is not None
             and not self._handshake_done()
@@ -164,8 +164,9 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         Stop waiting; count a client that left mid-handshake.
         """
         self._cancelDetect()
+        done = self._handshake_done()  # before Twisted lets go of the TLS connection
         super().connectionLost(reason)
-        if self._sawFirstByte and not self._handshake_done():
+        if self._sawFirstByte and not done:
             self._countFailure("closed")
 
 

@@ -498,36 +498,39 @@ class TLSInstrumentationTests(SynchronousTestCase):
         )
 
     def test_good_handshake_not_counted(self) -> None:
-        """A client that completes the handshake is not a failure."""
-        from twisted.internet.ssl import CertificateOptions
+        """A client that completes the handshake (TLS 1.3 or 1.2) is not a failure."""
+        from twisted.internet.ssl import CertificateOptions, TLSVersion
         from twisted.protocols.tls import TLSMemoryBIOFactory
         from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
 
-        server_factory = ImplicitTLSFactory(
-            load_certificate_options(self.cert, self.key), Factory.forProtocol(Banner), 2.0,
-            self.clock, metrics=self.metrics,
-        )
-        received: list[bytes] = []
+        for version in (TLSVersion.TLSv1_3, TLSVersion.TLSv1_2):
+            server_factory = ImplicitTLSFactory(
+                load_certificate_options(self.cert, self.key), Factory.forProtocol(Banner), 2.0,
+                self.clock, metrics=self.metrics,
+            )
+            received: list[bytes] = []
 
-        class Client(Protocol):
-            def dataReceived(self, data: bytes) -> None:
-                received.append(data)
+            class Client(Protocol):
+                def dataReceived(self, data: bytes) -> None:
+                    received.append(data)
 
-        client_factory = TLSMemoryBIOFactory(
-            CertificateOptions(verify=False), True, Factory.forProtocol(Client), self.clock
-        )
-        server = server_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
-        pump = connect(server, makeFakeServer(server), client, makeFakeClient(client),
-                       greet=False, clock=self.clock)
-        for _ in range(20):
+            client_factory = TLSMemoryBIOFactory(
+                CertificateOptions(verify=False, lowerMaximumSecurityTo=version),
+                True, Factory.forProtocol(Client), self.clock,
+            )
+            server = server_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+            client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+            pump = connect(server, makeFakeServer(server), client, makeFakeClient(client),
+                           greet=False, clock=self.clock)
+            for _ in range(20):
+                pump.flush()
+                self.clock.advance(0)
+            self.assertEqual(b"".join(received), b"220 banner\r\n", version)
+            self.assertEqual(server.getHandle().get_protocol_version_name(), version.name.replace("v1_", "v1."))
+            client.transport.loseConnection()
             pump.flush()
-            self.clock.advance(0)
-        self.assertEqual(b"".join(received), b"220 banner\r\n")
-        client.transport.loseConnection()
-        pump.flush()
-        for reason in ("plaintext", "timeout", "handshake", "closed"):
-            self.assertEqual(self.failures(reason), 0.0, reason)
+            for reason in ("plaintext", "timeout", "handshake", "closed"):
+                self.assertEqual(self.failures(reason), 0.0, (version, reason))
 
     def test_certificate_expiry(self) -> None:
         """The expiry gauge follows the loaded certificate, and reloads are counted by result."""
