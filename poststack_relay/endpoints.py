@@ -67,8 +67,12 @@ def listening_endpoint(listener: ListenerConfig, reactor: IRelayReactor) -> IStr
                 raise
             raise ConfigError(f"listen {listener.spec!r}: {e}") from None
     if ":" in listener.interface:
-        return TCP6ServerEndpoint(reactor, listener.port, interface=listener.interface)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
-    return TCP4ServerEndpoint(reactor, listener.port, interface=listener.interface)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+        return TCP6ServerEndpoint(  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
+            reactor, listener.port, interface=listener.interface
+        )
+    return TCP4ServerEndpoint(  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
+        reactor, listener.port, interface=listener.interface
+    )
 
 
 def adopted_endpoint(reactor: IReactorSocket, fd: int) -> IStreamServerEndpoint:
@@ -83,7 +87,7 @@ def adopted_endpoint(reactor: IReactorSocket, fd: int) -> IStreamServerEndpoint:
         family = probe.family
     finally:
         probe.close()
-    return AdoptedStreamServerEndpoint(reactor, fd, family)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+    return AdoptedStreamServerEndpoint(reactor, fd, family)  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
 
 
 def relay_endpoint(
@@ -150,7 +154,8 @@ def parse_implicit_tls(
     options = load_certificate_options(
         kwargs["certificate"], kwargs.get("key") or None, kwargs.get("profile", "intermediate")
     )
-    wrapped: IStreamServerEndpoint = serverFromString(reactor, ":".join(args))  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+    description = ":".join(args)
+    wrapped: IStreamServerEndpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
     return ImplicitTLSEndpoint(wrapped, options, reactor, detect_timeout)
 
 

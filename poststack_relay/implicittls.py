@@ -93,7 +93,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         """
         Connect, and start waiting for the client's first byte.
         """
-        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
         timeout = self.factory.detectTimeout
         if timeout and self.transport is not None and not self._sawFirstByte:
             self._detectCall = self.factory.clock.callLater(timeout, self._refusePlaintext)
@@ -109,7 +109,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             if data[0] != _TLS_HANDSHAKE:
                 self._refusePlaintext("plaintext")
                 return
-        super().dataReceived(data)  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+        super().dataReceived(data)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
 
     def _cancelDetect(self) -> None:
         if self._detectCall is not None and self._detectCall.active():
@@ -141,7 +141,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         # Public pyOpenSSL: the client's Finished message arrives last in a
         # TLS 1.3 handshake, and in a full TLS 1.2 one (the relay resumes
         # no sessions) the server answers it in the same step.
-        handle: Optional[SSL.Connection] = self.getHandle()  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+        handle: Optional[SSL.Connection] = self.getHandle()  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
         return handle is not None and handle.get_peer_finished() is not None
 
     def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
@@ -157,7 +157,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             and not is_end_of_file(reason.value)
         ):
             self._countFailure("handshake")
-        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]  # Twisted's TLSMemoryBIOProtocol is not annotated
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """

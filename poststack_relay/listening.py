@@ -53,7 +53,7 @@ class ListeningService(Service):
         @raise Exception: why the endpoint could not listen, when it says
             so at once (TCP, adopted and systemd sockets all do).
         """
-        Service.privilegedStartService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.privilegedStartService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         self._listen()
 
     def startService(self) -> None:
@@ -62,7 +62,7 @@ class ListeningService(Service):
 
         @raise Exception: see L{privilegedStartService}.
         """
-        Service.startService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.startService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         self._listen()
 
     def _listen(self) -> None:
@@ -115,7 +115,7 @@ class ListeningService(Service):
         Stop listening (or give up a bind still under way); the Deferred
         fires once the port is closed.
         """
-        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         if self._pending is not None:
             self._pending.cancel()
         port, self.listening_port = self.listening_port, None

@@ -402,7 +402,7 @@ def twistd_observer(
         return factory(sys.stdout)
     if nodaemon and not logfile:
         return factory(sys.stdout)
-    logFile = LogFile.fromFullPath(logfile or TWISTD_DEFAULT_LOGFILE)  # type: ignore[no-untyped-call]  # Twisted's LogFile is not annotated
+    logFile = LogFile.fromFullPath(logfile or TWISTD_DEFAULT_LOGFILE)  # type: ignore[no-untyped-call]  # LogFile: unannotated in Twisted
     _rotate_on_sigusr1(logFile)
     return factory(logFile)
 
@@ -432,11 +432,11 @@ class LogObserverService(MultiService):
             an application that has none; C{None} from it leaves the
             application's logging alone.
         """
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService: unannotated in Twisted
         self.service = service
         self.observer: Optional[ILogObserver] = None
         self._observer_factory = observer_factory
-        service.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's IService is not annotated
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]  # IService: unannotated in Twisted
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
         """

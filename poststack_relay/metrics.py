@@ -286,7 +286,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, metrics: RelayMetrics, readiness: Readiness) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Resource is not annotated
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource: unannotated in Twisted
         self.metrics = metrics
         self.readiness = readiness
 
@@ -373,10 +373,11 @@ def makeMetricsService(
     host, port = parse_metrics_listen(listen)
     endpoint: IStreamServerEndpoint
     if ":" in host:
-        endpoint = TCP6ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+        endpoint = TCP6ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
-    site = _QuietSite(MetricsResource(metrics, readiness), timeout=30, reactor=reactor)  # type: ignore[no-untyped-call]  # Twisted's Site is not annotated
+        endpoint = TCP4ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
+    resource = MetricsResource(metrics, readiness)
+    site = _QuietSite(resource, timeout=30, reactor=reactor)  # type: ignore[no-untyped-call]  # Site: unannotated in Twisted
     return MetricsService(endpoint, site)
 
 
@@ -461,7 +462,7 @@ class ApiProbeService(Service):
         """
         Probe now and every C{interval} seconds.
         """
-        Service.startService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.startService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         loop = self._loop = LoopingCall(self.tick)
         loop.clock = self.clock
         loop.start(self.interval, now=True)
@@ -470,7 +471,7 @@ class ApiProbeService(Service):
         """
         Stop probing; cancel a probe in flight.
         """
-        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()

@@ -221,8 +221,8 @@ class ProxiedConnection(ProtocolWrapper):
         Start the header's clock; the wrapped protocol waits for the header.
         """
         directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]  # Twisted's BaseProtocol is not annotated
-        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]  # Twisted's WrappingFactory is not annotated
+        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]  # BaseProtocol: unannotated in Twisted
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]  # WrappingFactory: unannotated in Twisted
         if self.factory.headerTimeout > 0:
             self._headerCall = self.factory.clock.callLater(
                 self.factory.headerTimeout, self._drop, "no PROXY header in time"
@@ -304,7 +304,7 @@ class ProxiedConnection(ProtocolWrapper):
         Stop the header's clock; tell the wrapped protocol (if built).
         """
         self._stopTimer()
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's ProtocolWrapper is not annotated
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # ProtocolWrapper: unannotated in Twisted
 
 
 class ProxyProtocolFactory(WrappingFactory[ProxiedConnection]):
@@ -327,7 +327,7 @@ class ProxyProtocolFactory(WrappingFactory[ProxiedConnection]):
         clock: IReactorTime,
         headerTimeout: float = PROXY_HEADER_TIMEOUT,
     ) -> None:
-        super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]  # Twisted's WrappingFactory is not annotated
+        super().__init__(wrappedFactory)  # type: ignore[no-untyped-call]  # WrappingFactory: unannotated in Twisted
         self.wrappedFactory: IProtocolFactory = wrappedFactory
         self.clock = clock
         self.headerTimeout = headerTimeout

@@ -71,7 +71,7 @@ class _PoolService(Service):
         self.pool = pool
 
     def stopService(self) -> "Deferred[None]":
-        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         return self.pool.closeCachedConnections()  # type: ignore[no-any-return, no-untyped-call]  # (untyped in Twisted)
 
 
@@ -107,7 +107,7 @@ class RelayService(MultiService):
         certificates: Sequence[ReloadableTLS],
         drain_timeout: float,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
+        super().__init__()  # type: ignore[no-untyped-call]  # MultiService: unannotated in Twisted
         self.factory = factory
         self.metrics = metrics
         self.certificates = list(certificates)
@@ -131,7 +131,7 @@ class RelayService(MultiService):
         """
         self.listener_configs.append(config)
         self.listeners.append(listening)
-        self.addService(listening)  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
+        self.addService(listening)  # type: ignore[no-untyped-call]  # MultiService: unannotated in Twisted
 
     def privilegedStartService(self) -> None:
         """
@@ -140,7 +140,7 @@ class RelayService(MultiService):
         closed again and the error is raised, so start-up stops with it.
         """
         try:
-            super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
+            super().privilegedStartService()  # type: ignore[no-untyped-call]  # MultiService: unannotated in Twisted
         except BaseException:
             self._abandon()
             raise
@@ -152,7 +152,7 @@ class RelayService(MultiService):
         and the error is raised, so start-up stops with it.
         """
         try:
-            super().startService()  # type: ignore[no-untyped-call]  # Twisted's MultiService is not annotated
+            super().startService()  # type: ignore[no-untyped-call]  # MultiService: unannotated in Twisted
         except BaseException:
             self._abandon()
             raise
@@ -206,7 +206,7 @@ class RelayService(MultiService):
         """
         if self.readiness is not None and self.running:
             self.readiness.stopping()
-        Service.stopService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.stopService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -354,21 +354,29 @@ def makeRelayService(
             metrics=metrics,
         )
         pool = _PoolService(connections)
-    factory = RelayFactory(_portal(config, api, reactor), config, reactor, throttle=_throttle(config, reactor), metrics=metrics)
+    factory = RelayFactory(
+        _portal(config, api, reactor),
+        config,
+        reactor,
+        throttle=_throttle(config, reactor),
+        metrics=metrics,
+    )
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
     if pool is not None:
-        pool.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        pool.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     for place, listener, tls in zip(places, listeners, tls_of):
         smtps = relay_endpoint(place, listener, tls, reactor, config.tls_detect_timeout, metrics)
         service.add_listener(listener, ListeningService(smtps, factory))
     # After the listeners, so their ports are known when this starts.
     service.readiness = ReadinessService(SystemdNotifier(), service)
-    service.readiness.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+    service.readiness.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     if config.tls_reload_interval > 0:
         # Picks up renewed certificates (ACME) without a SIGHUP.
-        poll = TimerService(config.tls_reload_interval, service._reload_changed)  # type: ignore[no-untyped-call]  # Twisted's TimerService is not annotated
+        poll = TimerService(  # type: ignore[no-untyped-call]  # TimerService: unannotated in Twisted
+            config.tls_reload_interval, service._reload_changed
+        )
         poll.clock = reactor
-        poll.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        poll.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     if config.metrics_enabled:
         _add_metrics(service, config, api, reactor)
     _log_configuration(config, listeners, tls_of, certificates, injected=endpoint is not None)
@@ -415,7 +423,8 @@ def _add_metrics(
     with an API probe keeping C{/readyz}'s "API reachable" true while idle.
     """
     if isinstance(api, Reachable):
-        ApiProbeService(api, reactor, API_PROBE_INTERVAL).setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        probe = ApiProbeService(api, reactor, API_PROBE_INTERVAL)
+        probe.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     readiness_check = relay_readiness(
         lambda: zip([c.label for c in service.listener_configs], service.listeners),
         service.factory,
@@ -427,7 +436,7 @@ def _add_metrics(
     service.metrics_service = makeMetricsService(
         service.metrics, config.metrics_listen, reactor, readiness_check
     )
-    service.metrics_service.setServiceParent(service)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+    service.metrics_service.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
 
 
 def _log_configuration(

@@ -110,7 +110,7 @@ class ReadinessService(Service):
         """
         Send C{READY=1} once every listener is bound.
         """
-        Service.startService(self)  # type: ignore[no-untyped-call]  # Twisted's Service is not annotated
+        Service.startService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
         if self.notifier.address is None:
             return
         d = self._relay.ports()
@@ -145,7 +145,9 @@ def socketEndpoint(reactor: IReactorSocket, name: str) -> IStreamServerEndpoint:
     @raise ConfigError: if no such TCP socket was passed.
     """
     try:
-        endpoint: AdoptedStreamServerEndpoint = serverFromString(reactor, f"systemd:domain=INET:name={name}")  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+        endpoint: AdoptedStreamServerEndpoint = serverFromString(  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
+            reactor, f"systemd:domain=INET:name={name}"
+        )
     except KeyError:
         raise ConfigError(
             f"systemd-socket {name!r}: systemd passed no socket of that name "
@@ -163,6 +165,8 @@ def socketEndpoint(reactor: IReactorSocket, name: str) -> IStreamServerEndpoint:
     if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
         raise ConfigError(f"systemd-socket {name!r} is not a TCP listening socket")
     if family == socket.AF_INET6:
-        inet6: AdoptedStreamServerEndpoint = serverFromString(reactor, f"systemd:domain=INET6:name={name}")  # type: ignore[no-untyped-call]  # Twisted's endpoints are not annotated
+        inet6: AdoptedStreamServerEndpoint = serverFromString(  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
+            reactor, f"systemd:domain=INET6:name={name}"
+        )
         return inet6
     return endpoint

@@ -291,7 +291,7 @@ Example:
     sources: dict[str, str]
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's usage.Options is not annotated
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options: unannotated in Twisted
         self._environ = os.environ if environ is None else environ
         self["listen"] = None
 
