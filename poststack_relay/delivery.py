@@ -11,15 +11,13 @@ exactly one API call per transaction however many recipients it has.
 from __future__ import annotations
 
 import time
-from email.header import decode_header, make_header
-from email.utils import getaddresses
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import replies
+from . import policy, replies
 from .api import APIError, IEmailAPI
 from .auth import Identity
 from .idempotency import (  # the kinds are re-exported: log readers import them from here
@@ -44,100 +42,10 @@ __all__ = [
     "TRANSACTION_FIELDS",
     "RelayDelivery",
     "log_transaction",
-    "sender_header_reply",
-    "sender_header_values",
-    "sender_reply",
     "transaction_outcome",
 ]
 
 _log = Logger()
-
-
-def sender_reply(identity: Identity, address: str) -> Optional[Reply]:
-    """
-    Is C{address} (from C{MAIL FROM}) an acceptable envelope sender for
-    C{identity}?  C{None} if so, else the rejection.
-    """
-    if address == "":
-        # The null sender: permitted; the From header then names the sender.
-        return None
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or "." not in domain.strip("."):
-        return replies.SENDER_NO_DOMAIN
-    if identity.mailbox is not None and address.lower() != identity.mailbox.lower():
-        return replies.SENDER_NOT_OWNED
-    return None
-
-
-def sender_header_values(raw: bytes) -> list[str]:
-    """
-    The values of the C{Sender:} header fields of the message C{raw},
-    unfolded, read from its header block only (up to the first empty line,
-    or the first line that is not a header field, where a MIME parser
-    stops too).  Cheap: one scan of the header block, none of the body.
-    """
-    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
-    head = raw[: min(ends)] if ends else raw
-    if b"sender" not in head.lower():
-        return []
-    values: list[str] = []
-    current: Optional[list[bytes]] = None
-    for number, line in enumerate(head.split(b"\n")):
-        line = line.rstrip(b"\r")
-        if line[:1] in (b" ", b"\t"):
-            if current is not None:
-                current.append(line)
-            continue
-        if current is not None:
-            values.append(_header_text(b" ".join(current)))
-            current = None
-        name, colon, value = line.partition(b":")
-        if not colon:
-            if number == 0 and line.startswith(b"From "):
-                continue  # an mbox "From " line, skipped by MIME parsers too
-            break
-        if name.rstrip(b" \t").lower() == b"sender":
-            current = [value]
-    if current is not None:
-        values.append(_header_text(b" ".join(current)))
-    return values
-
-
-def _header_text(value: bytes) -> str:
-    try:
-        return value.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return value.decode("latin-1").strip()
-
-
-def _header_addresses(value: str) -> list[str]:
-    addresses = [a for _, a in getaddresses([value]) if a]
-    if any("=?" in a for a in addresses):
-        # The whole field RFC 2047-encoded, addresses included (what
-        # Python's legacy email API writes for non-ASCII names).
-        try:
-            decoded = str(make_header(decode_header(value)))
-        except Exception:
-            return addresses
-        addresses = [a for _, a in getaddresses([decoded]) if a]
-    return addresses
-
-
-def sender_header_reply(mailbox: str, raw: bytes) -> Optional[Reply]:
-    """
-    The rule for a mailbox user's C{Sender:} header: each one that is not
-    empty must name exactly one address, the mailbox's own (compared
-    case-insensitively); otherwise the 550 5.7.1 rejection.  C{Reply-To} is
-    free: it names where answers go and claims no authorship.
-    """
-    own = mailbox.strip().lower()
-    for value in sender_header_values(raw):
-        if not value:
-            continue
-        addresses = _header_addresses(value)
-        if len(addresses) != 1 or addresses[0].strip().lower() != own:
-            return replies.sender_header_not_owned(mailbox.strip())
-    return None
 
 
 # The outcomes of a transaction, as C{smtp_transaction} logs them.
@@ -279,9 +187,11 @@ class RelayDelivery:
 
     def validate_sender(self, address: str) -> Optional[Reply]:
         """
-        See L{sender_reply}.
+        Is C{address} (from C{MAIL FROM}) an acceptable envelope sender for
+        this identity?  C{None} if so, else the rejection (the rule is
+        L{poststack_relay.policy.envelope_sender_reply}).
         """
-        return sender_reply(self.identity, address)
+        return policy.envelope_sender_reply(self.identity.mailbox, address)
 
     def deliver(
         self, envelope: Envelope, raw: bytes, session: str = "-", client: str = "-"
@@ -312,11 +222,6 @@ class RelayDelivery:
             )
 
         try:
-            if identity.mailbox is not None:
-                rejection = sender_header_reply(identity.mailbox, raw)
-                if rejection is not None:
-                    log(rejection)
-                    return _succeed(rejection)
             request = keyed(
                 translate(raw, envelope, mailbox=identity.mailbox),
                 account=identity.account,
@@ -329,7 +234,7 @@ class RelayDelivery:
             # request body is built.
             del raw
         except TranslationError as e:
-            reply = Reply(e.code, e.enhanced, replies.clean_text(e.text))
+            reply = e.reply
             log(reply)
             return _succeed(reply)
         except Exception:  # never crash on input; never a wrong 250

@@ -382,3 +382,162 @@ def reply_for_status(
 # (translation raises these; none is written with a literal code elsewhere).
 #
 # (section kept apart from the previous one on purpose)
+#
+# Their texts may hold values from the message or the identity (a header
+# name, a mailbox address, a JSON parser's reason); TranslationError, which
+# carries them, makes every text printable ASCII (other characters become
+# "?", see printable), and delivery then applies clean_text.
+
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+def printable(text: str) -> str:
+    """
+    C{text} in printable ASCII, stripped: every run of other characters
+    (CR and LF included) becomes one C{?}.  What a translation reply's text
+    is made of.
+    """
+    return _NOT_PRINTABLE.sub("?", text).strip()
+
+
+MESSAGE_NOT_MIME = Reply(554, "5.6.0", "Message could not be parsed as MIME; check its headers")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+NO_FROM_EMPTY_ENVELOPE = Reply(
+    554,
+    "5.6.0",
+    "Message has no From header and the envelope sender is empty; add a From header",
+)
+NO_FROM_BAD_ENVELOPE = Reply(
+    554,
+    "5.6.0",
+    "Message has no From header and the envelope sender is not a valid address;"
+    " add a From header",
+)
+
+
+def header_section_too_large(limit: int) -> Reply:
+    """The top-level header section is over C{limit} octets."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"Message header section is larger than {limit} octets; remove or shorten headers",
+    )
+
+
+def too_many_header_fields(limit: int) -> Reply:
+    """The top-level header section has over C{limit} fields."""
+    return Reply(
+        554, "5.6.0", f"Message has more than {limit} header fields; remove some headers"
+    )
+
+
+def too_many_mime_parts(limit: int) -> Reply:
+    """The MIME tree has over C{limit} parts."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"Message has more than {limit} MIME parts; send fewer attachments per message",
+    )
+
+
+def mime_nested_too_deep(limit: int) -> Reply:
+    """The MIME tree nests containers over C{limit} levels deep."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"MIME parts are nested more than {limit} levels deep; flatten the message structure",
+    )
+
+
+def header_repeated(header: str) -> Reply:
+    """A header that may appear once appears with different values."""
+    return Reply(
+        554, "5.6.0", f"{header} appears more than once with different values; send it once"
+    )
+
+
+def header_has_controls(header: str) -> Reply:
+    """An X-PostStack header value holds a control character."""
+    return Reply(554, "5.6.0", f"{header} must not contain control characters")
+
+
+def header_value_too_long(header: str, limit: int) -> Reply:
+    """An X-PostStack id header is over C{limit} characters."""
+    return Reply(554, "5.6.0", f"{header} is longer than {limit} characters")
+
+
+def header_not_printable_ascii(header: str) -> Reply:
+    """The idempotency key header is not printable ASCII."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"{header} must be printable ASCII (it is also sent as an HTTP header)",
+    )
+
+
+def tag_too_long(limit: int) -> Reply:
+    """X-PostStack-Tags has a tag over C{limit} characters."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"X-PostStack-Tags has a tag longer than {limit} characters; shorten it",
+    )
+
+
+def too_many_tags(limit: int) -> Reply:
+    """X-PostStack-Tags has over C{limit} distinct tags."""
+    return Reply(
+        554, "5.6.0", f"X-PostStack-Tags has more than {limit} tags; send at most {limit}"
+    )
+
+
+def too_many_passed_headers(limit: int) -> Reply:
+    """Over C{limit} distinct headers would be passed on to the API."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"Message has more than {limit} headers to pass on (X-* and list headers); remove some",
+    )
+
+
+def passed_header_too_long(name: str, limit: int) -> Reply:
+    """A header passed on to the API is over C{limit} octets."""
+    return Reply(
+        554, "5.6.0", f"Header {name} is longer than {limit} octets; shorten or remove it"
+    )
+
+
+def variables_not_an_object(reason: str) -> Reply:
+    """X-PostStack-Variables is not one JSON object (C{reason}, cut to 120 characters)."""
+    return Reply(
+        554, "5.6.0", f"X-PostStack-Variables must be a JSON object: {reason[:120]}"
+    )
+
+
+def from_address_count(found: int) -> Reply:
+    """The From header names C{found} addresses instead of one."""
+    return Reply(
+        554,
+        "5.6.0",
+        f"From header must contain exactly one address, found {found};"
+        " put other authors in Reply-To",
+    )
+
+
+def from_address_invalid(problem: str) -> Reply:
+    """The From address has a C{problem} (from L{poststack_relay.addresses})."""
+    return Reply(554, "5.6.0", f"From header address is {problem}")
+
+
+def from_header_not_owned(mailbox: str) -> Reply:
+    """A mailbox user's message is from another address than the mailbox's."""
+    return Reply(
+        550,
+        "5.7.1",
+        f"From must be your mailbox address <{mailbox}>; change the From header",
+    )
+
+
+def envelope_recipient_invalid(problem: str) -> Reply:
+    """An envelope recipient has a C{problem} (from L{poststack_relay.addresses})."""
+    return Reply(554, "5.1.3", f"Envelope recipient address is {problem}")

@@ -36,7 +36,9 @@ from typing import Any, Final
 
 import attrs
 
+from . import policy, replies
 from .addresses import bare_address, header_address_problem, is_header_address
+from .replies import Reply
 
 __all__ = [
     "MAX_FILENAME_LENGTH",
@@ -145,9 +147,6 @@ class EmailRequest:
         return self.idempotency_key is not None and self.idempotency_kind != "random"
 
 
-_UNPRINTABLE_ASCII: Final = re.compile(r"[^\x20-\x7e]+")
-
-
 class TranslationError(Exception):
     """
     The message cannot be turned into an API call.
@@ -165,11 +164,22 @@ class TranslationError(Exception):
 
     def __init__(self, code: int, enhanced: str, text: str) -> None:
         """Keep the reply parts; ``text`` is forced to printable ASCII."""
-        text = _UNPRINTABLE_ASCII.sub("?", text).strip()
+        text = replies.printable(text)
         super().__init__(f"{code} {enhanced} {text}")
         self.code = code
         self.enhanced = enhanced
         self.text = text
+
+    @classmethod
+    def of(cls, reply: Reply) -> TranslationError:
+        """The error that answers with ``reply`` (a translation reply of
+        :mod:`poststack_relay.replies`)."""
+        return cls(reply.code, reply.enhanced, reply.text)
+
+    @property
+    def reply(self) -> Reply:
+        """The reply for the client: the text on one line of at most 400 characters."""
+        return Reply(self.code, self.enhanced, replies.clean_text(self.text))
 
 
 # ---------------------------------------------------------------------------
@@ -632,20 +642,10 @@ def _measure(root: Message) -> None:
         part, depth = stack.pop()
         count += 1
         if count > MAX_MIME_PARTS:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                f"Message has more than {MAX_MIME_PARTS} MIME parts;"
-                " send fewer attachments per message",
-            )
+            raise TranslationError.of(replies.too_many_mime_parts(MAX_MIME_PARTS))
         if part.is_multipart():
             if depth >= MAX_MIME_DEPTH:
-                raise TranslationError(
-                    554,
-                    "5.6.0",
-                    f"MIME parts are nested more than {MAX_MIME_DEPTH} levels"
-                    " deep; flatten the message structure",
-                )
+                raise TranslationError.of(replies.mime_nested_too_deep(MAX_MIME_DEPTH))
             for child in part.get_payload():
                 if isinstance(child, Message):
                     stack.append((child, depth + 1))
@@ -1059,11 +1059,7 @@ def _single(values: list[str], header: str) -> str | None:
     """The one value of a header that may appear once; ``None`` if absent."""
     distinct = list(dict.fromkeys(value for value in values if value))
     if len(distinct) > 1:
-        raise TranslationError(
-            554,
-            "5.6.0",
-            f"{header} appears more than once with different values;" " send it once",
-        )
+        raise TranslationError.of(replies.header_repeated(header))
     return distinct[0] if distinct else None
 
 
@@ -1075,19 +1071,11 @@ def _checked_id(text: str, header: str, *, ascii_only: bool = False) -> str:
     the HTTP ``Idempotency-Key`` header).
     """
     if _ID_CONTROLS.search(text) is not None:
-        raise TranslationError(
-            554, "5.6.0", f"{header} must not contain control characters"
-        )
+        raise TranslationError.of(replies.header_has_controls(header))
     if len(text) > MAX_ID_LENGTH:
-        raise TranslationError(
-            554, "5.6.0", f"{header} is longer than {MAX_ID_LENGTH} characters"
-        )
+        raise TranslationError.of(replies.header_value_too_long(header, MAX_ID_LENGTH))
     if ascii_only and text and _PRINTABLE_ASCII.fullmatch(text) is None:
-        raise TranslationError(
-            554,
-            "5.6.0",
-            f"{header} must be printable ASCII (it is also sent as an HTTP header)",
-        )
+        raise TranslationError.of(replies.header_not_printable_ascii(header))
     return text
 
 
@@ -1105,23 +1093,12 @@ def _add_tags(tags: dict[str, None], text: str) -> None:
         if not tag:
             continue
         if _ID_CONTROLS.search(tag) is not None:
-            raise TranslationError(
-                554, "5.6.0", "X-PostStack-Tags must not contain control characters"
-            )
+            raise TranslationError.of(replies.header_has_controls("X-PostStack-Tags"))
         if len(tag) > MAX_TAG_LENGTH:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                f"X-PostStack-Tags has a tag longer than {MAX_TAG_LENGTH}"
-                " characters; shorten it",
-            )
+            raise TranslationError.of(replies.tag_too_long(MAX_TAG_LENGTH))
         tags.setdefault(tag, None)
         if len(tags) > MAX_TAGS:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                f"X-PostStack-Tags has more than {MAX_TAGS} tags; send at most {MAX_TAGS}",
-            )
+            raise TranslationError.of(replies.too_many_tags(MAX_TAGS))
 
 
 def _pass_header(
@@ -1131,12 +1108,7 @@ def _pass_header(
     entry = passed.get(key)
     if entry is None:
         if len(passed) >= MAX_PASSED_HEADERS:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                f"Message has more than {MAX_PASSED_HEADERS} headers to pass on"
-                " (X-* and list headers); remove some",
-            )
+            raise TranslationError.of(replies.too_many_passed_headers(MAX_PASSED_HEADERS))
         entry = passed[key] = (name, [])
     entry[1].append(text)
 
@@ -1177,11 +1149,8 @@ def _passed_headers(passed: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
         ):
             trimmed = _trim_msg_ids(value) if key in _SPACE_JOINED else None
             if trimmed is None:
-                raise TranslationError(
-                    554,
-                    "5.6.0",
-                    f"Header {name} is longer than {MAX_PASSED_HEADER_OCTETS}"
-                    " octets; shorten or remove it",
+                raise TranslationError.of(
+                    replies.passed_header_too_long(name, MAX_PASSED_HEADER_OCTETS)
                 )
             value = trimmed
         headers[name] = value
@@ -1253,9 +1222,7 @@ def _variables(value: str) -> dict[str, Any]:
                 reason = "it contains invalid Unicode"
             else:
                 return variables
-    raise TranslationError(
-        554, "5.6.0", f"X-PostStack-Variables must be a JSON object: {reason[:120]}"
-    )
+    raise TranslationError.of(replies.variables_not_an_object(reason))
 
 
 def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> str:
@@ -1263,42 +1230,37 @@ def _sender(from_values: list[str], envelope: Envelope, mailbox: str | None) -> 
     if from_values:
         pairs = _parse_addresses(from_values)
         if len(pairs) != 1:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                f"From header must contain exactly one address, found {len(pairs)};"
-                " put other authors in Reply-To",
-            )
+            raise TranslationError.of(replies.from_address_count(len(pairs)))
         name, address = pairs[0]
         problem = header_address_problem(address)
         if problem is not None:
-            raise TranslationError(554, "5.6.0", f"From header address is {problem}")
+            raise TranslationError.of(replies.from_address_invalid(problem))
         formatted = _format_address(name, address)
     else:
         address = bare_address(_utf8_safe(envelope.mail_from))
         if not address:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                "Message has no From header and the envelope sender is empty;"
-                " add a From header",
-            )
+            raise TranslationError.of(replies.NO_FROM_EMPTY_ENVELOPE)
         if header_address_problem(address) is not None:
-            raise TranslationError(
-                554,
-                "5.6.0",
-                "Message has no From header and the envelope sender is not a"
-                " valid address; add a From header",
-            )
+            raise TranslationError.of(replies.NO_FROM_BAD_ENVELOPE)
         formatted = address
-    if mailbox is not None and address.lower() != mailbox.strip().lower():
-        raise TranslationError(
-            550,
-            "5.7.1",
-            f"From must be your mailbox address <{mailbox.strip()}>;"
-            " change the From header",
-        )
+    rejection = policy.from_header_reply(mailbox, address)
+    if rejection is not None:
+        raise TranslationError.of(rejection)
     return formatted
+
+
+def _sender_fields(message: Message) -> list[list[str]]:
+    """
+    The addresses of each C{Sender} field of the message that is not empty
+    (parsed and RFC 2047 decoded like C{From}), for the sender policy.
+    """
+    fields: list[list[str]] = []
+    for name, value in message.raw_items():
+        if name.lower() == "sender":
+            text = _raw_header_text(value).strip()
+            if text:
+                fields.append([address for _, address in _parse_addresses([text])])
+    return fields
 
 
 def _recipients(
@@ -1319,12 +1281,10 @@ def _recipients(
             if problem is not None:
                 # The SMTP layer checks RCPT TO; this is the last line of
                 # defence: the API gets no recipient it would misread.
-                raise TranslationError(
-                    554, "5.1.3", f"Envelope recipient address is {problem}"
-                )
+                raise TranslationError.of(replies.envelope_recipient_invalid(problem))
             envelope_keys.setdefault(address.lower(), address)
     if not envelope_keys:
-        raise TranslationError(554, "5.5.1", "No valid recipients")
+        raise TranslationError.of(replies.NO_VALID_RECIPIENTS)
     placed: set[str] = set()
     lists: list[list[str]] = []
     for values in (to_values, cc_values):
@@ -1361,12 +1321,7 @@ def _check_header_section(raw: bytes) -> None:
         if b"\r" in window or b"\n" in window or _HEADER_LINE.match(raw, end) is None:
             return  # the section ended inside the window
         # Otherwise a header line starts at `end` and ends past the window.
-    raise TranslationError(
-        554,
-        "5.6.0",
-        f"Message header section is larger than {MAX_HEADER_BYTES} octets;"
-        " remove or shorten headers",
-    )
+    raise TranslationError.of(replies.header_section_too_large(MAX_HEADER_BYTES))
 
 
 # A run of base64 lines, matched possessively: a scan continues after
@@ -1466,7 +1421,7 @@ def _restore(root: Message, raw: bytes, prefix: bytes, runs: list[tuple[int, int
 
 
 def _parse(raw: bytes) -> Message:
-    """Parse the message and check the size of its header section and MIME tree."""
+    """Parse the message, after checking the size of its header section."""
     _check_header_section(raw)
     runs: list[bytes] = []
     text = raw
@@ -1484,30 +1439,22 @@ def _parse(raw: bytes) -> Message:
         if runs:
             _restore(message, raw, prefix, runs)
     except RecursionError:
-        raise TranslationError(
-            554,
-            "5.6.0",
-            f"MIME parts are nested more than {MAX_MIME_DEPTH} levels deep;"
-            " flatten the message structure",
-        ) from None
+        raise TranslationError.of(replies.mime_nested_too_deep(MAX_MIME_DEPTH)) from None
     except MemoryError:  # pragma: no cover - not a property of the message
         raise
     except Exception:
         # The stdlib parser is lenient, but a few hostile header parameters
         # still make it raise (e.g. boundary*=undefined''x raises
         # UnicodeError).  Whatever it raises, the message is malformed.
-        raise TranslationError(
-            554, "5.6.0", "Message could not be parsed as MIME; check its headers"
-        ) from None
-    if len(message) > MAX_HEADER_FIELDS:
-        raise TranslationError(
-            554,
-            "5.6.0",
-            f"Message has more than {MAX_HEADER_FIELDS} header fields;"
-            " remove some headers",
-        )
-    _measure(message)
+        raise TranslationError.of(replies.MESSAGE_NOT_MIME) from None
     return message
+
+
+def _check_limits(message: Message) -> None:
+    """Refuse too many top-level header fields, or a MIME tree too large."""
+    if len(message) > MAX_HEADER_FIELDS:
+        raise TranslationError.of(replies.too_many_header_fields(MAX_HEADER_FIELDS))
+    _measure(message)
 
 
 def translate(
@@ -1526,6 +1473,13 @@ def translate(
     :return: The request to make.
     """
     message = _parse(raw)
+    if mailbox is not None:
+        # The Sender rule comes before any other refusal of the message,
+        # as it always has (a message that claims another author is told so).
+        rejection = policy.sender_header_reply(mailbox, _sender_fields(message))
+        if rejection is not None:
+            raise TranslationError.of(rejection)
+    _check_limits(message)
 
     from_values: list[str] = []
     to_values: list[str] = []
