@@ -13,12 +13,12 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import policy, replies
-from .api import APIError, IEmailAPI
+from .api import APIError
 from .auth import Identity
 from .idempotency import (  # the kinds are re-exported: log readers import them from here
     IDEMPOTENCY_CLIENT,
@@ -26,7 +26,7 @@ from .idempotency import (  # the kinds are re-exported: log readers import them
     IDEMPOTENCY_RANDOM,
     keyed,
 )
-from .interfaces import IRelayDelivery
+from .interfaces import IEmailAPI, IRelayDelivery
 from .replies import Reply
 from .translate import Envelope, TranslationError, translate
 
@@ -236,12 +236,12 @@ class RelayDelivery:
         except TranslationError as e:
             reply = e.reply
             log(reply)
-            return _succeed(reply)
+            return succeed(reply)
         except Exception:  # never crash on input; never a wrong 250
             _log.failure("translation failed unexpectedly", event="translate_crash", session=session)
             reply = replies.LOCAL_ERROR
             log(reply)
-            return _succeed(reply)
+            return succeed(reply)
 
         api_started = time.monotonic()
         d = self._api.send_email(identity.api_key, request)
@@ -263,11 +263,4 @@ class RelayDelivery:
             log(replies.LOCAL_ERROR, None, None, api_ms)
             return replies.LOCAL_ERROR
 
-        d.addCallbacks(sent, failed)
-        return d
-
-
-def _succeed(value: Any) -> "Deferred[Any]":
-    d: Deferred[Any] = Deferred()
-    d.callback(value)
-    return d
+        return d.addCallbacks(sent, failed)

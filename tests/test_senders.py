@@ -29,7 +29,9 @@ from poststack_relay.replies import Reply
 from poststack_relay.sandbox import IN_TREE_DATA_PATH, SandboxResource, SandboxStore, load_sandbox_data
 from poststack_relay.smtp import RelayFactory, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI
-from poststack_relay.translate import Envelope, TranslationError, _parse, _sender_fields, translate
+from poststack_relay.translate import Envelope, TranslationError, translate
+from poststack_relay.translate.addressing import sender_fields
+from poststack_relay.translate.parse import parse_message
 
 KEY = "sk_test_valid_key_0123456789"
 MAILBOX = "alice@yourdomain.com"
@@ -256,7 +258,7 @@ class SenderFieldTests(SynchronousTestCase):
     """
 
     def fields(self, raw: bytes) -> list[list[str]]:
-        return _sender_fields(_parse(raw))
+        return sender_fields(parse_message(raw))
 
     def refused(self, raw: bytes, mailbox: str) -> Optional[str]:
         """The reply text when translation refuses C{raw} for C{mailbox}, else C{None}."""

@@ -20,16 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from poststack_relay.translate import (  # _simple_addresses: differential test
+from poststack_relay.translate import (
     MAX_MIME_DEPTH,
     MAX_MIME_PARTS,
     MAX_VARIABLES_DEPTH,
     EmailRequest,
     Envelope,
     TranslationError,
-    _simple_addresses,
     translate,
 )
+from poststack_relay.translate.addressing import _simple_addresses  # differential test
 
 _MIME_DIR = Path(__file__).parent / "mime"
 _SAMPLE_NAMES = sorted(path.name for path in _MIME_DIR.glob("*.eml"))
@@ -1759,7 +1759,7 @@ class Base64PassThroughTests(SynchronousTestCase):
 
     def test_strict_check(self) -> None:
         """Only canonical base64 passes the check."""
-        from poststack_relay.translate import _is_strict_base64
+        from poststack_relay.translate.attachments import _is_strict_base64
 
         for good in (b"", b"QUJD", b"QUI=", b"QQ==", b"QUJDRA=="):
             self.assertTrue(_is_strict_base64(good), good)

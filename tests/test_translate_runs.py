@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-import poststack_relay.translate as translate_module
-from poststack_relay.translate import Envelope, _parse, _skeleton, translate
+import poststack_relay.translate.parse as translate_module
+from poststack_relay.translate import Envelope, translate
+from poststack_relay.translate.parse import _skeleton
+from poststack_relay.translate.parse import parse_message as _parse
 
 MIME_DIR = Path(__file__).parent / "mime"
 
