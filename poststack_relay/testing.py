@@ -31,8 +31,9 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from .api import APIError, APIUnavailable, reply_for_status
+from .api import APIError, APIUnavailable
 from .interfaces import IEmailAPI
+from .replies import reply_for_status
 from .translate import EmailRequest
 
 __all__ = ["MemoryEmailAPI", "PrivateKey", "make_certificate", "write_certificate"]
