@@ -44,7 +44,8 @@ from zope.interface import implementer
 from .metrics import RelayMetrics
 from .replies import NOT_TLS
 
-_log = Logger()
+# The namespace the relay's logs have always shown for these events.
+_log = Logger(namespace="poststack_relay.tls")
 
 # A TLS record starts with content type 22 (handshake).
 _TLS_HANDSHAKE = 0x16

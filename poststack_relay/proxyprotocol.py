@@ -44,7 +44,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-_log = Logger()
+# The namespace the relay's logs have always shown for these events.
+_log = Logger(namespace="poststack_relay.service")
 
 PROXY_HEADER_TIMEOUT = 10.0
 """Seconds a connection may take to send its PROXY header (a balancer sends

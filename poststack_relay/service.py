@@ -47,11 +47,11 @@ from .delivery import RelayDelivery
 from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
 from .interfaces import IEmailAPI, IRelayReactor
 from .listening import ListeningService
-from .metrics import (
+from .metrics import RelayMetrics
+from .monitoring import (
     ApiProbeService,
     MetricsService,
     Reachable,
-    RelayMetrics,
     makeMetricsService,
     relay_readiness,
 )

@@ -11,10 +11,12 @@ import os
 import socket
 import ssl
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -134,6 +136,37 @@ class RelayEndpointTests(SynchronousTestCase):
         self.assertIsInstance(factory, ProxyProtocolFactory)
         self.assertIsInstance(factory.wrappedFactory, ImplicitTLSFactory)
         self.assertIs(factory.wrappedFactory.wrappedFactory, application)
+
+
+class LogNamespaceTests(SynchronousTestCase):
+    """The listener's events keep the namespaces the relay's logs always showed."""
+
+    def test_namespaces(self) -> None:
+        """tls_plaintext_refused is poststack_relay.tls's, proxy_header_invalid poststack_relay.service's."""
+        cert, key = write_certificate(os.path.abspath(self.mktemp()))
+        clock = MemoryReactorClock()
+        endpoint = relay_endpoint(
+            listening_endpoint(ListenerConfig(port=2587), clock),
+            ListenerConfig(port=2587, proxy_protocol=True),
+            load_certificate_options(cert, key),
+            clock,
+            2.0,
+        )
+        endpoint.listen(Factory.forProtocol(Banner))
+        [(_, factory, _, _)] = clock.tcpServers
+        peer = IPv4Address("TCP", "10.0.0.5", 40000)
+        with capturedLogs() as events:
+            for data in (b"PROXY TCP4 203.0.113.7 192.0.2.1 1 2\r\nEHLO x\r\n", b"EHLO x\r\n"):
+                protocol = factory.buildProtocol(peer)
+                protocol.makeConnection(StringTransport(peerAddress=peer))
+                protocol.dataReceived(data)
+        self.assertEqual(
+            [(e["event"], e["log_namespace"]) for e in events if "event" in e],
+            [
+                ("tls_plaintext_refused", "poststack_relay.tls"),
+                ("proxy_header_invalid", "poststack_relay.service"),
+            ],
+        )
 
 
 def _tls_banner(port: int, cafile: str) -> bytes:

@@ -30,14 +30,13 @@ from treq.testing import StubTreq
 
 from poststack_relay.api import HTTPEmailAPI
 from poststack_relay.auth import PostStackChecker, RelayRealm
-from poststack_relay.config import ConfigError, RelayConfig
+from poststack_relay.config import ConfigError, RelayConfig, parse_metrics_listen
 from poststack_relay.delivery import RelayDelivery
-from poststack_relay.metrics import (
+from poststack_relay.metrics import RelayMetrics
+from poststack_relay.monitoring import (
     ApiProbeService,
     MetricsResource,
-    RelayMetrics,
     makeMetricsService,
-    parse_metrics_listen,
     relay_readiness,
 )
 from poststack_relay.sandbox import (
