@@ -1097,3 +1097,40 @@ class BodyProducerTests(SynchronousTestCase):
         stopped.stopProducing()
         self.assertEqual(stopped._pieces, [])
         self.assertIsNone(alive())
+
+
+class ExportsTests(SynchronousTestCase):
+    """
+    The names C{poststack_relay.api} exports: the client, its errors and
+    parts other modules and embedders use; the modules inside may move.
+    """
+
+    def test_names(self) -> None:
+        """The package exports exactly these names, the same objects as their homes."""
+        from poststack_relay import api, interfaces, replies
+        from poststack_relay.api import body, breaker, client, errors, retry, slots, transport
+
+        self.assertEqual(
+            sorted(api.__all__),
+            sorted(
+                [
+                    "APIEndpoints", "APIError", "APIUnavailable", "Answer", "BodyProducer",
+                    "CircuitBreaker", "DEFAULT_BACKOFF_BASE", "DEFAULT_BACKOFF_CAP",
+                    "DEFAULT_MAX_ATTEMPTS", "HTTPEmailAPI", "IEmailAPI", "MAX_ANSWER",
+                    "NETWORK_ERRORS", "PreparedURL", "QUOTA_CODES", "RequestSlots", "RetryPolicy",
+                    "STREAM_MIN_CONTENT", "USER_AGENT", "body_bytes", "json_body",
+                    "make_http_client", "parse_retry_after", "reply_for_status",
+                ]
+            ),
+        )
+        for name in api.__all__:
+            self.assertTrue(hasattr(api, name), name)
+        self.assertIs(api.IEmailAPI, interfaces.IEmailAPI)
+        self.assertIs(api.reply_for_status, replies.reply_for_status)
+        self.assertIs(api.HTTPEmailAPI, client.HTTPEmailAPI)
+        self.assertIs(api.APIError, errors.APIError)
+        self.assertIs(api.CircuitBreaker, breaker.CircuitBreaker)
+        self.assertIs(api.RequestSlots, slots.RequestSlots)
+        self.assertIs(api.parse_retry_after, retry.parse_retry_after)
+        self.assertIs(api.json_body, body.json_body)
+        self.assertIs(api.make_http_client, transport.make_http_client)
