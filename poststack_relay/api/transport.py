@@ -310,6 +310,8 @@ class APITransport:
         self._urls: dict[str, PreparedURL] = {}
         self._by_key: dict[Optional[str], Headers] = {}
         self._host = _host_value(PreparedURL.prepare(self._base or "/"))
+        # An empty jar to merge: treq would make (and merge) a new one per request.
+        self._no_cookies = NoCookies()
 
     def url(self, path: str) -> PreparedURL:
         """The prepared URL of C{path} (with its query) under the base URL."""
@@ -364,7 +366,13 @@ class APITransport:
         if data is not None:
             payload = data if isinstance(data, bytes) else BodyProducer(data)
         d: Deferred[IResponse] = self._client.request(
-            method, url, headers=headers, data=payload, allow_redirects=False, unbuffered=True
+            method,
+            url,
+            headers=headers,
+            data=payload,
+            cookies=self._no_cookies,
+            allow_redirects=False,
+            unbuffered=True,
         )
         return d
 
