@@ -1,0 +1,180 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+A C{--workers} worker: one relay on the listening sockets its supervisor
+hands down, which stops (draining) when the supervisor is gone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+from typing import Any, Callable, NoReturn, Optional, Sequence, cast
+
+from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.stdio import StandardIO
+from twisted.logger import Logger, globalLogBeginner
+from zope.interface import implementer
+
+from .._version import __version__
+from ..config import RelayConfig
+from ..memory import freeze_start_up_objects, return_large_blocks
+from ..service import makeRelayService
+from .messages import NAMESPACE, VERSION_CHANGED_EXIT, ready_line, worker_observer
+
+_log = Logger(namespace=NAMESPACE)
+
+
+def accept_fairly(port: Any, most: int = 1) -> None:
+    """
+    Make C{port}, a C{twisted.internet.tcp.Port} on a socket shared with
+    other workers, accept at most C{most} connections each time the reactor
+    finds it readable.  Twisted's accepts up to C{numberAccepts} at once
+    (100 at first, then as many as came last time, plus 20 when that was
+    all it could take): the worker that wakes first would take a whole
+    burst, and all its TLS handshakes, while the others idle.
+    """
+    if isinstance(getattr(port, "numberAccepts", None), int):
+        read = port.doRead
+
+        def doRead() -> Any:
+            port.numberAccepts = min(port.numberAccepts, most)
+            return read()
+
+        port.doRead = doRead
+
+
+@implementer(IHalfCloseableProtocol)
+class SupervisorLink(Protocol):
+    """
+    The worker's end of its supervisor's pipes (L{StandardIO} on standard
+    input and the control pipe): it writes the ready line, and the end of
+    standard input (not the reactor's own shutdown) means the supervisor is gone.
+    """
+
+    def __init__(self, lost: Callable[[], None]) -> None:
+        self.lost, self.shutting_down = lost, False
+
+    def readConnectionLost(self) -> None:
+        if not self.shutting_down:
+            self.lost()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def _where(port: Any) -> str:
+    host = port.getHost()
+    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
+
+def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control: int, reactor: Any,
+               orphaned: Callable[[], None]) -> int:
+    """
+    Run worker C{index}'s relay on the inherited sockets C{fds}: SIGTERM
+    drains it (Twisted's handler), SIGHUP reloads its certificates, the
+    supervisor's end stops it after C{orphaned()}.  Once every port is bound
+    it writes L{ready_line} on C{control}.
+
+    @return: the exit status: 0 after a stop, 1 if it could not start.
+    """
+    status = []
+
+    def stop(code: int = 0) -> None:
+        status.append(code)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def supervisor_lost() -> None:
+        orphaned()
+        _log.warn("the supervisor is gone: stopping", worker=index, event="supervisor_lost")
+        stop()
+
+    def start() -> None:
+        try:
+            service = makeRelayService(RelayConfig(**settings), reactor, adopt=fds)
+            service.privilegedStartService()
+            service.startService()
+        except Exception as e:  # a port in use, a certificate gone since the supervisor read it
+            _log.critical("worker {worker} cannot start: {error}", worker=index, error=str(e),
+                          event="worker_start_failed")
+            return stop(1)
+        link = SupervisorLink(supervisor_lost)
+
+        def shutting_down() -> Any:
+            link.shutting_down = True
+            return service.stopService()
+
+        reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_tls, "SIGHUP"))
+        # mypy sees Windows' StandardIO; the POSIX one takes the descriptors.
+        StandardIO(link, stdin=0, stdout=control, reactor=reactor)  # type: ignore[call-arg, no-untyped-call]
+        metrics = getattr(service, "metrics_service", None)
+
+        def ready(results: list[Any]) -> None:
+            listening = [_where(port) for port in results[0]]
+            for port in results[0]:
+                accept_fairly(port)
+            where = _where(results[1]) if results[1] is not None else None
+            _log.info("worker {worker} ready, pid {pid}: listening on {where}{metrics_text}", worker=index,
+                      pid=os.getpid(), where=", ".join(listening), listening=listening, metrics=where,
+                      metrics_text=f"; metrics on {where}" if where else "", event="worker_ready")
+            if link.transport is not None:
+                link.transport.write(ready_line(os.getpid(), listening, where))
+
+        waits = [service.ports() or succeed([]), metrics.port() if metrics is not None else succeed(None)]
+        gatherResults(waits).addCallback(ready).addErrback(
+            lambda f: _log.failure("worker readiness failed", f, event="worker_ready_failed"))
+
+    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(freeze_start_up_objects)
+    reactor.run()
+    return status[0] if status else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    """
+    A worker process (C{python -c ... --worker K}): its start message
+    (L{poststack_relay.workers.messages.start_message}) on standard input,
+    its log on standard output, then L{run_worker}.  Exit status
+    L{VERSION_CHANGED_EXIT} for a message of another installed version,
+    2 for one it cannot read.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay's handler is installed
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        index = int(args[1]) if len(args) == 2 and args[0] == "--worker" else -1
+        message = json.loads(sys.stdin.buffer.readline(1 << 20))
+        version = message.get("version") if isinstance(message, dict) else None
+        if version != __version__:
+            sys.stderr.write(f"poststack-relay worker {index}: installed version {__version__}, its supervisor's "
+                             f"{version}: installed version changed: restart the service\n")
+            sys.exit(VERSION_CHANGED_EXIT)
+        settings, fds, control, log = message["settings"], message["fds"], message["control"], message["log"]
+        if index < 0 or not isinstance(settings, dict) or not all(isinstance(fd, int) for fd in [*fds, control]):
+            raise ValueError("want --worker K, and settings, fds, control and log on standard input")
+    except (ValueError, KeyError, TypeError) as e:
+        sys.stderr.write(f"poststack-relay worker: {e}\n")
+        sys.exit(2)
+    cast(io.TextIOWrapper, sys.stdout).reconfigure(encoding="utf-8", errors="backslashreplace")
+    return_large_blocks()  # as a single relay does (poststack_relay.tap)
+    from twisted.internet import reactor
+
+    observer = worker_observer(index, log["format"], log["time_format"], sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+    def orphaned() -> None:
+        if log["path"]:  # the pipe to the supervisor's log file is gone: append to the file
+            try:
+                os.dup2(os.open(log["path"], os.O_WRONLY | os.O_APPEND), 1)
+            except OSError:
+                pass  # not ours to open (made before privileges were dropped)
+
+    sys.exit(run_worker(index, settings, fds, control, reactor, orphaned))
