@@ -1194,7 +1194,7 @@ class WorkersProcessTests(ProcessTestCase):
         self.assertLess(time.monotonic() - began, 15)
         statuses += _pending(notify)
         self.assertEqual(statuses[-2:], [f"STATUS=2 workers listening on 127.0.0.1:{self.port}".encode(),
-                                         b"STOPPING=1\nSTATUS=stopping"])
+                                         b"STOPPING=1\nSTATUS=stopping"], "\n".join(json.dumps({k: e.get(k) for k in ("time", "event", "worker", "pid", "message")}) for e in self.events()))
         for pid in (new0, new1):
             self.assertFalse(alive(pid), pid)
         self.assertEqual(sorted(e["worker"] for e in self.named("worker_stopped")), [0, 1])

@@ -52,9 +52,9 @@ def accept_fairly(port: Any, most: int = 1) -> None:
 @implementer(IHalfCloseableProtocol)
 class SupervisorLink(Protocol):
     """
-    The worker's end of its supervisor's pipes (L{StandardIO} on standard
-    input and the control pipe): it writes the ready line, and the end of
-    standard input (not the reactor's own shutdown) means the supervisor is gone.
+    The worker's end of the supervisor's pipes (L{StandardIO} on standard
+    input and the control pipe): the end of standard input (not the
+    reactor's own shutdown) means the supervisor is gone.
     """
 
     def __init__(self, lost: Callable[[], None]) -> None:
@@ -126,8 +126,8 @@ def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control
             _log.info("worker {worker} ready, pid {pid}: listening on {where}{metrics_text}", worker=index,
                       pid=os.getpid(), where=", ".join(listening), listening=listening, metrics=where,
                       metrics_text=f"; metrics on {where}" if where else "", event="worker_ready")
-            if link.transport is not None:
-                link.transport.write(ready_line(os.getpid(), listening, where))
+            # At once, not after the rest of the start-up work: one short line into an empty pipe.
+            os.write(control, ready_line(os.getpid(), listening, where))
 
         waits = [service.ports() or succeed([]), metrics.port() if metrics is not None else succeed(None)]
         gatherResults(waits).addCallback(ready).addErrback(
