@@ -48,7 +48,6 @@ class RecordingShell:
     """A L{SessionShell} that records each request; C{refusal} answers authenticate()."""
 
     def __init__(self) -> None:
-        self.stopping = False
         self.refusal: Optional[Reply] = None
         self.calls: list[tuple[Any, ...]] = []
 
@@ -327,14 +326,26 @@ class LimitTests(SessionTestCase):
         self.assertEqual(session.errors, 0)
 
     def test_stopping_closes_between_transactions(self) -> None:
-        """While the relay stops, a session is closed with 421 4.3.2 after its next reply, but not inside a transaction."""
+        """Told the relay stops inside a transaction, a session says nothing until the transaction ends, then closes with 421 4.3.2."""
         session, shell, _ = self.logged_in()
-        shell.stopping = True
         session.line_received(b"MAIL FROM:<you@yourdomain.com>")
+        shell.take()
+        session.shutdown()
+        self.assertEqual(shell.take(), [])
+        session.line_received(b"RCPT TO:<a@example.com>")
         self.assertEqual(session.mode, COMMAND)
         session.line_received(b"RSET")
         self.assertEqual(shell.take()[-2:], [("write", line(replies.SHUTTING_DOWN) + b"\r\n"), ("close",)])
         self.assertEqual(session.mode, CLOSED)
+
+    def test_shutdown_when_idle(self) -> None:
+        """Told the relay stops between transactions (mid-AUTH exchange too), a session closes at once."""
+        session, shell = self.make()
+        session.line_received(b"EHLO c")
+        session.line_received(b"AUTH LOGIN")
+        shell.take()
+        session.shutdown()
+        self.assertEqual(shell.take(), [("write", replies.SHUTTING_DOWN.line()), ("close",)])
 
     def test_timers(self) -> None:
         """The idle time-out closes with 421 4.4.2; the transaction limit does so too, except while waiting on the API."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional, cast
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
@@ -64,10 +64,12 @@ class RelaySMTP(Protocol):
     noisy = False
     factory: RelayFactory
     transport: ITCPTransport  # set before connectionMade, never None after
+    #: The transport's C{write} (from connectionMade on): the session writes its replies with it.
+    write: Callable[[bytes], None]
 
     # Slots: idle connections are many (docs/performance.md, S3).
-    __slots__ = ("_auth_delay", "_buf", "_idle", "_linger", "_paused", "_processing",
-                 "_skip_line", "_started", "_transaction_call", "factory", "state", "timeout")
+    __slots__ = ("_auth_delay", "_buf", "_idle", "_linger", "_paused", "_processing", "_skip_line",
+                 "_started", "_transaction_call", "factory", "state", "timeout", "write")
 
     def __init__(self, factory: "RelayFactory") -> None:
         self.factory = factory
@@ -99,37 +101,38 @@ class RelaySMTP(Protocol):
         # Read by tests.test_auth_throttle (kept for it; see Session.delivery).
         return self.state.delivery
 
-    @property
-    def stopping(self) -> bool:
-        return self.factory.stopping
-
     # -- connection and timers ---------------------------------------------
+    #
+    # Each timer attribute (_idle, _transaction_call, _auth_delay, _linger)
+    # is None or a pending call: its callback sets it to None first.
 
     def connectionMade(self) -> None:
         self._started = self.factory.clock.seconds()
         peer = self.transport.getPeer()
         self.state.client = str(getattr(peer, "host", peer))
         self.set_idle_timer(self.timeout)
+        self.write = self.transport.write
         self.transport.write(self.factory.greeting)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.state.closed()
         self.set_idle_timer(None)
         self.transaction_ended()
-        self._cancel("_auth_delay")
-        self._cancel("_linger")
+        self._stop_auth_delay()
+        self._stop_linger()
         if self._started is not None:
             self.factory.metrics.session_duration_seconds.observe(self.factory.clock.seconds() - self._started)
             self._started = None
         self.factory.session_closed(self)
 
-    def _call_later(self, seconds: float, f: Callable[..., None], *args: Any) -> IDelayedCall:
-        return self.factory.clock.callLater(seconds, f, *args)
+    def _stop_auth_delay(self) -> None:
+        call, self._auth_delay = self._auth_delay, None
+        if call is not None:
+            call.cancel()
 
-    def _cancel(self, name: str) -> None:
-        call: Optional[IDelayedCall] = getattr(self, name)
-        setattr(self, name, None)
-        if call is not None and call.active():
+    def _stop_linger(self) -> None:
+        call, self._linger = self._linger, None
+        if call is not None:
             call.cancel()
 
     def set_idle_timer(self, seconds: Optional[float]) -> None:
@@ -137,12 +140,12 @@ class RelaySMTP(Protocol):
         call = self._idle
         if seconds is None:
             self._idle = None
-            if call is not None and call.active():
+            if call is not None:
                 call.cancel()
-        elif call is not None and call.active():
+        elif call is not None:
             call.reset(seconds)
         else:
-            self._idle = self._call_later(seconds, self._idle_expired)
+            self._idle = self.factory.clock.callLater(seconds, self._idle_expired)
 
     def _idle_expired(self) -> None:
         self._idle = None
@@ -150,10 +153,10 @@ class RelaySMTP(Protocol):
 
     def close(self) -> None:
         self.transaction_ended()
-        self._cancel("_auth_delay")
+        self._stop_auth_delay()
         self.set_idle_timer(None)
         if self._linger is None:
-            self._linger = self._call_later(CLOSE_LINGER, self._linger_expired)
+            self._linger = self.factory.clock.callLater(CLOSE_LINGER, self._linger_expired)
         self.transport.loseConnection()
 
     def _linger_expired(self) -> None:
@@ -162,11 +165,11 @@ class RelaySMTP(Protocol):
 
     def transaction_started(self) -> None:
         self.transaction_ended()
-        self._transaction_call = self._call_later(self.factory.config.transaction_timeout, self._transaction_expired)
+        self._transaction_call = self.factory.clock.callLater(self.factory.config.transaction_timeout, self._transaction_expired)
 
     def transaction_ended(self) -> None:
         call, self._transaction_call = self._transaction_call, None
-        if call is not None and call.active():
+        if call is not None:
             call.cancel()
 
     def _transaction_expired(self) -> None:
@@ -189,8 +192,7 @@ class RelaySMTP(Protocol):
         it is idle; otherwise it is closed the same way as soon as its
         current transaction (and any delivery of it) is answered.
         """
-        if self.state.idle:
-            self.state.say_shutting_down()
+        self.state.shutdown()
 
     def abort(self) -> None:
         """
@@ -203,15 +205,12 @@ class RelaySMTP(Protocol):
                       session=state.id, mode=state.mode, client=state.client)
         state.closed()
         self.transaction_ended()
-        self._cancel("_auth_delay")
-        self._cancel("_linger")
+        self._stop_auth_delay()
+        self._stop_linger()
         self.set_idle_timer(None)
         self.transport.abortConnection()
 
     # -- input -------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         mode = self.state.mode
@@ -319,7 +318,7 @@ class RelaySMTP(Protocol):
         if outcome.delay > 0 and self.state.mode == WAIT:
             # The reply waits; the session stays in WAIT meanwhile (input
             # is buffered, the idle timer stays stopped).
-            self._auth_delay = self._call_later(outcome.delay, self._delayed_reply, outcome.reply)
+            self._auth_delay = self.factory.clock.callLater(outcome.delay, self._delayed_reply, outcome.reply)
         else:
             self._resume(outcome.reply)
 

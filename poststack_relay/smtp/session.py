@@ -16,7 +16,7 @@ L{Session.resume}.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from twisted.logger import Logger
 
@@ -46,12 +46,9 @@ _START_DATA = b"354 " + replies.START_DATA.text.encode("ascii") + b"\r\n"
 class SessionShell(Protocol):
     """What a L{Session} needs from the connection it runs on."""
 
-    @property
-    def stopping(self) -> bool:
-        """Is the relay stopping (close the session between transactions)?"""
-
-    def write(self, data: bytes) -> None:
-        """Send C{data} (whole reply lines) to the client."""
+    #: Send bytes (whole reply lines) to the client: the transport's own
+    #: C{write}, so that a reply costs no call more.
+    write: Callable[[bytes], None]
 
     def close(self) -> None:
         """The session said its last reply: end the connection."""
@@ -81,6 +78,8 @@ class Session:
     @ivar mail_from: the sender of the open transaction, or C{None}.
     @ivar errors: error replies since the last delivered message.
     @ivar auth_failures: failed logins in this session.
+    @ivar stopping: the relay is stopping (L{shutdown}): close the session
+        as soon as it is between transactions.
     """
 
     __slots__ = (
@@ -101,6 +100,7 @@ class Session:
         "rcpt_keys",
         "rcpts",
         "scanner",
+        "stopping",
     )
 
     def __init__(
@@ -129,6 +129,7 @@ class Session:
         self.rcpt_keys: set[str] = set()
         self._sasl: Optional[SASLExchange] = None
         self.scanner: Optional[DataScanner] = None
+        self.stopping = False
 
     # -- replies and limits ----------------------------------------------
 
@@ -172,13 +173,22 @@ class Session:
         elif self.errors > config.max_errors:
             self.reply(replies.TOO_MANY_ERRORS)
             self._close()
-        elif self._shell.stopping and self.idle:
+        elif self.stopping and self.idle:
             self.say_shutting_down()
 
     @property
     def idle(self) -> bool:
         """True between transactions: no MAIL given, not in DATA, not waiting."""
         return (self.mode == COMMAND or self.mode == AUTH) and self.mail_from is None
+
+    def shutdown(self) -> None:
+        """
+        The relay is stopping: close now with C{421 4.3.2} if idle, else as
+        soon as the current transaction (and its delivery) is answered.
+        """
+        self.stopping = True
+        if self.idle:
+            self.say_shutting_down()
 
     def say_shutting_down(self) -> None:
         """Close with C{421 4.3.2} (the relay is stopping)."""
