@@ -26,8 +26,8 @@ from ..interfaces import IRelayDelivery
 from ..metrics import RelayMetrics
 from ..replies import Reply
 from ..translate import Envelope
-from .data import DataScanner
 from .commands import COMMANDS
+from .data import DataScanner
 from .sasl import Challenge, Credentials, SASLExchange, Step
 
 # One namespace for the SMTP side's events, as text logs show it
@@ -66,7 +66,7 @@ class SessionShell(Protocol):
         """
 
     def deliver(self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes) -> None:
-        """Deliver one message; answer with L{Session.delivered}."""
+        """Deliver one message; answer with L{Session.delivered} and L{Session.resume}."""
 
 
 class Session:
