@@ -202,6 +202,30 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 BAD_SIZE_PARAMETER = Reply(501, "5.5.4", "Bad message size syntax")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: local error in processing, try again later")
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: HELO hostname")
+EXPN_DISABLED = Reply(502, "5.5.1", "EXPN command is disabled")
+BDAT_NOT_SUPPORTED = Reply(502, "5.5.1", "Error: BDAT (CHUNKING) is not supported, use DATA")
+UNSUPPORTED_BODY = Reply(555, "5.5.4", "Unsupported BODY type: use 7BIT or 8BITMIME")
+
+
+def unsupported_option(name: bytes) -> Reply:
+    """An unknown MAIL parameter, or any RCPT parameter, named C{name}."""
+    return UNSUPPORTED_PARAMETER.with_text("Unsupported option: " + name.decode("ascii", "replace"))
+
+
+def size_over_limit(limit: int) -> Reply:
+    """C{MAIL ... SIZE=} above the limit of C{limit} octets."""
+    return MESSAGE_TOO_BIG.with_text("Message size exceeds fixed limit of %d octets" % limit)
+
+
+def message_over_limit(limit: int) -> Reply:
+    """The message itself grew past the limit of C{limit} octets."""
+    return MESSAGE_TOO_BIG.with_text("Message size exceeds fixed maximum message size of %d octets" % limit)
+
+
+def too_many_recipients(limit: int) -> Reply:
+    """A C{RCPT} past the limit of C{limit} recipients per message."""
+    return TOO_MANY_RECIPIENTS.with_text("Error: too many recipients (at most %d per message)" % limit)
 
 
 def sender_header_not_owned(mailbox: str) -> Reply:

@@ -38,6 +38,7 @@ MESSAGE = (
 
 
 def plain(user: str, password: str, authzid: str = "") -> bytes:
+    """An AUTH PLAIN response: base64 of authzid NUL user NUL password."""
     return base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
 
 
@@ -50,7 +51,9 @@ class Harness:
     def __init__(self, **config: Any) -> None:
         self.api = MemoryEmailAPI(api_keys={KEY}, mailboxes={"alice@yourdomain.com": "mbpass"})
         self.clock = Clock()
-        cfg = RelayConfig(metrics_listen="off", tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_service", **config)
+        cfg = RelayConfig(
+            metrics_listen="off", tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_service", **config
+        )
         checker = PostStackChecker(self.api, self.clock, cfg.service_key)
         portal = Portal(RelayRealm(lambda i: RelayDelivery(i, self.api)), [checker])
         self.factory = RelayFactory(portal, cfg, self.clock)
@@ -59,11 +62,13 @@ class Harness:
         self.proto.makeConnection(self.transport)
 
     def send(self, data: bytes) -> list[bytes]:
+        """Feed C{data} in one chunk; the reply lines it caused."""
         self.transport.clear()
         self.proto.dataReceived(data)
         return self.transport.value().split(b"\r\n")[:-1]
 
     def login(self) -> None:
+        """EHLO, then AUTH PLAIN with the API key."""
         self.send(b"EHLO client.test\r\n")
         assert self.send(b"AUTH PLAIN " + plain("poststack", KEY) + b"\r\n") == [
             b"235 2.7.0 Authentication successful"

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def helo(session: Session, arg: bytes) -> None:
     if not arg:
-        session.reply(replies.HELO_REQUIRES_DOMAIN.with_text("Syntax: HELO hostname"))
+        session.reply(replies.HELO_SYNTAX)
     else:
         session.greeted(arg, extended=False)
 
@@ -86,12 +86,7 @@ def rcpt(session: Session, arg: bytes) -> None:
             # Not counted as an error (nor by Postfix, below its
             # smtpd_recipient_overshoot_limit): a client that pipelines
             # more RCPTs than allowed still sends to the accepted ones.
-            session.reply(
-                replies.TOO_MANY_RECIPIENTS.with_text(
-                    "Error: too many recipients (at most %d per message)" % limit
-                ),
-                error=False,
-            )
+            session.reply(replies.too_many_recipients(limit), error=False)
             return
         session.rcpt_keys.add(key)
         session.rcpts.append(address)
@@ -110,7 +105,7 @@ def data(session: Session, arg: bytes) -> None:
 
 
 def bdat(session: Session, arg: bytes) -> None:
-    session.reply(replies.NOT_IMPLEMENTED.with_text("Error: BDAT (CHUNKING) is not supported, use DATA"))
+    session.reply(replies.BDAT_NOT_SUPPORTED)
 
 
 def rset(session: Session, arg: bytes) -> None:
@@ -135,7 +130,7 @@ def vrfy(session: Session, arg: bytes) -> None:
 
 
 def expn(session: Session, arg: bytes) -> None:
-    session.reply(replies.VRFY_DISABLED.with_text("EXPN command is disabled"))
+    session.reply(replies.EXPN_DISABLED)
 
 
 def starttls(session: Session, arg: bytes) -> None:

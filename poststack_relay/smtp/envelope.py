@@ -56,12 +56,6 @@ def _has_comment(params: bytes) -> bool:
     return any(token.startswith(b"(") for token in params.split())
 
 
-def _unsupported(key: bytes) -> Reply:
-    return replies.UNSUPPORTED_PARAMETER.with_text(
-        "Unsupported option: " + key.decode("ascii", "replace")
-    )
-
-
 def mail_parameters_problem(params: bytes, max_message_size: int) -> Optional[Reply]:
     """
     The reply refusing the parameters of a C{MAIL} command (C{SIZE},
@@ -74,16 +68,12 @@ def mail_parameters_problem(params: bytes, max_message_size: int) -> Optional[Re
             if not value.isdigit():
                 return replies.BAD_SIZE_PARAMETER
             if int(value) > max_message_size:
-                return replies.MESSAGE_TOO_BIG.with_text(
-                    "Message size exceeds fixed limit of %d octets" % max_message_size
-                )
+                return replies.size_over_limit(max_message_size)
         elif key == b"BODY":
             if value.upper() not in _BODY_TYPES:
-                return replies.UNSUPPORTED_PARAMETER.with_text(
-                    "Unsupported BODY type: use 7BIT or 8BITMIME"
-                )
+                return replies.UNSUPPORTED_BODY
         elif key != b"AUTH":
-            return _unsupported(key)
+            return replies.unsupported_option(key)
     return None
 
 
@@ -135,5 +125,5 @@ def parse_rcpt(arg: bytes) -> Union[str, Reply]:
     if not has_domain(address):
         return replies.RECIPIENT_BAD_SYNTAX
     for param in params.split():
-        return _unsupported(param.partition(b"=")[0].upper())
+        return replies.unsupported_option(param.partition(b"=")[0].upper())
     return address

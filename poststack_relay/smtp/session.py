@@ -264,12 +264,7 @@ class Session:
         if raw is None:
             metrics.message(replies.MESSAGE_TOO_BIG.code)
             self.mode = COMMAND
-            self.reply(
-                replies.MESSAGE_TOO_BIG.with_text(
-                    "Message size exceeds fixed maximum message size of %d octets"
-                    % self.config.max_message_size
-                )
-            )
+            self.reply(replies.message_over_limit(self.config.max_message_size))
             self._check()
             return
         self.mode = WAIT
