@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_auth,tests.test_auth_throttle -*-
+# -*- test-case-name: tests.test_smtp_login,tests.test_smtp_auth,tests.test_auth_throttle -*-
 """
 Checking an SMTP login: the failed-login throttle first, then the cred
 portal; each outcome logged (without secrets) and counted, and turned into

@@ -152,6 +152,7 @@ class RelaySMTP(Protocol):
         self.state.timed_out()
 
     def close(self) -> None:
+        """L{SessionShell.close}: lose the connection, dropped if it lingers."""
         self.transaction_ended()
         self._stop_auth_delay()
         self.set_idle_timer(None)
@@ -164,10 +165,12 @@ class RelaySMTP(Protocol):
         self.transport.abortConnection()
 
     def transaction_started(self) -> None:
+        """L{SessionShell.transaction_started}: the transaction time limit."""
         self.transaction_ended()
         self._transaction_call = self.factory.clock.callLater(self.factory.config.transaction_timeout, self._transaction_expired)
 
     def transaction_ended(self) -> None:
+        """L{SessionShell.transaction_ended}."""
         call, self._transaction_call = self._transaction_call, None
         if call is not None:
             call.cancel()
@@ -306,6 +309,7 @@ class RelaySMTP(Protocol):
     # -- the session's asynchronous requests ---------------------------------
 
     def authenticate(self, username: bytes, password: bytes) -> Optional[Reply]:
+        """L{SessionShell.authenticate}: through the factory's L{Authenticator}."""
         result = self.factory.authenticator.login(username, password, self.state.id, self.state.client)
         if isinstance(result, Reply):
             return result
@@ -327,6 +331,7 @@ class RelaySMTP(Protocol):
         self._resume(reply)
 
     def deliver(self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes) -> None:
+        """L{SessionShell.deliver}: the avatar's delivery, its reply fed back."""
         self.set_idle_timer(None)
         d: Deferred[Reply] = delivery.deliver(envelope, raw, self.state.id, self.state.client)
         # addCallbacks, not addCallback + addErrback: an error in commands

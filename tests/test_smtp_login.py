@@ -1,0 +1,140 @@
+# -*- test-case-name: tests.test_smtp_login -*-
+"""
+The credential check of an SMTP login (L{poststack_relay.smtp.login}),
+without a session: the throttle, the portal's answers turned into
+outcomes, the metrics and the log lines (which never show a secret).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from poststack_relay import replies
+from poststack_relay.auth import AuthThrottle, AuthUnavailable
+from poststack_relay.metrics import RelayMetrics
+from poststack_relay.smtp.login import Authenticator, LoginOutcome, username_label
+
+SECRET = b"sk_live_secret_0123456789"
+
+
+class Avatar:
+    class identity:
+        label = "api-key:abcd"
+
+
+@implementer(ICredentialsChecker)
+class Checker:
+    """Answers every check with C{answer} (a callable of the credentials)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.answer: Any = lambda c: succeed(c.username)
+        self.checked = 0
+
+    def requestAvatarId(self, credentials: Any) -> "Deferred[Any]":
+        self.checked += 1
+        result: Deferred[Any] = self.answer(credentials)
+        return result
+
+
+@implementer(IRealm)
+class Realm:
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        return interfaces[0], Avatar(), lambda: None
+
+
+class AuthenticatorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.checker = Checker()
+        self.clock = Clock()
+        self.metrics = RelayMetrics()
+        self.throttle: Optional[AuthThrottle] = AuthThrottle(self.clock, per_ip=2)
+        self.authenticator = Authenticator(Portal(Realm(), [self.checker]), self.throttle, self.metrics)
+
+    def login(self, username: bytes = b"poststack", password: bytes = SECRET) -> Any:
+        return self.authenticator.login(username, password, "s1", "192.0.2.7")
+
+    def counted(self, result: str) -> Optional[float]:
+        return self.metrics.registry.get_sample_value("poststack_relay_auth_total", {"result": result})
+
+    def test_good(self) -> None:
+        """Good credentials give the avatar and 235, counted and logged with the identity."""
+        with capturedLogs() as events:
+            outcome = self.successResultOf(self.login())
+        self.assertIsInstance(outcome.delivery, Avatar)
+        self.assertEqual(outcome, LoginOutcome(replies.AUTH_OK, delivery=outcome.delivery))
+        self.assertEqual(self.counted("ok"), 1.0)
+        [event] = [e for e in events if e.get("event") == "auth_ok"]
+        self.assertEqual((event["user"], event["identity"], event["client"]), ("poststack", "api-key:abcd", "192.0.2.7"))
+
+    def test_bad(self) -> None:
+        """Wrong credentials are a failed login with 535 and the throttle's delay."""
+        self.checker.answer = lambda c: fail(UnauthorizedLogin())
+        outcome = self.successResultOf(self.login())
+        self.assertEqual((outcome.reply, outcome.delivery, outcome.failed_login), (replies.AUTH_FAILED, None, True))
+        self.assertGreater(outcome.delay, 0)
+        self.assertEqual(self.counted("invalid"), 1.0)
+
+    def test_unavailable(self) -> None:
+        """The API being down is 454, not a failed login, with no delay."""
+        self.checker.answer = lambda c: fail(AuthUnavailable())
+        outcome = self.successResultOf(self.login())
+        self.assertEqual(outcome, LoginOutcome(replies.AUTH_UNAVAILABLE))
+        self.assertEqual(self.counted("unavailable"), 1.0)
+
+    def test_crash(self) -> None:
+        """A checker that crashes is logged as a failure and answered 454."""
+        self.checker.answer = lambda c: fail(ZeroDivisionError())
+        outcome = self.successResultOf(self.login())
+        self.assertEqual(outcome, LoginOutcome(replies.AUTH_UNAVAILABLE))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.counted("error"), 1.0)
+
+    def test_throttled(self) -> None:
+        """Past the client's failure limit a login is refused unchecked with 454 4.7.0."""
+        self.checker.answer = lambda c: fail(UnauthorizedLogin())
+        for _ in range(2):
+            self.successResultOf(self.login())
+        checked = self.checker.checked
+        self.assertEqual(self.login(), replies.AUTH_THROTTLED)
+        self.assertEqual(self.checker.checked, checked)
+        self.assertEqual(self.counted("throttled"), 1.0)
+
+    def test_no_throttle(self) -> None:
+        """Without a throttle failures are never delayed nor refused."""
+        authenticator = Authenticator(Portal(Realm(), [self.checker]), None, self.metrics)
+        self.checker.answer = lambda c: fail(UnauthorizedLogin())
+        for _ in range(5):
+            outcome = self.successResultOf(authenticator.login(b"poststack", SECRET, "s1", "192.0.2.7"))
+            self.assertEqual((outcome.failed_login, outcome.delay), (True, 0.0))
+
+    def test_no_secret_logged(self) -> None:
+        """Neither the password nor a key pasted as the username reaches any log event."""
+        self.checker.answer = lambda c: fail(UnauthorizedLogin())
+        with capturedLogs() as events:
+            self.successResultOf(self.login(SECRET, SECRET))
+            self.successResultOf(self.login(b"poststack", SECRET))
+        self.assertTrue(events)
+        for event in events:
+            self.assertNotIn(SECRET.decode(), repr(event))
+
+
+class UsernameLabelTests(SynchronousTestCase):
+    def test_labels(self) -> None:
+        """Mailboxes and poststack are shown; anything else (maybe a key) is not."""
+        self.assertEqual(username_label(b"Alice@Example.com"), "Alice@Example.com")
+        self.assertEqual(username_label(b"PostStack"), "PostStack")
+        self.assertEqual(username_label(SECRET), "(other)")
+        self.assertEqual(username_label(b"a b@c.com"), "(other)")
+        self.assertEqual(username_label(b"\xff@x.com"), "(not UTF-8)")
