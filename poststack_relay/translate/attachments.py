@@ -16,7 +16,7 @@ from typing import Final
 
 from .decoding import clean, decode_words
 from .parse import Part
-from .parts import transfer_decoded
+from .parts import transfer_decoded, transfer_encoding
 
 
 #: Longest attachment filename, in characters (longer ones are shortened).
@@ -142,11 +142,8 @@ def _attachment_base64(part: Message) -> str:
     removed instead of being decoded and encoded again: for a 25 MB
     attachment that saves two full-size copies.
     """
-    if (
-        isinstance(part, Part)
-        and not part.is_multipart()
-        and str(part.get("content-transfer-encoding", "")).strip().lower() == "base64"
-    ):
+    encoding = transfer_encoding(part)
+    if isinstance(part, Part) and not part.is_multipart() and encoding == "base64":
         payload = part._payload
         cleaned: bytes | bytearray
         if isinstance(payload, str) and payload.isascii() and len(payload) > _CLEAN_SLICE:
@@ -165,11 +162,11 @@ def _attachment_base64(part: Message) -> str:
                 end += len(piece)
             del cleaned[end:]
             if not _is_strict_base64(cleaned):
-                return base64.b64encode(transfer_decoded(part)).decode("ascii")
+                return base64.b64encode(transfer_decoded(part, encoding)).decode("ascii")
             del payload
             part._payload = ""
             return cleaned.decode("ascii")
         cleaned = part.payload_bytes().translate(None, b"\r\n\t ")
         if _is_strict_base64(cleaned):
             return cleaned.decode("ascii")
-    return base64.b64encode(transfer_decoded(part)).decode("ascii")
+    return base64.b64encode(transfer_decoded(part, encoding)).decode("ascii")

@@ -16,7 +16,7 @@ import attrs
 
 from .attachments import attachment, part_filename
 from .decoding import decode_bytes
-from .parts import header_params, structural_header, transfer_decoded
+from .parts import content_type, header_params, structural_header, transfer_decoded, transfer_encoding
 
 
 # RFC 6838 section 4.2: type and subtype names of at most 127 characters.
@@ -85,7 +85,7 @@ def _quoted(depth: int, content: str) -> str:
 
 
 def _body_text(
-    part: Message, content_type: str, params: dict[str, str], whole_message: bool
+    part: Message, ctype: str, params: dict[str, str], whole_message: bool
 ) -> str:
     """
     Decode a text/plain or text/html body part to text with LF newlines.
@@ -96,17 +96,18 @@ def _body_text(
     parser removes the one before a boundary in multipart messages.  Base64
     content is exempt: its framing line break is outside the decoded data.
     """
-    text = decode_bytes(transfer_decoded(part), params.get("charset") or "us-ascii")
+    encoding = transfer_encoding(part)
+    text = decode_bytes(transfer_decoded(part, encoding), params.get("charset") or "us-ascii")
     if "\r" in text:
         text = text.replace("\r\n", "\n")
     if (
         whole_message
         and text.endswith("\n")
-        and str(part.get("content-transfer-encoding", "")).strip().lower() != "base64"
+        and encoding != "base64"
     ):
         text = text[:-1]
     if (
-        content_type == "text/plain"
+        ctype == "text/plain"
         and params.get("format", "").strip().lower() == "flowed"
     ):
         delsp = params.get("delsp", "").strip().lower() == "yes"
@@ -125,8 +126,7 @@ class _Body:
 
 def _is_signature(part: Message) -> bool:
     """Whether a part of a multipart/signed is its detached signature."""
-    structural_header(part, "content-type")
-    return part.get_content_type() in _SIGNATURE_TYPES
+    return content_type(part) in _SIGNATURE_TYPES
 
 
 def walk(root: Message) -> _Body:
@@ -144,21 +144,20 @@ def walk(root: Message) -> _Body:
     stack: list[tuple[Message, bool]] = [(root, False)]
     while stack:
         part, in_alternative = stack.pop()
-        structural_header(part, "content-type")
-        content_type = part.get_content_type()
-        main_type = content_type.partition("/")[0]
+        ctype = content_type(part)
+        main_type = ctype.partition("/")[0]
         if main_type == "multipart" and part.is_multipart():
-            alternative = content_type == "multipart/alternative"
+            alternative = ctype == "multipart/alternative"
             children = [c for c in part.get_payload() if isinstance(c, Message)]
-            if content_type == "multipart/signed":
+            if ctype == "multipart/signed":
                 children[1:] = [c for c in children[1:] if not _is_signature(c)]
             stack.extend((child, alternative) for child in reversed(children))
             continue
         if main_type == "multipart":
             # A multipart without a usable boundary: its body is plain text.
-            content_type = "text/plain"
-        elif _CONTENT_TYPE.fullmatch(content_type) is None:
-            content_type = "application/octet-stream"
+            ctype = "text/plain"
+        elif _CONTENT_TYPE.fullmatch(ctype) is None:
+            ctype = "application/octet-stream"
         type_params = header_params(part, "content-type")
         disposition = structural_header(part, "content-disposition")
         if disposition is None:
@@ -170,21 +169,21 @@ def walk(root: Message) -> _Body:
                 disposition.partition(";")[0].strip().lower() == "attachment"
             )
         if not is_attachment:
-            if content_type == "text/plain" and body.text is None:
-                body.text = _body_text(part, content_type, type_params, part is root)
+            if ctype == "text/plain" and body.text is None:
+                body.text = _body_text(part, ctype, type_params, part is root)
                 continue
-            if content_type == "text/html" and body.html is None:
-                body.html = _body_text(part, content_type, type_params, part is root)
+            if ctype == "text/html" and body.html is None:
+                body.html = _body_text(part, ctype, type_params, part is root)
                 continue
             if (
                 in_alternative
-                and content_type.startswith("text/")
-                and content_type not in ("text/plain", "text/html", "text/calendar")
+                and ctype.startswith("text/")
+                and ctype not in ("text/plain", "text/html", "text/calendar")
             ):
                 continue
         body.attachments.append(
             attachment(
-                part, content_type, type_params, filename, len(body.attachments) + 1
+                part, ctype, type_params, filename, len(body.attachments) + 1
             )
         )
     return body

@@ -106,8 +106,30 @@ def _flatten(part: Message, out: list[bytes]) -> None:
         out.append(b"\r\n" + part.epilogue.encode("utf-8", "surrogateescape"))
 
 
-def transfer_decoded(part: Message) -> bytes:
-    """The bytes of a leaf part, undoing its Content-Transfer-Encoding."""
+def content_type(part: Message) -> str:
+    """
+    The part's content type, as C{Message.get_content_type} gives it (the
+    default type without a C{Content-Type}; C{text/plain} for one that is
+    not C{type/subtype}), with one header lookup and the header's 8-bit
+    value repaired (L{structural_header}).
+    """
+    value = structural_header(part, "content-type")
+    if value is None:
+        return part.get_default_type()
+    ctype = value.partition(";")[0].strip().lower()
+    return ctype if ctype.count("/") == 1 else "text/plain"
+
+
+def transfer_encoding(part: Message) -> str:
+    """The part's Content-Transfer-Encoding, trimmed and lowercased (C{""} if none)."""
+    return str(part.get("content-transfer-encoding", "")).strip().lower()
+
+
+def transfer_decoded(part: Message, encoding: str | None = None) -> bytes:
+    """
+    The bytes of a leaf part, undoing its Content-Transfer-Encoding
+    (C{encoding}, from L{transfer_encoding}, when the caller has it).
+    """
     if part.is_multipart():  # message/*: the parser split it up, rebuild it
         chunks: list[bytes] = []
         for inner in part.get_payload():
@@ -118,10 +140,8 @@ def transfer_decoded(part: Message) -> bytes:
         data = part.payload_bytes()
     else:  # pragma: no cover - every part comes from the parser
         data = b""
-    encoding = part.get("content-transfer-encoding")
     if encoding is None:
-        return data
-    encoding = str(encoding).strip().lower()
+        encoding = transfer_encoding(part)
     if encoding == "base64":
         return b64decode_lenient(data)
     if encoding == "quoted-printable":
