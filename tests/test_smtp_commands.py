@@ -81,3 +81,62 @@ class EnvelopeParsingTests(SynchronousTestCase):
         self.assertEqual(h.send(b"DATA\r\n"), [b"503 5.5.1 Error: need RCPT command"])
         self.assertEqual(h.send(b"NOOP\r\n"), [b"250 2.0.0 Ok"])
         self.assertEqual(h.send(b"DATA extra\r\n"), [b"501 5.5.4 Syntax: command takes no arguments"])
+
+
+class CommandReplyTests(SynchronousTestCase):
+    """Each command's reply in each state, byte for byte (docs/replies.md)."""
+
+    def test_informational_commands(self) -> None:
+        """HELP, NOOP (with or without an argument), VRFY, EXPN, BDAT and STARTTLS get their fixed replies; none ends the session."""
+        h = RecordingHarness()
+        out = h.send(b"HELP\r\nNOOP\r\nNOOP hello\r\nVRFY alice\r\nEXPN list\r\nBDAT 10 LAST\r\nSTARTTLS\r\nNOOP\r\n")
+        self.assertEqual(
+            out,
+            [
+                b"214 2.0.0 Commands: EHLO HELO AUTH MAIL RCPT DATA RSET NOOP QUIT; see the PostStack SMTP docs",
+                b"250 2.0.0 Ok",
+                b"250 2.0.0 Ok",
+                b"502 5.5.1 VRFY command is disabled",
+                b"502 5.5.1 EXPN command is disabled",
+                b"502 5.5.1 Error: BDAT (CHUNKING) is not supported, use DATA",
+                b"554 5.5.1 Error: TLS already active",
+                b"250 2.0.0 Ok",
+            ],
+        )
+        self.assertFalse(h.transport.disconnecting)
+
+    def test_helo(self) -> None:
+        """HELO answers with the host name alone; without a name it is a syntax error; verbs are case-insensitive."""
+        h = RecordingHarness()
+        self.assertEqual(h.send(b"HELO\r\nhelo client.test\r\n"), [b"501 5.5.4 Syntax: HELO hostname", b"250 relay.test"])
+
+    def test_sequence(self) -> None:
+        """Out-of-order commands inside a login get 503 (or 501 for DATA with an argument), and the transaction survives them."""
+        h = ready()
+        out = h.send(
+            b"RCPT TO:<user@example.com>\r\nDATA\r\nMAIL FROM:<you@yourdomain.com>\r\n"
+            b"MAIL FROM:<you@yourdomain.com>\r\nAUTH PLAIN x\r\nDATA\r\nDATA now\r\n"
+            b"RCPT TO:<user@example.com>\r\nDATA\r\n"
+        )
+        self.assertEqual(
+            out,
+            [
+                b"503 5.5.1 Error: need MAIL command",
+                b"503 5.5.1 Error: need MAIL command",
+                b"250 2.1.0 Ok",
+                b"503 5.5.1 Error: nested MAIL command",
+                b"503 5.5.1 Error: already authenticated",
+                b"503 5.5.1 Error: need RCPT command",
+                b"501 5.5.4 Syntax: command takes no arguments",
+                b"250 2.1.5 Ok",
+                b"354 End data with <CR><LF>.<CR><LF>",
+            ],
+        )
+        self.assertEqual(h.feed(stuff(MESSAGE)), [queued(1)])
+
+    def test_quit(self) -> None:
+        """QUIT mid-transaction says 221 and closes; pipelined input after it is not answered."""
+        h = ready()
+        self.assertEqual(h.send(b"MAIL FROM:<you@yourdomain.com>\r\nQUIT\r\nNOOP\r\n"), [b"250 2.1.0 Ok", b"221 2.0.0 Bye"])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertEqual(h.send(b"NOOP\r\n"), [])

@@ -99,10 +99,12 @@ def parse_mail(arg: bytes, max_message_size: int) -> Union[str, Reply]:
         if problem is not None:
             return replies.SENDER_PATH_PROBLEMS[problem]
         if not has_domain(address):
-            # Path syntax (RFC 5321 has no domain-less Mailbox), with the
-            # reply that tells the user what a sender must be.
-            # (sender_reply refuses most such addresses too, but not a
-            # domain with a leading dot, e.g. a@.example.com.)
+            # Path syntax, as for RCPT: RFC 5321 has no Mailbox without a
+            # Domain, nor a Domain that starts with a dot (path_problem
+            # leaves both to its caller).  The reply is the one that says
+            # what a sender must be.  (The sender policy,
+            # policy.envelope_sender_reply, refuses most such addresses
+            # too, but not a@.example.com: it is not a second copy.)
             return replies.SENDER_NO_DOMAIN
     return address
 
