@@ -74,12 +74,12 @@ class DescriptionTests(SynchronousTestCase):
             for part in (self.cert, self.key):
                 with open(part, "rb") as f:
                     out.write(f.read())
-        endpoint = serverFromString(
-            MemoryReactorClock(), f"implicittls:tcp:465:certificate={combined}:profile=modern"
-        )
+        clock = MemoryReactorClock()
+        endpoint = serverFromString(clock, f"implicittls:tcp:465:certificate={combined}:profile=modern")
         self.assertEqual(endpoint.detectTimeout, 2.0)
         self.assertEqual(endpoint.tls.profile, "modern")
-        self.assertEqual(endpoint.wrapped._port, 465)
+        endpoint.listen(Factory.forProtocol(Banner))
+        self.assertEqual([(port, interface) for port, _, _, interface in clock.tcpServers], [(465, "")])
 
     def test_bad_descriptions(self) -> None:
         """A missing certificate or endpoint, an unknown argument or a bad detectTimeout is a ValueError naming it."""
