@@ -71,7 +71,6 @@ from poststack_relay.workers.messages import (
     worker_observer,
 )
 from poststack_relay.workers.supervisor import (
-    KILL_WAIT,
     LogOutput,
     describe_exit,
     supervisor_log_output,
@@ -626,7 +625,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.named("workers_stopped")), 1)
 
     def test_stop_kills_late_workers(self) -> None:
-        """A worker still running drain_timeout + 10 s after SIGTERM gets SIGKILL; the stop ends even if it never exits."""
+        """A worker still running drain_timeout + 10 s after SIGTERM gets SIGKILL; the stop ends when it has exited."""
         supervisor = self.supervisor(drain_timeout=5.0)
         supervisor.startService()
         d = supervisor.stopService()
@@ -637,9 +636,9 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.last(0)["process"].signals, ["TERM", "KILL"])
         self.end(0)
         self.assertNoResult(d)
-        self.reactor.advance(KILL_WAIT)
+        self.end(1)
         self.successResultOf(d)
-        self.assertEqual(self.named("workers_lost")[0]["pids"], [1001])
+        self.assertEqual([e["status"] for e in self.named("worker_stopped")], ["signal 9 (SIGKILL)"] * 2)
 
     def test_stop_without_workers(self) -> None:
         """A stop with every worker waiting for its restart is immediate."""
@@ -795,41 +794,19 @@ class SupervisorTests(SynchronousTestCase):
         [recovered] = self.named("worker_recovered")
         self.assertEqual((recovered["worker"], recovered["failures"]), (0, 7))
 
-    def test_version_changed_after_ready(self) -> None:
-        """After READY=1, a worker that finds another installed version is not started again, and STATUS= asks for a restart."""
+    def test_version_changed(self) -> None:
+        """A worker that finds another installed version (exit status 3, its reason on its standard error) is a failed start like any other: 3 in a row before READY=1 stop the relay."""
         supervisor = self.supervisor()
         supervisor.startService()
         self.ready(0)
-        self.ready(1)
-        where = supervisor.addresses[0]
-        self.end(1)
-        self.reactor.advance(1)
-        self.end(1, ProcessTerminated(exitCode=VERSION_CHANGED_EXIT))
-        [changed] = self.named("worker_version_changed")
-        self.assertEqual((changed["worker"], changed["log_level"], changed["version"]),
-                         (1, LogLevel.critical, poststack_relay.__version__))
-        self.assertIn("installed version changed: restart the service", formatEvent(changed))
-        self.assertEqual(self.notifier.sent[-1], f"STATUS=degraded: 1 of 2 workers listening on {where}; "
-                                                 "worker 1 stopped: installed version changed, restart the service")
-        self.reactor.advance(600)
-        self.assertEqual(len(self.reactor.of(1)), 2)  # not started again
-        self.assertEqual((self.stops, supervisor.exit_status), ([], 0))
-        d = supervisor.stopService()  # the stop does not wait for it
-        assert d is not None
-        self.end(0, ProcessDone(0))
-        self.successResultOf(d)
-
-    def test_version_changed_before_ready(self) -> None:
-        """Before READY=1, a worker that finds another installed version stops the relay at once with status 1."""
-        supervisor = self.supervisor()
-        supervisor.startService()
-        self.ready(0)
-        self.end(1, ProcessTerminated(exitCode=VERSION_CHANGED_EXIT))
+        for _ in range(3):
+            self.say(1, b"poststack-relay worker 1: installed version changed: restart the service\n", 2)
+            self.end(1, ProcessTerminated(exitCode=VERSION_CHANGED_EXIT))
+            self.reactor.advance(self.named("worker_exited")[-1]["restart_in"] if self.named("worker_exited") else 0)
         self.assertEqual((self.stops, supervisor.exit_status), ([True], 1))
-        self.assertEqual(self.named("worker_version_changed")[0]["action"], "stopping the relay")
-        self.assertEqual(self.named("workers_failed"), [])
-        self.reactor.advance(60)
-        self.assertEqual(len(self.reactor.of(1)), 1)
+        self.assertEqual(self.named("workers_failed")[0]["exit_status"], VERSION_CHANGED_EXIT)
+        self.assertEqual([e["log_level"] for e in self.named("worker_output")], [LogLevel.warn] * 3)
+        self.assertIn("installed version changed: restart the service", self.named("worker_output")[0]["line"])
 
     def test_exit_with(self) -> None:
         """exit_with(0) changes nothing; another status is the process's at its exit (a real process)."""

@@ -16,16 +16,16 @@ from typing import Any, Callable, Mapping, Optional, cast
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-from twisted.internet.error import CannotListenError, ProcessExitedAlready, ProcessTerminated, ReactorNotRunning
+from twisted.internet.error import CannotListenError, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.logfile import BaseLogFile
 from twisted.runner.procmon import LoggingProtocol, ProcessMonitor
 
-from .._version import __version__
 from ..config import ConfigError, ListenerConfig, RelayConfig
-from .messages import NAMESPACE, VERSION_CHANGED_EXIT, output_event, parse_ready, relogged_event, start_message
+from ..systemd import SystemdNotifier, socketEndpoint
+from .messages import NAMESPACE, output_event, parse_ready, relogged_event, start_message
 
 _log = Logger(namespace=NAMESPACE)
 
@@ -34,16 +34,15 @@ MAX_RESTART_DELAY = 30  # ... up to this while the worker keeps dying within
 STABLE_AFTER = 10  # this many seconds of its start (one that ran longer is restarted at once)
 MAX_START_FAILURES = 3  # deaths in a row before ready: the relay stops (before READY=1) or is degraded
 STOP_MARGIN = 10.0  # seconds beyond drain_timeout before a stopping worker gets SIGKILL
-KILL_WAIT = 5.0  # seconds after that SIGKILL before the stop ends without the worker
 MAX_LINE = 1 << 20  # the longest line kept from a worker's pipe; a longer one is cut
 FIRST_FD = 3  # a worker's first inherited listening socket; the others, then its control pipe, follow
 # Not for a worker's environment: systemd talks to the supervisor only, and
 # the relay's own variables (the service key) reach a worker on its stdin.
 STRIPPED_ENVIRONMENT = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
 STRIPPED_PREFIX = "POSTSTACK_RELAY_"
-# SIGHUP ignored before any import (a worker still starting has no handler yet),
-# the package's directory on sys.path (a source tree twistd found), -P: a file
-# in the working directory cannot shadow a module; --worker K is for ps.
+# SIGHUP ignored before any import (a starting worker has no handler yet), the
+# package's directory on sys.path (a source tree twistd found), -P: a file in
+# the working directory cannot shadow a module; --worker K is for ps.
 _CODE = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); import sys; sys.path.append({root!r}); "
          "from poststack_relay.workers.worker import main; main()")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,8 +69,7 @@ def describe_exit(reason: Failure) -> tuple[str, Optional[int], Optional[int]]:
 
 def bind_listener(listener: ListenerConfig, backlog: int = 1024) -> socket.socket:
     """
-    A socket listening for C{listener} as Twisted binds one (IPv6 for an
-    interface with a colon, C{SO_REUSEADDR}).
+    A socket listening for C{listener} as Twisted binds one.
 
     @raise CannotListenError: it cannot be bound.
     """
@@ -91,9 +89,9 @@ def bind_listener(listener: ListenerConfig, backlog: int = 1024) -> socket.socke
 class LogOutput:
     """
     The supervisor's log as workers write it, in C{format} (C{json} or
-    C{text} with C{time_format}): to the descriptor C{fd} themselves
-    (standard output, the journal), or to their standard output, which the
-    supervisor hands to C{write} in whole lines (its rotating file C{path}).
+    C{text} with C{time_format}): to C{fd} themselves (standard output,
+    the journal), or through their standard output, handed in whole lines
+    to C{write} (the supervisor's rotating file, C{path}).
     """
 
     format: str
@@ -105,9 +103,8 @@ class LogOutput:
 
 def supervisor_log_output(observer: object) -> Optional[LogOutput]:
     """
-    The L{LogOutput} of the observer the supervisor logs through, when it
-    is the relay's (L{poststack_relay.logs}: C{line_format}, C{outFile},
-    C{lock}) on a descriptor or a rotating file; C{None} for any other
+    The L{LogOutput} of the relay's own observer (L{poststack_relay.logs})
+    on a descriptor or a rotating file; C{None} for any other observer
     (C{--syslog}, C{--logger}, C{twist}): then workers send JSON events.
     """
     line_format = getattr(observer, "line_format", None)
@@ -138,9 +135,9 @@ def exit_with(status: int) -> None:
 
 class WorkerProtocol(LoggingProtocol):
     """
-    A worker's pipes: its standard output (its log: whole lines written
+    A worker's pipes, line by line: its standard output (its log: written
     through to the supervisor's file, or JSON events logged again), its
-    standard error and its control pipe, line by line.
+    standard error and its control pipe.
     """
 
     def __init__(self, supervisor: Supervisor, index: int, control: int, output: Optional[LogOutput]) -> None:
@@ -198,20 +195,16 @@ class Supervisor(ProcessMonitor):
                  log_output: Optional[LogOutput] = None) -> None:
         """
         @param reactor: provides C{IReactorProcess} and C{IReactorTime}.
-        @param notifier: a L{poststack_relay.systemd.SystemdNotifier}; C{NOTIFY_SOCKET}'s by default.
-        @param environ: what workers inherit (stripped); C{os.environ} by default.
-        @param stop: stops the relay when workers cannot start; C{reactor.stop} by default.
-        @param log_output: where the workers' lines go; by default that of the
-            observer of the parent service (L{poststack_relay.logs.LogObserverService}).
+        @param notifier, environ, stop, log_output: by default C{NOTIFY_SOCKET}'s
+            L{SystemdNotifier}, C{os.environ}, C{reactor.stop}, and that of
+            the parent's observer (L{poststack_relay.logs.LogObserverService}).
         @raise ConfigError: a systemd socket of a listener was not passed.
         """
-        from ..systemd import SystemdNotifier, socketEndpoint
-
         super().__init__(reactor)
         self.config, self.reactor, self.clock = config, reactor, cast(IReactorTime, reactor)
         self.killTime = config.drain_timeout + STOP_MARGIN  # type: ignore[assignment]  # procmon says int; any number works
         self.notifier = notifier if notifier is not None else SystemdNotifier()
-        self.stop_relay = stop if stop is not None else self._stop_reactor
+        self.stop_relay = stop if stop is not None else reactor.stop
         self._log_output, self._log_known = log_output, log_output is not None
         self.exit_status = 0
         self.listener_configs = config.listeners()
@@ -232,7 +225,6 @@ class Supervisor(ProcessMonitor):
         self.metrics: list[Optional[str]] = [None] * count
         self.ready: set[int] = set()
         self.degraded: set[int] = set()
-        self.halted: set[int] = set()  # another installed version: not started again
         self._announced, self._status = False, ""
         self._stopped: Optional[Deferred[None]] = None
         self.environment = worker_environment(os.environ if environ is None else environ)
@@ -269,12 +261,10 @@ class Supervisor(ProcessMonitor):
         if not self._log_known:
             self._log_known = True
             output = self._log_output = supervisor_log_output(getattr(self.parent, "observer", None))
-            if output is None:
-                mode, text = "events", "logged again by the supervisor (its log goes to syslog, a --logger or a filter)"
-            elif output.fd is None:
-                mode, text = "through", "finished by each worker, written through by the supervisor"
-            else:
-                mode, text = "direct", f"finished and written to descriptor {output.fd} by each worker"
+            mode, text = (("events", "logged again by the supervisor (its log goes to syslog, a --logger or a filter)")
+                          if output is None else ("through", "finished by each worker, written through by the "
+                                                  "supervisor") if output.fd is None else
+                          ("direct", f"finished and written to descriptor {output.fd} by each worker"))
             _log.info("workers' log lines: {text}", text=text, mode=mode, event="workers_logging",
                       line_format=output.format if output is not None else "json")
         return self._log_output
@@ -313,7 +303,7 @@ class Supervisor(ProcessMonitor):
                   event="worker_started")
 
     def worker_ready(self, index: int, fields: Mapping[str, Any]) -> None:
-        """Worker C{index} said it is ready: C{READY=1} once all are."""
+        """Worker C{index} said it is ready: C{READY=1} once all are, else a new C{STATUS=}."""
         if index in self.ready:
             return
         self.ready.add(index)
@@ -332,14 +322,12 @@ class Supervisor(ProcessMonitor):
         self.notifier.notify(f"READY=1\nSTATUS={self._status}")
 
     def _status_text(self) -> str:
-        """systemd's C{STATUS=}: C{N workers listening on ...}, or which are down and why."""
         count, where = self.config.workers, ", ".join(self.addresses)
         if len(self.ready) == count:
             return f"{count} workers listening on {where}"
-        down = [f"worker {i} stopped: installed version changed, restart the service" if i in self.halted
-                else f"worker {i} cannot start ({self.last_exit[i]})" if i in self.degraded
-                else f"worker {i} restarting" for i in range(count) if i not in self.ready]
-        degraded = "degraded: " if self.halted or self.degraded else ""
+        down = [f"worker {i} cannot start ({self.last_exit[i]})" if i in self.degraded else f"worker {i} restarting"
+                for i in range(count) if i not in self.ready]
+        degraded = "degraded: " if self.degraded else ""
         return f"{degraded}{len(self.ready)} of {count} workers listening on {where}; " + "; ".join(down)
 
     def _notify_status(self) -> None:
@@ -351,10 +339,9 @@ class Supervisor(ProcessMonitor):
     def worker_ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
         """
         Worker C{protocol.index} exited; the monitor scheduled its restart
-        (C{self.restart}) unless the relay is stopping.  Deaths before
-        ready count: L{MAX_START_FAILURES} in a row stop the relay before
-        C{READY=1}, and make it degraded after; a worker of another
-        installed version (L{VERSION_CHANGED_EXIT}) is not started again.
+        (C{self.restart}) unless the relay is stopping.  Deaths before ready
+        count: L{MAX_START_FAILURES} in a row stop the relay before
+        C{READY=1}, and make it degraded after.
         """
         index, name = protocol.index, protocol.name
         was_ready = index in self.ready
@@ -364,51 +351,32 @@ class Supervisor(ProcessMonitor):
         fields = dict(worker=index, pid=self.pids[index], status=status, exit_status=code, signal=number)
         if not self.running:
             _log.info("worker {worker} (pid {pid}) stopped: {status}", event="worker_stopped", **fields)
-            if not self.protocols and self._stopped is not None and not self._stopped.called:
+            if not self.protocols and self._stopped is not None:
                 _log.info("all workers stopped", event="workers_stopped")
                 self._stopped.callback(None)
             return
         restart = self.restart[name]
         self.failures[index] += 0 if was_ready else 1
-        if code == VERSION_CHANGED_EXIT and not was_ready:
-            restart.cancel()
-            self.removeProcess(name)
-            self.halted.add(index)
-            action = "the worker is not started again" if self._announced else "stopping the relay"
-            _log.critical("worker {worker} (pid {pid}) runs another version of poststack-relay than the supervisor "
-                          "({version}): installed version changed: restart the service; {action}",
-                          version=__version__, action=action, event="worker_version_changed", **fields)
-            return self._give_up()
-        if self.failures[index] >= MAX_START_FAILURES and not self._announced:
+        failures = self.failures[index]
+        if failures >= MAX_START_FAILURES and not self._announced:
             restart.cancel()
             _log.critical("worker {worker} (pid {pid}) exited with {status} before it was ready, {failures} times "
-                          "in a row: stopping the relay", failures=self.failures[index], event="workers_failed",
-                          **fields)
-            return self._give_up()
+                          "in a row: stopping the relay", failures=failures, event="workers_failed", **fields)
+            self.exit_status = 1
+            self.stop_relay()
+            return
         restart_in = round(max(0.0, restart.getTime() - self.clock.seconds()), 3)
-        if self.failures[index] >= MAX_START_FAILURES and index not in self.degraded:
+        if failures >= MAX_START_FAILURES and index not in self.degraded:
             self.degraded.add(index)
             _log.critical("worker {worker} (pid {pid}) exited with {status} before it was ready, {failures} times "
                           "in a row: the relay goes on with the other workers and tries it again, next in "
-                          "{restart_in:g} s", failures=self.failures[index], restart_in=restart_in,
-                          event="workers_degraded", **fields)
+                          "{restart_in:g} s", failures=failures, restart_in=restart_in, event="workers_degraded",
+                          **fields)
         _log.warn("worker {worker} (pid {pid}) exited with {status} after {uptime:.1f} s{before_ready}; restarting "
                   "it in {restart_in:g} s", uptime=round(self.clock.seconds() - self.timeStarted[name], 3),
                   ready=was_ready, before_ready="" if was_ready else " before it was ready", restart_in=restart_in,
                   event="worker_exited", **fields)
         self._notify_status()
-
-    def _give_up(self) -> None:
-        if self._announced:
-            return self._notify_status()
-        self.exit_status = 1
-        self.stop_relay()
-
-    def _stop_reactor(self) -> None:
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            pass
 
     def _signal(self, index: int, name: str) -> bool:
         protocol = self.protocols.get(str(index))
@@ -421,7 +389,7 @@ class Supervisor(ProcessMonitor):
     def reload_tls(self, trigger: str = "reload_tls()") -> bool:
         """
         Pass SIGHUP on to every worker (C{twistd}'s SIGHUP handler calls
-        this): each loads its certificate and key again.  One still starting
+        this): each loads its certificate and key again; one still starting
         ignores it, and loads the files as it starts.
         """
         sent = [i for i in sorted(int(name) for name in self.protocols) if self._signal(i, "HUP")]
@@ -439,8 +407,8 @@ class Supervisor(ProcessMonitor):
     def stopService(self) -> Optional[Deferred[None]]:  # type: ignore[override]  # procmon's waits for nothing
         """
         Stop: C{STOPPING=1}, close the shared sockets, SIGTERM every worker
-        (SIGKILL C{drain_timeout} + L{STOP_MARGIN} s later: C{killTime});
-        fire once all have exited, or L{KILL_WAIT} s after the SIGKILL.
+        (SIGKILL C{killTime}, C{drain_timeout} + L{STOP_MARGIN}, s later),
+        and fire once all have exited.
         """
         if self.running:
             self.notifier.notify("STOPPING=1\nSTATUS=stopping")
@@ -451,11 +419,5 @@ class Supervisor(ProcessMonitor):
             return None
         _log.info("stopping {count} workers", count=len(running), pids=[self.pids[i] for i in running],
                   event="workers_stopping")
-
-        def lost(result: object, timeout: float) -> None:
-            _log.error("workers {pids} did not exit after SIGKILL; stopping without them", event="workers_lost",
-                       pids=[self.pids[int(name)] for name in self.protocols])
-
         self._stopped = Deferred()
-        self._stopped.addTimeout(self.killTime + KILL_WAIT, self.clock, onTimeoutCancel=lost)
         return self._stopped

@@ -141,27 +141,23 @@ def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control
 
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     """
-    A worker process (C{python -c ... --worker K}): its start message
-    (L{poststack_relay.workers.messages.start_message}) on standard input,
-    its log on standard output, then L{run_worker}.  Exit status
-    L{VERSION_CHANGED_EXIT} for a message of another installed version,
-    2 for one it cannot read.
+    A worker process (C{python -c ... --worker K}): its start message on
+    standard input, its log on standard output, then L{run_worker}.  Exit
+    status L{VERSION_CHANGED_EXIT} for a message of another version, 2 for
+    one it cannot read.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay's handler is installed
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        index = int(args[1]) if len(args) == 2 and args[0] == "--worker" else -1
+        index = int(args[args.index("--worker") + 1])
         message = json.loads(sys.stdin.buffer.readline(1 << 20))
-        version = message.get("version") if isinstance(message, dict) else None
-        if version != __version__:
+        if message.get("version") != __version__:
             sys.stderr.write(f"poststack-relay worker {index}: installed version {__version__}, its supervisor's "
-                             f"{version}: installed version changed: restart the service\n")
+                             f"{message.get('version')}: installed version changed: restart the service\n")
             sys.exit(VERSION_CHANGED_EXIT)
-        settings, fds, control, log = message["settings"], message["fds"], message["control"], message["log"]
-        if index < 0 or not isinstance(settings, dict) or not all(isinstance(fd, int) for fd in [*fds, control]):
-            raise ValueError("want --worker K, and settings, fds, control and log on standard input")
-    except (ValueError, KeyError, TypeError) as e:
-        sys.stderr.write(f"poststack-relay worker: {e}\n")
+        settings, fds, control, log = dict(message["settings"]), message["fds"], message["control"], message["log"]
+    except (ValueError, LookupError, TypeError, AttributeError) as e:
+        sys.stderr.write(f"poststack-relay worker: not a start message: {e!r}\n")
         sys.exit(2)
     cast(io.TextIOWrapper, sys.stdout).reconfigure(encoding="utf-8", errors="backslashreplace")
     return_large_blocks()  # as a single relay does (poststack_relay.tap)
