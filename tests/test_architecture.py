@@ -1,0 +1,188 @@
+"""
+The shape of the package, pinned (docs/design.md, "Shape"): no import
+cycles between the relay's modules (imports inside functions count: a lazy
+import is a cycle postponed, not removed), no product module over 700
+lines and no class over 300, and interfaces only in C{interfaces.py}.
+
+These read the source with C{ast}; nothing is imported or run.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import Iterator
+
+from twisted.trial.unittest import SynchronousTestCase
+
+PACKAGE = "poststack_relay"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = ROOT / PACKAGE
+
+#: The bounds the issue set: a newcomer changing one job reads one module.
+MAX_MODULE_LINES = 700
+MAX_CLASS_LINES = 300
+
+
+def module_files() -> Iterator[tuple[str, Path]]:
+    """(dotted module name, path) of every module of the package."""
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        yield ".".join(parts), path
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The absolute name an C{ImportFrom} node imports from."""
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if not is_package:
+        base = base[:-1]
+    if node.level > 1:
+        base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
+    """
+    The package's own modules that C{module} imports, anywhere in its body
+    (top level, functions, C{TYPE_CHECKING} blocks excepted: those are
+    never executed).
+    """
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for inner in node.body:
+                for sub in ast.walk(inner):
+                    skipped.add(id(sub))
+    found: set[str] = set()
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve(module, is_package, node)
+            names = [source] + [f"{source}.{alias.name}" for alias in node.names]
+        for name in names:
+            # The longest known module that the name is or lies within.
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module and name.startswith(PACKAGE):
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = dict(module_files())
+    known = set(files)
+    graph = {module: imports_of(module, path, known) for module, path in files.items()}
+    # A package's __init__ re-exporting its own modules is not a cycle of
+    # the design: an edge from a package to one of its own submodules is
+    # dropped (the submodule importing a sibling through the package would
+    # still show up as submodule -> package -> sibling).
+    for module, edges in graph.items():
+        graph[module] = {e for e in edges if not e.startswith(module + ".")}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                item = stack.pop()
+                on_stack.discard(item)
+                component.append(item)
+                if item == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+class CycleFinderTests(SynchronousTestCase):
+    """The cycle finder itself finds cycles (so its silence means something)."""
+
+    def test_finds_a_cycle(self) -> None:
+        """A two-module cycle and a three-module cycle are both reported."""
+        graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
+        self.assertEqual(sorted(find_cycles(graph)), [["a", "b"], ["c", "d", "e"]])
+
+    def test_lazy_import_counts(self) -> None:
+        """An import inside a function is an edge of the graph."""
+        module = ast.parse("def f():\n    from .b import x\n")
+        path = ROOT / "tests" / "_lazy_probe.py"
+        path.write_text(ast.unparse(module), encoding="utf-8")
+        self.addCleanup(os.remove, path)
+        edges = imports_of(f"{PACKAGE}.a", path, {f"{PACKAGE}.a", f"{PACKAGE}.b"})
+        self.assertEqual(edges, {f"{PACKAGE}.b"})
+
+
+class ShapeTests(SynchronousTestCase):
+    """The package keeps the shape docs/design.md describes."""
+
+    def test_no_import_cycles(self) -> None:
+        """No module of the relay imports, even lazily, a module that imports it back."""
+        self.assertEqual(find_cycles(import_graph()), [])
+
+    def test_module_size(self) -> None:
+        """No product module is over 700 lines."""
+        long = {
+            module: n
+            for module, path in module_files()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES
+        }
+        self.assertEqual(long, {})
+
+    def test_class_size(self) -> None:
+        """No class is over 300 lines."""
+        large = {}
+        for module, path in module_files():
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > MAX_CLASS_LINES:
+                        large[f"{module}.{node.name}"] = lines
+        self.assertEqual(large, {})
+
+    def test_interfaces_in_one_module(self) -> None:
+        """Every zope Interface of the relay is defined in poststack_relay.interfaces."""
+        elsewhere = []
+        for module, path in module_files():
+            if module == f"{PACKAGE}.interfaces":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef) and any(
+                    ast.unparse(base) in ("Interface", "zope.interface.Interface") for base in node.bases
+                ):
+                    elsewhere.append(f"{module}.{node.name}")
+        self.assertEqual(elsewhere, [])
