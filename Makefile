@@ -52,7 +52,10 @@ run: venv cert
 	.venv-sslyze/bin/pip install --quiet sslyze==6.3.1
 	touch $@
 
+# mypy --strict first (a type error fails the target), then the tests, whose
+# summary stays the last line.
 test: venv .venv-sslyze/.installed
+	$(VENV)/bin/mypy
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 # mypy --strict with the zope plugin over poststack_relay/ (pyproject.toml).
