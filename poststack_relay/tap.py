@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Any, Callable, Mapping, Optional, Protocol, cast
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, cast
 
 from twisted.application.service import IService
 from twisted.internet.error import ReactorNotRunning
@@ -28,6 +28,10 @@ from twisted.python import usage
 from . import config as _config
 from .config import ConfigError, RelayConfig, mask_secret, read_config_file
 from .interfaces import IRelayReactor
+
+if TYPE_CHECKING:
+    from .service import RelayService
+    from .workers import Supervisor
 
 ENV_PREFIX = "POSTSTACK_RELAY_"
 
@@ -484,7 +488,7 @@ def makeService(options: Options) -> IService:
     # collections (poststack_relay.memory; docs/performance.md).
     return_large_blocks()
     reactor.callWhenRunning(freeze_start_up_objects)
-    service: Any  # the relay, or the --workers supervisor
+    service: RelayService | Supervisor
     if options.config.workers > 1:
         from .workers import Supervisor, exit_with
 
