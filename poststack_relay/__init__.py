@@ -4,7 +4,10 @@ poststack-relay: an implicit-TLS SMTP submission gateway to the PostStack
 email API.
 
 The public surface is small: L{RelayConfig} and L{makeRelayService} for
-embedding, the twistd plugin C{poststack-relay} for running.
+embedding, the twistd plugin C{poststack-relay} for running, and the
+C{implicittls:} server endpoint description (L{poststack_relay.endpoints})
+for listening with implicit TLS anywhere C{serverFromString} is used.
+C{tests/test_exports.py} pins these names; every other module may move.
 """
 
 from ._version import __version__
