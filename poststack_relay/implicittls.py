@@ -51,23 +51,6 @@ _log = Logger(namespace="poststack_relay.tls")
 _TLS_HANDSHAKE = 0x16
 
 
-def is_end_of_file(error: SSL.Error) -> bool:
-    """
-    Does an OpenSSL error only say that the peer went away (an end of file
-    in the middle of TLS) rather than that TLS failed?  The same test as
-    Twisted's own C{TLSMemoryBIOProtocol} makes before it reports a lost
-    connection.
-    """
-    if isinstance(error, SSL.SysCallError):
-        reason = error.args[1] if len(error.args) > 1 else ""
-    else:
-        queue = error.args[0] if error.args else None
-        if not queue:
-            return True  # OpenSSL 4 reports an end of file with no reason
-        reason = queue[-1][-1] if isinstance(queue, list) else str(queue)
-    return str(reason).casefold().startswith("unexpected eof")
-
-
 class ImplicitTLSProtocol(BufferingTLSTransport):
     """
     A server TLS connection that refuses plaintext clients politely.
@@ -89,6 +72,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
     _detectCall: Optional[IDelayedCall] = None
     _sawFirstByte = False
     _failureCounted = False
+    _handshakeSeen = False
 
     def makeConnection(self, transport: ITransport) -> None:
         """
@@ -111,6 +95,29 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
                 self._refusePlaintext("plaintext")
                 return
         super().dataReceived(data)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
+        if not self._handshakeSeen:
+            self._checkHandshake()
+
+    def _checkHandshake(self) -> None:
+        """
+        After bytes of the handshake: note that it is done, or count it as
+        failed if OpenSSL gave up on it (a client alert, no common protocol
+        or cipher, bytes that are not TLS...).
+
+        Both come from pyOpenSSL's public view of the connection: the
+        client's Finished message arrives last in a TLS 1.3 handshake, and
+        in a full TLS 1.2 one (the relay resumes no sessions) the server
+        answers it in the same step; after a fatal error OpenSSL's state is
+        C{"error"}.  An end of file mid-handshake only shows in
+        C{connectionLost} (C{closed}), never here.
+        """
+        handle: Optional[SSL.Connection] = self.getHandle()  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
+        if handle is None:
+            return
+        if handle.get_peer_finished() is not None:
+            self._handshakeSeen = True
+        elif handle.get_state_string() == b"error":
+            self._countFailure("handshake")
 
     def _cancelDetect(self) -> None:
         if self._detectCall is not None and self._detectCall.active():
@@ -138,36 +145,13 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             self._failureCounted = True
             self.factory.metrics.tls_failures[reason].inc()
 
-    def _handshake_done(self) -> bool:
-        # Public pyOpenSSL: the client's Finished message arrives last in a
-        # TLS 1.3 handshake, and in a full TLS 1.2 one (the relay resumes
-        # no sessions) the server answers it in the same step.
-        handle: Optional[SSL.Connection] = self.getHandle()  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
-        return handle is not None and handle.get_peer_finished() is not None
-
-    def _tlsShutdownFinished(self, reason: Optional[Failure]) -> None:
-        # Twisted's own hook (private): the one place the TLS layer says it
-        # gave up, with OpenSSL's error; Twisted has no public callback for
-        # a failed server handshake.  If it is renamed, this override is
-        # never called and handshake failures count as "closed"
-        # (tests/test_metrics.py pins both counts).
-        if (
-            reason is not None
-            and not self._handshake_done()
-            and isinstance(reason.value, SSL.Error)
-            and not is_end_of_file(reason.value)
-        ):
-            self._countFailure("handshake")
-        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]  # TLSMemoryBIOProtocol: unannotated in Twisted
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
         Stop waiting; count a client that left mid-handshake.
         """
         self._cancelDetect()
-        done = self._handshake_done()  # before Twisted lets go of the TLS connection
         super().connectionLost(reason)
-        if self._sawFirstByte and not done:
+        if self._sawFirstByte and not self._handshakeSeen:
             self._countFailure("closed")
 
 
@@ -243,5 +227,4 @@ __all__ = [
     "ImplicitTLSEndpoint",
     "ImplicitTLSFactory",
     "ImplicitTLSProtocol",
-    "is_end_of_file",
 ]

@@ -531,6 +531,32 @@ class TLSInstrumentationTests(SynchronousTestCase):
             for reason in ("plaintext", "timeout", "handshake", "closed"):
                 self.assertEqual(self.failures(reason), 0.0, (version, reason))
 
+    def test_no_common_protocol_is_a_handshake_failure(self) -> None:
+        """A TLS 1.2 client against the modern (TLS 1.3 only) profile is counted once, as handshake."""
+        from twisted.internet.ssl import CertificateOptions, TLSVersion
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.test.iosim import connect, makeFakeClient, makeFakeServer
+
+        server_factory = ImplicitTLSFactory(
+            load_certificate_options(self.cert, self.key, "modern"), Factory.forProtocol(Banner),
+            2.0, self.clock, metrics=self.metrics,
+        )
+        client_factory = TLSMemoryBIOFactory(
+            CertificateOptions(verify=False, lowerMaximumSecurityTo=TLSVersion.TLSv1_2),
+            True, Factory.forProtocol(Protocol), self.clock,
+        )
+        server = server_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2))
+        pump = connect(server, makeFakeServer(server), client, makeFakeClient(client),
+                       greet=False, clock=self.clock)
+        for _ in range(20):
+            pump.flush()
+            self.clock.advance(0)
+        self.assertEqual(
+            [self.failures(r) for r in ("plaintext", "timeout", "handshake", "closed")],
+            [0.0, 0.0, 1.0, 0.0],
+        )
+
     def test_certificate_expiry(self) -> None:
         """The expiry gauge follows the loaded certificate, and reloads are counted by result."""
         from cryptography import x509

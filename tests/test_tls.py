@@ -125,20 +125,3 @@ class DetectionTests(SynchronousTestCase):
         clock.advance(10)
         self.assertNotIn(b"554", transport.value())
 
-
-class EndOfFileTests(SynchronousTestCase):
-    """L{is_end_of_file}: which OpenSSL errors only say the peer went away."""
-
-    def test_end_of_file(self) -> None:
-        """A syscall EOF, an empty error queue and "unexpected eof" are ends of file; a TLS failure is not."""
-        from OpenSSL import SSL
-
-        from poststack_relay.implicittls import is_end_of_file
-
-        self.assertTrue(is_end_of_file(SSL.SysCallError(-1, "Unexpected EOF")))
-        self.assertTrue(is_end_of_file(SSL.Error([])))
-        self.assertTrue(
-            is_end_of_file(SSL.Error([("SSL routines", "", "unexpected eof while reading")]))
-        )
-        self.assertFalse(is_end_of_file(SSL.Error([("SSL routines", "", "no shared cipher")])))
-        self.assertFalse(is_end_of_file(SSL.SysCallError(104, "ECONNRESET")))
