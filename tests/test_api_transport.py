@@ -8,6 +8,7 @@ L{HTTPEmailAPI} over it against the sandbox over real loopback TCP
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from typing import Any, Optional
@@ -245,6 +246,27 @@ class BigAnswer(Resource):
         return b'{"id": "em_1", "x": "' + b"x" * self.size + b'"}'
 
 
+class GzipAnswer(Resource):
+    """
+    Answers 202 with a gzip-coded email id (and, with C{padding}, that
+    many spaces more once inflated), whatever the request accepts; records
+    each request's C{Accept-Encoding}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, padding: int = 0) -> None:
+        super().__init__()
+        self.padding = padding
+        self.accepted: list[Optional[list[bytes]]] = []
+
+    def render(self, request: Request) -> bytes:
+        self.accepted.append(request.requestHeaders.getRawHeaders(b"accept-encoding"))
+        request.setResponseCode(202)
+        request.setHeader(b"content-encoding", b"gzip")
+        return gzip.compress(b'{"id": "em_1"}' + b" " * self.padding)
+
+
 class InMemoryTests(SynchronousTestCase):
     """
     The relay's client shape (L{NoCookies}, L{to_body_producer}) over
@@ -415,6 +437,66 @@ class LoopbackTests(TestCase):
         await api.send_email(FULL, email())
         self.assertEqual(len(self.store.emails()), 2)
         self.assertEqual(self.site.connections, 2)
+
+    async def serve(self, resource: Resource, **options: Any) -> HTTPEmailAPI:
+        """An HTTPEmailAPI over make_http_client to C{resource} over loopback TCP."""
+        self.site = CountingSite(resource)
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.site)
+        self.addCleanup(port.stopListening)
+        client, pool = make_http_client(reactor, connect_timeout=5)
+        self.addCleanup(pool.closeCachedConnections)
+        options.setdefault("max_attempts", 1)
+        return HTTPEmailAPI(client, f"http://127.0.0.1:{port.getHost().port}", 5.0, clock=reactor, **options)
+
+    async def test_asks_for_identity(self) -> None:
+        """Requests ask for answers without a content coding (treq would ask for gzip)."""
+        resource = SetCookie()
+        api = await self.serve(resource)
+        seen: list[Optional[list[bytes]]] = []
+        original = resource.render
+
+        def render(request: Request) -> bytes:
+            seen.append(request.requestHeaders.getRawHeaders(b"accept-encoding"))
+            return original(request)
+
+        resource.render = render  # type: ignore[method-assign]
+        await api.probe()
+        self.assertEqual(seen, [[b"identity"]])
+
+    async def test_gzip_answer_refused(self) -> None:
+        """
+        An answer in gzip although identity was asked for is never inflated
+        (no bound on the inflated size): a network error, 451 4.4.1, not a
+        250 for the id inside it.  Its body is read (raw) and dropped, so
+        the connection is kept.
+        """
+        resource = GzipAnswer()
+        api = await self.serve(resource)
+        with self.assertRaises(APIError) as caught:
+            await api.send_email(FULL, email())
+        self.assertEqual(caught.exception.reply, API_NO_ANSWER)
+        self.assertEqual(resource.accepted, [[b"identity"]])
+        with self.assertRaises(APIError):
+            await api.send_email(FULL, email())
+        self.assertEqual(self.site.connections, 1)
+
+    async def test_gzip_bomb_not_inflated(self) -> None:
+        """A gzip answer that would inflate to 64 MiB fails without being inflated."""
+        api = await self.serve(GzipAnswer(padding=64 * 1024 * 1024))
+        with self.assertRaises(APIError) as caught:
+            await api.send_email(FULL, email())
+        self.assertEqual(caught.exception.reply, API_NO_ANSWER)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_answer_too_large(self) -> None:
+        """An answer over 1 MiB is 451 4.4.1; its connection is closed, not reused, and nothing is left logged."""
+        api = await self.serve(BigAnswer(2 * 1024 * 1024))
+        for _ in range(2):
+            with self.assertRaises(APIError) as caught:
+                await api.send_email(FULL, email())
+            self.assertEqual(caught.exception.reply, API_NO_ANSWER)
+        self.assertEqual(self.site.connections, 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def test_refused(self) -> None:
         """A port nobody listens on is 451 4.4.1 (a network error)."""

@@ -22,6 +22,13 @@ what this module does instead:
  - Headers: a dict becomes a new C{Headers} per request: L{APITransport}
    keeps one C{Headers} per API key and copies it.
 
+Answers come as they are: treq's C{HTTPClient} asks for gzip and inflates
+it with no bound (a 64 KiB read can become 64 MiB before the L{MAX_ANSWER}
+check sees a byte of it), so the agent under treq's wrappers
+(L{IdentityAgent}) asks for C{Accept-Encoding: identity} instead and fails
+an answer that comes in a content coding anyway, before treq's decoder
+sees it.
+
 Requests never follow redirects (C{allow_redirects=False}), are never
 retried by the pool (C{retryAutomatically = False}: retrying is the
 relay's decision, with one idempotency key per message), and read at most
@@ -53,7 +60,7 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from .._version import __version__
@@ -66,8 +73,10 @@ __all__ = [
     "APIEndpoints",
     "APITransport",
     "AnswerTooLarge",
+    "IdentityAgent",
     "NoCookies",
     "PreparedURL",
+    "UnexpectedContentCoding",
     "make_http_client",
     "read_body",
     "to_body_producer",
@@ -204,8 +213,71 @@ def make_http_client(
     pool.retryAutomatically = False
     endpoints = APIEndpoints(reactor, connect_timeout)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)  # type: ignore[no-untyped-call]  # (untyped in Twisted)
-    client = HTTPClient(agent, cookiejar=NoCookies(), data_to_body_producer=to_body_producer)
+    client = HTTPClient(
+        IdentityAgent(agent), cookiejar=NoCookies(), data_to_body_producer=to_body_producer
+    )
     return client, pool
+
+
+class UnexpectedContentCoding(ResponseFailed):
+    """
+    An answer came in a content coding (gzip, ...) although the request
+    asked for C{identity}: a C{ResponseFailed}, so a network error for the
+    relay.  The text names no header value.
+    """
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "answer in a content coding that was not accepted")
+        self.reasons: list[Failure] = []
+        self.response = None
+
+
+def _identity_only(response: IResponse) -> Union[IResponse, "Deferred[IResponse]"]:
+    """
+    C{response} itself if it has no content coding; else a failure
+    (L{UnexpectedContentCoding}) once its body is read (at most
+    L{MAX_ANSWER} raw bytes) and dropped, so that its connection ends
+    clean (back to the pool if the answer was whole).
+    """
+    codings = response.headers.getRawHeaders(b"content-encoding")
+    if not codings or all(
+        coding.strip().lower() in (b"", b"identity") for value in codings for coding in value.split(b",")
+    ):
+        return response
+
+    def refuse(_: bytes) -> IResponse:
+        raise UnexpectedContentCoding()
+
+    return read_body(response).addCallback(refuse)
+
+
+@implementer(IAgent)
+class IdentityAgent:
+    """
+    An agent, under treq's own wrappers, that asks for answers without a
+    content coding (C{Accept-Encoding: identity}, in place of the C{gzip}
+    that treq's C{ContentDecoderAgent} adds) and fails an answer that
+    comes in one anyway (L{UnexpectedContentCoding}) before treq's decoder
+    can inflate it: that decoder has no bound on the inflated size, which
+    the relay's L{MAX_ANSWER} limit only meets after it.  Such an answer's
+    body is read raw (within L{MAX_ANSWER}) and dropped.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self._agent = agent
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Optional[Headers] = None,
+        bodyProducer: Optional[IBodyProducer] = None,
+    ) -> "Deferred[IResponse]":
+        """Make the request through the wrapped agent, asking for identity."""
+        headers = Headers() if headers is None else headers.copy()
+        headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
+        d = self._agent.request(method, uri, headers, bodyProducer)
+        return d.addCallback(_identity_only)
 
 
 class AnswerTooLarge(ResponseFailed):
@@ -240,7 +312,7 @@ class _BodyReader(Protocol):
 
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            self.transport.stopProducing()  # type: ignore[attr-defined]  # (an IPushProducer here)
 
     def dataReceived(self, data: bytes) -> None:
         if self.finished is None:
