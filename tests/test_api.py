@@ -28,7 +28,6 @@ from treq.testing import StringStubbingResource, StubTreq
 
 from poststack_relay._version import __version__
 from poststack_relay.api import (
-    QUOTA_CODES,
     STREAM_MIN_CONTENT,
     USER_AGENT,
     APIError,
@@ -37,7 +36,6 @@ from poststack_relay.api import (
     HTTPEmailAPI,
     body_bytes,
     json_body,
-    reply_for_status,
 )
 from poststack_relay.idempotency import IDEMPOTENCY_CLIENT, IDEMPOTENCY_RANDOM, random_idempotency_key
 from poststack_relay.replies import (
@@ -45,7 +43,9 @@ from poststack_relay.replies import (
     API_NO_ANSWER,
     API_SERVICE_KEY_REJECTED,
     API_TIMEOUT,
+    QUOTA_CODES,
     Reply,
+    reply_for_status,
 )
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,
@@ -1107,7 +1107,7 @@ class ExportsTests(SynchronousTestCase):
 
     def test_names(self) -> None:
         """The package exports exactly these names, the same objects as their homes."""
-        from poststack_relay import api, interfaces, replies
+        from poststack_relay import api, interfaces
         from poststack_relay.api import body, breaker, client, errors, retry, slots, transport
 
         self.assertEqual(
@@ -1117,16 +1117,15 @@ class ExportsTests(SynchronousTestCase):
                     "APIEndpoints", "APIError", "APIUnavailable", "Answer", "BodyProducer",
                     "CircuitBreaker", "DEFAULT_BACKOFF_BASE", "DEFAULT_BACKOFF_CAP",
                     "DEFAULT_MAX_ATTEMPTS", "HTTPEmailAPI", "IEmailAPI", "MAX_ANSWER",
-                    "NETWORK_ERRORS", "PreparedURL", "QUOTA_CODES", "RequestSlots", "RetryPolicy",
+                    "NETWORK_ERRORS", "PreparedURL", "RequestSlots", "RetryPolicy",
                     "STREAM_MIN_CONTENT", "USER_AGENT", "body_bytes", "json_body",
-                    "make_http_client", "parse_retry_after", "reply_for_status",
+                    "make_http_client", "parse_retry_after",
                 ]
             ),
         )
         for name in api.__all__:
             self.assertTrue(hasattr(api, name), name)
         self.assertIs(api.IEmailAPI, interfaces.IEmailAPI)
-        self.assertIs(api.reply_for_status, replies.reply_for_status)
         self.assertIs(api.HTTPEmailAPI, client.HTTPEmailAPI)
         self.assertIs(api.APIError, errors.APIError)
         self.assertIs(api.CircuitBreaker, breaker.CircuitBreaker)

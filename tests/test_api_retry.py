@@ -30,7 +30,6 @@ from poststack_relay.api import (
     HTTPEmailAPI,
     RequestSlots,
     parse_retry_after,
-    reply_for_status,
 )
 from poststack_relay.api.slots import NoSlot
 from poststack_relay.replies import (
@@ -40,6 +39,7 @@ from poststack_relay.replies import (
     API_NO_ANSWER,
     API_TIMEOUT,
     Reply,
+    reply_for_status,
 )
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,

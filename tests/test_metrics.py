@@ -672,7 +672,7 @@ class LoopbackTests(TestCase):
         from twisted.web.client import Agent, HTTPConnectionPool
         import treq.client
 
-        from poststack_relay.sandbox.resource import makeSandboxService
+        from poststack_relay.sandbox import makeSandboxService
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)

@@ -1453,17 +1453,6 @@ class PublicNamesTests(SynchronousTestCase):
         for name in sandbox.__all__:
             self.assertIsNotNone(getattr(sandbox, name))
 
-    def test_old_module_path(self) -> None:
-        """
-        C{poststack_relay.sandbox.resource} still gives the names importers
-        took from it before the split, the very same objects.
-        """
-        import poststack_relay.sandbox as sandbox
-        from poststack_relay.sandbox import resource
-
-        for name in resource.__all__:
-            self.assertIs(getattr(resource, name), getattr(sandbox, name))
-
 
 class FaultPartsTests(SynchronousTestCase):
     """

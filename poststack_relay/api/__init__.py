@@ -29,7 +29,6 @@ an exception, a reply or a log event.
 """
 
 from ..interfaces import IEmailAPI
-from ..replies import QUOTA_CODES, reply_for_status
 from .answers import Answer
 from .body import STREAM_MIN_CONTENT, BodyProducer, body_bytes, json_body
 from .breaker import CircuitBreaker
@@ -51,7 +50,6 @@ __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
     "MAX_ANSWER",
     "NETWORK_ERRORS",
-    "QUOTA_CODES",
     "STREAM_MIN_CONTENT",
     "USER_AGENT",
     "APIEndpoints",
@@ -69,5 +67,4 @@ __all__ = [
     "json_body",
     "make_http_client",
     "parse_retry_after",
-    "reply_for_status",
 ]

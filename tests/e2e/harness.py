@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from poststack_relay import RelayConfig, makeRelayService
-from poststack_relay.sandbox.resource import makeSandboxService
+from poststack_relay.sandbox import makeSandboxService
 from poststack_relay.testing import write_certificate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
