@@ -15,8 +15,21 @@ import random
 from email.utils import formatdate
 from typing import Any, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -32,6 +45,7 @@ from poststack_relay.api import (
     parse_retry_after,
 )
 from poststack_relay.api.slots import NoSlot
+from poststack_relay.api.transport import to_body_producer
 from poststack_relay.replies import (
     API_BAD_ANSWER,
     API_BUSY,
@@ -284,6 +298,73 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
         self.clock.advance(TIMEOUT)
         self.failureResultOf(d, APIUnavailable)
         self.assertEqual(len(self.recorder.seen), 1)
+
+
+@implementer(IAgent)
+class FailingFirst:
+    """An agent whose first requests fail with C{errors}, one each; the next go to C{agent}."""
+
+    def __init__(self, errors: list[Exception], agent: IAgent) -> None:
+        self.errors = errors
+        self.agent = agent
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Optional[Headers] = None,
+        bodyProducer: Optional[IBodyProducer] = None,
+    ) -> "Deferred[IResponse]":
+        if self.errors:
+            return fail(self.errors.pop(0))
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+
+class NetworkErrorTests(RetryMixin, SynchronousTestCase):
+    """
+    Each way Twisted's HTTP client (under treq) says the network or the
+    server let a request down is a network error: retried with the same
+    key, 451 4.4.1 on the last attempt; never the client's own error.
+    """
+
+    ERRORS = [
+        RequestNotSent(),
+        RequestTransmissionFailed([Failure(neterror.ConnectionLost())]),
+        ResponseNeverReceived([Failure(neterror.ConnectionDone())]),
+        ResponseFailed([Failure(neterror.ConnectionLost())]),
+        neterror.ConnectionRefusedError(),
+        neterror.DNSLookupError("api.example"),
+        neterror.TCPTimedOutError(),
+        neterror.TimeoutError(),
+        neterror.ConnectionLost(),
+    ]
+
+    def failing_api(self, errors: list[Exception], **options: Any) -> HTTPEmailAPI:
+        traversal = RequestTraversalAgent(self.recorder)
+        self.stub = traversal  # type: ignore[assignment]  # settle() flushes it
+        client = HTTPClient(FailingFirst(errors, traversal), data_to_body_producer=to_body_producer)
+        options.setdefault("deadline", DEADLINE)
+        return HTTPEmailAPI(client, BASE, TIMEOUT, SERVICE, clock=self.clock, rng=self.rng, **options)
+
+    def test_retried(self) -> None:
+        """One failure, then the retry stores the email and its id is the answer."""
+        for error in self.ERRORS:
+            self.setUp()
+            api = self.failing_api([error])
+            d = api.send_email(FULL, email())
+            self.settle(d)
+            [stored] = self.store.emails()
+            self.assertEqual(self.successResultOf(d), stored.id, error)
+
+    def test_last_attempt(self) -> None:
+        """A failure on the only attempt is 451 4.4.1 (no answer)."""
+        for error in self.ERRORS:
+            self.setUp()
+            api = self.failing_api([error], max_attempts=1)
+            d = api.send_email(FULL, email())
+            self.settle(d)
+            self.assertEqual(self.reply_of(d), API_NO_ANSWER, error)
+            self.assertEqual(self.store.emails(), [])
 
 
 class NotRetriedTests(RetryMixin, SynchronousTestCase):

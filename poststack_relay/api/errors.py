@@ -15,6 +15,7 @@ from typing import Optional
 
 import attrs
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError, TimeoutError
+from twisted.web.client import RequestNotSent  # type: ignore[attr-defined]  # (imported there, left out of its __all__)
 from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseFailed,
@@ -33,12 +34,14 @@ NETWORK_ERRORS = (
     ResponseFailed,
     ResponseNeverReceived,
     RequestTransmissionFailed,
+    RequestNotSent,
     OSError,
 )
 """What an attempt fails with when the network (or the server) let it
-down: a connection not made, reset, or cut short; an answer malformed or
-too large (a L{ResponseFailed}).  Anything else is the client's own
-("client" errors: the relay's bug, not the API's)."""
+down: a connection not made, reset, or cut short (before the request was
+sent, too: a pooled connection no longer fit to send, L{RequestNotSent});
+an answer malformed or too large (a L{ResponseFailed}).  Anything else is
+the client's own ("client" errors: the relay's bug, not the API's)."""
 
 
 class APIUnavailable(Exception):
