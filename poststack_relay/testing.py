@@ -105,7 +105,14 @@ class MemoryEmailAPI:
         with the L{APIError} a C{503} answer gives; with
         C{refuse_unknown_keys}, with the one a C{401} gives for a key not in
         C{api_keys}. Nothing is recorded when it fails.
+
+        @raise ValueError: (at once, as the real client) C{request}'s
+            idempotency key is not decided: none, or another one in its
+            payload (L{poststack_relay.idempotency.keyed} decides it).
         """
+        key = request.idempotency_key
+        if key is None or request.payload.get("idempotency_key") != key:
+            raise ValueError("send_email needs a request whose idempotency key is decided")
         if self.next_error is not None:
             error, self.next_error = self.next_error, None
             return fail(error)

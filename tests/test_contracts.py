@@ -100,6 +100,7 @@ class EmailAPIContractMixin:
     assertIsInstance: Callable[..., None]
     assertNotEqual: Callable[..., None]
     assertNotIn: Callable[..., None]
+    assertRaises: Callable[..., Any]
     assertTrue: Callable[..., None]
     successResultOf: Callable[..., Any]
     failureResultOf: Callable[..., Any]
@@ -206,6 +207,20 @@ class EmailAPIContractMixin:
         self.assertEqual(
             [payload["subject"] for _, payload in subject.accepted()], ["One", "Two"]
         )
+
+    def test_send_needs_decided_key(self) -> None:
+        """
+        A request whose idempotency key is not decided (none, or another one
+        in its payload) is refused at once with ValueError: the caller's
+        bug, never a send.
+        """
+        subject = self.make_subject()
+        keyless = attrs.evolve(_request(), idempotency_key=None)
+        other = attrs.evolve(_request(), idempotency_key="contract-other")
+        for request in (keyless, other):
+            with self.assertRaises(ValueError):
+                subject.api.send_email(FULL, request)
+        self.assertEqual(subject.accepted(), [])
 
     def assert_refused(self, error: APIError, permanent: bool) -> Reply:
         """
