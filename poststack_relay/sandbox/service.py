@@ -137,7 +137,7 @@ def makeSandboxService(
     endpoint: IStreamServerEndpoint
     # Twisted's TCP endpoint classes are unannotated.
     if ":" in interface:
-        endpoint = TCP6ServerEndpoint(reactor, port_number, interface=interface)  # type: ignore[no-untyped-call]
+        endpoint = TCP6ServerEndpoint(reactor, port_number, interface=interface)  # type: ignore[no-untyped-call]  # Twisted's endpoints are unannotated
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port_number, interface=interface)  # type: ignore[no-untyped-call]
+        endpoint = TCP4ServerEndpoint(reactor, port_number, interface=interface)  # type: ignore[no-untyped-call]  # Twisted's endpoints are unannotated
     return SandboxService(endpoint, resource, store)
