@@ -3,8 +3,10 @@
 The SMTP side: an ESMTP submission server that only relays for
 authenticated users, one transaction at a time, with exact replies.
 
-Twisted's C{ESMTP} is not used for the protocol, because it (see
-docs/design.md):
+L{RelayFactory} is a C{twisted.mail.smtp.SMTPFactory} (it holds the cred
+portal), but L{RelaySMTP} is a plain C{Protocol}, not Twisted's C{ESMTP}:
+it used to subclass it and replaced every part of it, because C{ESMTP}
+(see docs/design.md):
 
   - builds one message object per recipient and answers C{250 Delivery in
     progress} or C{550} by itself, where the relay needs one API call per
@@ -33,10 +35,10 @@ In the message content a bare LF is normalised to CRLF; a lone CR is
 data.  Neither ever ends DATA (see docs/design.md, "SMTP smuggling").
 """
 
+from ..addresses import path_problem
 from .data import DATA_HOLD_LIMIT, DataScanner
 from .envelope import parse_path
 from .factory import REFUSAL_LINGER, RefusalProtocol, RelayFactory
-from ..addresses import path_problem
 from .protocol import CLOSE_LINGER, MAX_AUTH_LINE, MAX_COMMAND_LINE, MAX_PENDING_INPUT, RelaySMTP
 from .session import Session
 
