@@ -579,6 +579,16 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor.advance(60)
         self.assertEqual(len(self.reactor.of(0)), 3)  # no respawn loop
 
+    def test_both_never_ready(self) -> None:
+        """Workers that all keep dying before they are ready stop the relay once."""
+        supervisor = self.supervisor()
+        supervisor.startService()
+        for _ in range(3):
+            self.end(0, ProcessTerminated(exitCode=1))
+            self.end(1, ProcessTerminated(exitCode=1))
+            self.reactor.advance(30)
+        self.assertEqual((self.stops, supervisor.exit_status, len(self.named("workers_failed"))), ([True], 1, 2))
+
     def test_ready_resets_the_count(self) -> None:
         """Failures before ready count only in a row: a worker that got ready once starts counting again."""
         supervisor = self.supervisor()

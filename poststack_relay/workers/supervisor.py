@@ -362,8 +362,9 @@ class Supervisor(ProcessMonitor):
             restart.cancel()
             _log.critical("worker {worker} (pid {pid}) exited with {status} before it was ready, {failures} times "
                           "in a row: stopping the relay", failures=failures, event="workers_failed", **fields)
-            self.exit_status = 1
-            self.stop_relay()
+            if not self.exit_status:  # once: another worker may fail before the reactor stops
+                self.exit_status = 1
+                self.stop_relay()
             return
         restart_in = round(max(0.0, restart.getTime() - self.clock.seconds()), 3)
         if failures >= MAX_START_FAILURES and index not in self.degraded:
@@ -380,9 +381,11 @@ class Supervisor(ProcessMonitor):
 
     def _signal(self, index: int, name: str) -> bool:
         protocol = self.protocols.get(str(index))
+        if protocol is None or protocol.transport is None:
+            return False
         try:
-            protocol.transport.signalProcess(name)  # type: ignore[union-attr]  # None: caught below
-        except (AttributeError, ProcessExitedAlready, OSError):
+            protocol.transport.signalProcess(name)
+        except (ProcessExitedAlready, OSError):
             return False
         return True
 
