@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from typing import IO, Any, Callable, Mapping, MutableMapping, Optional, cast
 
 from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import ILogObserver, LogEvent, eventAsText, formatEvent, formatTime, timeFormatRFC3339
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -361,7 +362,7 @@ def _rotate_on_sigusr1(logFile: LogFile) -> None:
     def rotate(signum: int, frame: Any) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(logFile.rotate)  # type: ignore[attr-defined]
+        cast(IReactorFromThreads, reactor).callFromThread(logFile.rotate)
 
     try:
         if not signal.getsignal(signal.SIGUSR1):

@@ -8,7 +8,11 @@ A lazy pointer, nothing more: the relay's modules are imported only when a
 description with this prefix is parsed (L{poststack_relay.endpoints}).
 """
 
-from twisted.internet.interfaces import IStreamServerEndpointStringParser
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
+)
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -17,10 +21,15 @@ from zope.interface import implementer
 class _ImplicitTLSParser:
     prefix = "implicittls"
 
-    def parseStreamServer(self, reactor, *args, **kwargs):  # type: ignore[no-untyped-def]  # Twisted's own signature
+    def parseStreamServer(
+        self, reactor: IReactorCore, *args: object, **kwargs: object
+    ) -> IStreamServerEndpoint:
         from poststack_relay.endpoints import parse_implicit_tls
 
-        return parse_implicit_tls(reactor, *args, **kwargs)
+        # serverFromString passes strings.
+        return parse_implicit_tls(
+            reactor, *(str(a) for a in args), **{k: str(v) for k, v in kwargs.items()}
+        )
 
 
 implicitTLSEndpoint = _ImplicitTLSParser()
