@@ -21,6 +21,7 @@ from twisted.internet.endpoints import HostnameEndpoint, SSL4ServerEndpoint, TCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
@@ -49,7 +50,7 @@ from poststack_relay.replies import API_NO_ANSWER, API_TIMEOUT
 from poststack_relay.sandbox import IN_TREE_DATA_PATH, SandboxResource, SandboxStore, load_sandbox_data
 from poststack_relay.testing import write_certificate
 from poststack_relay.tls import load_certificate_options
-from tests.test_api import FULL, SERVICE, UNKNOWN, attachment_email, email
+from tests.test_api import FULL, SERVICE, UNKNOWN, _scan, attachment_email, email
 
 
 class PreparedURLTests(SynchronousTestCase):
@@ -356,8 +357,9 @@ class LoopbackTests(TestCase):
         self.addCleanup(self.pool.closeCachedConnections)
         options.setdefault("max_attempts", 1)
         timeout = options.pop("timeout", 5.0)
+        service_key = options.pop("service_key", SERVICE)
         return HTTPEmailAPI(
-            client, f"http://127.0.0.1:{port.getHost().port}", timeout, SERVICE, clock=reactor, **options
+            client, f"http://127.0.0.1:{port.getHost().port}", timeout, service_key, clock=reactor, **options
         )
 
     async def wait_for(self, condition: Any) -> None:
@@ -446,7 +448,10 @@ class LoopbackTests(TestCase):
         client, pool = make_http_client(reactor, connect_timeout=5)
         self.addCleanup(pool.closeCachedConnections)
         options.setdefault("max_attempts", 1)
-        return HTTPEmailAPI(client, f"http://127.0.0.1:{port.getHost().port}", 5.0, clock=reactor, **options)
+        service_key = options.pop("service_key", None)
+        return HTTPEmailAPI(
+            client, f"http://127.0.0.1:{port.getHost().port}", 5.0, service_key, clock=reactor, **options
+        )
 
     async def test_asks_for_identity(self) -> None:
         """Requests ask for answers without a content coding (treq would ask for gzip)."""
@@ -497,6 +502,47 @@ class LoopbackTests(TestCase):
             self.assertEqual(caught.exception.reply, API_NO_ANSWER)
         self.assertEqual(self.site.connections, 2)
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_no_secret_over_the_wire(self) -> None:
+        """
+        Over real connections (Twisted's own errors: resets, time-outs,
+        malformed and oversized answers, a refused connection), no log
+        event, failure or exception holds the API key, the service key or
+        a mailbox password.
+        """
+        secret, password = "sk_test_secret_5f0e2b7d9c41", "pw-secret-0c3a9e"
+        events: list[dict[str, Any]] = []
+        errors: list[BaseException] = []
+
+        async def keep(d: "Any") -> None:
+            try:
+                await d
+            except Exception as e:
+                errors.append(e)
+
+        with capturedLogs() as captured:
+            api = await self.start(service_key=secret, timeout=0.3)
+            for mode in ("reset", "hang", "malformed", "503", "accept_then_500"):
+                self.sandbox.inject_fault(mode)
+                await keep(api.send_email(secret, email()))
+                self.sandbox.inject_fault(mode, path="/mailboxes/authenticate")
+                await keep(api.authenticate_mailbox("alice@yourdomain.com", password))
+                self.sandbox.inject_fault(mode, path="/emails", method="GET")
+                await keep(api.check_api_key(secret))
+            big = await self.serve(BigAnswer(2 * 1024 * 1024), service_key=secret)
+            await keep(big.send_email(secret, email()))
+            await keep(big.authenticate_mailbox("alice@yourdomain.com", password))
+            gzipped = await self.serve(GzipAnswer(), service_key=secret)
+            await keep(gzipped.send_email(secret, email()))
+            await self.wait_for(lambda: self.sandbox.pending == 0)
+            events.extend(captured)
+        self.assertGreater(len(errors), 15)
+        self.assertTrue(any(e.get("event") == "api_network_error" for e in events))
+        self.assertTrue(any(e.get("event") == "api_timeout" for e in events))
+        for item in [*events, *errors]:
+            shown = _scan(item) + (" " + (formatEvent(item) or "") if isinstance(item, dict) else "")
+            self.assertNotIn(secret, shown)
+            self.assertNotIn(password, shown)
 
     async def test_refused(self) -> None:
         """A port nobody listens on is 451 4.4.1 (a network error)."""
