@@ -820,6 +820,44 @@ def _scan(value: Any) -> str:
     return repr(value) + " " + str(value)
 
 
+class DeeplyNested(Resource):
+    """Answers 202 with JSON nested deeper than Python's parser can go."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[Optional[list[bytes]]] = []
+
+    def render(self, request: Request) -> bytes:
+        self.keys.append(request.requestHeaders.getRawHeaders(b"idempotency-key"))
+        request.setResponseCode(202)
+        return b"[" * 100_000 + b"]" * 100_000
+
+
+class MalformedAnswerTests(SandboxMixin, SynchronousTestCase):
+    """
+    Content that is not usable JSON is an answer without a body, whatever
+    breaks the parser.
+    """
+
+    def test_nested_too_deep(self) -> None:
+        """
+        A 2xx nested deeper than the JSON parser goes (RecursionError) is a
+        2xx without an email id, retried with the same key, then 451 4.3.0
+        with the bad-answer hint; not the relay's own unexpected error.
+        """
+        self.make_sandbox()
+        nested = DeeplyNested()
+        api = self.make_api(nested, max_attempts=2)
+        d = api.send_email(FULL, email(idempotency_key="k-nested"))
+        self.clock.advance(60)
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(nested.keys, [[b"k-nested"], [b"k-nested"]])
+        self.assertEqual(error.status, 202)
+        self.assertTrue(error.reply.text.startswith(API_BAD_ANSWER.text), error.reply)
+
+
 class SecretsTests(SandboxMixin, SynchronousTestCase):
     """
     No key (and no mailbox password) in an exception or a log event.

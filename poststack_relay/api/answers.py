@@ -45,7 +45,9 @@ _log = Logger(namespace=__package__)  # every API event: "poststack_relay.api"
 def _decode_json(data: bytes) -> Any:
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nested too deep (a few kB of "[" do it); not
+        # JSON the relay can use, like any other malformed content.
         return None
 
 
