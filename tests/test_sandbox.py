@@ -553,6 +553,10 @@ class ValidationTests(_SandboxCase):
         """NaN is not JSON."""
         self.assertRejected(b'{"x": NaN}', "valid JSON")
 
+    def test_nested_too_deep(self) -> None:
+        """JSON nested deeper than the parser goes is 400, not a 500."""
+        self.assertRejected(b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "valid JSON")
+
     def test_not_object(self) -> None:
         """A JSON array is 400."""
         self.assertRejected([_email()], "JSON object")

@@ -213,7 +213,7 @@ def json_object(body: bytes | None, body_size: int, limit: int) -> dict[str, Any
         )
     try:
         document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         raise invalid("Request body must be valid JSON") from None
     if not isinstance(document, dict):
         raise invalid("Request body must be a JSON object")
