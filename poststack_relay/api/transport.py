@@ -54,6 +54,7 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    URI,
     ResponseDone,
     ResponseFailed,
 )
@@ -64,6 +65,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from .._version import __version__
+from ..interfaces import IRelayReactor
 from .answers import Answer
 from .body import Body, BodyProducer
 
@@ -107,13 +109,13 @@ class APIEndpoints:
     @param connect_timeout: seconds a new connection may take.
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: IRelayReactor, connect_timeout: float) -> None:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._policy = BrowserLikePolicyForHTTPS()  # type: ignore[no-untyped-call]  # (untyped in Twisted)
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         """The endpoint for C{uri} (an agent's parsed C{URI})."""
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
@@ -189,7 +191,7 @@ def to_body_producer(data: Union[bytes, IBodyProducer]) -> IBodyProducer:
 
 
 def make_http_client(
-    reactor: Any,
+    reactor: IRelayReactor,
     connect_timeout: float = 10.0,
     max_per_host: int = DEFAULT_MAX_PER_HOST,
     idle_timeout: int = DEFAULT_IDLE_TIMEOUT,
@@ -200,8 +202,9 @@ def make_http_client(
     retries a request by itself.  Close the pool
     (C{closeCachedConnections()}) when the relay stops.
 
-    @param reactor: provides C{IReactorTCP}, C{IReactorTime} (and
-        C{IReactorPluggableNameResolver} for a host name).
+    @param reactor: the relay's reactor (L{IRelayReactor}); the client uses
+        its C{IReactorTCP}, C{IReactorTime} and
+        C{IReactorPluggableNameResolver} (for a host name).
     @param connect_timeout: seconds a new connection may take.
     @param max_per_host: idle connections kept per host.
     @param idle_timeout: seconds an idle connection is kept.
