@@ -2,7 +2,9 @@
 The shape of the package, pinned (docs/design.md, "Shape"): no import
 cycles between the relay's modules (imports inside functions count: a lazy
 import is a cycle postponed, not removed), no product module over 700
-lines and no class over 300, and interfaces only in C{interfaces.py}.
+lines and no class over 300, and interfaces only in C{interfaces.py}; and
+in the tests, no test module importing from another test module: shared
+helpers live in C{tests/common/}.
 
 These read the source with C{ast}; nothing is imported or run.
 """
@@ -19,6 +21,9 @@ from twisted.trial.unittest import SynchronousTestCase
 PACKAGE = "poststack_relay"
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = ROOT / PACKAGE
+TESTS_DIR = ROOT / "tests"
+#: The one package the tests share helpers through.
+SHARED_HELPERS = "tests.common"
 
 #: The bounds the issue set: a newcomer changing one job reads one module.
 MAX_MODULE_LINES = 700
@@ -145,6 +150,81 @@ class CycleFinderTests(SynchronousTestCase):
         self.addCleanup(os.remove, path)
         edges = imports_of(f"{PACKAGE}.a", path, {f"{PACKAGE}.a", f"{PACKAGE}.b"})
         self.assertEqual(edges, {f"{PACKAGE}.b"})
+
+
+def imports_of_test_modules(path: Path) -> set[str]:
+    """
+    The modules of C{tests} that the file at C{path} (a module of C{tests})
+    imports from, anywhere in its body, other than the shared helpers of
+    C{tests.common}.
+    """
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    is_package = parts[-1] == "__init__"
+    if is_package:
+        parts.pop()
+    module = ".".join(parts)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve(module, is_package, node)
+            # "from tests.e2e import test_x" imports the module tests.e2e.test_x.
+            is_dir = (ROOT / source.replace(".", os.sep)).is_dir()
+            names = [f"{source}.{alias.name}" for alias in node.names] if is_dir else [source]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] != "tests":
+                continue
+            if name == SHARED_HELPERS or name.startswith(SHARED_HELPERS + "."):
+                continue
+            found.add(name)
+    return found
+
+
+class HelperImportCheckTests(SynchronousTestCase):
+    """The helper-import check itself sees imports of test modules (so its silence means something)."""
+
+    def probe(self, source: str, name: str = "_import_probe.py") -> set[str]:
+        path = TESTS_DIR / "e2e" / name
+        path.write_text(source, encoding="utf-8")
+        self.addCleanup(os.remove, path)
+        return imports_of_test_modules(path)
+
+    def test_finds_imports_of_test_modules(self) -> None:
+        """Absolute, relative, package-level and lazy imports of a test module are all found."""
+        source = (
+            "from tests.test_api import email\n"
+            "import tests.e2e.test_e2e_smtp\n"
+            "from tests import test_tls_scan\n"
+            "from . import test_e2e_faults\n"
+            "from ..interop.test_postfix import x\n"
+            "def f():\n"
+            "    from tests.smtp_harness import Harness\n"
+        )
+        self.assertEqual(
+            self.probe(source),
+            {
+                "tests.test_api",
+                "tests.e2e.test_e2e_smtp",
+                "tests.test_tls_scan",
+                "tests.e2e.test_e2e_faults",
+                "tests.interop.test_postfix",
+                "tests.smtp_harness",
+            },
+        )
+
+    def test_shared_helpers_allowed(self) -> None:
+        """Imports from tests.common, the product and the standard library are not reported."""
+        source = (
+            "import os\n"
+            "from poststack_relay.testing import MemoryEmailAPI\n"
+            "from tests.common.processes import free_port\n"
+            "from ..common import keys\n"
+            "import tests.common.relay\n"
+        )
+        self.assertEqual(self.probe(source), set())
 
 
 class ShapeTests(SynchronousTestCase):

@@ -34,8 +34,8 @@ from poststack_relay.service import RelayService
 from poststack_relay.smtp import RelayFactory
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.implicittls import ImplicitTLSFactory
-from tests.test_commands import free_port
-from tests.test_systemd import _pending, _receiver
+from tests.common.processes import free_port
+from tests.common.systemd import notify_receiver, pending_datagrams
 
 MAIN = ListenerConfig(port=587, tls_cert="/main.pem", tls_key="/main.key")
 
@@ -447,7 +447,7 @@ class AssemblyTests(SynchronousTestCase):
         """READY=1 names every listener's address."""
         directory = tempfile.mkdtemp(prefix="poststack-notify-")
         self.addCleanup(shutil.rmtree, directory, True)
-        sock = _receiver(directory)
+        sock = notify_receiver(directory)
         self.addCleanup(sock.close)
         old = os.environ.get("NOTIFY_SOCKET")
         os.environ["NOTIFY_SOCKET"] = sock.getsockname()
@@ -458,7 +458,7 @@ class AssemblyTests(SynchronousTestCase):
         service = self.relay(reactor, "[::1]:2465")
         service.startService()
         self.assertEqual(
-            _pending(sock), [b"READY=1\nSTATUS=listening on 0.0.0.0:2587, [::1]:2465"]  # MemoryReactor's addresses
+            pending_datagrams(sock), [b"READY=1\nSTATUS=listening on 0.0.0.0:2587, [::1]:2465"]  # MemoryReactor's addresses
         )
 
 

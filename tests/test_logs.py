@@ -65,9 +65,8 @@ from poststack_relay.replies import Reply
 from poststack_relay.service import RelayService
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.translate import Envelope
-from tests.e2e.harness import FULL_KEY, MAILBOX, SERVICE_KEY
-from tests.e2e.test_e2e_secrets import forms
-from tests.test_commands import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
+from tests.common.keys import FULL_KEY, MAILBOX, SERVICE_KEY, forms
+from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 
 TIME = re.compile(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 SECRET_KEY = "sk_test_never_logged_0123456789"

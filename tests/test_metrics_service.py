@@ -20,8 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from tests.e2e.harness import FULL_KEY, RelayTestCase
-from tests.test_proxy_protocol import HAPROXY, free_port, start_haproxy, wait_listening
+from tests.common.keys import FULL_KEY
+from tests.common.relay import RelayTestCase
+from tests.common.haproxy import HAPROXY, start_haproxy
+from tests.common.processes import free_port, wait_for_port
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -183,7 +185,7 @@ class UnreachableApiTests(RelayTestCase):
         front = free_port()
         process = start_haproxy(self, directory, HAPROXY_CHECK_CONFIG.format(
             stats=stats, front=front, relay=self.port, metrics=metrics_port))
-        await self.in_thread(wait_listening, front, process)
+        await self.in_thread(wait_for_port, front, process)
         await self.wait_for(lambda: haproxy_status(stats) == "UP")
 
         def send() -> None:

@@ -8,10 +8,7 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
-import shutil
 import struct
-import subprocess
-import time
 from typing import Any
 
 from OpenSSL import SSL
@@ -34,7 +31,10 @@ from poststack_relay.service import RelayService
 from poststack_relay.tap import Options
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.implicittls import ImplicitTLSFactory
-from tests.e2e.harness import FULL_KEY, RelayTestCase
+from tests.common.haproxy import HAPROXY, start_haproxy
+from tests.common.keys import FULL_KEY
+from tests.common.processes import free_port, wait_for_port
+from tests.common.relay import RelayTestCase
 
 V1_HEADER = b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 587\r\n"
 BALANCER = IPv4Address("TCP", "10.0.0.5", 40000)
@@ -344,8 +344,6 @@ class ProxyProtocolEndToEndTests(RelayTestCase):
         self.assertEqual(self.stored(), [])
 
 
-HAPROXY = shutil.which("haproxy")
-
 HAPROXY_CONFIG = """\
 global
     maxconn 100
@@ -360,56 +358,6 @@ frontend smtps
 backend relay
     server relay 127.0.0.1:{relay} {send_proxy}
 """
-
-
-def free_port() -> int:
-    """
-    A loopback port free right now (HAProxy cannot report one it chose).
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], seconds: float = 10.0) -> None:
-    """
-    Wait (bounded) until something accepts on C{port}.
-    """
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"haproxy exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"haproxy not listening on {port} after {seconds}s")
-
-
-def start_haproxy(test: Any, directory: str, config: str) -> "subprocess.Popen[bytes]":
-    """
-    Run Debian's HAProxy in the foreground with C{config} (written into
-    C{directory}); C{test} stops it (by its PID, bounded) in its cleanup.
-    """
-    assert HAPROXY is not None
-    path = os.path.join(directory, "haproxy.cfg")
-    with open(path, "w") as f:
-        f.write(config)
-    process = subprocess.Popen(
-        [HAPROXY, "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-    test.addCleanup(stop)
-    return process
 
 
 class RealHAProxyTests(RelayTestCase):
@@ -437,7 +385,7 @@ class RealHAProxyTests(RelayTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
         def send() -> None:
-            wait_listening(front, process)
+            wait_for_port(front, process, 10.0)
             # From 127.0.0.2, so the relay (which sees HAProxy at 127.0.0.1)
             # can only learn this address from the PROXY header.
             with smtplib.SMTP_SSL(

@@ -39,7 +39,7 @@ from poststack_relay.replies import Reply
 from poststack_relay.service import _PoolService
 from poststack_relay.smtp import CLOSE_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
-from tests.test_commands import DATA, ROOT, TWISTD, free_port, wait_for_port, stop_process
+from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 from tests.smtp_harness import AUTH_OK, BEGIN, KEY, MESSAGE, Connections, RecordingHarness, plain, queued, ready, stuff
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later"

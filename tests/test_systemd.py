@@ -26,41 +26,12 @@ from poststack_relay import ConfigError, RelayConfig, makeRelayService, tap
 from poststack_relay.systemd import SystemdNotifier, socketEndpoint
 from poststack_relay.testing import write_certificate
 from poststack_relay.implicittls import ImplicitTLSFactory
-from tests.test_commands import ROOT, TWISTD, stop_process
+from tests.common.processes import ROOT, TWISTD, stop_process
+from tests.common.systemd import LAUNCHER, notify_receiver, pending_datagrams
 
 ETC = Path(ROOT) / "etc"
 SOCKET_UNIT = ETC / "poststack-relay.socket"
 SOCKET_SERVICE = ETC / "poststack-relay-socket.service"
-
-# Dup the listening socket passed as fd argv[1] to fd 3, describe it the way
-# systemd does, and become twistd (same PID, so LISTEN_PID matches).
-LAUNCHER = """\
-import os, sys
-fd = int(sys.argv[1])
-os.dup2(fd, 3)
-os.close(fd)
-os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="smtps", LISTEN_PID=str(os.getpid()))
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def _receiver(directory: str) -> socket.socket:
-    """A bound datagram socket standing in for systemd's notify socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(os.path.join(directory, "notify"))
-    sock.settimeout(0)
-    return sock
-
-
-def _pending(sock: socket.socket) -> list[bytes]:
-    """The datagrams waiting on C{sock}."""
-    found = []
-    while True:
-        try:
-            found.append(sock.recv(4096))
-        except BlockingIOError:
-            return found
-
 
 class NotifierTests(SynchronousTestCase):
     """
@@ -70,14 +41,14 @@ class NotifierTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="poststack-notify-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.sock = _receiver(self.dir)
+        self.sock = notify_receiver(self.dir)
         self.addCleanup(self.sock.close)
 
     def test_path_socket(self) -> None:
         """A state is sent as one datagram to the path in NOTIFY_SOCKET."""
         notifier = SystemdNotifier({"NOTIFY_SOCKET": self.sock.getsockname()})
         self.assertTrue(notifier.notify("READY=1\nSTATUS=x"))
-        self.assertEqual(_pending(self.sock), [b"READY=1\nSTATUS=x"])
+        self.assertEqual(pending_datagrams(self.sock), [b"READY=1\nSTATUS=x"])
 
     def test_abstract_socket(self) -> None:
         """An @name NOTIFY_SOCKET is an abstract socket."""
@@ -86,12 +57,12 @@ class NotifierTests(SynchronousTestCase):
             sock.bind("\0" + name)
             sock.settimeout(0)
             self.assertTrue(SystemdNotifier({"NOTIFY_SOCKET": "@" + name}).notify("READY=1"))
-            self.assertEqual(_pending(sock), [b"READY=1"])
+            self.assertEqual(pending_datagrams(sock), [b"READY=1"])
 
     def test_no_notify_socket(self) -> None:
         """Without NOTIFY_SOCKET nothing is sent."""
         self.assertFalse(SystemdNotifier({}).notify("READY=1"))
-        self.assertEqual(_pending(self.sock), [])
+        self.assertEqual(pending_datagrams(self.sock), [])
 
     def test_send_failure_is_not_raised(self) -> None:
         """A NOTIFY_SOCKET nobody listens on is reported, not raised."""
@@ -108,7 +79,7 @@ class ReadinessServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="poststack-notify-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.sock = _receiver(self.dir)
+        self.sock = notify_receiver(self.dir)
         self.addCleanup(self.sock.close)
         old = os.environ.get("NOTIFY_SOCKET")
         os.environ["NOTIFY_SOCKET"] = self.sock.getsockname()
@@ -129,14 +100,14 @@ class ReadinessServiceTests(SynchronousTestCase):
         """READY=1 with the bound address after the port fires; STOPPING=1 as stopping begins."""
         reactor = MemoryReactorClock()
         service = makeRelayService(self.config, reactor)
-        self.assertEqual(_pending(self.sock), [])
+        self.assertEqual(pending_datagrams(self.sock), [])
         service.startService()
         host = self.successResultOf(service.port()).getHost()
         self.assertEqual(
-            _pending(self.sock), [f"READY=1\nSTATUS=listening on {host.host}:{host.port}".encode()]
+            pending_datagrams(self.sock), [f"READY=1\nSTATUS=listening on {host.host}:{host.port}".encode()]
         )
         d = service.stopService()
-        self.assertEqual(_pending(self.sock), [b"STOPPING=1\nSTATUS=stopping"])
+        self.assertEqual(pending_datagrams(self.sock), [b"STOPPING=1\nSTATUS=stopping"])
         self.successResultOf(d)
 
     def test_nothing_without_notify_socket(self) -> None:
@@ -145,7 +116,7 @@ class ReadinessServiceTests(SynchronousTestCase):
         service = makeRelayService(self.config, MemoryReactorClock())
         service.startService()
         self.successResultOf(service.stopService())
-        self.assertEqual(_pending(self.sock), [])
+        self.assertEqual(pending_datagrams(self.sock), [])
 
 
 class SocketEndpointTests(SynchronousTestCase):
@@ -196,7 +167,7 @@ class SocketActivationProcessTests(SynchronousTestCase):
         directory = tempfile.mkdtemp(prefix="poststack-activate-")
         self.addCleanup(shutil.rmtree, directory, True)
         cert, key = write_certificate(directory)
-        notify = _receiver(directory)
+        notify = notify_receiver(directory)
         self.addCleanup(notify.close)
         listening = socket.socket(family, socket.SOCK_STREAM)
         self.addCleanup(listening.close)
@@ -228,7 +199,7 @@ class SocketActivationProcessTests(SynchronousTestCase):
         end = time.monotonic() + 30
         while not messages and time.monotonic() < end and proc.poll() is None:
             time.sleep(0.1)
-            messages = _pending(notify)
+            messages = pending_datagrams(notify)
         with open(os.path.join(directory, "relay.log"), "rb") as f:
             output = f.read().decode(errors="replace")
         self.assertEqual(messages, [f"READY=1\nSTATUS=listening on {shown}:{port}".encode()], output)
@@ -241,7 +212,7 @@ class SocketActivationProcessTests(SynchronousTestCase):
 
         proc.send_signal(signal.SIGTERM)
         self.assertEqual(proc.wait(timeout=30), 0)
-        self.assertEqual(_pending(notify), [b"STOPPING=1\nSTATUS=stopping"])
+        self.assertEqual(pending_datagrams(notify), [b"STOPPING=1\nSTATUS=stopping"])
 
 
 class SocketUnitTests(SynchronousTestCase):

@@ -33,9 +33,10 @@ from poststack_relay import RelayConfig, makeRelayService, tap
 from poststack_relay.config import ConfigError
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.tls import ReloadableTLS
-from tests.e2e.harness import FULL_KEY, RelayTestCase
-from tests.test_commands import ROOT, TWISTD, free_port, wait_for_port, stop_process
-from tests.test_tls_scan import _pump, client_context, make_chain
+from tests.common.keys import FULL_KEY
+from tests.common.relay import RelayTestCase
+from tests.common.processes import ROOT, TWISTD, free_port, stop_process, wait_for_port
+from tests.common.tls import client_context, make_chain, pump
 
 
 def install(source_cert: str, source_key: Optional[str], cert: str, key: str) -> None:
@@ -66,7 +67,7 @@ def served(connection: SSL.Connection, version: Optional[int] = None) -> Optiona
     connection.set_accept_state()
     client = SSL.Connection(client_context(version), None)
     client.set_connect_state()
-    client_error, server_error = _pump(client, connection)
+    client_error, server_error = pump(client, connection)
     if client_error is not None or server_error is not None:
         return None
     return client.get_peer_certificate(as_cryptography=True)

@@ -78,8 +78,8 @@ from poststack_relay.workers.supervisor import (
     worker_environment,
 )
 from poststack_relay.workers.worker import accept_fairly
-from tests.test_commands import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
-from tests.test_systemd import LAUNCHER, _pending, _receiver
+from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
+from tests.common.systemd import LAUNCHER, notify_receiver as _receiver, pending_datagrams as _pending
 
 
 def bound_port(fd: int) -> int:

@@ -16,7 +16,8 @@ from typing import Any
 
 from twisted.internet import reactor
 
-from tests.e2e.harness import FULL_KEY, RelayTestCase
+from tests.common.keys import FULL_KEY
+from tests.common.relay import RelayTestCase
 
 # Faults that fail one request and then let the next one through.
 TRANSIENT = [

@@ -13,8 +13,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest
 
-from tests.e2e.harness import FULL_KEY, RelayTestCase
-from tests.e2e.nodeclient import ensure_node_modules, node_available, run_node_script
+from tests.common.keys import FULL_KEY
+from tests.common.relay import RelayTestCase
+from tests.common.node import ensure_node_modules, node_available, run_node_script
 
 
 class NodemailerTests(RelayTestCase):

@@ -27,7 +27,8 @@ from twisted.logger import ILogObserver, LogEvent, eventAsJSON, formatEvent, glo
 from twisted.python.failure import Failure
 from zope.interface import provider
 
-from tests.e2e.harness import FULL_KEY, MAILBOX, SCOPED_KEY, RelayTestCase
+from tests.common.keys import FULL_KEY, MAILBOX, SCOPED_KEY, forms
+from tests.common.relay import RelayTestCase
 
 WRONG_KEY = "sk_live_" + "".join(
     random.SystemRandom().choice(string.ascii_letters + string.digits) for _ in range(30)
@@ -42,25 +43,6 @@ def message(sender: str, tag: str) -> bytes:
     return (
         f"From: {sender}\r\nTo: user@example.com\r\nSubject: {tag}\r\n\r\nbody of {tag}\r\n"
     ).encode()
-
-
-def forms(secret: str, username: str) -> list[str]:
-    """
-    A secret as it might leak: itself, one character longer than the
-    prefix logs may show, and the base64 a client sends for it in AUTH
-    LOGIN and in AUTH PLAIN (with and without an authzid).
-    """
-
-    def b64(raw: str) -> str:
-        return base64.b64encode(raw.encode()).decode()
-
-    return [
-        secret,
-        secret[:11],
-        b64(secret),
-        b64(f"\0{username}\0{secret}"),
-        b64(f"{username}\0{username}\0{secret}"),
-    ]
 
 
 class RecordingSMTP(smtplib.SMTP_SSL):

@@ -16,7 +16,8 @@ from typing import Any
 
 from twisted.internet import reactor
 
-from tests.e2e.harness import FULL_KEY, MAILBOX, SERVICE_KEY, RelayTestCase
+from tests.common.keys import FULL_KEY, MAILBOX, SERVICE_KEY
+from tests.common.relay import RelayTestCase
 
 
 def transaction(client: smtplib.SMTP, sender: str, rcpts: list[str], data: bytes) -> tuple[int, str]:

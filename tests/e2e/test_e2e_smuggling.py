@@ -16,7 +16,8 @@ import socket
 import ssl
 from typing import Any, Callable
 
-from tests.e2e.harness import FULL_KEY, RelayTestCase
+from tests.common.keys import FULL_KEY
+from tests.common.relay import RelayTestCase
 
 FIRST = (
     b"From: you@yourdomain.com\r\n"

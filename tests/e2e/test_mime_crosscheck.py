@@ -49,8 +49,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SkipTest, TestCase
 
 from poststack_relay.translate import translate
-from tests.e2e.nodeclient import ensure_node_modules, node_available, run_node_script
-from tests.test_mime_corpus import EXPECTATIONS, corpus_names, envelope, load, sha256
+from tests.common.node import ensure_node_modules, node_available, run_node_script
+from tests.common.corpus import EXPECTATIONS, corpus_names, envelope, load, sha256
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.e2e.test_nodeclient -*-
 """
-Tests for L{tests.e2e.nodeclient}: the pinned nodemailer scripts, run against
+Tests for L{tests.common.node}: the pinned nodemailer scripts, run against
 a tiny in-process implicit-TLS ESMTP server (Twisted's own C{ESMTP}) on
 127.0.0.1 with a certificate generated here.
 
@@ -44,13 +44,7 @@ from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.e2e.nodeclient import (
-    NODE_DIR,
-    NodeScriptError,
-    ensure_node_modules,
-    node_available,
-    run_node_script,
-)
+from tests.common.node import NODE_DIR, NodeScriptError, ensure_node_modules, node_available, run_node_script
 
 reactor: Any = _global_reactor
 

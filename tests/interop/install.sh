@@ -7,7 +7,7 @@
 # once and only if something is missing. Postfix is installed with debconf's
 # "No configuration", so the package sets up no system MTA on port 25; if a
 # Postfix master runs anyway afterwards it is stopped with `postfix stop`.
-# The interop tests start their own Postfix instances (tests/interop/postfix.py).
+# The interop tests start their own Postfix instances (tests/common/postfix.py).
 #
 # Usage: bash tests/interop/install.sh   (PY=path/to/python overrides .venv/bin/python)
 # Exit status: 0 when everything is there; 1 with a message naming what failed.
@@ -80,7 +80,7 @@ fi
 [ -x "$PY" ] || die "$PY not found: run make venv first"
 PYTHONPATH=. "$PY" - <<'EOF' || die "nodemailer set-up failed (see above)"
 import sys
-from tests.e2e.nodeclient import ensure_node_modules, node_available
+from tests.common.node import ensure_node_modules, node_available
 reason = node_available()
 if reason is not None:
     sys.exit(f"interop install: ERROR: {reason}")

@@ -13,10 +13,7 @@ import time
 from twisted.internet import reactor
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
-from tests.interop.harness import (
-    FULL_KEY,
-    MAILBOX,
-    SERVICE_KEY,
+from tests.common.interop import (
     InteropTestCase,
     ToolTimeout,
     attachment_summary,
@@ -24,6 +21,7 @@ from tests.interop.harness import (
     sha256,
     skip_unless,
 )
+from tests.common.keys import FULL_KEY, MAILBOX, SERVICE_KEY
 
 PDF_BYTES = b"%PDF-1.4\n" + bytes(range(256)) * 4 + b"\n%%EOF\n"
 """A binary attachment: every byte value, so any 8-bit or newline mangling shows."""

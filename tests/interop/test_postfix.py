@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.interop.test_postfix -*-
 """
 Postfix as a smarthost client of the relay: a private Postfix instance
-(L{tests.interop.postfix}) whose C{relayhost} is the relay on loopback,
+(L{tests.common.postfix}) whose C{relayhost} is the relay on loopback,
 with implicit TLS (C{smtp_tls_wrappermode}), a verified certificate and a
 SASL password map holding the API key. Mail is submitted with Postfix's
 C{sendmail}, goes through Postfix's queue and leaves through its C{smtp}
@@ -27,8 +27,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 
 from poststack_relay.testing import write_certificate
-from tests.interop.harness import FULL_KEY, InteropTestCase, ToolResult, in_ci, skip_unless
-from tests.interop.postfix import (
+from tests.common.interop import InteropTestCase, ToolResult, in_ci, skip_unless
+from tests.common.keys import FULL_KEY
+from tests.common.postfix import (
     Delivery,
     PostfixCommands,
     PostfixInstance,
@@ -364,7 +365,7 @@ def fake_runner(answers: dict[str, ToolResult]) -> Any:
 
 class PostfixHelperTests(SynchronousTestCase):
     """
-    The parts of L{tests.interop.postfix} that need no Postfix: log parsing,
+    The parts of L{tests.common.postfix} that need no Postfix: log parsing,
     version checks, the generated configuration.
     """
 

@@ -16,14 +16,8 @@ from email.mime.text import MIMEText
 from email.utils import formataddr, make_msgid
 from typing import Any
 
-from tests.interop.harness import (
-    FULL_KEY,
-    MAILBOX,
-    SERVICE_KEY,
-    InteropTestCase,
-    attachment_summary,
-    sha256,
-)
+from tests.common.interop import InteropTestCase, attachment_summary, sha256
+from tests.common.keys import FULL_KEY, MAILBOX, SERVICE_KEY
 
 PNG_BYTES = (
     b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"

@@ -2,9 +2,9 @@
 //
 // Nothing here is part of PostStack's documented examples: it only reads the
 // test's environment and turns nodemailer's result into ONE line of JSON on
-// stdout, which tests/e2e/nodeclient.py parses.
+// stdout, which tests/common/node.py parses.
 //
-// Environment (set by tests/e2e/nodeclient.py):
+// Environment (set by tests/common/node.py):
 //   SMTP_HOST  host to connect to (required), e.g. 127.0.0.1
 //   SMTP_PORT  port to connect to (required), e.g. 46123
 //   SMTP_CA    path to a PEM file with the server's self-signed certificate

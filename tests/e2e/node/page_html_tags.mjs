@@ -2,7 +2,7 @@
 //
 // Every line that differs from the page carries a "DEVIATION:" comment; all
 // other lines of the transport options and of the sendMail() argument are the
-// page's own. Run by tests/e2e/nodeclient.py; see _harness.mjs for the
+// page's own. Run by tests/common/node.py; see _harness.mjs for the
 // environment and the one-line JSON output.
 //
 // Usage: SMTP_HOST=127.0.0.1 SMTP_PORT=<port> SMTP_CA=<cert.pem> \

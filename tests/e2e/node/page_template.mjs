@@ -3,7 +3,7 @@
 // The page shows only the sendMail() call and reuses the transporter of its
 // first example; that transporter is repeated here. Every line that differs
 // from the page carries a "DEVIATION:" comment. Run by
-// tests/e2e/nodeclient.py; see _harness.mjs for the environment and the
+// tests/common/node.py; see _harness.mjs for the environment and the
 // one-line JSON output.
 //
 // Usage: SMTP_HOST=127.0.0.1 SMTP_PORT=<port> SMTP_CA=<cert.pem> \

@@ -58,7 +58,7 @@ __all__ = [
     "run_node_script",
 ]
 
-NODE_DIR: Path = Path(__file__).resolve().parent / "node"
+NODE_DIR: Path = Path(__file__).resolve().parent.parent / "e2e" / "node"
 """The directory holding C{package.json}, C{package-lock.json} and the scripts."""
 
 MINIMUM_NODE_MAJOR = 20

@@ -20,7 +20,7 @@ to C{maillog_file} through C{postlogd}, without syslog: the tests read
 delivery status lines from it (L{PostfixInstance.deliveries}).
 
 Every command runs as a child process through a runner with a timeout
-(L{tests.interop.harness.run_tool}); waits poll with a bound in time. The
+(L{tests.common.interop.run_tool}); waits poll with a bound in time. The
 instance is stopped with C{postfix -c DIR stop}; if that fails, its master
 (identified by PID and by its C{MAIL_CONFIG}) and its process group are
 killed with SIGKILL, never anything found by name.
@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from tests.interop.harness import ToolResult
+from tests.common.interop import ToolResult
 
 __all__ = [
     "MIN_VERSION",
@@ -86,7 +86,7 @@ SASL_PLUGIN_GLOBS = (
 class RunTool(Protocol):
     """
     What runs the Postfix commands: the shape of
-    L{tests.interop.harness.InteropTestCase.run_tool} (a child process,
+    L{tests.common.interop.InteropTestCase.run_tool} (a child process,
     fed C{stdin}, killed after C{timeout} seconds).
     """
 

@@ -8,52 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
-import sys
-import time
 
 from twisted.trial.unittest import TestCase
 
 from poststack_relay.testing import write_certificate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-DATA = os.path.join(ROOT, "etc", "sandbox.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop_process(proc: "subprocess.Popen[bytes]") -> None:
-    """
-    Stop a process this test started (by its own PID): SIGTERM, then SIGKILL
-    if it has not exited within 20 s.
-    """
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 30.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"port {port} never opened")
+from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 
 
 class ProcessTests(TestCase):

@@ -1,5 +1,5 @@
 """
-End-to-end test harness: the sandbox API over real HTTP with a real SQLite
+The real-HTTP relay harness (L{RelayTestCase}): the sandbox API over real HTTP with a real SQLite
 file, and the relay on a real loopback port with real TLS, in this
 process's reactor.
 """
@@ -19,13 +19,10 @@ from twisted.trial.unittest import TestCase
 from poststack_relay import RelayConfig, makeRelayService
 from poststack_relay.sandbox import makeSandboxService
 from poststack_relay.testing import write_certificate
+from tests.common.keys import SERVICE_KEY
+from tests.common.processes import DATA
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SANDBOX_DATA = os.path.join(ROOT, "etc", "sandbox.json")
-FULL_KEY = "sk_test_full_access"
-SCOPED_KEY = "sk_test_yourdomain_only"
-SERVICE_KEY = "sk_test_relay_service"
-MAILBOX = ("alice@yourdomain.com", "alice-password")
+__all__ = ["RelayTestCase"]
 
 T = TypeVar("T")
 
@@ -48,7 +45,7 @@ class RelayTestCase(TestCase):
         os.makedirs(directory)
         self.cafile, self.keyfile = write_certificate(directory)
         self.sandbox = makeSandboxService(
-            0, "127.0.0.1", os.path.join(directory, "sandbox.sqlite3"), SANDBOX_DATA, reactor
+            0, "127.0.0.1", os.path.join(directory, "sandbox.sqlite3"), DATA, reactor
         )
         self.sandbox.startService()
         self.addCleanup(self.sandbox.stopService)

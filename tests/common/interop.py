@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.interop.test_cli_clients -*-
+# -*- test-case-name: tests.interop.test_cli_clients,tests.interop.test_python_clients -*-
 """
-Interop harness: relay + sandbox on loopback TLS (from L{tests.e2e.harness})
+Interop harness: relay + sandbox on loopback TLS (from L{tests.common.relay})
 plus a way to run real command-line clients against them.
 
 The clients run as child processes started with C{reactor.spawnProcess}:
@@ -43,13 +43,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SkipTest
 
-from tests.e2e.harness import FULL_KEY, MAILBOX, SCOPED_KEY, SERVICE_KEY, RelayTestCase
+from tests.common.relay import RelayTestCase
 
 __all__ = [
-    "FULL_KEY",
-    "MAILBOX",
-    "SCOPED_KEY",
-    "SERVICE_KEY",
     "DEFAULT_TIMEOUT",
     "InteropTestCase",
     "ToolResult",

@@ -1,0 +1,27 @@
+"""
+The tests' one shared helper package. Test modules import helpers from
+here (and from L{poststack_relay.testing}, the public test kit), never from
+another test module; C{tests/test_architecture.py} keeps that rule.
+
+One module per subject, imported by its own name (C{from
+tests.common.processes import free_port}): one path per helper, and a test
+that needs a free port does not load the nodemailer runner.
+
+  - L{keys}: the sandbox's credentials and the forms a secret could leak in.
+  - L{processes}: the tree's root, C{twistd}, the sandbox data; free ports,
+    bounded waits for a port, bounded stops by PID.
+  - L{systemd}: an C{sd_notify} receiver and a socket-activation launcher.
+  - L{tls}: a test PKI written to files, permissive TLS clients, in-memory
+    handshakes.
+  - L{haproxy}: Debian's HAProxy, started and stopped by PID.
+  - L{relay}: L{relay.RelayTestCase}, sandbox + relay over real HTTP and
+    loopback TLS in the test's reactor.
+  - L{smtp}: the in-memory SMTP harnesses (a StringTransport, a Clock, the
+    in-memory API) and the replies the SMTP tests expect.
+  - L{api}: builders for the API client's tests.
+  - L{corpus}: the MIME corpus and the request each file must become.
+  - L{node}: the pinned nodemailer scripts of C{tests/e2e/node/}.
+  - L{interop}: real command-line clients as bounded child processes, and
+    L{interop.InteropTestCase}.
+  - L{postfix}: private Postfix instances for the interop tests.
+"""
