@@ -70,13 +70,7 @@ from poststack_relay.workers.messages import (
     worker_metrics_listen,
     worker_observer,
 )
-from poststack_relay.workers.supervisor import (
-    LogOutput,
-    describe_exit,
-    supervisor_log_output,
-    worker_command,
-    worker_environment,
-)
+from poststack_relay.workers.supervisor import describe_exit, worker_command, worker_environment, worker_log
 from poststack_relay.workers.worker import accept_fairly
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 from tests.common.systemd import LAUNCHER, notify_receiver as _receiver, pending_datagrams as _pending
@@ -273,38 +267,40 @@ class WorkerLogTests(SynchronousTestCase):
     def test_odd_events(self) -> None:
         """Odd values, lone surrogates and a broken format never raise and stay one line."""
         odd = self.event(who="\udcff", nan=float("nan"), obj=object(), log_format="{missing} {who}")
-        for log_format in ("json", "text"):
+        for log_format in ("json", "text", "events"):
             line = self.line(log_format, 3, odd)
             self.assertEqual(line.count(b"\n"), 1, line)
         self.assertEqual(json.loads(self.line("json", 3, odd))["worker"], 3)
 
     def test_relogged(self) -> None:
-        """A worker's JSON line, logged again, is the same event with the worker in its system; the same JSON line comes out."""
+        """A worker's event (events mode: Twisted's JSON, one line), logged again, is the same event with the worker in its system; the relay's JSON line of it is the worker's own."""
         event = self.event()
-        line = self.line("json", 1, event).rstrip(b"\n")
-        again = relogged_event(line, 1, now=0.0)
+        line = self.line("events", 1, event)
+        self.assertEqual(line.count(b"\n"), 1)
+        again = relogged_event(line.rstrip(b"\n"), 1, now=0.0)
         self.assertEqual(formatEvent(again), "s1 relayed x@example.com {braces} é")
         self.assertEqual((again["log_level"], again["log_namespace"], again["worker"], again["size"]),
                          (LogLevel.warn, "poststack_relay.delivery", 1, 67))
-        self.assertAlmostEqual(again["log_time"], 1748779200.123, places=3)
-        self.assertEqual(event_as_json(again), json.loads(line))
+        self.assertEqual(again["log_time"], 1748779200.123)
+        self.assertEqual(event_as_json(again), json.loads(self.line("json", 1, event)))
         text = formatEventAsClassicLogText(again)
         assert text is not None
         self.assertIn(" [poststack_relay.delivery#warn worker=1] s1 relayed x@example.com {braces} é\n", text)
 
     def test_relogged_traceback(self) -> None:
-        """A worker's traceback follows its message."""
+        """A worker's failure comes back with its traceback, as a single relay logs it."""
         try:
             1 / 0
         except ZeroDivisionError:
             failure = Failure()
-        line = self.line("json", 0, self.event(log_failure=failure)).rstrip(b"\n")
-        message = formatEvent(relogged_event(line, 0, now=0.0))
-        self.assertTrue(message.startswith("s1 relayed x@example.com {braces} é\nTraceback"), message)
+        line = self.line("events", 0, self.event(log_failure=failure)).rstrip(b"\n")
+        fields = event_as_json(relogged_event(line, 0, now=0.0))
+        self.assertEqual(fields["message"], "s1 relayed x@example.com {braces} é")
+        self.assertIn("ZeroDivisionError", fields["traceback"])
 
     def test_not_json(self) -> None:
-        """A line that is no JSON object is logged as worker_output; standard error as a warning."""
-        for line in (b"Traceback (most recent call last):", b"[1, 2]"):
+        """A line that is no event is logged as worker_output; standard error as a warning."""
+        for line in (b"Traceback (most recent call last):", b"[1, 2]", b'{"event": "x"}', b"\xff"):
             event = relogged_event(line, 2, now=5.0)
             self.assertEqual((event["event"], event["stream"], event["log_level"]), ("worker_output", "stdout", LogLevel.info))
         event = output_event(b"Traceback {x}\xff", 2, "stderr", now=5.0)
@@ -317,8 +313,8 @@ def _some_observer(event: dict[str, Any]) -> None:
     """An observer the supervisor does not know."""
 
 
-class SupervisorLogOutputTests(SynchronousTestCase):
-    """Where the supervisor's log goes, from the observer it logs through."""
+class WorkerLogTargetTests(SynchronousTestCase):
+    """How workers log, from the observer the supervisor logs through."""
 
     def test_descriptor(self) -> None:
         """The relay's text or JSON observer on a descriptor (standard output): workers write there themselves."""
@@ -329,39 +325,22 @@ class SupervisorLogOutputTests(SynchronousTestCase):
                 (textLineObserver(out, timeFormat="%H"), "text", "%H"),
                 (jsonLineObserver(out), "json", None),
             ):
-                self.assertEqual(supervisor_log_output(observer), LogOutput(log_format, time_format, fd=out.fileno()))
+                log = {"mode": "direct", "format": log_format, "time_format": time_format, "path": None}
+                self.assertEqual(worker_log(observer), (log, out.fileno()))
 
     def test_log_file(self) -> None:
-        """A rotating log file: lines come through the supervisor, written whole under the observer's lock; its rotation falls between them."""
+        """A rotating log file: lines come through the supervisor's pipe."""
         log = LogFile.fromFullPath(self.mktemp(), rotateLength=30)
         self.addCleanup(log.close)
-        for observer in (textLineObserver(log), jsonLineObserver(log)):
-            output = supervisor_log_output(observer)
-            assert output is not None and output.write is not None
-            self.assertEqual((output.fd, output.path), (None, log.path))
-        for n in range(10):
-            output.write(b"".join(b"line %d.%d\n" % (n, k) for k in range(3)))
-        lines = []
-        for name in [f"{log.path}.{i}" for i in sorted(log.listLogs(), reverse=True)] + [log.path]:
-            with open(name, "rb") as f:
-                content = f.read()
-            self.assertTrue(content.endswith(b"\n"), name)
-            lines += content.splitlines()
-        self.assertGreater(len(log.listLogs()), 3)
-        self.assertEqual(lines, [b"line %d.%d" % (n, k) for n in range(10) for k in range(3)])
-        observer = jsonLineObserver(log)
-        output = supervisor_log_output(observer)
-        assert output is not None and output.write is not None
-        done = threading.Event()
-        with observer.lock:  # type: ignore[attr-defined]
-            writer = threading.Thread(target=lambda: (output.write(b"x\n"), done.set()), daemon=True)  # type: ignore[misc]
-            writer.start()
-            self.assertFalse(done.wait(0.2))
-        self.assertTrue(done.wait(10))
+        for observer, log_format in ((textLineObserver(log), "text"), (jsonLineObserver(log), "json")):
+            settings, out = worker_log(observer)
+            self.assertEqual((settings["mode"], settings["format"], settings["path"], out),
+                             ("through", log_format, log.path, "r"))
 
     def test_elsewhere(self) -> None:
-        """Syslog, a --logger, twist's filter, twistd's own observer, none, or no descriptor: the events are logged again (None)."""
+        """Syslog, a --logger, twist's filter, twistd's own observer, none, or no descriptor: Twisted's JSON events, logged again."""
         out = io.StringIO()
+        events = {"mode": "events", "format": "events", "time_format": None, "path": None}
         with open(self.mktemp(), "w") as real:
             for observer in (
                 _some_observer,
@@ -370,7 +349,7 @@ class SupervisorLogOutputTests(SynchronousTestCase):
                 None,
                 textLineObserver(out),  # no descriptor
             ):
-                self.assertIsNone(supervisor_log_output(observer), observer)
+                self.assertEqual(worker_log(observer), (events, "r"), observer)
 
 
 # ---------------------------------------------------------------------------
@@ -436,11 +415,11 @@ class SupervisorTests(SynchronousTestCase):
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def supervisor(self, count: int = 2, log_output: Optional[LogOutput] = None, **kw: Any) -> Supervisor:
+    def supervisor(self, count: int = 2, observer: Any = None, **kw: Any) -> Supervisor:
         config = RelayConfig(tls_cert="c.pem", port=0, interface="127.0.0.1", hostname="localhost",
                              metrics_listen="127.0.0.1:9587", workers=count, **kw)
         supervisor = Supervisor(
-            config, self.reactor, notifier=self.notifier, stop=lambda: self.stops.append(True), log_output=log_output,
+            config, self.reactor, notifier=self.notifier, stop=lambda: self.stops.append(True), observer=observer,
             environ={"PATH": "/bin", "NOTIFY_SOCKET": "/run/n", "POSTSTACK_RELAY_SERVICE_KEY": "sk_live_secret"},
         )
         self.addCleanup(supervisor._close_sockets)
@@ -470,6 +449,12 @@ class SupervisorTests(SynchronousTestCase):
         return json.dumps({"time": "2025-06-01T12:00:00.000Z", "level": "info", "namespace": "poststack_relay.workers",
                            "event": "worker_ready", "message": "ready", "metrics": "x"}).encode() + b"\n"
 
+    def worker_event(self, worker: int, **event: Any) -> bytes:
+        """An event as worker C{worker} writes it in events mode."""
+        out = io.StringIO()
+        worker_observer(worker, "events", None, out)({"log_time": 1748779200.25, **event})
+        return out.getvalue().encode()
+
     def end(self, worker: int, reason: Any = None) -> None:
         self.reactor.last(worker)["protocol"].processEnded(Failure(reason or ProcessTerminated(signal=9)))
 
@@ -489,8 +474,8 @@ class SupervisorTests(SynchronousTestCase):
             self.assertEqual((message["settings"]["workers"], message["settings"]["metrics_listen"]),
                              (1, f"127.0.0.1:{9587 + index}"))
             self.assertEqual((message["version"], message["fds"], message["control"]), (poststack_relay.__version__, [3], 4))
-            # No log of the relay's to write to: JSON events, logged again.
-            self.assertEqual(message["log"], {"format": "json", "time_format": None, "path": None})
+            # No log of the relay's to write to: Twisted's JSON events, logged again.
+            self.assertEqual(message["log"], {"mode": "events", "format": "events", "time_format": None, "path": None})
         self.assertEqual([(e["worker"], e["pid"]) for e in self.named("worker_started")], [(0, 1000), (1, 1001)])
         self.assertEqual(self.named("worker_started")[0]["log_namespace"], "poststack_relay.workers")
         # The socket listens already: a connection waits in its backlog.
@@ -676,11 +661,11 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.reactor.last(2)["process"].signals, [])  # its new process loaded the files itself
 
     def test_events_logged_again(self) -> None:
-        """Logging elsewhere: JSON lines on a worker's stdout are logged again with its number, across chunks; anything else as worker_output."""
+        """Logging elsewhere: the events on a worker's stdout are logged again with its number, across chunks; anything else as worker_output."""
         supervisor = self.supervisor()
         supervisor.startService()
-        line = json.dumps({"time": "2025-06-01T12:00:00.250Z", "level": "error", "namespace": "poststack_relay.api",
-                           "event": "api_timeout", "message": "API timed out {x}", "attempt": 2, "worker": 1})
+        line = self.worker_event(1, log_format="API timed out {{x}}", log_level=LogLevel.error,
+                                 log_namespace="poststack_relay.api", event="api_timeout", attempt=2).decode()
         self.say(1, line[:10].encode())
         self.assertEqual(self.named("api_timeout"), [])
         self.say(1, line[10:].encode() + b"\nnot json\n")
@@ -697,13 +682,13 @@ class SupervisorTests(SynchronousTestCase):
         """A worker_ready log event (or its text) on stdout or stderr is logged, never taken as ready; a bad control line is reported."""
         supervisor = self.supervisor(count=1)
         supervisor.startService()
-        self.say(0, self.ready_event())
+        self.say(0, self.worker_event(0, log_format="ready", event="worker_ready", metrics="x"))
         self.say(0, b"ready {}\n", 2)
         self.say(0, b'{"event": "worker_ready"}\n', "control")
         self.reactor.advance(1)
         self.assertEqual((self.notifier.sent, supervisor.ready), ([], set()))
-        self.assertEqual([e["event"] for e in self.events if e.get("worker") == 0 and "log_text" in e or
-                          e.get("event") == "worker_output"], ["worker_ready", "worker_output", "worker_output"])
+        self.assertEqual([e["event"] for e in self.events if e.get("event") in ("worker_ready", "worker_output")],
+                         ["worker_ready", "worker_output", "worker_output"])
         self.assertEqual(self.named("worker_output")[-1]["stream"], "control")
         self.ready(0)
         self.assertEqual(len(self.notifier.sent), 1)
@@ -720,30 +705,63 @@ class SupervisorTests(SynchronousTestCase):
         old.childDataReceived(control, ready_line(1, [], None))
         self.assertEqual((self.notifier.sent, supervisor.ready), ([], set()))
 
+    def log_files(self, log: LogFile) -> list[bytes]:
+        """The lines of a rotating log file, oldest first; each file ends with a whole line."""
+        lines = []
+        for name in [f"{log.path}.{i}" for i in sorted(log.listLogs(), reverse=True)] + [log.path]:
+            with open(name, "rb") as f:
+                content = f.read()
+            self.assertTrue(content.endswith(b"\n") or not content, name)
+            lines += content.splitlines()
+        return lines
+
     def test_lines_passed_through(self) -> None:
         """Logging to a file: a worker's stdout is its finished lines, written through in whole-line chunks, never parsed; stderr is still told."""
-        written: list[bytes] = []
-        supervisor = self.supervisor(log_output=LogOutput("text", "%H", write=written.append, path="/var/log/r"))
+        log = LogFile.fromFullPath(self.mktemp(), rotateLength=None)
+        self.addCleanup(log.close)
+        supervisor = self.supervisor(observer=textLineObserver(log, timeFormat="%H"))
         supervisor.startService()
         self.assertEqual(self.reactor.last(0)["childFDs"], {0: "w", 1: "r", 2: "r", 3: supervisor.sockets[0], 4: "r"})
-        self.assertEqual(self.message(0)["log"], {"format": "text", "time_format": "%H", "path": "/var/log/r"})
+        self.assertEqual(self.message(0)["log"], {"mode": "through", "format": "text", "time_format": "%H", "path": log.path})
         self.say(0, b"12 [x#info worker=0] one\n12 [x#info worker=0] tw")
+        self.assertEqual(self.log_files(log), [b"12 [x#info worker=0] one"])
         self.say(0, b"o\n" + self.ready_event())
         self.say(1, b"12 [x#info worker=1] par")
         self.say(0, b"oops\n", 2)
-        self.assertEqual(written, [b"12 [x#info worker=0] one\n", b"12 [x#info worker=0] two\n" + self.ready_event()])
+        self.assertEqual(self.log_files(log), [b"12 [x#info worker=0] one", b"12 [x#info worker=0] two",
+                                               self.ready_event().rstrip(b"\n")])
         self.assertEqual(self.notifier.sent, [])  # the READY event's text did not count
         self.end(1)  # a worker that died mid-line: its partial line ends the chunk
-        self.assertEqual(written[2:], [b"12 [x#info worker=1] par\n"])
+        self.assertEqual(self.log_files(log)[-1], b"12 [x#info worker=1] par")
         self.assertEqual([e["line"] for e in self.named("worker_output")], ["oops"])
+
+    def test_rotation_between_lines(self) -> None:
+        """Lines written through land whole under the observer's lock; the file's rotation falls between them."""
+        log = LogFile.fromFullPath(self.mktemp(), rotateLength=30)
+        self.addCleanup(log.close)
+        observer = jsonLineObserver(log)
+        self.supervisor(observer=observer).startService()
+        for n in range(10):
+            self.say(0, b"".join(b"line %d.%d\n" % (n, k) for k in range(3)))
+        self.assertGreater(len(log.listLogs()), 3)
+        self.assertEqual(self.log_files(log), [b"line %d.%d" % (n, k) for n in range(10) for k in range(3)])
+        done = threading.Event()
+        with observer.lock:  # type: ignore[attr-defined]
+            writer = threading.Thread(target=lambda: (self.say(0, b"x\n"), done.set()), daemon=True)
+            writer.start()
+            self.assertFalse(done.wait(0.2))
+        self.assertTrue(done.wait(10))
 
     def test_direct(self) -> None:
         """Logging to a descriptor: it is each worker's standard output; the supervisor reads nothing of their logs."""
-        supervisor = self.supervisor(log_output=LogOutput("json", None, fd=1))
-        supervisor.startService()
-        for index in (0, 1):
-            self.assertEqual(self.reactor.last(index)["childFDs"], {0: "w", 1: 1, 2: "r", 3: supervisor.sockets[0], 4: "r"})
-            self.assertEqual(self.message(index)["log"], {"format": "json", "time_format": None, "path": None})
+        with open(self.mktemp(), "w") as out:
+            supervisor = self.supervisor(observer=jsonLineObserver(out))
+            supervisor.startService()
+            for index in (0, 1):
+                self.assertEqual(self.reactor.last(index)["childFDs"],
+                                 {0: "w", 1: out.fileno(), 2: "r", 3: supervisor.sockets[0], 4: "r"})
+                self.assertEqual(self.message(index)["log"],
+                                 {"mode": "direct", "format": "json", "time_format": None, "path": None})
 
     def test_finds_its_log(self) -> None:
         """Without a log output, the supervisor takes the observer its LogObserverService parent made, once, and says what it chose."""
@@ -755,7 +773,7 @@ class SupervisorTests(SynchronousTestCase):
         wrapper = LogObserverService(supervisor, lambda: jsonLineObserver(log))
         wrapper.setServiceParent(Application("relay"))  # what twistd does: it sets the application's observer
         supervisor.startService()
-        self.assertEqual(self.message(0)["log"], {"format": "json", "time_format": None, "path": log.path})
+        self.assertEqual(self.message(0)["log"], {"mode": "through", "format": "json", "time_format": None, "path": log.path})
         self.assertEqual([(e["mode"], e["line_format"]) for e in self.named("workers_logging")], [("through", "json")])
         self.end(0)
         self.reactor.advance(1)

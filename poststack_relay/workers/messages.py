@@ -7,11 +7,11 @@ message (standard input), the ready line (control pipe), the log lines.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from contextlib import suppress
 from typing import Any, Mapping, Optional, Sequence, cast
 
 import attrs
-from twisted.logger import ILogObserver, LogEvent, LogLevel
+from twisted.logger import ILogObserver, LogEvent, LogLevel, eventFromJSON, formatEvent, jsonFileLogObserver
 from zope.interface import provider
 
 from .._version import __version__
@@ -24,36 +24,35 @@ NAMESPACE = "poststack_relay.workers"  # of the supervisor's events, and the wor
 VERSION_CHANGED_EXIT = 3
 
 
+def host_port(host: str, port: int) -> str:
+    """C{host:port}, or C{[host]:port} for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def worker_metrics_listen(metrics_listen: str, index: int) -> str:
     """Where worker C{index} serves its metrics: the C{metrics-listen} port + C{index} (0 and C{off} stay)."""
     if metrics_listen.strip().lower() in ("", "off"):
         return metrics_listen
     host, port = parse_metrics_listen(metrics_listen)
-    port += index if port else 0
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port + index if port else 0)
 
 
-def start_message(
-    config: RelayConfig, index: int, fds: Sequence[int], control: int, log: Mapping[str, Any]
-) -> bytes:
+def start_message(config: RelayConfig, index: int, fds: Sequence[int], control: int, log: Mapping[str, Any]) -> bytes:
     """
-    The JSON line worker C{index} reads on its standard input: C{version};
-    C{settings}, C{config} with C{workers = 1} and its metrics port (the
-    service key is in them: they go on no command line, in no environment);
-    its listening sockets C{fds}, its C{control} pipe and its C{log}
-    (C{format}, C{time_format}, C{path}: the supervisor's log file or None).
+    Worker C{index}'s JSON line on standard input: C{version}, C{settings}
+    (C{config} with C{workers = 1} and its metrics port; the service key is
+    in them), its sockets C{fds}, its C{control} pipe and its C{log}.
     """
     settings = attrs.asdict(config, recurse=False)
     settings.update(listen=list(config.listen), workers=1,
                     metrics_listen=worker_metrics_listen(config.metrics_listen, index))
     message = {"version": __version__, "settings": settings, "fds": list(fds), "control": control, "log": dict(log)}
-    return json.dumps(message, ensure_ascii=True).encode("ascii") + b"\n"
+    return json.dumps(message).encode("ascii") + b"\n"
 
 
 def ready_line(pid: int, listening: Sequence[str], metrics: Optional[str]) -> bytes:
     """The control line of a worker whose ports are all bound: C{ready} and a JSON object."""
-    fields = {"pid": pid, "listening": list(listening), "metrics": metrics}
-    return b"ready " + json.dumps(fields, ensure_ascii=True).encode("ascii") + b"\n"
+    return b"ready " + json.dumps({"pid": pid, "listening": list(listening), "metrics": metrics}).encode("ascii") + b"\n"
 
 
 def parse_ready(line: bytes) -> Optional[dict[str, Any]]:
@@ -72,15 +71,22 @@ def _system(namespace: object, level: object, index: int) -> str:
 
 def worker_observer(index: int, log_format: str, time_format: Optional[str], out: Any) -> ILogObserver:
     """
-    Worker C{index}'s observer: the relay's JSON or text one on C{out}, each
-    event with C{worker} (text: C{[namespace#level worker=K]}).
+    Worker C{index}'s observer on C{out}: the relay's C{json} or C{text}
+    lines, or (C{events}) Twisted's JSON events for the supervisor to log
+    again; each event with C{worker} (text: C{[namespace#level worker=K]}).
     """
-    inner = jsonLineObserver(out) if log_format == "json" else textLineObserver(out, time_format)
+    inner = (jsonLineObserver(out) if log_format == "json" else textLineObserver(out, time_format)
+             if log_format == "text" else jsonFileLogObserver(out, recordSeparator=""))
 
     @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
-        inner({**event, "log_system": _system(event.get("log_namespace"), event.get("log_level"), index),
-               "worker": index})
+        event = {**event, "log_system": _system(event.get("log_namespace"), event.get("log_level"), index),
+                 "worker": index}
+        try:
+            inner(event)
+        except Exception:  # Twisted's JSON of a format it cannot fill: its text instead (the others never raise)
+            with suppress(Exception):
+                inner({**event, "log_format": formatEvent(event).replace("{", "{{").replace("}", "}}")})
 
     return cast(ILogObserver, observe)
 
@@ -95,29 +101,11 @@ def output_event(line: bytes, index: int, stream: str, now: float) -> LogEvent:
 
 
 def relogged_event(line: bytes, index: int, now: float) -> LogEvent:
-    """
-    The event that logs again a JSON line of worker C{index} (the supervisor
-    logs to syslog, a C{--logger}, C{twist}): its namespace, level, time,
-    message (and traceback) and fields.  Any other line: L{output_event}.
-    """
+    """The event worker C{index} wrote in C{events} mode (Twisted's JSON); any other line: L{output_event}."""
     try:
-        fields = json.loads(line)
-        if not isinstance(fields, dict):
-            raise ValueError(line)
+        event = eventFromJSON(line.decode("utf-8"))
+        if isinstance(event, dict) and isinstance(event.get("log_format"), str):
+            return {**event, "worker": index}
     except ValueError:
-        return output_event(line, index, "stdout", now)
-    message, traceback = str(fields.pop("message", "")), fields.pop("traceback", None)
-    try:
-        level = LogLevel.levelWithName(str(fields.pop("level", "info")))
-    except Exception:
-        level = LogLevel.info
-    namespace = str(fields.pop("namespace", None) or NAMESPACE)
-    try:
-        when = datetime.fromisoformat(str(fields.pop("time", None))).timestamp()
-    except ValueError:
-        when = now
-    event: LogEvent = {k: v for k, v in fields.items() if not str(k).startswith("log_")}
-    event.update(log_format="{log_text}", log_text=f"{message}\n{traceback}" if traceback else message,
-                 log_level=level, log_namespace=namespace, log_system=_system(namespace, level, index),
-                 log_time=when, worker=index)
-    return event
+        pass
+    return output_event(line, index, "stdout", now)

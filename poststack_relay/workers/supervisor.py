@@ -11,9 +11,9 @@ import os
 import signal
 import socket
 import sys
+from contextlib import suppress
 from typing import Any, Callable, Mapping, Optional, cast
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import CannotListenError, ProcessExitedAlready, ProcessTerminated
@@ -25,7 +25,7 @@ from twisted.runner.procmon import LoggingProtocol, ProcessMonitor
 
 from ..config import ConfigError, ListenerConfig, RelayConfig
 from ..systemd import SystemdNotifier, socketEndpoint
-from .messages import NAMESPACE, output_event, parse_ready, relogged_event, start_message
+from .messages import NAMESPACE, host_port, output_event, parse_ready, relogged_event, start_message
 
 _log = Logger(namespace=NAMESPACE)
 
@@ -36,20 +36,18 @@ MAX_START_FAILURES = 3  # deaths in a row before ready: the relay stops (before 
 STOP_MARGIN = 10.0  # seconds beyond drain_timeout before a stopping worker gets SIGKILL
 MAX_LINE = 1 << 20  # the longest line kept from a worker's pipe; a longer one is cut
 FIRST_FD = 3  # a worker's first inherited listening socket; the others, then its control pipe, follow
-# Not for a worker's environment: systemd talks to the supervisor only, and
-# the relay's own variables (the service key) reach a worker on its stdin.
+# systemd talks to the supervisor only; the relay's own variables (the service key) go on stdin.
 STRIPPED_ENVIRONMENT = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
 STRIPPED_PREFIX = "POSTSTACK_RELAY_"
-# SIGHUP ignored before any import (a starting worker has no handler yet), the
-# package's directory on sys.path (a source tree twistd found), -P: a file in
-# the working directory cannot shadow a module; --worker K is for ps.
+# SIGHUP ignored before any import (no handler yet), the package's directory on
+# sys.path (a source tree twistd found), -P: the working directory shadows nothing.
 _CODE = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); import sys; sys.path.append({root!r}); "
          "from poststack_relay.workers.worker import main; main()")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def worker_command(index: int) -> list[str]:
-    """The arguments that start worker C{index}."""
+    """The arguments that start worker C{index} (C{--worker K} is for C{ps})."""
     return [sys.executable, "-P", "-c", _CODE.format(root=_ROOT), "--worker", str(index)]
 
 
@@ -68,63 +66,32 @@ def describe_exit(reason: Failure) -> tuple[str, Optional[int], Optional[int]]:
 
 
 def bind_listener(listener: ListenerConfig, backlog: int = 1024) -> socket.socket:
-    """
-    A socket listening for C{listener} as Twisted binds one.
-
-    @raise CannotListenError: it cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in listener.interface else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(socket.getaddrinfo(listener.interface or "0.0.0.0", listener.port, family)[0][4])
-        sock.listen(backlog)
+    """A socket listening for C{listener} as Twisted binds one, or L{CannotListenError}."""
+    v6 = ":" in listener.interface
+    try:  # SO_REUSEADDR; "::" takes IPv4 too, as with Twisted
+        return socket.create_server((listener.interface or "0.0.0.0", listener.port), backlog=backlog,
+                                    family=socket.AF_INET6 if v6 else socket.AF_INET, dualstack_ipv6=v6)
     except OSError as e:
-        sock.close()
         raise CannotListenError(listener.interface, listener.port, e) from None  # type: ignore[no-untyped-call]  # unannotated
-    return sock
 
 
-@attrs.frozen
-class LogOutput:
+def worker_log(observer: Any) -> tuple[dict[str, Any], Any]:
     """
-    The supervisor's log as workers write it, in C{format} (C{json} or
-    C{text} with C{time_format}): to C{fd} themselves (standard output,
-    the journal), or through their standard output, handed in whole lines
-    to C{write} (the supervisor's rotating file, C{path}).
+    How workers log under the supervisor's C{observer}: the C{log} of their start
+    message, and their stdout: the relay's observer's descriptor (C{direct}), or a
+    pipe written through to its rotating file C{path} (C{through}) or, for any
+    other observer, of events the supervisor logs again (C{events}).
     """
-
-    format: str
-    time_format: Optional[str]
-    fd: Optional[int] = None
-    write: Optional[Callable[[bytes], None]] = None
-    path: Optional[str] = None
-
-
-def supervisor_log_output(observer: object) -> Optional[LogOutput]:
-    """
-    The L{LogOutput} of the relay's own observer (L{poststack_relay.logs})
-    on a descriptor or a rotating file; C{None} for any other observer
-    (C{--syslog}, C{--logger}, C{twist}): then workers send JSON events.
-    """
-    line_format = getattr(observer, "line_format", None)
-    out, lock = getattr(observer, "outFile", None), getattr(observer, "lock", None)
-    if line_format not in ("text", "json") or out is None or lock is None:
-        return None
-    time_format = getattr(observer, "timeFormat", None)
-    if isinstance(out, BaseLogFile):
-        log_file: Any = out
-
-        def write(data: bytes) -> None:
-            with lock:
-                log_file.write(data)
-                log_file.flush()
-
-        return LogOutput(line_format, time_format, write=write, path=getattr(out, "path", None))
-    try:
-        return LogOutput(line_format, time_format, fd=os.fstat(out.fileno()) and out.fileno())
-    except (AttributeError, OSError, ValueError):
-        return None
+    line_format, out = getattr(observer, "line_format", None), cast(Any, getattr(observer, "outFile", None))
+    if line_format in ("text", "json") and hasattr(observer, "lock"):
+        log = {"mode": "direct", "format": line_format, "time_format": getattr(observer, "timeFormat", None)}
+        if isinstance(out, BaseLogFile):
+            return {**log, "mode": "through", "path": getattr(out, "path", None)}, "r"
+        try:
+            return {**log, "path": None}, os.fstat(out.fileno()) and out.fileno()
+        except (AttributeError, OSError, ValueError):
+            pass
+    return {"mode": "events", "format": "events", "time_format": None, "path": None}, "r"
 
 
 def exit_with(status: int) -> None:
@@ -134,16 +101,11 @@ def exit_with(status: int) -> None:
 
 
 class WorkerProtocol(LoggingProtocol):
-    """
-    A worker's pipes, line by line: its standard output (its log: written
-    through to the supervisor's file, or JSON events logged again), its
-    standard error and its control pipe.
-    """
+    """A worker's pipes, line by line: its log (written through, or events logged again), stderr, control."""
 
-    def __init__(self, supervisor: Supervisor, index: int, control: int, output: Optional[LogOutput]) -> None:
+    def __init__(self, supervisor: Supervisor, index: int, control: int, through: Any) -> None:
         self.service = self.supervisor = supervisor
-        self.name, self.index, self.control = str(index), index, control
-        self.write = output.write if output is not None else None
+        self.name, self.index, self.control, self.through = str(index), index, control, through
         self._rest: dict[int, bytes] = {}
 
     def childDataReceived(self, childFD: int, data: bytes, end: bool = False) -> None:
@@ -153,12 +115,11 @@ class WorkerProtocol(LoggingProtocol):
             lines.append(rest)
         elif rest:
             self._rest[childFD] = rest
-        if childFD == 1 and self.write is not None:
-            try:
-                if lines:
-                    self.write(b"".join(line + b"\n" for line in lines))
-            except Exception:
-                pass  # as the log observer itself: a line the log cannot take is lost
+        if childFD == 1 and self.through is not None:
+            # Whole lines, between the supervisor's own; as the observer: one the log cannot take is lost.
+            with self.through.lock, suppress(Exception):
+                self.through.outFile.write(b"".join(line + b"\n" for line in lines))
+                self.through.outFile.flush()
             return
         now = self.supervisor.clock.seconds()
         for line in lines:
@@ -180,45 +141,39 @@ class WorkerProtocol(LoggingProtocol):
 
 class Supervisor(ProcessMonitor):
     """
-    Runs C{config.workers} relay processes on shared listening sockets with
-    Twisted's restart back-off; tells systemd once all are ready, passes
-    SIGHUP on, and stops them all (draining) on stop.
-
-    @ivar exit_status: 1 once the relay stopped because workers could not start.
-    @ivar sockets: the shared listening sockets' descriptors, one per listener.
+    Runs C{config.workers} relays on shared listening sockets (C{sockets}) with
+    Twisted's back-off; tells systemd once all are ready, passes SIGHUP on, stops
+    them all (draining).  C{exit_status} is 1 once failed starts stopped the relay.
     """
 
     threshold, minRestartDelay, maxRestartDelay = STABLE_AFTER, RESTART_DELAY, MAX_RESTART_DELAY
 
     def __init__(self, config: RelayConfig, reactor: Any, *, notifier: Any = None,
                  environ: Optional[Mapping[str, str]] = None, stop: Optional[Callable[[], None]] = None,
-                 log_output: Optional[LogOutput] = None) -> None:
+                 observer: Any = None) -> None:
         """
-        @param reactor: provides C{IReactorProcess} and C{IReactorTime}.
-        @param notifier, environ, stop, log_output: by default C{NOTIFY_SOCKET}'s
-            L{SystemdNotifier}, C{os.environ}, C{reactor.stop}, and that of
-            the parent's observer (L{poststack_relay.logs.LogObserverService}).
-        @raise ConfigError: a systemd socket of a listener was not passed.
+        By default C{notifier} is C{NOTIFY_SOCKET}'s, C{environ} C{os.environ}, C{stop}
+        C{reactor.stop}, C{observer} the parent's.  L{ConfigError}: a systemd socket not passed.
         """
         super().__init__(reactor)
         self.config, self.reactor, self.clock = config, reactor, cast(IReactorTime, reactor)
         self.killTime = config.drain_timeout + STOP_MARGIN  # type: ignore[assignment]  # procmon says int; any number works
         self.notifier = notifier if notifier is not None else SystemdNotifier()
         self.stop_relay = stop if stop is not None else reactor.stop
-        self._log_output, self._log_known = log_output, log_output is not None
+        self.observer, self._log = observer, cast(Optional[tuple[dict[str, Any], Any]], None)
         self.exit_status = 0
         self.listener_configs = config.listeners()
         self.sockets: list[int] = []
         self.addresses: list[str] = []
         self._bound: list[socket.socket] = []
-        self._systemd: dict[int, int] = {}
+        self._systemd: dict[int, socket.socket] = {}
         for index, listener in enumerate(self.listener_configs):
             if listener.systemd_socket:
                 try:
                     endpoint = socketEndpoint(reactor, listener.systemd_socket)
                 except ConfigError as e:
                     raise (ConfigError(f"listen {listener.spec!r}: {e}") if listener.spec else e) from None
-                self._systemd[index] = cast(AdoptedStreamServerEndpoint, endpoint).fileno
+                self._systemd[index] = socket.socket(fileno=cast(AdoptedStreamServerEndpoint, endpoint).fileno)
         count = config.workers
         self.failures, self.starts, self.last_exit = [0] * count, [0] * count, [""] * count
         self.pids: list[Optional[int]] = [None] * count
@@ -237,55 +192,41 @@ class Supervisor(ProcessMonitor):
             return
         try:
             for index, listener in enumerate(self.listener_configs):
-                if index in self._systemd:
-                    with socket.socket(fileno=os.dup(self._systemd[index])) as probe:
-                        fd, name = self._systemd[index], probe.getsockname()
-                else:
-                    self._bound.append(bind_listener(listener))
-                    fd, name = self._bound[-1].fileno(), self._bound[-1].getsockname()
-                self.sockets.append(fd)
-                self.addresses.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+                self._bound.append(self._systemd.pop(index) if index in self._systemd else bind_listener(listener))
         except BaseException:
             self._close_sockets()
             raise
+        self.sockets = [sock.fileno() for sock in self._bound]
+        self.addresses = [host_port(*sock.getsockname()[:2]) for sock in self._bound]
         _log.info("supervisor listening on {where} for {workers} workers (shared sockets)", event="supervisor_listening",
                   where=", ".join(self.addresses), listeners=self.addresses, workers=self.config.workers)
 
     def startService(self) -> None:
-        """Bind the listeners if not yet done, then start every worker."""
         self.privilegedStartService()
         super().startService()
 
-    def log_output(self) -> Optional[LogOutput]:
-        """Where the workers' lines go: found once (the runner logs by then), and logged."""
-        if not self._log_known:
-            self._log_known = True
-            output = self._log_output = supervisor_log_output(getattr(self.parent, "observer", None))
-            mode, text = (("events", "logged again by the supervisor (its log goes to syslog, a --logger or a filter)")
-                          if output is None else ("through", "finished by each worker, written through by the "
-                                                  "supervisor") if output.fd is None else
-                          ("direct", f"finished and written to descriptor {output.fd} by each worker"))
-            _log.info("workers' log lines: {text}", text=text, mode=mode, event="workers_logging",
-                      line_format=output.format if output is not None else "json")
-        return self._log_output
+    def worker_log(self) -> tuple[dict[str, Any], Any]:
+        """L{worker_log} for the observer (the parent's, by then the runner logs), found once and logged."""
+        if self._log is None:
+            if self.observer is None:
+                self.observer = getattr(self.parent, "observer", None)
+            log, out = self._log = worker_log(self.observer)
+            text = {"events": "logged again by the supervisor (its log goes to syslog, a --logger or a filter)",
+                    "through": "finished by each worker, written through by the supervisor",
+                    "direct": f"finished and written to descriptor {out} by each worker"}[log["mode"]]
+            _log.info("workers' log lines: {text}", text=text, mode=log["mode"], event="workers_logging",
+                      line_format="json" if log["mode"] == "events" else log["format"])
+        return self._log
 
     def startProcess(self, name: str) -> None:
-        """
-        Start worker C{name} as L{ProcessMonitor.startProcess} does, with the
-        shared sockets and a control pipe as inherited descriptors, its log
-        as its standard output and its start message on its standard input.
-        """
+        """L{ProcessMonitor.startProcess} with the sockets and a control pipe inherited, the settings on stdin."""
         if name in self.protocols:
             return
-        index, output = int(name), self.log_output()
-        fds = list(range(FIRST_FD, FIRST_FD + len(self.sockets)))
+        (index, (log, out)), fds = (int(name), self.worker_log()), list(range(FIRST_FD, FIRST_FD + len(self.sockets)))
         control = FIRST_FD + len(fds)
-        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", control: "r", **dict(zip(fds, self.sockets))}
-        log: dict[str, Any] = {"format": "json", "time_format": None, "path": None}
-        if output is not None:
-            log = {"format": output.format, "time_format": output.time_format, "path": output.path}
-            child_fds[1] = output.fd if output.fd is not None else "r"
-        protocol = self.protocols[name] = WorkerProtocol(self, index, control, output)
+        child_fds: dict[int, Any] = {0: "w", 1: out, 2: "r", control: "r", **dict(zip(fds, self.sockets))}
+        through = self.observer if log["mode"] == "through" else None
+        protocol = self.protocols[name] = WorkerProtocol(self, index, control, through)
         self.timeStarted[name] = self.clock.seconds()
         self.ready.discard(index)
         self.starts[index] += 1
@@ -338,10 +279,9 @@ class Supervisor(ProcessMonitor):
 
     def worker_ended(self, protocol: WorkerProtocol, reason: Failure) -> None:
         """
-        Worker C{protocol.index} exited; the monitor scheduled its restart
-        (C{self.restart}) unless the relay is stopping.  Deaths before ready
-        count: L{MAX_START_FAILURES} in a row stop the relay before
-        C{READY=1}, and make it degraded after.
+        Worker C{protocol.index} exited (the monitor scheduled its restart unless
+        stopping).  L{MAX_START_FAILURES} deaths in a row before ready stop the
+        relay before C{READY=1}, and make it degraded after.
         """
         index, name = protocol.index, protocol.name
         was_ready = index in self.ready
@@ -358,10 +298,10 @@ class Supervisor(ProcessMonitor):
         restart = self.restart[name]
         self.failures[index] += 0 if was_ready else 1
         failures = self.failures[index]
+        streak = "worker {worker} (pid {pid}) exited with {status} before it was ready, {failures} times in a row: "
         if failures >= MAX_START_FAILURES and not self._announced:
             restart.cancel()
-            _log.critical("worker {worker} (pid {pid}) exited with {status} before it was ready, {failures} times "
-                          "in a row: stopping the relay", failures=failures, event="workers_failed", **fields)
+            _log.critical(streak + "stopping the relay", failures=failures, event="workers_failed", **fields)
             if not self.exit_status:  # once: another worker may fail before the reactor stops
                 self.exit_status = 1
                 self.stop_relay()
@@ -369,50 +309,32 @@ class Supervisor(ProcessMonitor):
         restart_in = round(max(0.0, restart.getTime() - self.clock.seconds()), 3)
         if failures >= MAX_START_FAILURES and index not in self.degraded:
             self.degraded.add(index)
-            _log.critical("worker {worker} (pid {pid}) exited with {status} before it was ready, {failures} times "
-                          "in a row: the relay goes on with the other workers and tries it again, next in "
-                          "{restart_in:g} s", failures=failures, restart_in=restart_in, event="workers_degraded",
-                          **fields)
+            _log.critical(streak + "the relay goes on with the other workers and tries it again, next in {restart_in:g} s",
+                          failures=failures, restart_in=restart_in, event="workers_degraded", **fields)
         _log.warn("worker {worker} (pid {pid}) exited with {status} after {uptime:.1f} s{before_ready}; restarting "
                   "it in {restart_in:g} s", uptime=round(self.clock.seconds() - self.timeStarted[name], 3),
                   ready=was_ready, before_ready="" if was_ready else " before it was ready", restart_in=restart_in,
                   event="worker_exited", **fields)
         self._notify_status()
 
-    def _signal(self, index: int, name: str) -> bool:
-        protocol = self.protocols.get(str(index))
-        if protocol is None or protocol.transport is None:
-            return False
-        try:
-            protocol.transport.signalProcess(name)
-        except (ProcessExitedAlready, OSError):
-            return False
-        return True
-
     def reload_tls(self, trigger: str = "reload_tls()") -> bool:
-        """
-        Pass SIGHUP on to every worker (C{twistd}'s SIGHUP handler calls
-        this): each loads its certificate and key again; one still starting
-        ignores it, and loads the files as it starts.
-        """
-        sent = [i for i in sorted(int(name) for name in self.protocols) if self._signal(i, "HUP")]
+        """Pass SIGHUP on to every running worker (C{twistd}'s SIGHUP calls this); a starting one ignores it."""
+        sent = []
+        for name, protocol in sorted(self.protocols.items(), key=lambda item: int(item[0])):
+            with suppress(ProcessExitedAlready, OSError, AttributeError):
+                cast(Any, protocol.transport).signalProcess("HUP")
+                sent.append(int(name))
         _log.info("{trigger} passed on to {count} workers", trigger=trigger, count=len(sent), workers=sent,
                   event="workers_reload")
         return True
 
     def _close_sockets(self) -> None:
-        for sock in self._bound:
+        for sock in [*self._bound, *self._systemd.values()]:
             sock.close()
-        for fd in self._systemd.values():
-            os.close(fd)
         self._bound, self._systemd = [], {}
 
     def stopService(self) -> Optional[Deferred[None]]:  # type: ignore[override]  # procmon's waits for nothing
-        """
-        Stop: C{STOPPING=1}, close the shared sockets, SIGTERM every worker
-        (SIGKILL C{killTime}, C{drain_timeout} + L{STOP_MARGIN}, s later),
-        and fire once all have exited.
-        """
+        """C{STOPPING=1}, sockets closed, SIGTERM to each worker (SIGKILL after C{killTime}); fires once all exited."""
         if self.running:
             self.notifier.notify("STOPPING=1\nSTATUS=stopping")
         self._close_sockets()

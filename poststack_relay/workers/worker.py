@@ -11,33 +11,29 @@ import json
 import os
 import signal
 import sys
+from contextlib import suppress
 from typing import Any, Callable, NoReturn, Optional, Sequence, cast
 
 from twisted.internet.defer import gatherResults, succeed
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger, globalLogBeginner
-from zope.interface import implementer
 
 from .._version import __version__
 from ..config import RelayConfig
 from ..memory import freeze_start_up_objects, return_large_blocks
 from ..service import makeRelayService
-from .messages import NAMESPACE, VERSION_CHANGED_EXIT, ready_line, worker_observer
+from .messages import NAMESPACE, VERSION_CHANGED_EXIT, host_port, ready_line, worker_observer
 
 _log = Logger(namespace=NAMESPACE)
 
 
 def accept_fairly(port: Any, most: int = 1) -> None:
     """
-    Make C{port}, a C{twisted.internet.tcp.Port} on a socket shared with
-    other workers, accept at most C{most} connections each time the reactor
-    finds it readable.  Twisted's accepts up to C{numberAccepts} at once
-    (100 at first, then as many as came last time, plus 20 when that was
-    all it could take): the worker that wakes first would take a whole
-    burst, and all its TLS handshakes, while the others idle.
+    Make C{port}, a C{tcp.Port} on a socket shared with other workers, accept
+    at most C{most} connections per wake-up.  Twisted's takes up to 100 at
+    once: the worker that wakes first would take a whole burst.
     """
     if isinstance(getattr(port, "numberAccepts", None), int):
         read = port.doRead
@@ -49,53 +45,41 @@ def accept_fairly(port: Any, most: int = 1) -> None:
         port.doRead = doRead
 
 
-@implementer(IHalfCloseableProtocol)
 class SupervisorLink(Protocol):
-    """
-    The worker's end of the supervisor's pipes (L{StandardIO} on standard
-    input and the control pipe): the end of standard input (not the
-    reactor's own shutdown) means the supervisor is gone.
-    """
+    """The worker's end of its standard input and control pipe: their end means the supervisor is gone."""
 
     def __init__(self, lost: Callable[[], None]) -> None:
-        self.lost, self.shutting_down = lost, False
+        self.lost = lost
 
-    def readConnectionLost(self) -> None:
-        if not self.shutting_down:
-            self.lost()
-
-    def writeConnectionLost(self) -> None:
-        pass
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost()
 
 
 def _where(port: Any) -> str:
-    host = port.getHost()
-    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+    return host_port(port.getHost().host, port.getHost().port)
 
 
 def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control: int, reactor: Any,
                orphaned: Callable[[], None]) -> int:
     """
-    Run worker C{index}'s relay on the inherited sockets C{fds}: SIGTERM
-    drains it (Twisted's handler), SIGHUP reloads its certificates, the
-    supervisor's end stops it after C{orphaned()}.  Once every port is bound
-    it writes L{ready_line} on C{control}.
-
-    @return: the exit status: 0 after a stop, 1 if it could not start.
+    Run worker C{index}'s relay on the sockets C{fds}: SIGTERM drains it, SIGHUP
+    reloads its certificates, the end of stdin stops it after C{orphaned()};
+    L{ready_line} on C{control} once its ports are bound.  Returns 0, or 1 if it
+    could not start.
     """
-    status = []
+    status: list[int] = []
+    stopping: list[bool] = []
 
     def stop(code: int = 0) -> None:
         status.append(code)
-        try:
+        with suppress(ReactorNotRunning):
             reactor.stop()
-        except ReactorNotRunning:
-            pass
 
     def supervisor_lost() -> None:
-        orphaned()
-        _log.warn("the supervisor is gone: stopping", worker=index, event="supervisor_lost")
-        stop()
+        if not stopping:
+            orphaned()
+            _log.warn("the supervisor is gone: stopping", worker=index, event="supervisor_lost")
+            stop()
 
     def start() -> None:
         try:
@@ -106,16 +90,15 @@ def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control
             _log.critical("worker {worker} cannot start: {error}", worker=index, error=str(e),
                           event="worker_start_failed")
             return stop(1)
-        link = SupervisorLink(supervisor_lost)
 
         def shutting_down() -> Any:
-            link.shutting_down = True
+            stopping.append(True)
             return service.stopService()
 
         reactor.addSystemEventTrigger("before", "shutdown", shutting_down)
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_tls, "SIGHUP"))
         # mypy sees Windows' StandardIO; the POSIX one takes the descriptors.
-        StandardIO(link, stdin=0, stdout=control, reactor=reactor)  # type: ignore[call-arg, no-untyped-call]
+        StandardIO(SupervisorLink(supervisor_lost), stdin=0, stdout=control, reactor=reactor)  # type: ignore[call-arg, no-untyped-call]
         metrics = getattr(service, "metrics_service", None)
 
         def ready(results: list[Any]) -> None:
@@ -141,10 +124,8 @@ def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control
 
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     """
-    A worker process (C{python -c ... --worker K}): its start message on
-    standard input, its log on standard output, then L{run_worker}.  Exit
-    status L{VERSION_CHANGED_EXIT} for a message of another version, 2 for
-    one it cannot read.
+    A worker process: its start message on stdin, its log on stdout, then L{run_worker}.
+    Exit status L{VERSION_CHANGED_EXIT} for a message of another version, 2 for one it cannot read.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the relay's handler is installed
     args = list(sys.argv[1:] if argv is None else argv)
@@ -167,10 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     def orphaned() -> None:
-        if log["path"]:  # the pipe to the supervisor's log file is gone: append to the file
-            try:
+        if log["path"]:  # the pipe to the supervisor's log file is gone: append to the file, if ours to open
+            with suppress(OSError):
                 os.dup2(os.open(log["path"], os.O_WRONLY | os.O_APPEND), 1)
-            except OSError:
-                pass  # not ours to open (made before privileges were dropped)
 
     sys.exit(run_worker(index, settings, fds, control, reactor, orphaned))
