@@ -29,65 +29,23 @@ C{tests/interop/install.sh} first, which installs every tool.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
-import shutil
-import signal
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Sequence
 
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest, SkipTest
 
+from tests.common.corpus import sha256
+from tests.common.processes import DEFAULT_TIMEOUT, ToolResult, find_tool, run_tool
 from tests.common.relay import RelayTestCase
 
-__all__ = [
-    "DEFAULT_TIMEOUT",
-    "InteropTestCase",
-    "ToolResult",
-    "ToolTimeout",
-    "attachment_summary",
-    "find_tool",
-    "in_ci",
-    "run_tool",
-    "sha256",
-    "skip_unless",
-]
-
-DEFAULT_TIMEOUT = 60.0
-"""Seconds a client may run before L{run_tool} kills it."""
-
-_KILL_GRACE = 5.0
-"""Seconds to wait for a killed child to be reaped before giving up on it."""
-
-_MAX_OUTPUT = 8 * 1024 * 1024
-"""Bytes kept per output stream; a client printing more is killed."""
-
-_EXTRA_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-"""Searched after C{PATH}: Postfix's commands live in C{/usr/sbin}."""
-
-_BASE_ENV_KEYS = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-"""Variables of this process's environment handed to clients; nothing else leaks in."""
+__all__ = ["InteropTestCase", "attachment_summary", "in_ci", "skip_unless"]
 
 
 def in_ci() -> bool:
     """Whether we run under CI (C{CI} is C{true}, C{1} or C{yes}): missing tools then fail."""
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def find_tool(tool: str) -> str | None:
-    """
-    The absolute path of executable C{tool}, searched on C{PATH} and then in
-    the sbin directories (C{postfix}, C{postmap} live there), or L{None}.
-    """
-    found = shutil.which(tool)
-    if found is None:
-        found = shutil.which(tool, path=os.pathsep.join(_EXTRA_DIRS))
-    return os.path.abspath(found) if found is not None else None
 
 
 def skip_unless(tool: str) -> str:
@@ -108,173 +66,6 @@ def skip_unless(tool: str) -> str:
     if in_ci():
         raise FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
     raise SkipTest(reason)
-
-
-class ToolResult(NamedTuple):
-    """
-    How a client run ended; unpacks as C{(code, stdout, stderr)}.
-
-    @ivar code: the exit status, or minus the signal number if a signal
-        ended the process.
-    @ivar stdout: what it printed on stdout (UTF-8, undecodable bytes replaced).
-    @ivar stderr: the same for stderr.
-    """
-
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        """stdout and stderr together, for assertions and failure messages."""
-        return f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
-
-
-class ToolTimeout(Exception):
-    """A client did not exit within its timeout and was killed; the message holds its output."""
-
-
-class _Collector(ProcessProtocol):
-    """Feeds stdin, collects stdout/stderr and reports the end of the process."""
-
-    def __init__(self, stdin: bytes | None, ended: Callable[[Failure], None]) -> None:
-        self.stdin = stdin
-        self.stdout = bytearray()
-        self.stderr = bytearray()
-        self.overflow = False
-        self._ended = ended
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        if self.stdin:
-            self.transport.write(self.stdin)
-        self.transport.closeStdin()
-
-    def _keep(self, buffer: bytearray, data: bytes) -> None:
-        if len(buffer) + len(data) > _MAX_OUTPUT:
-            if not self.overflow and self.transport is not None:
-                _kill(self.transport)
-            self.overflow = True
-            return
-        buffer.extend(data)
-
-    def outReceived(self, data: bytes) -> None:
-        self._keep(self.stdout, data)
-
-    def errReceived(self, data: bytes) -> None:
-        self._keep(self.stderr, data)
-
-    def processEnded(self, reason: Failure) -> None:
-        self._ended(reason)
-
-
-def _kill(transport: IProcessTransport) -> None:
-    """Send SIGKILL to the one process behind C{transport}, if it still runs."""
-    try:
-        transport.signalProcess("KILL")
-    except ProcessExitedAlready:
-        pass
-
-
-def _exit_code(reason: Failure) -> int:
-    if reason.check(ProcessDone):
-        return 0
-    if reason.check(ProcessTerminated):
-        value = reason.value
-        if value.exitCode is not None:
-            return int(value.exitCode)
-        if value.signal is not None:
-            return -int(value.signal)
-    return -int(signal.SIGKILL)
-
-
-def run_tool(
-    reactor: IReactorProcess,
-    argv: Sequence[str],
-    *,
-    stdin: bytes | str | None = None,
-    env: dict[str, str] | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    cwd: str | None = None,
-) -> Deferred[ToolResult]:
-    """
-    Run C{argv} as a child process without blocking the reactor.
-
-    @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
-    @param argv: the command; C{argv[0]} is an absolute path (see
-        L{skip_unless}) or a name found by L{find_tool}.
-    @param stdin: bytes (or text, encoded as UTF-8) written to the child's
-        stdin, which is then closed; L{None} closes it at once.
-    @param env: variables added to C{PATH}, C{HOME}, C{TMPDIR}, C{TZ} and the
-        locale of this process; nothing else of this environment is passed.
-    @param timeout: seconds before the child is killed with SIGKILL.
-    @param cwd: the child's working directory (default: this process's).
-
-    @return: a L{Deferred} firing with a L{ToolResult} whatever the exit
-        status (non-zero is not an error here: tests assert on it), or
-        failing with L{ToolTimeout} (output included) if the child ran too
-        long or printed more than 8 MiB per stream. Cancelling it kills the child.
-    """
-    program = argv[0]
-    if not os.path.isabs(program):
-        found = find_tool(program)
-        if found is None:
-            raise FileNotFoundError(f"{program} is not installed")
-        program = found
-    clock = IReactorTime(reactor)
-    description = " ".join(argv)
-    child_env = {k: os.environ[k] for k in _BASE_ENV_KEYS if k in os.environ}
-    if env:
-        child_env.update(env)
-    data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
-
-    result: Deferred[ToolResult] = Deferred(lambda _: _kill(transport))
-    calls: list[IDelayedCall] = []
-    timed_out: list[bool] = []
-
-    def ended(reason: Failure) -> None:
-        for call in calls:
-            if call.active():
-                call.cancel()
-        if result.called:
-            return
-        out = proto.stdout.decode("utf-8", "replace")
-        err = proto.stderr.decode("utf-8", "replace")
-        if timed_out or proto.overflow:
-            why = f"timed out after {timeout} s" if timed_out else "printed too much"
-            result.errback(
-                ToolTimeout(f"{description} {why} and was killed\nstdout: {out}\nstderr: {err}")
-            )
-            return
-        result.callback(ToolResult(_exit_code(reason), out, err))
-
-    proto = _Collector(data, ended)
-    transport = reactor.spawnProcess(
-        proto, program, [program, *argv[1:]], env=child_env, path=cwd
-    )
-    pid = transport.pid
-
-    def give_up() -> None:
-        if not result.called:
-            result.errback(
-                ToolTimeout(
-                    f"{description} (pid {pid}) timed out after {timeout} s"
-                    f" and did not exit {_KILL_GRACE} s after SIGKILL"
-                )
-            )
-
-    def on_timeout() -> None:
-        timed_out.append(True)
-        _kill(transport)
-        calls.append(clock.callLater(_KILL_GRACE, give_up))
-
-    calls.append(clock.callLater(timeout, on_timeout))
-    return result
-
-
-def sha256(data: bytes) -> str:
-    """The hex SHA-256 of C{data}."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def attachment_summary(payload: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.e2e.test_nodeclient -*-
+# -*- test-case-name: tests.e2e.test_nodemailer_runner -*-
 """
 Run the pinned nodemailer scripts of C{tests/e2e/node/} from trial tests.
 
@@ -20,9 +20,9 @@ Typical use in a C{twisted.trial.unittest.TestCase}::
         })
         self.assertTrue(result["ok"], result)
 
-The scripts run in a child process spawned with C{reactor.spawnProcess}, so
-the relay under test keeps running in the same reactor while nodemailer talks
-to it.
+The scripts run as child processes of the reactor (L{run_tool}, the
+runner the interop clients use too), so the relay under test keeps running
+in the same reactor while nodemailer talks to it.
 """
 
 from __future__ import annotations
@@ -36,18 +36,13 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IProcessTransport,
-    IReactorProcess,
-    IReactorTime,
-)
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.interfaces import IReactorProcess
 from twisted.python.failure import Failure
+
+from tests.common.processes import ToolResult, ToolTimeout, run_tool
 
 __all__ = [
     "NODE_DIR",
@@ -69,12 +64,6 @@ NPM_CI_TIMEOUT = 300.0
 
 _MAX_OUTPUT = 4 * 1024 * 1024
 """Bytes kept per output stream of a script; more is a harness bug."""
-
-_KILL_GRACE = 5.0
-"""Seconds to wait for a killed script to be reaped before giving up on it."""
-
-_BASE_ENV_KEYS = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "SYSTEMROOT")
-"""Variables of our own environment handed to the scripts; nothing else leaks in."""
 
 _ensured = False
 
@@ -205,62 +194,29 @@ def ensure_node_modules() -> None:
     _ensured = True
 
 
-class _ScriptProtocol(ProcessProtocol):
-    """Collects a script's output and calls C{ended} with the reason it exited."""
-
-    def __init__(self, description: str, ended: Callable[[Failure], None]) -> None:
-        self.description = description
-        self.stdout = bytearray()
-        self.stderr = bytearray()
-        self.overflow = False
-        self._ended = ended
-
-    def _keep(self, buffer: bytearray, data: bytes) -> None:
-        if len(buffer) + len(data) > _MAX_OUTPUT:
-            self.overflow = True
-            if self.transport is not None:
-                _kill(self.transport)
-            return
-        buffer.extend(data)
-
-    def outReceived(self, data: bytes) -> None:
-        self._keep(self.stdout, data)
-
-    def errReceived(self, data: bytes) -> None:
-        self._keep(self.stderr, data)
-
-    def processEnded(self, reason: Failure) -> None:
-        self._ended(reason)
-
-
-def _parse_result(proto: _ScriptProtocol, reason: Failure) -> dict[str, Any]:
+def _parse_result(description: str, result: ToolResult) -> dict[str, Any]:
     """Turn a finished script's output into its JSON dict, or raise L{NodeScriptError}."""
-    out = proto.stdout.decode("utf-8", "replace")
-    err = proto.stderr.decode("utf-8", "replace")
-    details = f"\nstderr: {_tail(err)}\nstdout: {_tail(out)}"
-    if proto.overflow:
-        raise NodeScriptError(
-            f"{proto.description} printed more than {_MAX_OUTPUT} bytes and was killed{details}"
-        )
-    if not reason.check(ProcessDone):
-        raise NodeScriptError(
-            f"{proto.description} failed ({reason.getErrorMessage()};"
-            f" exit status 2 means a harness bug){details}"
-        )
-    lines = [line for line in out.splitlines() if line.strip()]
+    details = f"\nstderr: {_tail(result.stderr)}\nstdout: {_tail(result.stdout)}"
+    if result.code != 0:
+        how = f"exit status {result.code}" if result.code > 0 else f"signal {-result.code}"
+        raise NodeScriptError(f"{description} failed ({how}; exit status 2 means a harness bug){details}")
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
     if not lines:
-        raise NodeScriptError(f"{proto.description} printed nothing on stdout{details}")
+        raise NodeScriptError(f"{description} printed nothing on stdout{details}")
     try:
-        result = json.loads(lines[-1])
+        parsed = json.loads(lines[-1])
     except ValueError as e:
-        raise NodeScriptError(
-            f"{proto.description}: last stdout line is not JSON ({e}){details}"
-        ) from e
-    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
-        raise NodeScriptError(
-            f'{proto.description}: last stdout line is not a {{"ok": ...}} object{details}'
-        )
-    return result
+        raise NodeScriptError(f"{description}: last stdout line is not JSON ({e}){details}") from e
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("ok"), bool):
+        raise NodeScriptError(f'{description}: last stdout line is not a {{"ok": ...}} object{details}')
+    return parsed
+
+
+def _not_run(reason: Failure) -> Failure:
+    """A script killed (timed out or printing too much) fails with L{NodeScriptError}."""
+    if reason.check(ToolTimeout):
+        return Failure(NodeScriptError(_tail(str(reason.value), 8000)))
+    return reason
 
 
 def run_node_script(
@@ -271,7 +227,8 @@ def run_node_script(
     timeout: float = 60,
 ) -> Deferred[dict[str, Any]]:
     """
-    Run C{node <script> <args...>} in C{tests/e2e/node} without blocking the reactor.
+    Run C{node <script> <args...>} in C{tests/e2e/node} without blocking the
+    reactor (with L{run_tool}, the one child-process runner).
 
     @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
     @param script: a file name in C{tests/e2e/node}, e.g. C{"rich.mjs"}.
@@ -294,69 +251,17 @@ def run_node_script(
     path = NODE_DIR / script
     if not path.is_file() or path.parent != NODE_DIR:
         return fail(NodeScriptError(f"no script {script!r} in {NODE_DIR}"))
-    clock = IReactorTime(reactor)
     description = f"node {script} {' '.join(args)}".rstrip()
-    child_env = {k: os.environ[k] for k in _BASE_ENV_KEYS if k in os.environ}
-    child_env.update(env)
+    child_env = dict(env)
     if "SMTP_CA" in child_env:
         # The script runs in NODE_DIR: make a relative path (e.g. from
         # TestCase.mktemp()) mean what it means here.
         child_env["SMTP_CA"] = os.path.abspath(child_env["SMTP_CA"])
-
-    result: Deferred[dict[str, Any]] = Deferred(lambda _: _kill(transport))
-    calls: list[IDelayedCall] = []
-    timed_out: list[bool] = []
-
-    def ended(reason: Failure) -> None:
-        for call in calls:
-            if call.active():
-                call.cancel()
-        if result.called:
-            return
-        if timed_out:
-            result.errback(
-                NodeScriptError(
-                    f"{description} timed out after {timeout} s and was killed"
-                    f"\nstderr: {_tail(bytes(proto.stderr))}"
-                    f"\nstdout: {_tail(bytes(proto.stdout))}"
-                )
-            )
-            return
-        try:
-            parsed = _parse_result(proto, reason)
-        except NodeScriptError as e:
-            result.errback(e)
-        else:
-            result.callback(parsed)
-
-    proto = _ScriptProtocol(description, ended)
-    transport = reactor.spawnProcess(
-        proto, node, [node, str(path), *args], env=child_env, path=str(NODE_DIR)
+    running = run_tool(
+        reactor, [node, str(path), *args], env=child_env, timeout=timeout, cwd=str(NODE_DIR),
+        max_output=_MAX_OUTPUT,
     )
-    pid = transport.pid
-
-    def give_up() -> None:
-        # SIGKILL was sent but the child was never reaped: report, do not hang.
-        if not result.called:
-            result.errback(
-                NodeScriptError(
-                    f"{description} (pid {pid}) timed out after {timeout} s"
-                    f" and did not exit {_KILL_GRACE} s after SIGKILL"
-                )
-            )
-
-    def on_timeout() -> None:
-        timed_out.append(True)
-        _kill(transport)
-        calls.append(clock.callLater(_KILL_GRACE, give_up))
-
-    calls.append(clock.callLater(timeout, on_timeout))
+    result: Deferred[dict[str, Any]] = running.addCallbacks(
+        lambda done: _parse_result(description, done), _not_run
+    )
     return result
-
-
-def _kill(transport: IProcessTransport) -> None:
-    """Send SIGKILL to the one process behind C{transport}, if it still runs."""
-    try:
-        transport.signalProcess("KILL")
-    except ProcessExitedAlready:
-        pass

@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from tests.common.interop import ToolResult
+from tests.common.processes import ToolResult
 
 __all__ = [
     "MIN_VERSION",

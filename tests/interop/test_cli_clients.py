@@ -13,15 +13,10 @@ import time
 from twisted.internet import reactor
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
-from tests.common.interop import (
-    InteropTestCase,
-    ToolTimeout,
-    attachment_summary,
-    run_tool,
-    sha256,
-    skip_unless,
-)
+from tests.common.corpus import sha256
+from tests.common.interop import InteropTestCase, attachment_summary, skip_unless
 from tests.common.keys import FULL_KEY, MAILBOX, SERVICE_KEY
+from tests.common.processes import ToolTimeout, run_tool
 
 PDF_BYTES = b"%PDF-1.4\n" + bytes(range(256)) * 4 + b"\n%%EOF\n"
 """A binary attachment: every byte value, so any 8-bit or newline mangling shows."""

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 
 from poststack_relay.testing import write_certificate
-from tests.common.interop import InteropTestCase, ToolResult, in_ci, skip_unless
+from tests.common.interop import InteropTestCase, in_ci, skip_unless
 from tests.common.keys import FULL_KEY
 from tests.common.postfix import (
     Delivery,
@@ -37,6 +37,7 @@ from tests.common.postfix import (
     parse_version,
     postfix_problem,
 )
+from tests.common.processes import ToolResult
 
 SENDER = "you@yourdomain.com"
 

@@ -16,7 +16,8 @@ from email.mime.text import MIMEText
 from email.utils import formataddr, make_msgid
 from typing import Any
 
-from tests.common.interop import InteropTestCase, attachment_summary, sha256
+from tests.common.corpus import sha256
+from tests.common.interop import InteropTestCase, attachment_summary
 from tests.common.keys import FULL_KEY, MAILBOX, SERVICE_KEY
 
 PNG_BYTES = (

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.e2e.test_nodeclient -*-
+# -*- test-case-name: tests.e2e.test_nodemailer_runner -*-
 """
 Tests for L{tests.common.node}: the pinned nodemailer scripts, run against
 a tiny in-process implicit-TLS ESMTP server (Twisted's own C{ESMTP}) on
@@ -236,7 +236,7 @@ class NodeClientTests(TestCase):
         ensure_node_modules()
         cert_pem, key_pem = make_self_signed_localhost()
         # Not self.mktemp(): under pytest that writes below the working directory.
-        self.tmp = tempfile.mkdtemp(prefix="poststack-nodeclient-")
+        self.tmp = tempfile.mkdtemp(prefix="poststack-node-runner-")
         self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
         self.ca_path = os.path.join(self.tmp, "ca.pem")
         with open(self.ca_path, "wb") as f:
@@ -465,5 +465,5 @@ class NodeClientTests(TestCase):
     async def test_unknown_script(self) -> None:
         """A script name outside tests/e2e/node fails without spawning anything."""
         with self.assertRaises(NodeScriptError) as caught:
-            await run_node_script(reactor, "../nodeclient.py", [], {})
+            await run_node_script(reactor, "../test_e2e_smtp.py", [], {})
         self.assertIn(str(NODE_DIR), str(caught.exception))
