@@ -61,16 +61,8 @@ from poststack_relay.sandbox import (
     SandboxStore,
     load_sandbox_data,
 )
-from tests.test_api import (
-    BASE,
-    FULL,
-    SCOPED,
-    SERVICE,
-    UNKNOWN,
-    Recorder,
-    email,
-    scripted,
-)
+from tests.common.api import BASE, Recorder, email, scripted
+from tests.common.keys import FULL_KEY, SCOPED_KEY, SERVICE_KEY, UNKNOWN_KEY
 
 TIMEOUT = 10.0
 DEADLINE = 30.0
@@ -159,7 +151,7 @@ class RetryMixin:
         options.setdefault("deadline", DEADLINE)
         options.setdefault("rng", self.rng)
         self.stub = StubTreq(resource if resource is not None else self.recorder)
-        return HTTPEmailAPI(self.stub, BASE, TIMEOUT, SERVICE, clock=self.clock, **options)
+        return HTTPEmailAPI(self.stub, BASE, TIMEOUT, SERVICE_KEY, clock=self.clock, **options)
 
     def settle(self, *ds: "Deferred[Any]", limit: float = 1000.0) -> None:
         """
@@ -199,7 +191,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
         for mode in ("500", "502", "503", "reset", "malformed", "noid"):
             self.setUp()
             self.sandbox.inject_fault(mode)
-            d = self.api.send_email(FULL, email())
+            d = self.api.send_email(FULL_KEY, email())
             self.settle(d)
             email_id = self.successResultOf(d)
             [stored] = self.store.emails()
@@ -209,7 +201,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
     def test_hang_then_success(self) -> None:
         """A hanging attempt times out after api_timeout, then the retry succeeds."""
         self.sandbox.inject_fault("hang")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.clock.advance(TIMEOUT - 0.001)
         self.assertNoResult(d)
         self.assertEqual(len(self.recorder.seen), 1)
@@ -222,7 +214,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
         """A 408 is retried."""
         resource, calls = scripted(408, b'{"error": "Request Timeout"}')
         api = self.make_api(resource, max_attempts=3)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         self.reply_of(d)
         self.assertEqual(len(calls), 3)
@@ -230,7 +222,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
     def test_accept_then_500_same_id(self) -> None:
         """An email stored before a 500: the retry gets the same id, nothing is stored twice."""
         self.sandbox.inject_fault("accept_then_500")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.assertNoResult(d)
         [first] = self.store.emails()
         self.settle(d)
@@ -244,7 +236,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
         stored the email: still one email, and the id the client got.
         """
         self.sandbox.inject_fault("slow", delay=TIMEOUT * 2)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         email_id = self.successResultOf(d)
         self.clock.advance(TIMEOUT * 2)
@@ -255,7 +247,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
     def test_same_key_on_every_attempt(self) -> None:
         """Every attempt of one message carries its (random) key, the same each time, and the same body."""
         self.sandbox.inject_fault("503", count=3)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         self.successResultOf(d)
         keys = self.keys_seen()
@@ -269,7 +261,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
     def test_client_key_on_every_attempt(self) -> None:
         """A message's own idempotency key is used, unchanged, on every attempt."""
         self.sandbox.inject_fault("reset", count=2)
-        d = self.api.send_email(FULL, email(idempotency_key="order-7"))
+        d = self.api.send_email(FULL_KEY, email(idempotency_key="order-7"))
         self.settle(d)
         self.successResultOf(d)
         self.assertEqual(self.keys_seen(), [b"order-7"] * 3)
@@ -277,7 +269,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
     def test_no_delayed_calls_left(self) -> None:
         """After a retried send, no timer is left on the clock."""
         self.sandbox.inject_fault("503", count=2)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         self.successResultOf(d)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -286,7 +278,7 @@ class TransientRetryTests(RetryMixin, SynchronousTestCase):
         """An AUTH-time key check is retried after a 503 and a reset."""
         self.sandbox.inject_fault("503", path="/emails", method="GET")
         self.sandbox.inject_fault("reset", path="/emails", method="GET")
-        d = self.api.check_api_key(FULL)
+        d = self.api.check_api_key(FULL_KEY)
         self.settle(d)
         self.assertIs(self.successResultOf(d), True)
         self.assertEqual(len(self.recorder.seen), 3)
@@ -344,14 +336,14 @@ class NetworkErrorTests(RetryMixin, SynchronousTestCase):
         self.stub = traversal  # type: ignore[assignment]  # settle() flushes it
         client = HTTPClient(FailingFirst(errors, traversal), data_to_body_producer=to_body_producer)
         options.setdefault("deadline", DEADLINE)
-        return HTTPEmailAPI(client, BASE, TIMEOUT, SERVICE, clock=self.clock, rng=self.rng, **options)
+        return HTTPEmailAPI(client, BASE, TIMEOUT, SERVICE_KEY, clock=self.clock, rng=self.rng, **options)
 
     def test_retried(self) -> None:
         """One failure, then the retry stores the email and its id is the answer."""
         for error in self.ERRORS:
             self.setUp()
             api = self.failing_api([error])
-            d = api.send_email(FULL, email())
+            d = api.send_email(FULL_KEY, email())
             self.settle(d)
             [stored] = self.store.emails()
             self.assertEqual(self.successResultOf(d), stored.id, error)
@@ -361,7 +353,7 @@ class NetworkErrorTests(RetryMixin, SynchronousTestCase):
         for error in self.ERRORS:
             self.setUp()
             api = self.failing_api([error], max_attempts=1)
-            d = api.send_email(FULL, email())
+            d = api.send_email(FULL_KEY, email())
             self.settle(d)
             self.assertEqual(self.reply_of(d), API_NO_ANSWER, error)
             self.assertEqual(self.store.emails(), [])
@@ -378,43 +370,43 @@ class NotRetriedTests(RetryMixin, SynchronousTestCase):
 
     def test_400(self) -> None:
         """400 is not retried."""
-        self.assertOneRequest(self.api.send_email(FULL, email(subject=None)), 554)
+        self.assertOneRequest(self.api.send_email(FULL_KEY, email(subject=None)), 554)
 
     def test_401(self) -> None:
         """401 is not retried."""
-        self.assertOneRequest(self.api.send_email(UNKNOWN, email()), 554)
+        self.assertOneRequest(self.api.send_email(UNKNOWN_KEY, email()), 554)
 
     def test_403(self) -> None:
         """403 is not retried."""
-        d = self.api.send_email(SCOPED, email(**{"from": "you@anotherdomain.com"}))
+        d = self.api.send_email(SCOPED_KEY, email(**{"from": "you@anotherdomain.com"}))
         self.assertOneRequest(d, 550)
 
     def test_404(self) -> None:
         """404 is not retried."""
-        d = self.api.send_email(FULL, email(template_id="tpl_nosuchtemplate000000"))
+        d = self.api.send_email(FULL_KEY, email(template_id="tpl_nosuchtemplate000000"))
         self.assertOneRequest(d, 554)
 
     def test_409(self) -> None:
         """409 (key reused with another body) is not retried."""
-        self.successResultOf(self.api.send_email(FULL, email(idempotency_key="k-9")))
-        d = self.api.send_email(FULL, email(idempotency_key="k-9", subject="Other"))
+        self.successResultOf(self.api.send_email(FULL_KEY, email(idempotency_key="k-9")))
+        d = self.api.send_email(FULL_KEY, email(idempotency_key="k-9", subject="Other"))
         self.assertEqual(self.reply_of(d).code, 554)
         self.assertEqual(len(self.recorder.seen), 2)
 
     def test_422(self) -> None:
         """422, from the data or injected, is not retried."""
         self.assertOneRequest(
-            self.api.send_email(FULL, email(**{"from": "you@pendingdomain.com"})), 554
+            self.api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"})), 554
         )
         self.sandbox.inject_fault("422")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.assertEqual(self.reply_of(d).code, 554)
         self.assertEqual(len(self.recorder.seen), 2)
 
     def test_quota(self) -> None:
         """A quota 429 is not retried: exactly one request, the quota reply at once."""
         self.sandbox.inject_fault("quota")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         reply = self.reply_of(d)
         self.assertIn("(monthly_limit_exceeded)", reply.text)
         self.assertNotIn("retry-after", reply.text)
@@ -429,14 +421,14 @@ class NotRetriedTests(RetryMixin, SynchronousTestCase):
             {b"content-type": b"application/json", b"retry-after": b"1"},
         )
         api = self.make_api(resource)
-        self.assertIn("daily_limit_exceeded", self.reply_of(api.send_email(FULL, email())).text)
+        self.assertIn("daily_limit_exceeded", self.reply_of(api.send_email(FULL_KEY, email())).text)
         self.assertEqual(len(calls), 1)
 
     def test_unknown_429_without_retry_after(self) -> None:
         """A 429 with neither a throttling code nor Retry-After may be a quota: not retried."""
         resource, calls = scripted(429, b'{"error": "Slow down", "code": "mystery"}')
         api = self.make_api(resource)
-        self.assertEqual(self.reply_of(api.send_email(FULL, email())).code, 451)
+        self.assertEqual(self.reply_of(api.send_email(FULL_KEY, email())).code, 451)
         self.assertEqual(len(calls), 1)
 
     def test_other_statuses(self) -> None:
@@ -444,12 +436,12 @@ class NotRetriedTests(RetryMixin, SynchronousTestCase):
         for status in (302, 418):
             resource, calls = scripted(status, b'{"error": "no"}')
             api = self.make_api(resource)
-            self.assertEqual(self.reply_of(api.send_email(FULL, email())).code, 451)
+            self.assertEqual(self.reply_of(api.send_email(FULL_KEY, email())).code, 451)
             self.assertEqual(len(calls), 1, status)
 
     def test_check_invalid_key_not_retried(self) -> None:
         """A 401 on the key check is an answer: one request."""
-        self.assertIs(self.successResultOf(self.api.check_api_key(UNKNOWN)), False)
+        self.assertIs(self.successResultOf(self.api.check_api_key(UNKNOWN_KEY)), False)
         self.assertEqual(len(self.recorder.seen), 1)
 
 
@@ -461,7 +453,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
     def test_retry_after_honoured(self) -> None:
         """Retry-After: 3 makes the retry wait 3 s (not the shorter jitter), then it succeeds."""
         self.sandbox.inject_fault("429", retry_after="3")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.clock.advance(2.999)
         self.stub.flush()
         self.assertEqual(len(self.recorder.seen), 1)
@@ -476,7 +468,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         when = formatdate(self.clock.seconds() + 4, usegmt=True)
         self.sandbox.inject_fault("429", retry_after=when)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.clock.advance(3.9)
         self.stub.flush()
         self.assertEqual(len(self.recorder.seen), 1)
@@ -488,7 +480,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
     def test_without_retry_after(self) -> None:
         """A rate_limit_exceeded 429 without Retry-After is retried after the jittered back-off."""
         self.sandbox.inject_fault("429")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         self.successResultOf(d)
         self.assertEqual(self.rng.ranges, [(0, 0.25)])
@@ -497,7 +489,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
     def test_retry_after_beyond_deadline(self) -> None:
         """A Retry-After past the deadline ends the send at once with the hint."""
         self.sandbox.inject_fault("429", retry_after="60")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.assertEqual(
             self.reply_of(d), Reply(451, "4.7.0", "PostStack rate limit reached, retry-after=60s")
         )
@@ -510,7 +502,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
         self.clock.advance(1_700_000_000)
         when = formatdate(self.clock.seconds() + 90, usegmt=True)
         self.sandbox.inject_fault("429", retry_after=when)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.assertEqual(
             self.reply_of(d), Reply(451, "4.7.0", "PostStack rate limit reached, retry-after=90s")
         )
@@ -518,7 +510,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
     def test_throttled_until_deadline(self) -> None:
         """Throttled on every attempt: the last 451 carries the hint, before the deadline."""
         self.sandbox.inject_fault("429", count=-1, retry_after="10")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         self.assertEqual(
             self.reply_of(d), Reply(451, "4.7.0", "PostStack rate limit reached, retry-after=10s")
@@ -532,7 +524,7 @@ class ThrottlingTests(RetryMixin, SynchronousTestCase):
         api = self.make_api(max_attempts=1, breaker_failures=2)
         self.sandbox.inject_fault("429", count=5, retry_after="1")
         for _ in range(5):
-            self.reply_of(api.send_email(FULL, email()))
+            self.reply_of(api.send_email(FULL_KEY, email()))
         self.assertEqual(api.breaker.state, "closed")
         self.assertEqual(len(self.recorder.seen), 5)
 
@@ -547,7 +539,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         """503 on every attempt: 451 4.3.0, at most max_attempts requests, within the deadline."""
         self.sandbox.inject_fault("503", count=-1)
         api = self.make_api(rng=RecordingRandom(1.0), breaker_failures=0)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         reply = self.reply_of(d)
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.0"))
@@ -562,7 +554,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         during one message's retries: 5 requests, then the fail-fast 451.
         """
         self.sandbox.inject_fault("503", count=-1)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         self.assertEqual(self.reply_of(d), API_DOWN)
         self.assertEqual(len(self.recorder.seen), 5)
@@ -572,7 +564,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         """max_attempts=3 means three requests at most."""
         self.sandbox.inject_fault("500", count=-1)
         api = self.make_api(max_attempts=3)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         self.reply_of(d)
         self.assertEqual(len(self.recorder.seen), 3)
@@ -583,7 +575,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         time-out reply comes exactly at the deadline.
         """
         self.sandbox.inject_fault("hang", count=-1)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         self.assertEqual(self.reply_of(d), API_TIMEOUT)
         self.assertEqual(self.clock.seconds(), DEADLINE)
@@ -594,7 +586,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         """Resets on every attempt end in 451 4.4.1 within the deadline."""
         self.sandbox.inject_fault("reset", count=-1)
         api = self.make_api(breaker_failures=0)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         self.assertEqual(self.reply_of(d), API_NO_ANSWER)
         self.assertLessEqual(self.clock.seconds(), DEADLINE)
@@ -603,7 +595,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
     def test_noid_until_deadline(self) -> None:
         """2xx without an id on every attempt: the no-id 451, nothing stored, all with one key."""
         self.sandbox.inject_fault("noid", count=-1)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
         reply = self.reply_of(d)
         self.assertTrue(reply.text.startswith(API_BAD_ANSWER.text))
@@ -615,7 +607,7 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         """A back-off that leaves less than a second before the deadline ends the send instead."""
         self.sandbox.inject_fault("503", count=-1)
         api = self.make_api(deadline=1.2, rng=RecordingRandom(1.0))
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         self.reply_of(d)
         # The retry would wait 0.25 s and leave 0.95 s (< 1 s) before the
@@ -634,7 +626,7 @@ class BackoffTests(RetryMixin, SynchronousTestCase):
         rng = RecordingRandom(1.0)
         api = self.make_api(deadline=1000.0, rng=rng, breaker_failures=0)
         self.sandbox.inject_fault("503", count=-1)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         self.reply_of(d)
         self.assertEqual(
@@ -648,7 +640,7 @@ class BackoffTests(RetryMixin, SynchronousTestCase):
         expected = random.Random(7).uniform(0, 0.25)
         api = self.make_api(rng=random.Random(7))
         self.sandbox.inject_fault("503")
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.clock.advance(expected - 0.0001)
         self.stub.flush()
         self.assertEqual(len(self.recorder.seen), 1)
@@ -667,7 +659,7 @@ class RetryLoggingTests(RetryMixin, SynchronousTestCase):
         """Two 503s then success: two api_retry events, no failure events, no secrets."""
         self.sandbox.inject_fault("503", count=2)
         with capturedLogs() as events:
-            d = self.api.send_email(FULL, email(idempotency_key="order-secretish"))
+            d = self.api.send_email(FULL_KEY, email(idempotency_key="order-secretish"))
             self.settle(d)
         self.successResultOf(d)
         ours = [
@@ -681,7 +673,7 @@ class RetryLoggingTests(RetryMixin, SynchronousTestCase):
         self.assertEqual([e for e in ours if e.get("event") != "api_retry"], [])
         for event in ours:
             text = formatEvent(event) + repr(event)
-            for secret in (FULL, "order-secretish", "Hello there"):
+            for secret in (FULL_KEY, "order-secretish", "Hello there"):
                 self.assertNotIn(secret, text)
 
     def test_network_retry_names_error_class(self) -> None:
@@ -689,7 +681,7 @@ class RetryLoggingTests(RetryMixin, SynchronousTestCase):
         self.sandbox.inject_fault("reset", count=-1)
         api = self.make_api(max_attempts=2)
         with capturedLogs() as events:
-            d = api.send_email(FULL, email())
+            d = api.send_email(FULL_KEY, email())
             self.settle(d)
         self.reply_of(d)
         [retry] = [e for e in events if e.get("event") == "api_retry"]
@@ -709,7 +701,7 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """max_in_flight=2: the third message waits, then goes when one finishes."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=2)
-        ds = [api.send_email(FULL, email(subject=f"m{i}")) for i in range(3)]
+        ds = [api.send_email(FULL_KEY, email(subject=f"m{i}")) for i in range(3)]
         self.stub.flush()
         self.assertEqual(len(held.requests), 2)
         self.assertEqual((api.slots.held, api.slots.waiting), (2, 1))
@@ -728,8 +720,8 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """A message that gets no slot within queue_timeout fails with 451 4.3.2, no request."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=1, queue_timeout=2.0)
-        first = api.send_email(FULL, email())
-        second = api.send_email(FULL, email())
+        first = api.send_email(FULL_KEY, email())
+        second = api.send_email(FULL_KEY, email())
         self.clock.advance(1.999)
         self.assertNoResult(second)
         self.clock.advance(0.001)
@@ -750,7 +742,7 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """Waiting messages get slots in the order they came."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=1)
-        ds = [api.send_email(FULL, email(subject=f"m{i}")) for i in range(4)]
+        ds = [api.send_email(FULL_KEY, email(subject=f"m{i}")) for i in range(4)]
         for i in range(4):
             self.stub.flush()
             self.assertEqual(len(held.requests), i + 1)
@@ -764,9 +756,9 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """A waiting send that is cancelled leaves the queue; the slot goes to the next one."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=1)
-        first = api.send_email(FULL, email(subject="first"))
-        cancelled = api.send_email(FULL, email(subject="cancelled"))
-        third = api.send_email(FULL, email(subject="third"))
+        first = api.send_email(FULL_KEY, email(subject="first"))
+        cancelled = api.send_email(FULL_KEY, email(subject="cancelled"))
+        third = api.send_email(FULL_KEY, email(subject="third"))
         cancelled.cancel()
         self.failureResultOf(cancelled, CancelledError)
         self.assertEqual(api.slots.waiting, 1)
@@ -785,7 +777,7 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """Cancelling a send in flight frees its slot, closes its request and is not retried."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=1)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.stub.flush()
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -799,7 +791,7 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
     def test_cancel_during_backoff(self) -> None:
         """Cancelling a send while it waits to retry stops it: no further request, no timer."""
         self.sandbox.inject_fault("503", count=-1)
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.assertNoResult(d)
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -811,8 +803,8 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """AUTH-time checks count against max_in_flight too."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=1)
-        send = api.send_email(FULL, email())
-        check = api.check_api_key(FULL)
+        send = api.send_email(FULL_KEY, email())
+        check = api.check_api_key(FULL_KEY)
         self.stub.flush()
         self.assertEqual(len(held.requests), 1)
         held.answer(0)
@@ -827,8 +819,8 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """A check that gets no slot in time is APIUnavailable (454 at AUTH)."""
         held = HeldAnswers()
         api = self.make_api(held, max_in_flight=1, queue_timeout=1.0)
-        api.send_email(FULL, email())
-        check = api.check_api_key(FULL)
+        api.send_email(FULL_KEY, email())
+        check = api.check_api_key(FULL_KEY)
         self.clock.advance(1.0)
         self.failureResultOf(check, APIUnavailable)
 
@@ -836,7 +828,7 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         """A slot is held per attempt, not during the back-off between attempts."""
         self.sandbox.inject_fault("503")
         api = self.make_api(max_in_flight=1)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.assertNoResult(d)
         self.assertEqual(api.slots.held, 0)
         self.settle(d)
@@ -910,7 +902,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
     def fail_times(self, n: int, mode: str = "503") -> None:
         self.sandbox.inject_fault(mode, count=n)
         for _ in range(n):
-            d = self.api.send_email(FULL, email())
+            d = self.api.send_email(FULL_KEY, email())
             self.settle(d)
             self.reply_of(d)
 
@@ -920,8 +912,8 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
             self.fail_times(3)
             self.assertEqual(self.api.breaker.state, "open")
             for _ in range(5):
-                self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
-            self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+                self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
+            self.failureResultOf(self.api.check_api_key(FULL_KEY), APIUnavailable)
             self.failureResultOf(
                 self.api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
                 APIUnavailable,
@@ -940,11 +932,11 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         """After the cool-down one request probes; its success closes the breaker."""
         self.fail_times(3)
         self.clock.advance(9.999)
-        self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
+        self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
         self.clock.advance(0.001)
         with capturedLogs() as events:
-            email_id = self.successResultOf(self.api.send_email(FULL, email()))
-            self.successResultOf(self.api.send_email(FULL, email(subject="next")))
+            email_id = self.successResultOf(self.api.send_email(FULL_KEY, email()))
+            self.successResultOf(self.api.send_email(FULL_KEY, email(subject="next")))
         self.assertEqual(len(self.store.emails()), 2)
         self.assertTrue(email_id.startswith("em_"))
         self.assertEqual(self.api.breaker.state, "closed")
@@ -959,9 +951,9 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
             self.clock.advance(10)
             self.fail_times(1)
             self.assertEqual(self.api.breaker.state, "open")
-            self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
+            self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
             self.clock.advance(10)
-            self.successResultOf(self.api.send_email(FULL, email()))
+            self.successResultOf(self.api.send_email(FULL_KEY, email()))
         self.assertEqual(len(self.recorder.seen), 5)
         self.assertEqual(len([e for e in events if e.get("event") == "api_breaker_open"]), 1)
         self.assertEqual(len([e for e in events if e.get("event") == "api_breaker_closed"]), 1)
@@ -971,10 +963,10 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         self.fail_times(3)
         self.clock.advance(10)
         self.sandbox.inject_fault("slow", delay=2)
-        probe = self.api.send_email(FULL, email())
+        probe = self.api.send_email(FULL_KEY, email())
         self.assertEqual(self.api.breaker.state, "half-open")
-        self.assertEqual(self.reply_of(self.api.send_email(FULL, email())), API_DOWN)
-        self.failureResultOf(self.api.check_api_key(FULL), APIUnavailable)
+        self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
+        self.failureResultOf(self.api.check_api_key(FULL_KEY), APIUnavailable)
         self.clock.advance(2)
         self.stub.flush()
         self.successResultOf(probe)
@@ -985,19 +977,19 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         self.fail_times(3)
         self.clock.advance(10)
         self.sandbox.inject_fault("hang")
-        probe = self.api.send_email(FULL, email())
+        probe = self.api.send_email(FULL_KEY, email())
         probe.cancel()
         self.failureResultOf(probe, CancelledError)
-        self.successResultOf(self.api.send_email(FULL, email()))
+        self.successResultOf(self.api.send_email(FULL_KEY, email()))
         self.assertEqual(self.api.breaker.state, "closed")
 
     def test_answers_reset_the_count(self) -> None:
         """A 4xx (or any answer) between transient failures resets the consecutive count."""
         self.fail_times(2)
-        self.reply_of(self.api.send_email(FULL, email(subject=None)))  # 400
+        self.reply_of(self.api.send_email(FULL_KEY, email(subject=None)))  # 400
         self.fail_times(2)
         self.assertEqual(self.api.breaker.state, "closed")
-        self.successResultOf(self.api.check_api_key(FULL))
+        self.successResultOf(self.api.check_api_key(FULL_KEY))
         self.fail_times(2)
         self.assertEqual(self.api.breaker.state, "closed")
         self.assertEqual(self.api.breaker.failures, 2)
@@ -1019,7 +1011,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         """Transient failures of AUTH-time checks count too."""
         self.sandbox.inject_fault("503", count=-1, path="/emails", method="GET")
         for _ in range(3):
-            d = self.api.check_api_key(FULL)
+            d = self.api.check_api_key(FULL_KEY)
             self.settle(d)
             self.failureResultOf(d, APIUnavailable)
         self.assertEqual(self.api.breaker.state, "open")
@@ -1029,7 +1021,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         api = self.make_api(max_attempts=1, breaker_failures=0)
         self.sandbox.inject_fault("503", count=20)
         for _ in range(20):
-            self.reply_of(api.send_email(FULL, email()))
+            self.reply_of(api.send_email(FULL_KEY, email()))
         self.assertEqual(len(self.recorder.seen), 20)
         self.assertEqual(api.breaker.state, "closed")
 
@@ -1037,7 +1029,7 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         """A time-out cut short by the message's deadline is not evidence the API is down."""
         api = self.make_api(deadline=15.0, breaker_failures=2)
         self.sandbox.inject_fault("hang", count=-1)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.settle(d)
         self.assertEqual(self.reply_of(d), API_TIMEOUT)
         self.assertEqual(len(self.recorder.seen), 2)
@@ -1048,9 +1040,9 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         """A message waiting to retry when the breaker opens fails fast at its next attempt."""
         api = self.make_api(breaker_failures=2, rng=RecordingRandom(1.0))
         self.sandbox.inject_fault("503", count=-1)
-        waiting = api.send_email(FULL, email(subject="waiting"))
+        waiting = api.send_email(FULL_KEY, email(subject="waiting"))
         self.assertNoResult(waiting)
-        other = api.send_email(FULL, email(subject="other"))
+        other = api.send_email(FULL_KEY, email(subject="other"))
         self.assertNoResult(other)
         self.assertEqual(api.breaker.state, "open")
         self.clock.advance(0.25)
@@ -1062,9 +1054,9 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         """A request that started before the breaker opened and then succeeds closes it."""
         api = self.make_api(max_attempts=1, breaker_failures=1)
         self.sandbox.inject_fault("slow", delay=5)
-        slow = api.send_email(FULL, email())
+        slow = api.send_email(FULL_KEY, email())
         self.sandbox.inject_fault("503")
-        self.reply_of(api.send_email(FULL, email()))
+        self.reply_of(api.send_email(FULL_KEY, email()))
         self.assertEqual(api.breaker.state, "open")
         self.clock.advance(5)
         self.stub.flush()
@@ -1111,7 +1103,7 @@ class ConnectionHygieneTests(RetryMixin, SynchronousTestCase):
         """A hanging request's connection is closed when the attempt times out."""
         api = self.make_api(max_attempts=1)
         self.sandbox.inject_fault("hang")
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.stub.flush()
         self.assertEqual(self.sandbox.pending, 1)
         self.clock.advance(TIMEOUT)
@@ -1123,7 +1115,7 @@ class ConnectionHygieneTests(RetryMixin, SynchronousTestCase):
         """A body that never ends: the attempt times out and its connection is closed."""
         trickle = Trickle()
         api = self.make_api(trickle, max_attempts=1)
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.stub.flush()
         self.assertEqual(trickle.lost, [])
         self.clock.advance(TIMEOUT)

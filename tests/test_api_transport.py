@@ -50,7 +50,8 @@ from poststack_relay.replies import API_NO_ANSWER, API_TIMEOUT
 from poststack_relay.sandbox import IN_TREE_DATA_PATH, SandboxResource, SandboxStore, load_sandbox_data
 from poststack_relay.testing import write_certificate
 from poststack_relay.tls import load_certificate_options
-from tests.test_api import FULL, SERVICE, UNKNOWN, _scan, attachment_email, email
+from tests.common.api import attachment_email, email
+from tests.common.keys import FULL_KEY, SERVICE_KEY, UNKNOWN_KEY, scan
 
 
 class PreparedURLTests(SynchronousTestCase):
@@ -95,7 +96,7 @@ class PreparedURLTests(SynchronousTestCase):
         api = HTTPEmailAPI(
             StubTreq(StringStubbingResource(answer)), "https://b\u00fccher.example/v1", 10.0, clock=Clock()
         )
-        self.assertIs(self.successResultOf(api.check_api_key(FULL)), True)
+        self.assertIs(self.successResultOf(api.check_api_key(FULL_KEY)), True)
         self.assertEqual(seen, [("https://xn--bcher-kva.example/v1/emails", {b"per_page": [b"1"]})])
 
 
@@ -194,17 +195,17 @@ class HeaderTests(SynchronousTestCase):
 
     def test_per_key(self) -> None:
         """A key's headers are kept: the same object for a request without a body or an idempotency key."""
-        first = self.transport.headers(FULL)
-        self.assertIs(self.transport.headers(FULL), first)
-        self.assertEqual(first.getRawHeaders(b"authorization"), [b"Bearer " + FULL.encode()])
+        first = self.transport.headers(FULL_KEY)
+        self.assertIs(self.transport.headers(FULL_KEY), first)
+        self.assertEqual(first.getRawHeaders(b"authorization"), [b"Bearer " + FULL_KEY.encode()])
         self.assertEqual(first.getRawHeaders(b"user-agent"), [USER_AGENT.encode()])
         self.assertEqual(first.getRawHeaders(b"accept"), [b"application/json"])
         self.assertIsNone(self.transport.headers(None).getRawHeaders(b"authorization"))
 
     def test_message_headers_are_a_copy(self) -> None:
         """The idempotency key and the content type go on a copy: the kept headers do not change."""
-        kept = self.transport.headers(FULL)
-        headers = self.transport.headers(FULL, "k-1", body=True)
+        kept = self.transport.headers(FULL_KEY)
+        headers = self.transport.headers(FULL_KEY, "k-1", body=True)
         self.assertIsNot(headers, kept)
         self.assertEqual(headers.getRawHeaders(b"idempotency-key"), [b"k-1"])
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
@@ -295,7 +296,7 @@ class InMemoryTests(SynchronousTestCase):
         client, _ = self.client(sandbox)
         api = HTTPEmailAPI(client, "http://api.example", 10.0, clock=Clock(), max_attempts=1)
         request = attachment_email()
-        self.assertTrue(self.successResultOf(api.send_email(FULL, request)).startswith("em_"))
+        self.assertTrue(self.successResultOf(api.send_email(FULL_KEY, request)).startswith("em_"))
         [stored] = store.emails()
         self.assertEqual(
             stored.payload["attachments"][0]["content"], request.payload["attachments"][0]["content"]
@@ -309,7 +310,7 @@ class InMemoryTests(SynchronousTestCase):
         failure = self.failureResultOf(read_body(response, 1024 * 1024), AnswerTooLarge)
         self.assertIsInstance(failure.value, NETWORK_ERRORS)
         api = HTTPEmailAPI(client, "http://api.example", 10.0, clock=Clock(), max_attempts=1)
-        error = self.failureResultOf(api.send_email(FULL, email()), APIError).value
+        error = self.failureResultOf(api.send_email(FULL_KEY, email()), APIError).value
         self.assertEqual(error.reply, API_NO_ANSWER)
 
     def test_answer_at_limit(self) -> None:
@@ -357,7 +358,7 @@ class LoopbackTests(TestCase):
         self.addCleanup(self.pool.closeCachedConnections)
         options.setdefault("max_attempts", 1)
         timeout = options.pop("timeout", 5.0)
-        service_key = options.pop("service_key", SERVICE)
+        service_key = options.pop("service_key", SERVICE_KEY)
         return HTTPEmailAPI(
             client, f"http://127.0.0.1:{port.getHost().port}", timeout, service_key, clock=reactor, **options
         )
@@ -372,13 +373,13 @@ class LoopbackTests(TestCase):
     async def test_calls(self) -> None:
         """Key checks, a mailbox login and sends work over one kept-alive connection."""
         api = await self.start()
-        self.assertIs(await api.check_api_key(FULL), True)
-        self.assertIs(await api.check_api_key(UNKNOWN), False)
+        self.assertIs(await api.check_api_key(FULL_KEY), True)
+        self.assertIs(await api.check_api_key(UNKNOWN_KEY), False)
         self.assertEqual(
             await api.authenticate_mailbox("alice@yourdomain.com", "alice-password"),
             "alice@yourdomain.com",
         )
-        ids = [await api.send_email(FULL, email()) for _ in range(3)]
+        ids = [await api.send_email(FULL_KEY, email()) for _ in range(3)]
         self.assertEqual(sorted(ids), sorted(e.id for e in self.store.emails()))
         self.assertEqual(self.site.connections, 1)
 
@@ -386,22 +387,22 @@ class LoopbackTests(TestCase):
         """A 422 and a 429 arrive as their SMTP replies."""
         api = await self.start()
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email(**{"from": "you@pendingdomain.com"}))
+            await api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"}))
         self.assertEqual((caught.exception.status, caught.exception.reply.code), (422, 554))
         self.sandbox.inject_fault("429", retry_after="3")
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply.text, "PostStack rate limit reached, retry-after=3s")
 
     async def test_reset(self) -> None:
         """A reset connection is 451 4.4.1; the next send succeeds on a new connection."""
         api = await self.start()
-        await api.send_email(FULL, email())
+        await api.send_email(FULL_KEY, email())
         self.sandbox.inject_fault("reset")
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply, API_NO_ANSWER)
-        await api.send_email(FULL, email())
+        await api.send_email(FULL_KEY, email())
         self.assertEqual(len(self.store.emails()), 2)
         self.assertEqual(self.site.connections, 2)
 
@@ -410,33 +411,33 @@ class LoopbackTests(TestCase):
         api = await self.start(timeout=0.3)
         self.sandbox.inject_fault("hang")
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply, API_TIMEOUT)
         await self.wait_for(lambda: self.sandbox.pending == 0)
-        await api.send_email(FULL, email())
+        await api.send_email(FULL_KEY, email())
         self.assertEqual(self.site.connections, 2)
 
     async def test_large_attachment(self) -> None:
         """A 3 MB attachment is streamed and stored byte for byte; the connection is kept."""
         api = await self.start()
         request = attachment_email(3 * 1024 * 1024)
-        await api.send_email(FULL, request)
+        await api.send_email(FULL_KEY, request)
         [stored] = self.store.emails()
         self.assertEqual(
             stored.payload["attachments"][0]["content"], request.payload["attachments"][0]["content"]
         )
-        await api.send_email(FULL, email())
+        await api.send_email(FULL_KEY, email())
         self.assertEqual(self.site.connections, 1)
 
     async def test_server_closes_idle(self) -> None:
         """A connection the server closed while idle is not used again: the next send connects anew."""
         api = await self.start(max_attempts=3)
-        await api.send_email(FULL, email())
+        await api.send_email(FULL_KEY, email())
         [protocol] = self.site.built
         protocol.transport.loseConnection()
         await self.wait_for(lambda: protocol.transport.disconnected)
         await deferLater(reactor, 0.05, lambda: None)  # the client reads the close
-        await api.send_email(FULL, email())
+        await api.send_email(FULL_KEY, email())
         self.assertEqual(len(self.store.emails()), 2)
         self.assertEqual(self.site.connections, 2)
 
@@ -478,18 +479,18 @@ class LoopbackTests(TestCase):
         resource = GzipAnswer()
         api = await self.serve(resource)
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply, API_NO_ANSWER)
         self.assertEqual(resource.accepted, [[b"identity"]])
         with self.assertRaises(APIError):
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(self.site.connections, 1)
 
     async def test_gzip_bomb_not_inflated(self) -> None:
         """A gzip answer that would inflate to 64 MiB fails without being inflated."""
         api = await self.serve(GzipAnswer(padding=64 * 1024 * 1024))
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply, API_NO_ANSWER)
         self.assertEqual(self.flushLoggedErrors(), [])
 
@@ -498,7 +499,7 @@ class LoopbackTests(TestCase):
         api = await self.serve(BigAnswer(2 * 1024 * 1024))
         for _ in range(2):
             with self.assertRaises(APIError) as caught:
-                await api.send_email(FULL, email())
+                await api.send_email(FULL_KEY, email())
             self.assertEqual(caught.exception.reply, API_NO_ANSWER)
         self.assertEqual(self.site.connections, 2)
         self.assertEqual(self.flushLoggedErrors(), [])
@@ -540,7 +541,7 @@ class LoopbackTests(TestCase):
         self.assertTrue(any(e.get("event") == "api_network_error" for e in events))
         self.assertTrue(any(e.get("event") == "api_timeout" for e in events))
         for item in [*events, *errors]:
-            shown = _scan(item) + (" " + (formatEvent(item) or "") if isinstance(item, dict) else "")
+            shown = scan(item) + (" " + (formatEvent(item) or "") if isinstance(item, dict) else "")
             self.assertNotIn(secret, shown)
             self.assertNotIn(password, shown)
 
@@ -555,7 +556,7 @@ class LoopbackTests(TestCase):
         self.addCleanup(pool.closeCachedConnections)
         api = HTTPEmailAPI(client, f"http://127.0.0.1:{closed}", 5.0, clock=reactor, max_attempts=1)
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply, API_NO_ANSWER)
 
     async def test_tls_untrusted(self) -> None:
@@ -574,7 +575,7 @@ class LoopbackTests(TestCase):
             client, f"https://127.0.0.1:{port.getHost().port}", 5.0, clock=reactor, max_attempts=1
         )
         with self.assertRaises(APIError) as caught:
-            await api.send_email(FULL, email())
+            await api.send_email(FULL_KEY, email())
         self.assertEqual(caught.exception.reply, API_NO_ANSWER)
         self.assertEqual(store.emails(), [])
 

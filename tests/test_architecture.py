@@ -227,6 +227,23 @@ class HelperImportCheckTests(SynchronousTestCase):
         self.assertEqual(self.probe(source), set())
 
 
+class TestLayoutTests(SynchronousTestCase):
+    """The tests keep the layout their package docstring describes."""
+
+    maxDiff = None
+
+    def test_helpers_only_from_tests_common(self) -> None:
+        """No module of tests/ imports from a test module: only from tests.common (and the product)."""
+        found = {}
+        for path in sorted(TESTS_DIR.rglob("*.py")):
+            if path.name.startswith("_") and path.name != "__init__.py":
+                continue
+            imported = imports_of_test_modules(path)
+            if imported:
+                found[str(path.relative_to(ROOT))] = sorted(imported)
+        self.assertEqual(found, {})
+
+
 class ShapeTests(SynchronousTestCase):
     """The package keeps the shape docs/design.md describes."""
 

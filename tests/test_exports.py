@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+import poststack_relay.smtp as smtp
+from poststack_relay import addresses
+from poststack_relay.smtp import data, envelope, factory, protocol
+
 
 class PublicNamesTests(SynchronousTestCase):
     def test_package(self) -> None:
@@ -92,3 +96,127 @@ class TranslateNamesTests(SynchronousTestCase):
         for module in (addresses, idempotency, policy):
             for name in module.__all__:
                 self.assertTrue(hasattr(module, name), name)
+
+
+SMTP_PUBLIC = {
+    "CLOSE_LINGER": protocol,
+    "DATA_HOLD_LIMIT": data,
+    "DataScanner": data,
+    "MAX_AUTH_LINE": protocol,
+    "MAX_COMMAND_LINE": protocol,
+    "MAX_PENDING_INPUT": protocol,
+    "REFUSAL_LINGER": factory,
+    "RefusalProtocol": factory,
+    "RelayFactory": factory,
+    "RelaySMTP": protocol,
+    "Session": smtp.session,
+    "parse_path": envelope,
+    "path_problem": addresses,
+}
+
+
+class SMTPNamesTests(SynchronousTestCase):
+    """
+    The public names of L{poststack_relay.smtp}: what other modules, tests
+    and embedders import from the package stays there, whichever module of
+    the package it lives in.
+    """
+
+    def test_public_names(self) -> None:
+        """C{__all__} is exactly the pinned names, each the object of the module that defines it."""
+        self.assertEqual(sorted(smtp.__all__), sorted(SMTP_PUBLIC))
+        for name, module in SMTP_PUBLIC.items():
+            self.assertIs(getattr(smtp, name), getattr(module, name), name)
+
+    def test_limits(self) -> None:
+        """The documented limits keep their values (docs/design.md)."""
+        self.assertEqual(
+            (smtp.MAX_COMMAND_LINE, smtp.MAX_AUTH_LINE, smtp.MAX_PENDING_INPUT, smtp.DATA_HOLD_LIMIT),
+            (2048, 12288, 1024 * 1024, 65536),
+        )
+        self.assertEqual((smtp.CLOSE_LINGER, smtp.REFUSAL_LINGER), (5.0, 10.0))
+
+    def test_factory_builds_relay_sessions(self) -> None:
+        """RelayFactory is still a Twisted SMTPFactory whose protocol is RelaySMTP."""
+        from twisted.mail.smtp import SMTPFactory
+
+        self.assertTrue(issubclass(smtp.RelayFactory, SMTPFactory))
+        self.assertIs(smtp.RelayFactory.protocol, smtp.RelaySMTP)
+
+
+class APINamesTests(SynchronousTestCase):
+    """
+    The names C{poststack_relay.api} exports: the client, its errors and
+    parts other modules and embedders use; the modules inside may move.
+    """
+
+    def test_names(self) -> None:
+        """The package exports exactly these names, the same objects as their homes."""
+        from poststack_relay import api, interfaces
+        from poststack_relay.api import body, breaker, client, errors, retry, slots, transport
+
+        self.assertEqual(
+            sorted(api.__all__),
+            sorted(
+                [
+                    "APIEndpoints", "APIError", "APIUnavailable", "Answer", "BodyProducer",
+                    "CircuitBreaker", "DEFAULT_BACKOFF_BASE", "DEFAULT_BACKOFF_CAP",
+                    "DEFAULT_MAX_ATTEMPTS", "HTTPEmailAPI", "IEmailAPI", "MAX_ANSWER",
+                    "NETWORK_ERRORS", "PreparedURL", "RequestSlots", "RetryPolicy",
+                    "STREAM_MIN_CONTENT", "USER_AGENT", "body_bytes", "json_body",
+                    "make_http_client", "parse_retry_after",
+                ]
+            ),
+        )
+        for name in api.__all__:
+            self.assertTrue(hasattr(api, name), name)
+        self.assertIs(api.IEmailAPI, interfaces.IEmailAPI)
+        self.assertIs(api.HTTPEmailAPI, client.HTTPEmailAPI)
+        self.assertIs(api.APIError, errors.APIError)
+        self.assertIs(api.CircuitBreaker, breaker.CircuitBreaker)
+        self.assertIs(api.RequestSlots, slots.RequestSlots)
+        self.assertIs(api.parse_retry_after, retry.parse_retry_after)
+        self.assertIs(api.json_body, body.json_body)
+        self.assertIs(api.make_http_client, transport.make_http_client)
+
+
+class SandboxNamesTests(SynchronousTestCase):
+    """
+    The names C{poststack_relay.sandbox} exports are its API; the modules
+    behind them may move.
+    """
+
+    def test_all(self) -> None:
+        """The package exports exactly these names, each importable."""
+        import poststack_relay.sandbox as sandbox
+
+        self.assertEqual(
+            sorted(sandbox.__all__),
+            [
+                "FAULT_MODES",
+                "IN_TREE_DATA_PATH",
+                "SandboxData",
+                "SandboxResource",
+                "SandboxService",
+                "SandboxStore",
+                "StoredEmail",
+                "load_sandbox_data",
+                "makeSandboxService",
+            ],
+        )
+        for name in sandbox.__all__:
+            self.assertIsNotNone(getattr(sandbox, name))
+
+
+class WorkersNamesTests(SynchronousTestCase):
+    """The names of L{poststack_relay.workers} that C{tap} and embedders import."""
+
+    def test_names(self) -> None:
+        """The package exports exactly the supervisor, its exit helper and the version-skew status."""
+        from poststack_relay import workers
+        from poststack_relay.workers import messages, supervisor
+
+        self.assertEqual(sorted(workers.__all__), ["Supervisor", "VERSION_CHANGED_EXIT", "exit_with"])
+        self.assertIs(workers.Supervisor, supervisor.Supervisor)
+        self.assertIs(workers.exit_with, supervisor.exit_with)
+        self.assertEqual(workers.VERSION_CHANGED_EXIT, messages.VERSION_CHANGED_EXIT)

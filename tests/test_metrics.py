@@ -50,8 +50,9 @@ from poststack_relay.testing import MemoryEmailAPI, make_certificate, write_cert
 from poststack_relay.implicittls import ImplicitTLSFactory
 from poststack_relay.listening import ListeningService
 from poststack_relay.tls import ReloadableTLS, load_certificate_options
-from tests.test_api import BASE, FULL, SERVICE, email
-from tests.smtp_harness import MESSAGE, Harness, plain
+from tests.common.api import BASE, email
+from tests.common.keys import FULL_KEY, SERVICE_KEY
+from tests.common.smtp import MESSAGE, Harness, plain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "etc", "grafana-dashboard.json")
@@ -279,7 +280,7 @@ class ProbeServiceTests(SynchronousTestCase):
         sandbox = SandboxResource(store, load_sandbox_data(IN_TREE_DATA_PATH), clock)
         stub = StubTreq(sandbox)
         metrics = RelayMetrics()
-        api = HTTPEmailAPI(stub, BASE, 10.0, SERVICE, clock=clock, metrics=metrics)
+        api = HTTPEmailAPI(stub, BASE, 10.0, SERVICE_KEY, clock=clock, metrics=metrics)
         self.assertFalse(api.reachable_within(1000))
         self.assertTrue(self.successResultOf(api.probe()))
         self.assertTrue(api.reachable_within(0))
@@ -313,13 +314,13 @@ class APIInstrumentationTests(SynchronousTestCase):
                 return b
 
         self.api = HTTPEmailAPI(
-            self.stub, BASE, 10.0, SERVICE, clock=self.clock, metrics=self.metrics, rng=Fixed()  # type: ignore[arg-type]
+            self.stub, BASE, 10.0, SERVICE_KEY, clock=self.clock, metrics=self.metrics, rng=Fixed()  # type: ignore[arg-type]
         )
 
     def test_attempts_and_retries(self) -> None:
         """Each attempt is counted by call and status with its duration; a retry is counted once."""
         self.sandbox.inject_fault("503")
-        d = self.api.send_email(FULL, email())
+        d = self.api.send_email(FULL_KEY, email())
         self.stub.flush()
         self.clock.advance(0.25)  # the back-off (the fixed jitter takes the whole range)
         self.stub.flush()
@@ -330,7 +331,7 @@ class APIInstrumentationTests(SynchronousTestCase):
         self.assertEqual(value(m, "upstream_retries_total", call="send"), 1.0)
         self.assertEqual(value(m, "upstream_request_duration_seconds_count", call="send"), 2.0)
         self.assertEqual(value(m, "upstream_request_duration_seconds_sum", call="send"), 0.0)
-        self.assertTrue(self.successResultOf(self.api.check_api_key(FULL)))
+        self.assertTrue(self.successResultOf(self.api.check_api_key(FULL_KEY)))
         self.assertFalse(self.successResultOf(self.api.check_api_key("sk_test_nope")))
         self.assertEqual(value(m, "upstream_requests_total", call="key_check", status="200"), 1.0)
         self.assertEqual(value(m, "upstream_requests_total", call="key_check", status="401"), 1.0)
@@ -338,18 +339,18 @@ class APIInstrumentationTests(SynchronousTestCase):
 
     def test_5xx_not_reachable(self) -> None:
         """A 5xx answer does not count as reachable."""
-        api = HTTPEmailAPI(self.stub, BASE, 10.0, SERVICE, clock=self.clock, max_attempts=1)
+        api = HTTPEmailAPI(self.stub, BASE, 10.0, SERVICE_KEY, clock=self.clock, max_attempts=1)
         self.sandbox.inject_fault("500")
-        self.failureResultOf(api.send_email(FULL, email()))
+        self.failureResultOf(api.send_email(FULL_KEY, email()))
         self.assertIsNone(api.last_reachable)
         self.assertEqual(value(api.metrics, "upstream_requests_total", call="send", status="500"), 1.0)
 
     def test_timeout_duration_and_in_flight(self) -> None:
         """A hanging attempt is in flight until it times out after 10 s, then counted as timeout."""
-        api = HTTPEmailAPI(self.stub, BASE, 10.0, SERVICE, clock=self.clock, max_attempts=1,
+        api = HTTPEmailAPI(self.stub, BASE, 10.0, SERVICE_KEY, clock=self.clock, max_attempts=1,
                            metrics=self.metrics)
         self.sandbox.inject_fault("hang")
-        d = api.send_email(FULL, email())
+        d = api.send_email(FULL_KEY, email())
         self.assertEqual(value(self.metrics, "upstream_in_flight"), 1.0)
         self.clock.advance(10)
         self.failureResultOf(d)
@@ -360,11 +361,11 @@ class APIInstrumentationTests(SynchronousTestCase):
 
     def test_queue_and_breaker(self) -> None:
         """The queue gauge counts waiters for a slot; the breaker gauge is 1 while it refuses."""
-        api = HTTPEmailAPI(self.stub, BASE, 10.0, SERVICE, clock=self.clock, max_attempts=1,
+        api = HTTPEmailAPI(self.stub, BASE, 10.0, SERVICE_KEY, clock=self.clock, max_attempts=1,
                            max_in_flight=1, breaker_failures=1, metrics=self.metrics)
         self.sandbox.inject_fault("hang")
-        first = api.send_email(FULL, email())
-        second = api.send_email(FULL, email())
+        first = api.send_email(FULL_KEY, email())
+        second = api.send_email(FULL_KEY, email())
         self.assertEqual(value(self.metrics, "upstream_queue"), 1.0)
         self.assertEqual(value(self.metrics, "api_breaker_open"), 0.0)
         self.clock.advance(10)  # the first times out: a failure opens the breaker
@@ -687,12 +688,12 @@ class LoopbackTests(TestCase):
         self.addCleanup(pool.closeCachedConnections)
         self.metrics = metrics = RelayMetrics()
         self.api = api = HTTPEmailAPI(
-            treq.client.HTTPClient(Agent(reactor, pool=pool)), api_url, 10.0, SERVICE,
+            treq.client.HTTPClient(Agent(reactor, pool=pool)), api_url, 10.0, SERVICE_KEY,
             clock=reactor, metrics=metrics,
         )
         cfg = RelayConfig(tls_cert=self.cafile, tls_key=keyfile, hostname="localhost", api_url=api_url)
         portal = Portal(RelayRealm(lambda i: RelayDelivery(i, api)),
-                        [PostStackChecker(api, reactor, SERVICE)])
+                        [PostStackChecker(api, reactor, SERVICE_KEY)])
         self.factory = factory = RelayFactory(portal, cfg, reactor, metrics=metrics)
         tls = ReloadableTLS(self.cafile, keyfile, metrics=metrics)
         wrapped = ImplicitTLSFactory(tls, factory, 2.0, reactor, metrics=metrics)
@@ -726,7 +727,7 @@ class LoopbackTests(TestCase):
         def clients() -> None:
             context = ssl.create_default_context(cafile=self.cafile)
             with smtplib.SMTP_SSL("localhost", self.smtp_port, context=context, timeout=20) as s:
-                s.login("poststack", FULL)
+                s.login("poststack", FULL_KEY)
                 s.sendmail("you@yourdomain.com", ["user@example.com"],
                            "From: you@yourdomain.com\r\nTo: user@example.com\r\n"
                            "Subject: metrics\r\n\r\nHello\r\n")

@@ -1430,34 +1430,6 @@ class PluginTests(_TempPathMixin, SynchronousTestCase):
         self.assertEqual(service.resource.data, options["sandbox_data"])
 
 
-class PublicNamesTests(SynchronousTestCase):
-    """
-    The names C{poststack_relay.sandbox} exports are its API; the modules
-    behind them may move.
-    """
-
-    def test_all(self) -> None:
-        """The package exports exactly these names, each importable."""
-        import poststack_relay.sandbox as sandbox
-
-        self.assertEqual(
-            sorted(sandbox.__all__),
-            [
-                "FAULT_MODES",
-                "IN_TREE_DATA_PATH",
-                "SandboxData",
-                "SandboxResource",
-                "SandboxService",
-                "SandboxStore",
-                "StoredEmail",
-                "load_sandbox_data",
-                "makeSandboxService",
-            ],
-        )
-        for name in sandbox.__all__:
-            self.assertIsNotNone(getattr(sandbox, name))
-
-
 class FaultPartsTests(SynchronousTestCase):
     """
     The fault parts without a request: L{make_fault}, L{FaultQueue} and

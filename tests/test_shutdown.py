@@ -40,7 +40,18 @@ from poststack_relay.service import _PoolService
 from poststack_relay.smtp import CLOSE_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
-from tests.smtp_harness import AUTH_OK, BEGIN, KEY, MESSAGE, Connections, RecordingHarness, plain, queued, ready, stuff
+from tests.common.smtp import (
+    AUTH_OK,
+    BEGIN,
+    KEY,
+    MESSAGE,
+    Connections,
+    RecordingHarness,
+    plain,
+    queued,
+    ready,
+    stuff,
+)
 
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later"
 LOGIN = b"EHLO c\r\nAUTH PLAIN " + plain("poststack", KEY) + b"\r\n"

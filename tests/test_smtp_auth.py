@@ -13,15 +13,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.smtp import MAX_AUTH_LINE, MAX_COMMAND_LINE
-from tests.smtp_harness import (
-    AUTH_OK,
-    KEY,
-    LINE_TOO_LONG,
-    TOO_MANY_ERRORS,
-    Harness,
-    RecordingHarness,
-    plain,
-)
+from tests.common.smtp import AUTH_OK, KEY, LINE_TOO_LONG, TOO_MANY_ERRORS, Harness, RecordingHarness, plain
 
 class AuthTests(SynchronousTestCase):
     def test_mail_before_auth(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.translate import Envelope
-from tests.smtp_harness import MESSAGE, RecordingHarness, queued, ready, stuff
+from tests.common.smtp import MESSAGE, RecordingHarness, queued, ready, stuff
 
 class EnvelopeParsingTests(SynchronousTestCase):
     def deliver(self, h: RecordingHarness) -> Envelope:

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from poststack_relay.api import APIError
 from poststack_relay.replies import Reply
 from poststack_relay.smtp import DATA_HOLD_LIMIT, DataScanner
-from tests.smtp_harness import MESSAGE, normalised, queued, ready, stuff
+from tests.common.smtp import MESSAGE, normalised, queued, ready, stuff
 
 TRICKY = [
     b"",

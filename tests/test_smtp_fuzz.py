@@ -4,7 +4,7 @@ Protocol fuzz for L{poststack_relay.smtp.RelaySMTP}: random sequences of
 valid and invalid commands, AUTH exchanges, DATA bodies with dots, CR and
 LF, pipelined input cut at random points, clock advances, API stalls and
 failures, shutdown and connection loss, over a StringTransport (the
-L{tests.smtp_harness.Harness}: an in-memory API and a Clock).
+L{tests.common.smtp.Harness}: an in-memory API and a Clock).
 
 After every step the session must be consistent: nothing raised or was
 logged as an error, every reply line is well formed and carries the
@@ -34,7 +34,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.api import APIError
 from poststack_relay.replies import Reply
-from tests.smtp_harness import KEY, MESSAGE, Harness, plain
+from tests.common.smtp import KEY, MESSAGE, Harness, plain
 
 CRLF = b"\r\n"
 KNOWN_MODES = frozenset({"command", "auth", "data", "wait", "closed"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.smtp import MAX_PENDING_INPUT
-from tests.smtp_harness import (
+from tests.common.smtp import (
     AUTH_OK,
     BEGIN,
     KEY,

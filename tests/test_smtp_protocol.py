@@ -23,7 +23,7 @@ from poststack_relay.replies import Reply
 from poststack_relay.smtp import MAX_PENDING_INPUT
 from poststack_relay.testing import write_certificate
 from poststack_relay.tls import ImplicitTLSFactory, load_certificate_options
-from tests.smtp_harness import (
+from tests.common.smtp import (
     AUTH_OK,
     BEGIN,
     KEY,

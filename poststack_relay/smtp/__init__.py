@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_protocol,tests.test_smtp_session,tests.test_smtp_exports -*-
+# -*- test-case-name: tests.test_smtp_protocol,tests.test_smtp_session,tests.test_exports -*-
 """
 The SMTP side: an ESMTP submission server that only relays for
 authenticated users, one transaction at a time, with exact replies.
