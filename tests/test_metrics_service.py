@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 
 from tests.common.keys import FULL_KEY
 from tests.common.relay import RelayTestCase
-from tests.common.haproxy import HAPROXY, start_haproxy
+from tests.common.haproxy import HAPROXY, haproxy_config, start_haproxy
 from tests.common.processes import free_port, wait_for_port
 
 
@@ -100,24 +100,6 @@ class WiredMetricsTests(RelayTestCase):
         await stopping
 
 
-HAPROXY_CHECK_CONFIG = """\
-global
-    maxconn 100
-    stats socket {stats} mode 600 level user
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend smtps
-    bind 127.0.0.1:{front}
-    default_backend relay
-backend relay
-    option httpchk GET /readyz
-    server relay 127.0.0.1:{relay} check port {metrics} inter 200ms fall 1 rise 1
-"""
-
-
 def haproxy_status(stats: str) -> str:
     """
     The status (UP, DOWN, ...) of the backend server "relay", from HAProxy's stats socket.
@@ -183,8 +165,13 @@ class UnreachableApiTests(RelayTestCase):
         assert self.relay.metrics_service is not None
         metrics_port = (await self.relay.metrics_service.port()).getHost().port
         front = free_port()
-        process = start_haproxy(self, directory, HAPROXY_CHECK_CONFIG.format(
-            stats=stats, front=front, relay=self.port, metrics=metrics_port))
+        process = start_haproxy(self, directory, haproxy_config(
+            front,
+            self.port,
+            server=f"check port {metrics_port} inter 200ms fall 1 rise 1",
+            backend=["option httpchk GET /readyz"],
+            global_=[f"stats socket {stats} mode 600 level user"],
+        ))
         await self.in_thread(wait_for_port, front, process)
         await self.wait_for(lambda: haproxy_status(stats) == "UP")
 

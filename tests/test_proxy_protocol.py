@@ -31,7 +31,7 @@ from poststack_relay.service import RelayService
 from poststack_relay.tap import Options
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from poststack_relay.implicittls import ImplicitTLSFactory
-from tests.common.haproxy import HAPROXY, start_haproxy
+from tests.common.haproxy import HAPROXY, haproxy_config, start_haproxy
 from tests.common.keys import FULL_KEY
 from tests.common.processes import free_port, wait_for_port
 from tests.common.relay import RelayTestCase
@@ -344,22 +344,6 @@ class ProxyProtocolEndToEndTests(RelayTestCase):
         self.assertEqual(self.stored(), [])
 
 
-HAPROXY_CONFIG = """\
-global
-    maxconn 100
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 30s
-    timeout server 30s
-frontend smtps
-    bind 127.0.0.1:{front}
-    default_backend relay
-backend relay
-    server relay 127.0.0.1:{relay} {send_proxy}
-"""
-
-
 class RealHAProxyTests(RelayTestCase):
     """Debian's HAProxy in TCP mode in front of the relay on loopback."""
 
@@ -372,7 +356,7 @@ class RealHAProxyTests(RelayTestCase):
         os.makedirs(directory)
         front = free_port()
         process = start_haproxy(
-            self, directory, HAPROXY_CONFIG.format(front=front, relay=self.port, send_proxy=send_proxy)
+            self, directory, haproxy_config(front, self.port, server=send_proxy)
         )
         events: list[dict[str, Any]] = []
 

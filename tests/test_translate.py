@@ -2,7 +2,7 @@
 Tests for L{poststack_relay.translate}: MIME bytes plus envelope in, one
 C{POST /emails} body (or one SMTP error reply) out.
 
-Sample messages in C{tests/mime/} are stored with LF line endings; L{_load}
+Sample messages in C{tests/mime/} are stored with LF line endings; L{load}
 turns them into CRLF lines, as they arrive in DATA.
 """
 
@@ -30,15 +30,9 @@ from poststack_relay.translate import (
     translate,
 )
 from poststack_relay.translate.addressing import _simple_addresses  # differential test
+from tests.common.corpus import corpus_names, load
 
-_MIME_DIR = Path(__file__).parent / "mime"
-_SAMPLE_NAMES = sorted(path.name for path in _MIME_DIR.glob("*.eml"))
-
-
-def _load(name: str) -> bytes:
-    """Read a sample message from tests/mime/ with CRLF line endings."""
-    data = (_MIME_DIR / name).read_bytes()
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+_SAMPLE_NAMES = corpus_names()
 
 
 def _message(*headers: str, body: bytes | str = "Hello.\r\n") -> bytes:
@@ -110,7 +104,7 @@ class PublicPageExampleTests(SynchronousTestCase):
 
     def test_python_smtplib_example(self) -> None:
         """The smtplib/MIMEMultipart example becomes exactly the documented API call."""
-        request = translate(_load("stdlib_docs_example.eml"), _envelope())
+        request = translate(load("stdlib_docs_example.eml"), _envelope())
         self.assertEqual(
             request.payload,
             {
@@ -126,7 +120,7 @@ class PublicPageExampleTests(SynchronousTestCase):
     def test_nodemailer_example(self) -> None:
         """The nodemailer sendMail example becomes the same call (7bit single part)."""
         self.assertEqual(
-            _payload(_load("nodemailer_docs_example.eml")),
+            _payload(load("nodemailer_docs_example.eml")),
             {
                 "from": "you@yourdomain.com",
                 "to": ["user@example.com"],
@@ -139,7 +133,7 @@ class PublicPageExampleTests(SynchronousTestCase):
     def test_nodemailer_template_example(self) -> None:
         """The template example carries template_id and variables, no subject or text."""
         self.assertEqual(
-            _payload(_load("nodemailer_docs_template.eml")),
+            _payload(load("nodemailer_docs_template.eml")),
             {
                 "from": "you@yourdomain.com",
                 "to": ["user@example.com"],
@@ -155,7 +149,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_nodemailer_utf8_alternative(self) -> None:
         """nodemailer text+html in quoted-printable UTF-8 with encoded names and subject."""
         payload = _payload(
-            _load("nodemailer_alternative_utf8.eml"),
+            load("nodemailer_alternative_utf8.eml"),
             _envelope("joerg@example.de", "buchhaltung@yourdomain.com"),
         )
         self.assertEqual(payload["from"], "Shop Müller <shop@yourdomain.com>")
@@ -179,7 +173,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_nodemailer_mixed_related(self) -> None:
         """Inline cid image and an RFC 2231 continued UTF-8 filename become attachments."""
         payload = _payload(
-            _load("nodemailer_mixed_attachments.eml"), _envelope("customer@example.com")
+            load("nodemailer_mixed_attachments.eml"), _envelope("customer@example.com")
         )
         self.assertEqual(payload["text"], "Invoice attached.")
         self.assertEqual(
@@ -199,7 +193,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_nodemailer_calendar(self) -> None:
         """The calendar alternative keeps its method; the .ics attachment keeps its name."""
         payload = _payload(
-            _load("nodemailer_calendar.eml"), _envelope("attendee@example.com")
+            load("nodemailer_calendar.eml"), _envelope("attendee@example.com")
         )
         self.assertEqual(payload["text"], "You are invited.")
         self.assertEqual(payload["html"], "<p>You are invited.</p>")
@@ -216,7 +210,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_thunderbird_rfc2231_and_flowed(self) -> None:
         """Thunderbird's filename*=UTF-8'' wins over name=; format=flowed is unflowed."""
         payload = _payload(
-            _load("thunderbird_rfc2231_attachment.eml"),
+            load("thunderbird_rfc2231_attachment.eml"),
             _envelope("recruteur@example.fr"),
         )
         self.assertEqual(payload["from"], "Anaïs Lefèvre <anais@yourdomain.com>")
@@ -232,7 +226,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_outlook_meeting_request(self) -> None:
         """Outlook: iso-8859-1 QP bodies, quoted encoded name, calendar part, Thread-* headers."""
         payload = _payload(
-            _load("outlook_meeting_request.eml"),
+            load("outlook_meeting_request.eml"),
             _envelope("team@example.com", "anna.schmidt@example.com"),
         )
         self.assertEqual(
@@ -262,7 +256,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_phpmailer_iso_8859_1_8bit(self) -> None:
         """PHPMailer's 8bit iso-8859-1 bodies and Q-encoded subject decode correctly."""
         payload = _payload(
-            _load("phpmailer_iso8859_1.eml"), _envelope("kundin@example.org")
+            load("phpmailer_iso8859_1.eml"), _envelope("kundin@example.org")
         )
         self.assertEqual(payload["subject"], "Ihre Bestellbestätigung")
         self.assertEqual(
@@ -282,7 +276,7 @@ class SampleClientTests(SynchronousTestCase):
 
     def test_windows_1252(self) -> None:
         """windows-1252 smart quotes and euro sign decode in subject and body."""
-        payload = _payload(_load("windows1252_qp.eml"), _envelope("buyer@example.com"))
+        payload = _payload(load("windows1252_qp.eml"), _envelope("buyer@example.com"))
         self.assertEqual(payload["subject"], "“Deals” – 5 €")
         self.assertEqual(
             payload["text"], "“Quoted” prices start at 5 € – don’t miss it…"
@@ -290,7 +284,7 @@ class SampleClientTests(SynchronousTestCase):
 
     def test_shift_jis(self) -> None:
         """Shift_JIS 8bit body (with a Windows-only character) and B-encoded headers decode."""
-        payload = _payload(_load("shift_jis_8bit.eml"), _envelope("tanaka@example.jp"))
+        payload = _payload(load("shift_jis_8bit.eml"), _envelope("tanaka@example.jp"))
         self.assertEqual(payload["from"], "鈴木 <suzuki@yourdomain.com>")
         self.assertEqual(payload["subject"], "会議資料")
         self.assertEqual(
@@ -300,7 +294,7 @@ class SampleClientTests(SynchronousTestCase):
 
     def test_koi8_r(self) -> None:
         """KOI8-R base64 body and B-encoded headers decode."""
-        payload = _payload(_load("koi8r_base64.eml"), _envelope("client@example.ru"))
+        payload = _payload(load("koi8r_base64.eml"), _envelope("client@example.ru"))
         self.assertEqual(payload["from"], "Бухгалтерия <buh@yourdomain.com>")
         self.assertEqual(payload["subject"], "Счет на оплату")
         self.assertEqual(payload["text"], "Здравствуйте!\n\nСчет во вложении.\n")
@@ -308,7 +302,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_forward_as_attachment(self) -> None:
         """A message/rfc822 part becomes an .eml attachment holding the original bytes."""
         payload = _payload(
-            _load("thunderbird_forward_as_attachment.eml"),
+            load("thunderbird_forward_as_attachment.eml"),
             _envelope("colleague@example.com"),
         )
         self.assertEqual(payload["text"], "See the forwarded message.\n")
@@ -332,7 +326,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_apple_mail_inline_image(self) -> None:
         """Apple Mail's inline image (disposition inline with filename) is an attachment."""
         payload = _payload(
-            _load("apple_mail_inline_image.eml"), _envelope("friend@example.com")
+            load("apple_mail_inline_image.eml"), _envelope("friend@example.com")
         )
         self.assertEqual(payload["text"], "Here it is:\n\n\n")
         self.assertIn('src="cid:A1B2C3D4-E5F6-4789-ABCD-EF0123456789"', payload["html"])
@@ -344,7 +338,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_emailmessage_undisclosed_recipients(self) -> None:
         """policy.default output: group syntax To, Bcc header, RFC 2231 name, idempotency key."""
         request = translate(
-            _load("stdlib_emailmessage_undisclosed.eml"),
+            load("stdlib_emailmessage_undisclosed.eml"),
             _envelope("hidden@example.com", "other@example.net"),
         )
         payload = request.payload
@@ -367,7 +361,7 @@ class SampleClientTests(SynchronousTestCase):
     def test_legacy_api_fully_encoded_addresses(self) -> None:
         """Python's legacy API encodes whole address fields; they are still understood."""
         payload = _payload(
-            _load("stdlib_legacy_nonascii_headers.eml"),
+            load("stdlib_legacy_nonascii_headers.eml"),
             _envelope("joerg@example.de", "other@example.com"),
         )
         self.assertEqual(payload["from"], "Shop Müller <shop@yourdomain.com>")
@@ -386,7 +380,7 @@ class SampleClientTests(SynchronousTestCase):
             "user@example.com", "friend@example.com", "team@example.com"
         )
         for name in _SAMPLE_NAMES:
-            _assert_valid(self, translate(_load(name), everyone))
+            _assert_valid(self, translate(load(name), everyone))
 
     def test_bare_lf_line_endings(self) -> None:
         """Messages with bare LF line endings translate like their CRLF form."""
@@ -405,8 +399,8 @@ class SampleClientTests(SynchronousTestCase):
             return payload
 
         for name in _SAMPLE_NAMES:
-            crlf = normalized(_load(name))
-            lf = normalized(_load(name).replace(b"\r\n", b"\n"))
+            crlf = normalized(load(name))
+            lf = normalized(load(name).replace(b"\r\n", b"\n"))
             self.assertEqual(lf, crlf, name)
 
 
@@ -1651,7 +1645,7 @@ class HostileInputTests(SynchronousTestCase):
         self, name: str, seed: int, mutations: int, mailbox: str | None
     ) -> None:
         """Mutated real messages give a valid request or a TranslationError, nothing else."""
-        self._check(_mutate(_load(name), random.Random(seed), mutations), mailbox)
+        self._check(_mutate(load(name), random.Random(seed), mutations), mailbox)
 
     @settings(
         max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import re
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -37,12 +36,9 @@ from poststack_relay.translate import (
     TranslationError,
     translate,
 )
+from tests.common.corpus import corpus_names, load
 
-_MIME_DIR = Path(__file__).parent / "mime"
-_SAMPLES = {
-    path.name: path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    for path in sorted(_MIME_DIR.glob("*.eml"))
-}
+_SAMPLES = {name: load(name) for name in corpus_names()}
 
 # Every character str.splitlines() breaks a line at.
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"

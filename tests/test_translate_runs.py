@@ -10,7 +10,6 @@ and the scan stays linear on hostile input.
 from __future__ import annotations
 
 from email.message import Message
-from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
@@ -21,8 +20,7 @@ import poststack_relay.translate.parse as translate_module
 from poststack_relay.translate import Envelope, translate
 from poststack_relay.translate.parse import _skeleton
 from poststack_relay.translate.parse import parse_message as _parse
-
-MIME_DIR = Path(__file__).parent / "mime"
+from tests.common.corpus import MIME_DIR
 
 
 def dump(message: Message) -> list[Any]:

@@ -7,9 +7,12 @@ One module per subject, imported by its own name (C{from
 tests.common.processes import free_port}): one path per helper, and a test
 that needs a free port does not load the nodemailer runner.
 
-  - L{keys}: the sandbox's credentials and the forms a secret could leak in.
+  - L{keys}: the sandbox's credentials, the forms a secret could leak in and
+    the text of a log event to look for them in.
   - L{processes}: the tree's root, C{twistd}, the sandbox data; free ports,
-    bounded waits for a port, bounded stops by PID.
+    bounded waits for a port, bounded stops by PID; L{processes.run_tool},
+    the one runner of child programs from the reactor (interop clients,
+    Postfix's commands, the nodemailer scripts).
   - L{systemd}: an C{sd_notify} receiver and a socket-activation launcher.
   - L{tls}: a test PKI written to files, permissive TLS clients, in-memory
     handshakes.
@@ -21,7 +24,7 @@ that needs a free port does not load the nodemailer runner.
   - L{api}: builders for the API client's tests.
   - L{corpus}: the MIME corpus and the request each file must become.
   - L{node}: the pinned nodemailer scripts of C{tests/e2e/node/}.
-  - L{interop}: real command-line clients as bounded child processes, and
-    L{interop.InteropTestCase}.
+  - L{interop}: L{interop.InteropTestCase} (real clients against relay +
+    sandbox) and finding the clients.
   - L{postfix}: private Postfix instances for the interop tests.
 """

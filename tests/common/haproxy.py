@@ -1,6 +1,7 @@
 """
 Debian's HAProxy as a real load balancer in front of the relay: where it
-is (L{HAPROXY}, L{None} if not installed) and a bounded starter.
+is (L{HAPROXY}, L{None} if not installed), its configuration for one TCP
+frontend and the relay as its one server, and a bounded starter.
 """
 
 from __future__ import annotations
@@ -8,11 +9,43 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from typing import Any
+from typing import Any, Sequence
 
-__all__ = ["HAPROXY", "start_haproxy"]
+__all__ = ["HAPROXY", "haproxy_config", "start_haproxy"]
 
 HAPROXY = shutil.which("haproxy")
+
+
+def haproxy_config(
+    front: int,
+    relay: int,
+    server: str = "",
+    backend: Sequence[str] = (),
+    global_: Sequence[str] = (),
+) -> str:
+    """
+    A TCP frontend on loopback port C{front} whose one server is the relay
+    on loopback port C{relay}; C{server} ends the server line (C{send-proxy},
+    health checks), C{backend} and C{global_} are further lines of those
+    sections.
+    """
+    lines = [
+        "global",
+        "    maxconn 100",
+        *(f"    {line}" for line in global_),
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 5s",
+        "    timeout client 30s",
+        "    timeout server 30s",
+        "frontend smtps",
+        f"    bind 127.0.0.1:{front}",
+        "    default_backend relay",
+        "backend relay",
+        *(f"    {line}" for line in backend),
+        f"    server relay 127.0.0.1:{relay} {server}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def start_haproxy(test: Any, directory: str, config: str) -> "subprocess.Popen[bytes]":
