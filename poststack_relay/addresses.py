@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_addresses,tests.test_smtp,tests.test_translate,tests.test_senders -*-
+# -*- test-case-name: tests.test_addresses,tests.test_smtp_envelope,tests.test_translate,tests.test_senders -*-
 """
 The one address validator: what a mail address must look like, on the
 SMTP envelope (C{MAIL FROM}/C{RCPT TO} paths, RFC 5321) and in the

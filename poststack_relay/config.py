@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config,tests.test_config_file,tests.test_listeners,tests.test_workers -*-
+# -*- test-case-name: tests.test_config_file,tests.test_listeners,tests.test_workers -*-
 """
 The relay's configuration: one frozen attrs value, built once at start-up.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp,tests.test_auth_throttle,tests.test_senders,tests.test_api -*-
+# -*- test-case-name: tests.test_replies_doc,tests.test_smtp_protocol,tests.test_auth_throttle,tests.test_senders,tests.test_api -*-
 """
 Every SMTP reply the relay sends, in one table.
 

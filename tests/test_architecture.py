@@ -244,6 +244,20 @@ class TestLayoutTests(SynchronousTestCase):
         self.assertEqual(found, {})
 
 
+    def test_named_tests_exist(self) -> None:
+        """Every module a C{test-case-name} line names (product and helpers) exists."""
+        missing = {}
+        for path in sorted([*PACKAGE_DIR.rglob("*.py"), *(TESTS_DIR / "common").rglob("*.py")]):
+            first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+            if "test-case-name:" not in first:
+                continue
+            names = first.split("test-case-name:", 1)[1].replace("-*-", "").strip().split(",")
+            gone = [n for n in names if not (ROOT / (n.strip().replace(".", os.sep) + ".py")).is_file()]
+            if gone:
+                missing[str(path.relative_to(ROOT))] = gone
+        self.assertEqual(missing, {})
+
+
 class ShapeTests(SynchronousTestCase):
     """The package keeps the shape docs/design.md describes."""
 

@@ -73,7 +73,7 @@ from poststack_relay.workers.messages import (
 from poststack_relay.workers.supervisor import describe_exit, worker_command, worker_environment, worker_log
 from poststack_relay.workers.worker import accept_fairly
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
-from tests.common.systemd import LAUNCHER, notify_receiver as _receiver, pending_datagrams as _pending
+from tests.common.systemd import LAUNCHER, notify_receiver, pending_datagrams
 
 
 def bound_port(fd: int) -> int:
@@ -1140,7 +1140,7 @@ class WorkersProcessTests(ProcessTestCase):
 
     def test_shared_port(self) -> None:
         """Two workers serve the one port over real TLS, a killed or stopped worker is replaced while the port keeps serving, and SIGTERM stops everything with status 0."""
-        notify = _receiver(self.dir)
+        notify = notify_receiver(self.dir)
         self.addCleanup(notify.close)
         self.port = free_port()
         relay = self.start(
@@ -1155,7 +1155,7 @@ class WorkersProcessTests(ProcessTestCase):
         self.assertNotEqual(started[0], started[1])
         self.assertEqual([parent_of(pid) for pid in started.values()], [relay.pid, relay.pid])
         self.assertEqual({e["worker"]: e["pid"] for e in self.named("worker_ready")}, started)
-        self.assertEqual(_pending(notify), [f"READY=1\nSTATUS=2 workers listening on 127.0.0.1:{self.port}".encode()])
+        self.assertEqual(pending_datagrams(notify), [f"READY=1\nSTATUS=2 workers listening on 127.0.0.1:{self.port}".encode()])
 
         # Both workers take connections from the shared port.
         for batch in range(6):
@@ -1187,7 +1187,7 @@ class WorkersProcessTests(ProcessTestCase):
         self.send_many("after-stop-", 3)
         new1 = self.wait_until(lambda: self.ready_pid(1, after=1), "worker 1's replacement", relay)
         self.send_many("end-", 4)
-        statuses = _pending(notify)
+        statuses = pending_datagrams(notify)
         # READY=1 only once; the restarts are told in STATUS= alone.
         self.assertIn(f"STATUS=1 of 2 workers listening on 127.0.0.1:{self.port}; worker 0 restarting".encode(), statuses)
         self.assertTrue(all(m.startswith(b"STATUS=") for m in statuses), statuses)
@@ -1197,7 +1197,7 @@ class WorkersProcessTests(ProcessTestCase):
         relay.send_signal(signal.SIGTERM)
         self.assertEqual(relay.wait(timeout=30), 0, self.output("relay")[-3000:])
         self.assertLess(time.monotonic() - began, 15)
-        statuses += _pending(notify)
+        statuses += pending_datagrams(notify)
         self.assertEqual(statuses[-2:], [f"STATUS=2 workers listening on 127.0.0.1:{self.port}".encode(),
                                          b"STOPPING=1\nSTATUS=stopping"], "\n".join(json.dumps({k: e.get(k) for k in ("time", "event", "worker", "pid", "message")}) for e in self.events()))
         for pid in (new0, new1):
@@ -1382,7 +1382,7 @@ class WorkersCommandTests(ProcessTestCase):
 
     def test_systemd_socket(self) -> None:
         """Under socket activation the supervisor hands the socket systemd passed to its workers and alone tells systemd READY=1."""
-        notify = _receiver(self.dir)
+        notify = notify_receiver(self.dir)
         self.addCleanup(notify.close)
         listening = socket.socket()
         self.addCleanup(listening.close)
@@ -1399,7 +1399,7 @@ class WorkersCommandTests(ProcessTestCase):
         )
         self.addCleanup(stop_process, relay)
         listening.close()  # only the relay holds it now
-        messages = self.wait_until(lambda: _pending(notify), "READY=1", relay)
+        messages = self.wait_until(lambda: pending_datagrams(notify), "READY=1", relay)
         self.assertEqual(messages, [f"READY=1\nSTATUS=2 workers listening on 127.0.0.1:{port}".encode()])
         for worker in (0, 1):
             self.assertIn(f"worker={worker}] worker {worker} ready, pid", self.output("relay"))
@@ -1411,7 +1411,7 @@ class WorkersCommandTests(ProcessTestCase):
                     self.assertTrue(tls.recv(1024).startswith(b"220 localhost "))
         relay.send_signal(signal.SIGTERM)
         self.assertEqual(relay.wait(timeout=30), 0)
-        self.assertEqual(_pending(notify), [b"STOPPING=1\nSTATUS=stopping"])
+        self.assertEqual(pending_datagrams(notify), [b"STOPPING=1\nSTATUS=stopping"])
 
     def test_bad_certificate(self) -> None:
         """A certificate that cannot be used is one line and exit status 1 before any worker starts."""
