@@ -126,15 +126,21 @@ SAME_DECISION = [
     "not an address",
     "(comment)",
     "<>",
+    # A charset nobody knows: neither decoder decodes the field, so the
+    # rule sees no address (the relay decoded it before words_decodable).
+    "=?x-unknown?q?alice=40yourdomain.com?=",
+    # Glued to an address (found by the property test below): in a charset
+    # nobody knows the field is not decoded, and its address is no mailbox;
+    # in a known one both decode it to the mailbox.
+    "=?x-unknown?q?=3C?=alice@yourdomain.com",
+    "=?utf-8?q?=3C?=alice@yourdomain.com",
 ]
 
-# Where the two decoders differ: the stdlib gives up on a charset it does
-# not know (or one with an RFC 2231 language suffix) and the rule then saw
-# the undecoded word, which is no address; the relay's decoder decodes the
-# word's ASCII bytes.  Both name the mailbox itself, so nothing another
-# author could use is let through.
+# Where the two decoders differ: the stdlib gives up on a charset with an
+# RFC 2231 language suffix and the rule then saw the undecoded word, which
+# is no address; the relay's decoder drops the suffix.  It names the
+# mailbox itself, so nothing another author could use is let through.
 DECODED_BY_THE_RELAY_ONLY = [
-    "=?x-unknown?q?alice=40yourdomain.com?=",
     "=?utf-8*en?q?alice=40yourdomain.com?=",
 ]
 

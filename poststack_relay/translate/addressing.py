@@ -17,7 +17,7 @@ from typing import Final
 
 from .. import policy, replies
 from ..addresses import bare_address, header_address_problem, is_header_address
-from .decoding import clean, decode_words, raw_header_text, utf8_safe
+from .decoding import clean, decode_words, raw_header_text, utf8_safe, words_decodable
 from .request import Envelope, TranslationError
 
 
@@ -89,7 +89,11 @@ def parse_addresses(values: list[str]) -> list[tuple[str, str]]:
         parsed = _simple_addresses(value)
         if parsed is None:
             parsed = getaddresses([value])
-            if "=?" in value and any("=?" in address for _, address in parsed):
+            if (
+                "=?" in value
+                and any("=?" in address for _, address in parsed)
+                and words_decodable(value)
+            ):
                 # Python's legacy API (msg["To"] = "Jörg <j@example.de>")
                 # encodes the whole field, addresses included.
                 parsed = getaddresses([decode_words(value)])

@@ -194,6 +194,24 @@ def raw_header_text(value: object) -> str:
     return text
 
 
+def words_decodable(text: str) -> bool:
+    """
+    Does every encoded-word of C{text} name a charset the relay knows (or
+    none, which every reader takes as ASCII)?
+
+    The address parser decodes a whole field (addresses included, as
+    Python's legacy email API writes them) only then.  A word in a charset
+    no reader can decode stays as it is, as the stdlib leaves it: so the
+    sender policy never accepts an address that only the relay's lenient
+    decoding finds (C{=?x-unknown?q?=3C?=alice@example.com} reads as the
+    address C{=?x-unknown?q?=3C?=alice@example.com} to everyone else).
+    """
+    for match in _ENCODED_WORD.finditer(text):
+        if match.group(1) and _codec(match.group(1)) is None:
+            return False
+    return True
+
+
 def decode_words(text: str) -> str:
     """
     Decode RFC 2047 encoded-words leniently.
