@@ -449,9 +449,9 @@ class LogObserverService(MultiService):
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:  # type: ignore[no-untyped-call]
             observer = self._observer_factory()
             if observer is not None:
-                parent.setComponent(ILogObserver, observer)  # type: ignore[no-untyped-call]
+                parent.setComponent(ILogObserver, observer)  # type: ignore[no-untyped-call]  # Componentized: unannotated
                 self.observer = observer
-        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # MultiService: unannotated
 
 
 JSONLogService = LogObserverService

@@ -233,7 +233,7 @@ def _restore(root: Message, raw: bytes, prefix: bytes, runs: list[tuple[int, int
             if isinstance(payload, list):
                 stack.extend(child for child in payload if isinstance(child, Message))
             else:
-                part._payload = put_back(payload)  # type: ignore[attr-defined]
+                part._payload = put_back(payload)  # type: ignore[attr-defined]  # the same slot, written back
     finally:
         view.release()
 
