@@ -45,7 +45,6 @@ from twisted.python.randbytes import secureRandom
 from zope.interface import implementer
 
 from .config import TLS_PROFILES, ConfigError
-from .implicittls import ImplicitTLSFactory, ImplicitTLSProtocol
 from .metrics import RelayMetrics
 
 _log = Logger()
@@ -418,11 +417,7 @@ class ReloadableTLS:
             return False
 
 
-# ImplicitTLSFactory and ImplicitTLSProtocol moved to poststack_relay.implicittls;
-# importable from here until the tests that still import them from here move.
 __all__ = [
-    "ImplicitTLSFactory",
-    "ImplicitTLSProtocol",
     "ReloadableTLS",
     "TLSOptions",
     "describe_certificate",

@@ -599,7 +599,7 @@ class AuthEdgeCaseTests(SynchronousTestCase):
             self.send(b"AUTH PLAIN " + plain(MAILBOX, MAILBOX_PASSWORD) + b"\r\n"),
             [b"503 5.5.1 Error: already authenticated"],
         )
-        delivery = self.conn.proto._delivery
+        delivery = self.conn.proto.state.delivery
         assert delivery is not None
         self.assertEqual(delivery.identity.kind, "api_key")
 

@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.smtp import CLOSE_LINGER, REFUSAL_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import write_certificate
-from poststack_relay.tls import ImplicitTLSFactory, load_certificate_options
+from poststack_relay.implicittls import ImplicitTLSFactory
+from poststack_relay.tls import load_certificate_options
 from tests.common.smtp import (
     AUTH_OK,
     BEGIN,

@@ -22,7 +22,8 @@ from poststack_relay.api import APIError
 from poststack_relay.replies import Reply
 from poststack_relay.smtp import MAX_PENDING_INPUT
 from poststack_relay.testing import write_certificate
-from poststack_relay.tls import ImplicitTLSFactory, load_certificate_options
+from poststack_relay.implicittls import ImplicitTLSFactory
+from poststack_relay.tls import load_certificate_options
 from tests.common.smtp import (
     AUTH_OK,
     BEGIN,

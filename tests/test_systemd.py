@@ -25,7 +25,6 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from poststack_relay import ConfigError, RelayConfig, makeRelayService, tap
 from poststack_relay.systemd import SystemdNotifier, socketEndpoint
 from poststack_relay.testing import write_certificate
-from poststack_relay.implicittls import ImplicitTLSFactory
 from tests.common.processes import ROOT, TWISTD, stop_process
 from tests.common.systemd import LAUNCHER, notify_receiver, pending_datagrams
 

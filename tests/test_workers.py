@@ -57,10 +57,10 @@ from zope.interface import provider
 import poststack_relay
 from poststack_relay import tap
 from poststack_relay.config import ConfigError, RelayConfig
-from poststack_relay.logs import LogObserverService, event_as_json, event_as_json_line, jsonLineObserver, textLineObserver
+from poststack_relay.logs import LogObserverService, event_as_json, jsonLineObserver, textLineObserver
 from poststack_relay.service import makeRelayService
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
-from poststack_relay.workers import VERSION_CHANGED_EXIT, Supervisor, exit_with, supervisor
+from poststack_relay.workers import VERSION_CHANGED_EXIT, Supervisor, exit_with
 from poststack_relay.workers.messages import (
     output_event,
     parse_ready,

@@ -96,11 +96,6 @@ class RelaySMTP(Protocol):
         """The client's address (C{"?"} before the connection is made)."""
         return self.state.client
 
-    @property
-    def _delivery(self) -> Optional[IRelayDelivery]:
-        # Read by tests.test_auth_throttle (kept for it; see Session.delivery).
-        return self.state.delivery
-
     # -- connection and timers ---------------------------------------------
     #
     # Each timer attribute (_idle, _transaction_call, _auth_delay, _linger)
