@@ -27,4 +27,6 @@ that needs a free port does not load the nodemailer runner.
   - L{interop}: L{interop.InteropTestCase} (real clients against relay +
     sandbox) and finding the clients.
   - L{postfix}: private Postfix instances for the interop tests.
+  - L{redis}: a real C{redis-server} on loopback, stopped, paused (SIGSTOP),
+    resumed and restarted by its PID.
 """
