@@ -16,7 +16,8 @@ that needs a free port does not load the nodemailer runner.
   - L{systemd}: an C{sd_notify} receiver and a socket-activation launcher.
   - L{tls}: a test PKI written to files, permissive TLS clients, in-memory
     handshakes.
-  - L{haproxy}: Debian's HAProxy, started and stopped by PID.
+  - L{haproxy}: Debian's HAProxy (one relay, or a fleet round-robin), started
+    and stopped by PID.
   - L{relay}: L{relay.RelayTestCase}, sandbox + relay over real HTTP and
     loopback TLS in the test's reactor.
   - L{smtp}: the in-memory SMTP harnesses (a StringTransport, a Clock, the
@@ -27,6 +28,8 @@ that needs a free port does not load the nodemailer runner.
   - L{interop}: L{interop.InteropTestCase} (real clients against relay +
     sandbox) and finding the clients.
   - L{postfix}: private Postfix instances for the interop tests.
+  - L{fleet}: a fleet on loopback: the sandbox, relay processes and HAProxy
+    round-robin with C{send-proxy-v2}, and a client that retries as MTAs do.
   - L{redis}: a real C{redis-server} on loopback, stopped, paused (SIGSTOP),
     resumed and restarted by its PID.
 """

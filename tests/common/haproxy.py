@@ -1,7 +1,9 @@
 """
 Debian's HAProxy as a real load balancer in front of the relay: where it
 is (L{HAPROXY}, L{None} if not installed), its configuration for one TCP
-frontend and the relay as its one server, and a bounded starter.
+frontend and the relay as its one server (L{haproxy_config}) or several
+relays round-robin with health checks (L{haproxy_fleet_config}), and a
+bounded starter.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import shutil
 import subprocess
 from typing import Any, Sequence
 
-__all__ = ["HAPROXY", "haproxy_config", "start_haproxy"]
+__all__ = ["HAPROXY", "haproxy_config", "haproxy_fleet_config", "start_haproxy"]
 
 HAPROXY = shutil.which("haproxy")
 
@@ -44,6 +46,43 @@ def haproxy_config(
         "backend relay",
         *(f"    {line}" for line in backend),
         f"    server relay 127.0.0.1:{relay} {server}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def haproxy_fleet_config(front: int, relays: Sequence[tuple[int, int]], check_interval_ms: int = 200) -> str:
+    """
+    The configuration docs/operations.md ("A fleet") recommends, on loopback:
+    a TCP frontend on port C{front}, the relays C{(smtp port, metrics port)}
+    round-robin, each sent a PROXY v2 header, each checked with
+    C{GET /readyz} on its metrics port every C{check_interval_ms}; a
+    connection refused by a dead relay is tried again on another one.
+    """
+    servers = [
+        f"    server relay{i} 127.0.0.1:{port} send-proxy-v2 check port {metrics}"
+        f" inter {check_interval_ms}ms fall 2 rise 2"
+        for i, (port, metrics) in enumerate(relays, 1)
+    ]
+    lines = [
+        "global",
+        "    maxconn 2000",
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 2s",
+        "    timeout client 60s",
+        "    timeout server 60s",
+        "    timeout check 1s",
+        "    retries 2",
+        "    option redispatch",
+        "frontend smtps",
+        f"    bind 127.0.0.1:{front}",
+        "    default_backend relays",
+        "backend relays",
+        "    balance roundrobin",
+        "    option httpchk",
+        "    http-check send meth GET uri /readyz",
+        "    http-check expect status 200",
+        *servers,
     ]
     return "\n".join(lines) + "\n"
 
