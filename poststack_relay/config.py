@@ -33,7 +33,13 @@ DEFAULT_API_DEADLINE = 30.0
 DEFAULT_API_MAX_IN_FLIGHT = 64
 DEFAULT_API_QUEUE_TIMEOUT = 10.0
 DEFAULT_API_BREAKER_FAILURES = 5
-DEFAULT_API_BREAKER_COOLDOWN = 10.0
+# While the breaker is open the relay probes the API this often, and closes
+# it on the first answer: clients are refused for at most about this long
+# (plus one probe's round trip) after the API is back.
+DEFAULT_API_BREAKER_COOLDOWN = 0.5
+# The shortest probe interval: a down API gets at most 10 probes a second
+# from one relay.
+MIN_API_BREAKER_COOLDOWN = 0.1
 DEFAULT_MAX_CONNECTIONS = 1000
 # Postfix: smtpd_client_connection_count_limit = 50.
 DEFAULT_MAX_CONNECTIONS_PER_IP = 50
@@ -153,6 +159,14 @@ def _positive(instance: object, attribute: "attrs.Attribute[_Number]", value: _N
 def _not_negative(instance: object, attribute: "attrs.Attribute[_Number]", value: _Number) -> None:
     if value < 0:
         raise ConfigError(f"{attribute.name.replace('_', '-')} must not be negative, not {value}")
+
+
+def _probe_interval(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
+    if value < MIN_API_BREAKER_COOLDOWN:
+        raise ConfigError(
+            f"api-breaker-cooldown (seconds between the breaker's probes) must be at least "
+            f"{MIN_API_BREAKER_COOLDOWN:g}, not {value}"
+        )
 
 
 def _workers(instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
@@ -358,9 +372,11 @@ class RelayConfig:
     @ivar api_max_in_flight: most API requests at once.
     @ivar api_queue_timeout: seconds a message may wait for a free request
         slot before it gets a temporary failure.
-    @ivar api_breaker_failures: consecutive transient API failures after
-        which messages fail fast for C{api_breaker_cooldown} seconds.
-    @ivar api_breaker_cooldown: see C{api_breaker_failures}.
+    @ivar api_breaker_failures: API calls in a row that failed transiently
+        (each message or AUTH check counted once) after which messages fail
+        fast until the API answers again; C{0} disables the breaker.
+    @ivar api_breaker_cooldown: seconds between the relay's own probes of
+        the API while the breaker is open (at least 0.1).
     @ivar derive_idempotency_keys: give messages that carry a Message-ID but
         no X-PostStack-Idempotency-Key a key derived from the credential,
         the envelope and the exact bytes, so a client's retry cannot send
@@ -428,7 +444,7 @@ class RelayConfig:
         default=DEFAULT_API_BREAKER_FAILURES, validator=_not_negative
     )
     api_breaker_cooldown: float = attrs.field(
-        default=DEFAULT_API_BREAKER_COOLDOWN, validator=_not_negative
+        default=DEFAULT_API_BREAKER_COOLDOWN, validator=_probe_interval
     )
     derive_idempotency_keys: bool = True
     max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_positive)

@@ -60,7 +60,7 @@ AUTH_RESULTS = ("ok", "invalid", "unavailable", "throttled", "error", "malformed
 REFUSAL_REASONS = ("stopping", "max_connections", "max_connections_per_ip")
 """Label values of C{connections_refused_total}."""
 
-UPSTREAM_CALLS = ("send", "key_check", "mailbox_check", "probe")
+UPSTREAM_CALLS = ("send", "key_check", "mailbox_check", "probe", "breaker_probe")
 """Label values of C{call} on the C{upstream_*} metrics."""
 
 
@@ -180,7 +180,7 @@ class RelayMetrics:
         )
         self.api_breaker_open = self._gauge(
             "api_breaker_open",
-            "1 while the circuit breaker refuses API requests (open or half-open), else 0.",
+            "1 while the circuit breaker is open (API requests refused, the relay probing the API), else 0.",
         )
         self.api_last_reachable_timestamp_seconds = self._gauge(
             "api_last_reachable_timestamp_seconds",

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,16 +62,22 @@ from .tls import ReloadableTLS
 _log = Logger()
 
 
-class _PoolService(Service):
+class _APIClientService(Service):
     """
-    Closes the API client's idle connections when the relay stops.
+    When the relay stops (after the drain): stops the API client's circuit
+    breaker probing, then closes the client's idle connections (when the
+    relay made the pool).
     """
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
+    def __init__(self, api: HTTPEmailAPI, pool: Optional[HTTPConnectionPool]) -> None:
+        self.api = api
         self.pool = pool
 
     def stopService(self) -> "Deferred[None]":
         Service.stopService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
+        self.api.stop()
+        if self.pool is None:
+            return succeed(None)
         return self.pool.closeCachedConnections()  # type: ignore[no-any-return, no-untyped-call]  # (untyped in Twisted)
 
 
@@ -335,7 +341,7 @@ def makeRelayService(
         else listening_endpoint(listener, reactor)
         for index, listener in enumerate(listeners)
     ]
-    pool: Optional[Service] = None
+    connections: Optional[HTTPConnectionPool] = None
     if api is None:
         # treq over a persistent pool that never retries by itself: POST
         # retries are the relay's decision.
@@ -353,7 +359,6 @@ def makeRelayService(
             breaker_cooldown=config.api_breaker_cooldown,
             metrics=metrics,
         )
-        pool = _PoolService(connections)
     factory = RelayFactory(
         _portal(config, api, reactor),
         config,
@@ -362,8 +367,8 @@ def makeRelayService(
         metrics=metrics,
     )
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
-    if pool is not None:
-        pool.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
+    if isinstance(api, HTTPEmailAPI):
+        _APIClientService(api, connections).setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     for place, listener, tls in zip(places, listeners, tls_of):
         smtps = relay_endpoint(place, listener, tls, reactor, config.tls_detect_timeout, metrics)
         service.add_listener(listener, ListeningService(smtps, factory))

@@ -104,10 +104,11 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      "seconds a message may wait for a free API request slot "
      f"[default: {_config.DEFAULT_API_QUEUE_TIMEOUT:g}]"),
     ("api-breaker-failures", int, "api_breaker_failures",
-     "consecutive transient API failures before failing fast; 0 disables "
-     f"[default: {_config.DEFAULT_API_BREAKER_FAILURES}]"),
+     "API calls in a row failing transiently (each message counted once) before failing fast; "
+     f"0 disables [default: {_config.DEFAULT_API_BREAKER_FAILURES}]"),
     ("api-breaker-cooldown", float, "api_breaker_cooldown",
-     f"seconds to fail fast before trying the API again [default: {_config.DEFAULT_API_BREAKER_COOLDOWN:g}]"),
+     "seconds between the relay's own API probes while failing fast; the first answer ends it "
+     f"[default: {_config.DEFAULT_API_BREAKER_COOLDOWN:g}]"),
     ("derive-idempotency-keys", _boolean, "derive_idempotency_keys",
      "derive an idempotency key for messages with a Message-ID (yes/no) [default: yes]"),
     ("max-connections", int, "max_connections",

@@ -548,17 +548,19 @@ class DeadlineTests(RetryMixin, SynchronousTestCase):
         self.assertLessEqual(self.clock.seconds(), DEADLINE)
         self.assertEqual(self.store.emails(), [])
 
-    def test_default_breaker_ends_retries(self) -> None:
+    def test_default_breaker_one_message(self) -> None:
         """
-        With the default breaker (5 failures), a hard-down API opens it
-        during one message's retries: 5 requests, then the fail-fast 451.
+        With the default breaker (5 calls), one message against a hard-down
+        API counts once: it makes every attempt and ends with the API's own
+        failure, the breaker still closed.
         """
         self.sandbox.inject_fault("503", count=-1)
         d = self.api.send_email(FULL_KEY, email())
         self.settle(d)
-        self.assertEqual(self.reply_of(d), API_DOWN)
-        self.assertEqual(len(self.recorder.seen), 5)
+        self.assertIn("temporary API failure", self.reply_of(d).text)
+        self.assertEqual(len(self.recorder.seen), 8)
         self.assertLessEqual(self.clock.seconds(), DEADLINE)
+        self.assertEqual((self.api.breaker.state, self.api.breaker.failures), ("closed", 1))
 
     def test_max_attempts(self) -> None:
         """max_attempts=3 means three requests at most."""
@@ -892,12 +894,14 @@ class RequestSlotsTests(SynchronousTestCase):
 
 class BreakerTests(RetryMixin, SynchronousTestCase):
     """
-    The circuit breaker: fail fast while the API is known to be down.
+    The circuit breaker: fail fast while the API is known to be down, each
+    call counted once, and close by itself within about a second of the
+    API answering again.
     """
 
     def setUp(self) -> None:
         super().setUp()
-        self.api = self.make_api(max_attempts=1, breaker_failures=3, breaker_cooldown=10.0)
+        self.api = self.make_api(max_attempts=1, breaker_failures=3, breaker_cooldown=0.5)
 
     def fail_times(self, n: int, mode: str = "503") -> None:
         self.sandbox.inject_fault(mode, count=n)
@@ -906,8 +910,17 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
             self.settle(d)
             self.reply_of(d)
 
+    def down(self, mode: str = "503") -> None:
+        """The whole API fails: sends, key checks and the probe's GET."""
+        self.sandbox.inject_fault(mode, count=-1)
+        self.sandbox.inject_fault(mode, count=-1, path="/emails", method="GET")
+
+    def probes(self) -> int:
+        return len([s for s in self.recorder.seen if s.method == b"GET" and b"authorization" not in s.headers])
+
     def test_opens_and_fails_fast(self) -> None:
-        """After 3 transient failures the next send and check fail at once, with no request."""
+        """After 3 failed calls the next send and checks fail at once, with no request."""
+        self.down()
         with capturedLogs() as events:
             self.fail_times(3)
             self.assertEqual(self.api.breaker.state, "open")
@@ -927,60 +940,126 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         [opened] = [e for e in events if e.get("event") == "api_breaker_open"]
         self.assertEqual(opened["log_level"].name, "warn")
         self.assertEqual(opened["failures"], 3)
+        self.assertEqual(opened["interval"], 0.5)
 
-    def test_half_open_success_closes(self) -> None:
-        """After the cool-down one request probes; its success closes the breaker."""
+    def test_message_counts_once(self) -> None:
+        """One message that fails 3 attempts counts once; 3 such messages open the breaker."""
+        api = self.make_api(max_attempts=3, breaker_failures=3, rng=RecordingRandom(0.0))
+        self.sandbox.inject_fault("503", count=-1)
+        d = api.send_email(FULL_KEY, email())
+        self.settle(d)
+        self.assertIn("temporary API failure", self.reply_of(d).text)
+        self.assertEqual(len(self.recorder.seen), 3)
+        self.assertEqual((api.breaker.state, api.breaker.failures), ("closed", 1))
+        d = api.send_email(FULL_KEY, email())
+        self.settle(d)
+        self.assertIn("temporary API failure", self.reply_of(d).text)
+        self.assertEqual((api.breaker.state, api.breaker.failures), ("closed", 2))
+        # The third message's first failure opens the breaker: its own
+        # retry is refused at once, like every other message's.
+        d = api.send_email(FULL_KEY, email())
+        self.settle(d)
+        self.assertEqual(self.reply_of(d), API_DOWN)
+        self.assertEqual(len(self.recorder.seen), 7)
+        self.assertEqual(api.breaker.state, "open")
+        self.assertEqual(self.reply_of(api.send_email(FULL_KEY, email())), API_DOWN)
+        api.stop()
+
+    def test_check_counts_once(self) -> None:
+        """An AUTH-time check retried within its time-out counts once too."""
+        api = self.make_api(breaker_failures=2, rng=RecordingRandom(0.0))
+        self.sandbox.inject_fault("503", count=-1, path="/emails", method="GET")
+        d = api.check_api_key(FULL_KEY)
+        self.settle(d)
+        self.failureResultOf(d, APIUnavailable)
+        self.assertGreater(len(self.recorder.seen), 2)
+        self.assertEqual((api.breaker.state, api.breaker.failures), ("closed", 1))
+
+    def test_self_probe_closes_on_recovery(self) -> None:
+        """
+        While open the relay probes every 0.5 s by itself (GET without a
+        key); a 5xx probe keeps it open; the first probe answered after the
+        API recovers closes it, and sends go through again.
+        """
+        self.down()
         self.fail_times(3)
-        self.clock.advance(9.999)
-        self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
-        self.clock.advance(0.001)
+        self.assertEqual(self.probes(), 0)
         with capturedLogs() as events:
+            for n in range(1, 5):
+                self.clock.advance(0.5)
+                self.assertEqual(self.probes(), n)
+                self.assertEqual(self.api.breaker.state, "open")
+                self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
+            self.sandbox.clear_faults()  # the API is back
+            self.clock.advance(0.5)
+            self.assertEqual(self.api.breaker.state, "closed")
             email_id = self.successResultOf(self.api.send_email(FULL_KEY, email()))
-            self.successResultOf(self.api.send_email(FULL_KEY, email(subject="next")))
-        self.assertEqual(len(self.store.emails()), 2)
-        self.assertTrue(email_id.startswith("em_"))
-        self.assertEqual(self.api.breaker.state, "closed")
+        self.assertEqual(self.probes(), 5)
+        [stored] = self.store.emails()
+        self.assertEqual(email_id, stored.id)
         self.assertEqual(self.api.breaker.failures, 0)
         [closed] = [e for e in events if e.get("event") == "api_breaker_closed"]
         self.assertEqual(closed["log_level"].name, "info")
-
-    def test_half_open_failure_reopens(self) -> None:
-        """A failed probe opens the breaker for another cool-down, without a second open event."""
-        with capturedLogs() as events:
-            self.fail_times(3)
-            self.clock.advance(10)
-            self.fail_times(1)
-            self.assertEqual(self.api.breaker.state, "open")
-            self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
-            self.clock.advance(10)
-            self.successResultOf(self.api.send_email(FULL_KEY, email()))
-        self.assertEqual(len(self.recorder.seen), 5)
-        self.assertEqual(len([e for e in events if e.get("event") == "api_breaker_open"]), 1)
-        self.assertEqual(len([e for e in events if e.get("event") == "api_breaker_closed"]), 1)
-
-    def test_one_probe_at_a_time(self) -> None:
-        """While the probe is in flight, other requests are still refused."""
-        self.fail_times(3)
+        self.assertEqual(closed["outage"], 2.5)
+        self.assertEqual([e for e in events if e.get("event") == "api_breaker_open"], [])
+        # Closed: no probe is left behind.
+        self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(10)
-        self.sandbox.inject_fault("slow", delay=2)
-        probe = self.api.send_email(FULL_KEY, email())
-        self.assertEqual(self.api.breaker.state, "half-open")
-        self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
-        self.failureResultOf(self.api.check_api_key(FULL_KEY), APIUnavailable)
-        self.clock.advance(2)
+        self.assertEqual(self.probes(), 5)
+
+    def test_probe_never_doubles(self) -> None:
+        """
+        A probe that hangs is never joined by a second: the next starts when
+        it times out (after 1 s); after recovery the breaker closes within
+        about a second.
+        """
+        self.down("hang")
+        self.fail_times(3, "reset")
+        self.clock.advance(0.5)
+        self.assertEqual(self.probes(), 1)
+        self.clock.advance(0.999)
+        self.assertEqual(self.probes(), 1)
+        self.clock.advance(0.001)  # timed out after 1 s: the next starts at once
+        self.assertEqual(self.probes(), 2)
         self.stub.flush()
-        self.successResultOf(probe)
+        self.assertEqual(self.sandbox.pending, 1)
+        self.sandbox.clear_faults()  # the API is back; the probe in flight still hangs
+        recovered = self.clock.seconds()
+        self.clock.advance(1.0)
+        self.assertEqual(self.probes(), 3)
         self.assertEqual(self.api.breaker.state, "closed")
+        self.assertLessEqual(self.clock.seconds() - recovered, 1.0)
+        self.assertEqual(value_of(self.api, "breaker_probe", "timeout"), 2.0)
+        self.assertEqual(value_of(self.api, "breaker_probe", "401"), 1.0)
+        self.sandbox.abort_pending()
 
-    def test_cancelled_probe_lets_next_probe(self) -> None:
-        """A cancelled probe proves nothing: the next request probes instead."""
+    def test_fast_failing_probes_keep_their_interval(self) -> None:
+        """Probes that fail at once (resets) are still one per interval."""
+        self.down("reset")
         self.fail_times(3)
+        for _ in range(20):  # 5 s, in steps exact in binary
+            self.clock.advance(0.25)
+            self.stub.flush()
+        self.assertEqual(self.probes(), 10)
+        self.assertEqual(self.api.breaker.state, "open")
+
+    def test_stop_cancels_probing(self) -> None:
+        """stop() cancels the next probe and the one in flight; a later refusal restarts it."""
+        self.down("hang")
+        self.fail_times(3, "503")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(self.probes(), 1)
+        self.api.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.stub.flush()
+        self.assertEqual(self.sandbox.pending, 0)  # the held probe's connection was closed
         self.clock.advance(10)
-        self.sandbox.inject_fault("hang")
-        probe = self.api.send_email(FULL_KEY, email())
-        probe.cancel()
-        self.failureResultOf(probe, CancelledError)
-        self.successResultOf(self.api.send_email(FULL_KEY, email()))
+        self.assertEqual(self.probes(), 1)
+        self.assertEqual(self.api.breaker.state, "open")
+        self.sandbox.clear_faults()
+        self.assertEqual(self.reply_of(self.api.send_email(FULL_KEY, email())), API_DOWN)
+        self.clock.advance(0)
         self.assertEqual(self.api.breaker.state, "closed")
 
     def test_answers_reset_the_count(self) -> None:
@@ -1049,48 +1128,33 @@ class BreakerTests(RetryMixin, SynchronousTestCase):
         self.assertEqual(self.reply_of(waiting), API_DOWN)
         self.assertEqual(self.reply_of(other), API_DOWN)
         self.assertEqual(len(self.recorder.seen), 2)
+        api.stop()
 
     def test_straggler_success_closes(self) -> None:
         """A request that started before the breaker opened and then succeeds closes it."""
         api = self.make_api(max_attempts=1, breaker_failures=1)
+        self.sandbox.inject_fault("503", count=-1, path="/emails", method="GET")
         self.sandbox.inject_fault("slow", delay=5)
         slow = api.send_email(FULL_KEY, email())
         self.sandbox.inject_fault("503")
         self.reply_of(api.send_email(FULL_KEY, email()))
         self.assertEqual(api.breaker.state, "open")
-        self.clock.advance(5)
+        self.clock.advance(4.9)
+        self.assertEqual(api.breaker.state, "open")
+        self.clock.advance(0.1)
         self.stub.flush()
         self.successResultOf(slow)
         self.assertEqual(api.breaker.state, "closed")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class CircuitBreakerUnitTests(SynchronousTestCase):
-    """
-    L{CircuitBreaker} on its own.
-    """
+def value_of(api: HTTPEmailAPI, call: str, status: str) -> float:
+    """The count of C{upstream_requests_total} for C{call} and C{status}."""
+    found = api.metrics.registry.get_sample_value(
+        "poststack_relay_upstream_requests_total", {"call": call, "status": status}
+    )
+    return found or 0.0
 
-    def test_cooldown_zero(self) -> None:
-        """With no cool-down the next request is already the probe."""
-        clock = Clock()
-        breaker = CircuitBreaker(1, 0.0, clock)
-        self.assertIs(breaker.admit(), False)
-        breaker.record(False, "failure")
-        self.assertEqual(breaker.state, "open")
-        self.assertIs(breaker.admit(), True)
-        self.assertIsNone(breaker.admit())
-        breaker.record(True, "success")
-        self.assertEqual(breaker.state, "closed")
-
-    def test_inconclusive_probe(self) -> None:
-        """An inconclusive probe leaves the breaker half-open for the next probe."""
-        breaker = CircuitBreaker(1, 5.0, Clock())
-        breaker.record(False, "failure")
-        breaker._clock.advance(5)  # type: ignore[attr-defined]
-        self.assertIs(breaker.admit(), True)
-        breaker.record(True, "inconclusive")
-        self.assertEqual(breaker.state, "half-open")
-        self.assertFalse(breaker.refuses())
-        self.assertIs(breaker.admit(), True)
 
 
 class ConnectionHygieneTests(RetryMixin, SynchronousTestCase):
@@ -1165,6 +1229,7 @@ class ConstructorTests(SynchronousTestCase):
             {"max_attempts": 0},
             {"breaker_failures": -1},
             {"breaker_cooldown": -1},
+            {"breaker_cooldown": 0},
             {"backoff_base": -1},
         ):
             self.assertRaises(

@@ -359,9 +359,11 @@ class LoopbackTests(TestCase):
         options.setdefault("max_attempts", 1)
         timeout = options.pop("timeout", 5.0)
         service_key = options.pop("service_key", SERVICE_KEY)
-        return HTTPEmailAPI(
+        api = HTTPEmailAPI(
             client, f"http://127.0.0.1:{port.getHost().port}", timeout, service_key, clock=reactor, **options
         )
+        self.addCleanup(api.stop)  # the breaker's probing, if a test opened it
+        return api
 
     async def wait_for(self, condition: Any) -> None:
         for _ in range(500):
@@ -589,15 +591,16 @@ class ServiceWiringTests(SynchronousTestCase):
     def test_default_client(self) -> None:
         """The relay's HTTPEmailAPI uses a persistent pool that the service closes at stop."""
         from poststack_relay import RelayConfig, makeRelayService
-        from poststack_relay.service import _PoolService
+        from poststack_relay.service import _APIClientService
 
         cert, key = write_certificate(os.path.abspath(self.mktemp()))
         memory = MemoryReactorClock()
         service = makeRelayService(
             RelayConfig(metrics_listen="off", tls_cert=cert, tls_key=key, hostname="relay.test"), memory
         )
-        [pool_service] = [child for child in service if isinstance(child, _PoolService)]
+        [pool_service] = [child for child in service if isinstance(child, _APIClientService)]
         pool = pool_service.pool
+        assert pool is not None
         self.assertTrue(pool.persistent)
         self.assertFalse(pool.retryAutomatically)
         closed: list[bool] = []

@@ -36,7 +36,7 @@ import twisted.internet
 from poststack_relay import RelayConfig, makeRelayService, tap
 from poststack_relay.api import APIError
 from poststack_relay.replies import Reply
-from poststack_relay.service import _PoolService
+from poststack_relay.service import _APIClientService
 from poststack_relay.smtp import CLOSE_LINGER, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
@@ -305,7 +305,7 @@ class ServiceStopTests(SynchronousTestCase):
         """With the HTTP API client, the connection pool's service stops only after the sessions are gone."""
         reactor = MemoryReactorClock()
         service = makeRelayService(self.config(), reactor)
-        [pool] = [child for child in service if isinstance(child, _PoolService)]
+        [pool] = [child for child in service if isinstance(child, _APIClientService)]
         service.startService()
         self.successResultOf(service.port())
         proto, transport = self.session(service)

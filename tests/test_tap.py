@@ -33,6 +33,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.api_url, "https://api.poststack.dev")
         self.assertEqual(config.idle_timeout, 300.0)
         self.assertEqual(config.tls_detect_timeout, 2.0)
+        self.assertEqual((config.api_breaker_failures, config.api_breaker_cooldown), (5, 0.5))
         self.assertIsNone(config.service_key)
 
     def test_all_contract_options(self) -> None:
@@ -68,6 +69,7 @@ class OptionsTests(SynchronousTestCase):
             (["--tls-cert", "c"], {"POSTSTACK_RELAY_IDLE_TIMEOUT": "soon"}, "POSTSTACK_RELAY_IDLE_TIMEOUT"),
             (["--tls-cert", "c", "--port", "70000"], {}, "port"),
             (["--tls-cert", "c", "--api-url", "ftp://x"], {}, "api-url"),
+            (["--tls-cert", "c", "--api-breaker-cooldown", "0"], {}, "api-breaker-cooldown"),
             ([], {}, "--tls-cert"),
         ]:
             with self.assertRaises(SystemExit) as ctx:

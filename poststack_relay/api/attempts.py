@@ -165,6 +165,9 @@ class Attempts:
         # The least time worth starting an attempt with.
         window = min(self.timeout, self.deadline, 1.0)
         attempt = 0
+        # A call counts at most one failure toward opening the breaker: its
+        # first, however many attempts it makes.
+        counted = False
         while True:
             attempt += 1
             if breaker.refuses():
@@ -177,8 +180,7 @@ class Attempts:
             error: Optional[AttemptError] = None
             answer: Optional[Answer] = None
             try:
-                probe = breaker.admit()
-                if probe is None:
+                if breaker.refuses():
                     raise Refused("breaker")
                 attempt_timeout = min(self.timeout, deadline_at - clock.seconds())
                 outcome = "inconclusive"
@@ -191,7 +193,9 @@ class Attempts:
                 else:
                     outcome = "failure" if answer.status >= 500 else "success"
                 finally:
-                    breaker.record(probe, outcome)
+                    if outcome == "failure":
+                        outcome, counted = ("inconclusive" if counted else "failure"), True
+                    breaker.record(outcome)
             finally:
                 slots.release()
 

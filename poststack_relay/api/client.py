@@ -30,7 +30,7 @@ from ..translate import EmailRequest
 from .answers import key_check_outcome, mailbox_outcome, send_outcome
 from .attempts import Attempts, Request
 from .body import json_body
-from .breaker import CircuitBreaker
+from .breaker import BREAKER_PROBE_TIMEOUT, CircuitBreaker
 from .errors import APIError, APIUnavailable, AttemptError, Refused
 from .retry import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, RetryPolicy
 from .slots import RequestSlots
@@ -64,9 +64,12 @@ class HTTPEmailAPI:
         waits and back-off included.  AUTH-time checks get C{timeout} in all.
     @param max_in_flight: most API requests (sends and checks) at once.
     @param queue_timeout: seconds a request may wait for a free slot.
-    @param breaker_failures: consecutive transient failures that open the
-        circuit breaker; C{0} disables it.
-    @param breaker_cooldown: seconds the breaker stays open.
+    @param breaker_failures: calls in a row that failed transiently (each
+        counted once, however many attempts it made) that open the circuit
+        breaker; C{0} disables it.
+    @param breaker_cooldown: seconds between the breaker's own probes of
+        the API while it is open (L{CircuitBreaker}); it closes on the
+        first probe answered.
     @param max_attempts: most requests per message (C{1}: no retries).
     @param backoff_base: seconds; the n-th retry waits a random time in
         C{[0, min(backoff_cap, backoff_base * 2**(n-1))]} (full jitter), and
@@ -106,6 +109,8 @@ class HTTPEmailAPI:
             raise ValueError("timeout and deadline must be positive, queue_timeout not negative")
         if max_attempts < 1 or breaker_failures < 0 or breaker_cooldown < 0:
             raise ValueError("max_attempts must be at least 1, breaker settings not negative")
+        if breaker_failures and breaker_cooldown <= 0:
+            raise ValueError("breaker_cooldown (the probe interval) must be positive")
         self._policy = RetryPolicy(
             max_attempts, backoff_base, backoff_cap, rng if rng is not None else random.Random()
         )
@@ -152,7 +157,7 @@ class HTTPEmailAPI:
                 self._transport,
                 clock,
                 RequestSlots(self._max_in_flight, clock),
-                CircuitBreaker(*self._breaker_settings, clock),
+                CircuitBreaker(*self._breaker_settings, clock, self._breaker_probe),
                 self._policy,
                 self._timeout,
                 self._deadline,
@@ -170,6 +175,14 @@ class HTTPEmailAPI:
     def breaker(self) -> CircuitBreaker:
         """The circuit breaker (shared by sends and checks)."""
         return self._attempts.breaker
+
+    def stop(self) -> None:
+        """
+        Stop the breaker's probing (when the relay stops): no timer or
+        probe is left behind.  A request refused later starts it again.
+        """
+        if self._attempts_ is not None:
+            self._attempts_.breaker.stop()
 
     def reachable_within(self, seconds: float) -> bool:
         """
@@ -189,14 +202,22 @@ class HTTPEmailAPI:
 
         @param timeout: seconds; the attempt time-out if C{None}.
         """
+        return self._probe(timeout if timeout is not None else self._timeout, "probe")
+
+    def _breaker_probe(self) -> "Deferred[bool]":
+        """
+        The open breaker's own probe: L{probe} with a short time-out,
+        counted as C{call="breaker_probe"}.
+        """
+        return self._probe(min(self._timeout, BREAKER_PROBE_TIMEOUT), "breaker_probe")
+
+    def _probe(self, timeout: float, call: str) -> "Deferred[bool]":
         transport = self._transport
         request = Request("GET", _KEY_CHECK, transport.url(_KEY_CHECK), transport.headers(None))
 
         async def probe() -> bool:
             try:
-                answer = await self._attempts.attempt(
-                    request, timeout if timeout is not None else self._timeout, self._upstream["probe"]
-                )
+                answer = await self._attempts.attempt(request, timeout, self._upstream[call])
             except AttemptError:
                 return False
             return answer.status < 500
