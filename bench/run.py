@@ -31,8 +31,15 @@ upstream answering after 20 ms), S3 (1,000 then 5,000 idle authenticated
 connections: KB per connection, and a message still served), S4 (a message
 with a 10 MB attachment: time to 250, peak RSS above the starting RSS).
 
+S1R and S2R (relay only, run with ``--redis`` or named in ``--scenarios``):
+S1 and S2 with the relay sharing state through a real ``redis-server``
+(``--redis-url``, docs/operations.md "A fleet") that this script starts on
+loopback, pinned to CPU 1 with the load, no persistence; the table compares
+their server CPU per message with S1's and S2's (goal: within 5 %), and the
+Redis server's own CPU per message is in the raw results.
+
     .venv/bin/python bench/run.py [--smoke] [--rounds 3] [--scenarios S1,S4]
-        [--relay-only] [--no-install] [--keep-tmp]
+        [--relay-only] [--no-install] [--keep-tmp] [--redis]
 
 ``--smoke`` runs tiny counts, one round, both servers, and ends with the line
 ``bench smoke: N scenarios ran, M failed``. The exit status is 1 when any
@@ -75,6 +82,7 @@ PROFILE_DIR: Optional[str] = None
 RELAY_TWISTD = os.path.join(ROOT, ".venv", "bin", "twistd")
 BENCH_PYTHON = os.path.join(ROOT, ".venv-bench", "bin", "python")
 BASELINE = os.path.join(BENCH, "baseline_bridge.py")
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 RESULTS = os.path.join(BENCH, "results")
 
 SERVER_CPU = "0"        # the server under test
@@ -158,7 +166,8 @@ class ServerFailed(Exception):
 class Server:
     """The relay or the baseline bridge, started fresh and pinned to CPU 0."""
 
-    def __init__(self, kind: str, tmp: str, cert: str, key: str, api_url: str, workers: int = 0) -> None:
+    def __init__(self, kind: str, tmp: str, cert: str, key: str, api_url: str, workers: int = 0,
+                 redis_url: Optional[str] = None) -> None:
         self.kind = kind
         self.port = free_port()
         self.cert = cert
@@ -173,6 +182,8 @@ class Server:
                 argv += ["--metrics-listen", f"127.0.0.1:{free_port()}"]
             if workers > 1:
                 argv += ["--workers", str(workers)]
+            if redis_url is not None:
+                argv += ["--redis-url", redis_url]
         else:
             argv = [BENCH_PYTHON, BASELINE, "--host", "127.0.0.1", "--port", str(self.port),
                     "--cert", cert, "--key", key, "--api-url", api_url]
@@ -270,6 +281,51 @@ class LoadgenFailed(Exception):
     """The load generator could not run or reported failures."""
 
 
+class Redis:
+    """
+    A real redis-server for S1R/S2R: loopback, a free port, no RDB/AOF, its
+    files in the run's temporary directory, pinned with the load (CPU 1);
+    stopped by its PID.
+    """
+
+    def __init__(self, tmp: str) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        directory = os.path.join(tmp, f"redis-{self.port}")
+        os.makedirs(directory)
+        self.process = subprocess.Popen(
+            taskset(CLIENT_CPU) + [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no", "--dir", directory,
+                                   "--logfile", os.path.join(directory, "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.process.pid  # taskset execs redis-server: same PID
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until it answers PING (bounded)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise ServerFailed(f"redis-server exited with status {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ServerFailed(f"redis-server did not answer PING within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
 def loadgen_argv(port: int, ca: str, message_file: str, time_limit: float, **options: Any) -> list[str]:
     pipelining = options.pop("pipelining", PIPELINING)
     argv = taskset(options.pop("cpus", CLIENT_CPU)) + ["node", LOADGEN, "--host", "127.0.0.1", "--port", str(port), "--ca", ca,
@@ -326,6 +382,7 @@ class Context:
     upstream_pids: list[int]
     smoke: bool
     warmup: int
+    redis: Optional[Redis] = None
 
 
 @dataclass
@@ -335,6 +392,7 @@ class Scenario:
     run: Callable[[Context, Server, dict[str, Any]], None]
     slow_upstream: bool = False
     workers: int = 0  # > 0: relay only, with --workers N, nothing pinned (multi-core scaling)
+    redis: bool = False  # relay only, with --redis-url to the run's redis-server
 
 
 @dataclass
@@ -523,22 +581,38 @@ SCENARIOS = [
     # load generator shares the 2 cores; relay only).
     Scenario("S1W1", "S1 unpinned, 1 worker", s1, workers=1),
     Scenario("S1W2", "S1 unpinned, --workers 2", s1, workers=2),
+    # Shared state: S1 and S2 with --redis-url (relay only; --redis adds them).
+    Scenario("S1R", "S1 with --redis-url (redis-server on CPU 1)", s1, redis=True),
+    Scenario("S2R", "S2 with --redis-url (redis-server on CPU 1)", s2, redis=True),
 ]
+#: Not run unless named in --scenarios or asked for with --redis.
+OPTIONAL_SCENARIOS = ("S1R", "S2R")
 
 
 def run_one(ctx: Context, scenario: Scenario, kind: str, round_: int) -> dict[str, Any]:
     """Start the server fresh, warm it up, run the scenario, stop the server."""
     record: dict[str, Any] = {"scenario": scenario.name, "kind": kind, "round": round_}
     api_url = ctx.upstream_slow if scenario.slow_upstream else ctx.upstream_fast
-    server = Server(kind, ctx.tmp, ctx.cert, ctx.key, api_url, workers=scenario.workers)
+    redis_url = None
+    if scenario.redis:
+        if ctx.redis is None:
+            record["error"] = "no redis-server (apt-get install redis-server)"
+            return record
+        redis_url = ctx.redis.url
+    server = Server(kind, ctx.tmp, ctx.cert, ctx.key, api_url, workers=scenario.workers, redis_url=redis_url)
     try:
         record["start_s"] = round(server.wait_ready(), 2)
         warm = run_loadgen(server.port, ctx.cert, ctx.small, time_limit_for(ctx.warmup),
                            connections=10 if scenario.name != "S1L50" else 50, messages=ctx.warmup)
         record["warmup"] = {k: warm[k] for k in ("ok", "failed", "codes", "msgs_per_s", "errors")}
         check_all_ok(warm, "warm-up")
+        redis0 = cpu_seconds(ctx.redis.pid) if scenario.redis and ctx.redis else 0.0
         scenario.run(ctx, server, record)
         server.check_alive()
+        if scenario.redis and ctx.redis is not None:
+            ok = max(1, record.get("loadgen", {}).get("ok", 0))
+            record["redis_cpu_s"] = round(cpu_seconds(ctx.redis.pid) - redis0, 3)
+            record["metrics"]["redis_cpu_ms_per_msg"] = round(record["redis_cpu_s"] * 1000 / ok, 4)
     except (ServerFailed, LoadgenFailed, OSError, AssertionError, ValueError) as e:
         record["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -557,6 +631,7 @@ class Row:
     unit_format: str = "{:.1f}"
     goal: Optional[tuple[str, float]] = None  # ("ratio>=", 3.5), ("ratio<=", 0.2), ("relay<=", 25)
     note: str = ""
+    versus: str = ""  # compare with this scenario's relay (its figure in the baseline column)
 
 
 ROWS = [
@@ -575,6 +650,12 @@ ROWS = [
     Row("S1W1", "throughput, unpinned (msg/s)", "msgs_per_s", "{:.0f}"),
     Row("S1W2", "throughput, 2 workers (msg/s)", "msgs_per_s", "{:.0f}"),
     Row("S1W2", "server CPU, all processes (ms/msg)", "cpu_ms_per_msg", "{:.3f}"),
+    Row("S1R", "throughput, Redis vs S1 (msg/s)", "msgs_per_s", "{:.0f}", versus="S1"),
+    Row("S1R", "server CPU, Redis vs S1 (ms/msg)", "cpu_ms_per_msg", "{:.3f}", ("ratio<=", 1.05), versus="S1"),
+    Row("S1R", "redis-server CPU (ms/msg)", "redis_cpu_ms_per_msg", "{:.4f}"),
+    Row("S2R", "throughput, Redis vs S2 (msg/s)", "msgs_per_s", "{:.0f}", versus="S2"),
+    Row("S2R", "server CPU, Redis vs S2 (ms/msg)", "cpu_ms_per_msg", "{:.3f}", ("ratio<=", 1.05), versus="S2"),
+    Row("S2R", "redis-server CPU (ms/msg)", "redis_cpu_ms_per_msg", "{:.4f}"),
 ]
 
 
@@ -629,7 +710,10 @@ def build_table(records: list[dict[str, Any]], scenario_names: list[str]) -> lis
     table = []
     for row in rows:
         relay = median_of(records, row.scenario, "relay", row.key)
-        baseline = median_of(records, row.scenario, "baseline", row.key)
+        if row.versus:
+            baseline = median_of(records, row.versus, "relay", row.key)
+        else:
+            baseline = median_of(records, row.scenario, "baseline", row.key)
         ratio = relay / baseline if relay is not None and baseline not in (None, 0) else None
         table.append({
             "scenario": row.scenario, "metric": row.metric, "key": row.key,
@@ -708,14 +792,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="Benchmark the relay against the baseline bridge (docs/performance.md).")
     parser.add_argument("--smoke", action="store_true", help="tiny counts, one round (CI)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scenario (default 3; smoke 1)")
-    parser.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS),
-                        help="comma-separated subset of S1,S2,S1L50,S3,S4")
+    parser.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS if s.name not in OPTIONAL_SCENARIOS),
+                        help="comma-separated subset of S1,S1NP,S2,S1L50,S3,S4,S1W1,S1W2 (and S1R,S2R)")
     parser.add_argument("--relay-only", action="store_true", help="do not run the baseline bridge")
     parser.add_argument("--no-install", action="store_true", help="skip bench/install.sh")
     parser.add_argument("--pipelining", choices=("yes", "no", "auto"), default=PIPELINING,
                         help="load generator's PIPELINING use (default yes: same traffic to both servers)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--output", default=RESULTS, help="directory for the JSON results")
+    parser.add_argument("--redis", action="store_true",
+                        help="also run S1R and S2R: S1 and S2 with --redis-url to a redis-server this run starts")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="run the relay under py-spy, folded stacks into DIR (figures then not comparable)")
     args = parser.parse_args(argv)
@@ -727,6 +813,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     PIPELINING = args.pipelining
     rounds = args.rounds or (1 if args.smoke else 3)
     wanted = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    if args.redis:
+        wanted += [n for n in OPTIONAL_SCENARIOS if n not in wanted]
     unknown = set(wanted) - {s.name for s in SCENARIOS}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
@@ -762,6 +850,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.time()
     records: list[dict[str, Any]] = []
     upstreams: list[Any] = []
+    servers_to_stop: list[Redis] = []
     try:
         cert, key = make_certificate(tmp)
         small, large = messages.write_messages(tmp, COUNTS.s4_attachment)
@@ -771,17 +860,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         if any(s.slow_upstream for s in scenarios):
             slow = Upstream(delay_ms=20, cpus=CLIENT_CPU if PIN else None).start()
             upstreams.append(slow)
+        redis = None
+        if any(s.redis for s in scenarios) and os.path.exists(REDIS_SERVER):
+            redis = Redis(tmp)
+            servers_to_stop.append(redis)
+            redis.wait_ready()
+        elif any(s.redis for s in scenarios):
+            log(f"warning: {REDIS_SERVER} not found (apt-get install redis-server): S1R/S2R will fail")
         ctx = Context(tmp=tmp, cert=cert, key=key, small=small, large=large, upstream_fast=fast.url,
                       upstream_slow=slow.url if slow else fast.url,
                       upstream_pids=[p for u in upstreams for p in u.pids()],
-                      smoke=args.smoke, warmup=20 if args.smoke else 200)
+                      smoke=args.smoke, warmup=20 if args.smoke else 200, redis=redis)
         log(f"== {'smoke' if args.smoke else 'full'} run: {', '.join(s.name for s in scenarios)}; "
             f"{rounds} round(s) of {' + '.join(kinds)}; server on CPU {SERVER_CPU}, load on CPU {CLIENT_CPU}; "
             f"message {os.path.getsize(small)} B, large {os.path.getsize(large) / 1e6:.1f} MB")
         for scenario in scenarios:
             for round_ in range(1, rounds + 1):
                 for kind in kinds:
-                    if scenario.workers and kind != "relay":
+                    if (scenario.workers or scenario.redis) and kind != "relay":
                         continue
                     t0 = time.monotonic()
                     record = run_one(ctx, scenario, kind, round_)
@@ -792,6 +888,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     status = f"FAILED: {record['error']}" if "error" in record else "ok"
                     log(f"{scenario.name} round {round_} {kind}: {shown} [{record['wall_s']} s] {status}")
     finally:
+        for r in servers_to_stop:
+            r.stop()
         for u in upstreams:
             u.stop()
         if not args.keep_tmp:
@@ -802,7 +900,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = [s.name for s in scenarios]
     table = build_table(records, names)
     log("")
-    log(f"== results: medians of {rounds} round(s); ratio = relay / baseline")
+    log(f"== results: medians of {rounds} round(s); ratio = relay / baseline"
+        + ("; in rows 'vs S1'/'vs S2' the baseline column is that scenario's relay"
+           if any(s.redis for s in scenarios) else ""))
     print_table(table)
     failed = sorted({r["scenario"] for r in records if "error" in r}, key=names.index)
     os.makedirs(args.output, exist_ok=True)

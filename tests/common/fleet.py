@@ -19,6 +19,7 @@ in threads.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -46,6 +47,7 @@ __all__ = [
     "RelayProcess",
     "RetryingClient",
     "fleet_message",
+    "guess_keys",
     "haproxy_or_skip",
 ]
 
@@ -407,3 +409,40 @@ class RetryingClient:
                 return outcome
             time.sleep(self.pause)
         return outcome
+
+
+def guess_keys(fleet: Fleet, count: int, port: int | None = None, source: str = "127.0.0.1",
+               deadline: float | None = None) -> list[tuple[int | str, float]]:
+    """
+    C{count} AUTH PLAIN attempts with wrong API keys (each a different one),
+    one after another, over sessions to C{port} (default: HAProxy's) from
+    C{source}; a session the relay closes is replaced by a new one. Returns
+    each attempt's reply code (or C{"drop"} for a session lost mid-attempt)
+    and the seconds from the start to its reply. Bounded by C{deadline}
+    (monotonic): fewer come back past it.
+    """
+    codes: list[tuple[int | str, float]] = []
+    started = time.monotonic()
+    run = os.urandom(4).hex()
+    session: smtplib.SMTP_SSL | None = None
+    try:
+        while len(codes) < count and (deadline is None or time.monotonic() < deadline):
+            key = f"sk_test_wrong_{run}_{len(codes):06d}"
+            secret = base64.b64encode(f"\0poststack\0{key}".encode()).decode()
+            try:
+                if session is None:
+                    session = fleet.smtp(port, source=source)
+                    session.ehlo()
+                code, _ = session.docmd("AUTH", "PLAIN " + secret)
+            except _DROPS:
+                codes.append(("drop", time.monotonic() - started))
+                session = None
+                continue
+            codes.append((code, time.monotonic() - started))
+            if code == 421:
+                session.close()
+                session = None
+    finally:
+        if session is not None:
+            session.close()
+    return codes
