@@ -166,8 +166,8 @@ class SigkillTests(SynchronousTestCase):
             time.sleep(self.DOWN)
             victim.start()
             down_for = time.monotonic() - started - killed_at
-            # HAProxy sends to it again after two good checks, 200 ms apart.
-            time.sleep(0.6)
+            # HAProxy sends to it again after two good checks.
+            fleet.wait_balanced(victim)
             restarted.set()
             self.assertNotEqual(victim.pid, killed_pid)
         for t in threads:
@@ -226,3 +226,4 @@ class SigkillTests(SynchronousTestCase):
         self.assertGreater(figures["served by the restarted relay"], 0, figures)
         # Honest failures are allowed, but a retrying client gets through.
         self.assertEqual(figures["ended 250"], self.CLIENTS * self.MESSAGES, figures)
+

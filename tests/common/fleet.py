@@ -23,17 +23,19 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import smtplib
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
 
 from poststack_relay.testing import write_certificate
-from tests.common.haproxy import HAPROXY, haproxy_fleet_config, start_haproxy
+from tests.common.haproxy import HAPROXY, haproxy_fleet_config, server_states, start_haproxy
 from tests.common.interop import in_ci
 from tests.common.keys import SERVICE_KEY
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
@@ -195,6 +197,8 @@ class Fleet:
         self.cert, self.key = write_certificate(self.directory)
         self.relays: list[RelayProcess] = []
         self.front = 0
+        self.stats_socket = ""
+        self.balanced: dict[str, RelayProcess] = {}
         self.sandbox_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.sandbox_port}"
         log = open(os.path.join(self.directory, "sandbox.log"), "wb")
@@ -233,15 +237,29 @@ class Fleet:
         haproxy_or_skip()
         chosen = self.relays if relays is None else relays
         self.front = free_port()
+        # A UNIX socket path must be short (108 bytes): not in the test's directory.
+        sockets = tempfile.mkdtemp(prefix="psr-haproxy-")
+        self.test.addCleanup(shutil.rmtree, sockets, True)
+        self.stats_socket = os.path.join(sockets, "stats.sock")
+        self.balanced = {f"relay{i}": relay for i, relay in enumerate(chosen, 1)}
         process = start_haproxy(
             self.test, self.directory,
-            haproxy_fleet_config(self.front, [(r.port, r.metrics_port) for r in chosen]),
+            haproxy_fleet_config(self.front, [(r.port, r.metrics_port) for r in chosen],
+                                 stats_socket=self.stats_socket),
         )
         wait_for_port(self.front, process, 10.0)
-        # Until its first health checks pass, HAProxy holds the servers as up
-        # (their initial state); give them one round so that a check failing
-        # against a relay is seen before the test starts.
-        time.sleep(0.5)
+        for relay in chosen:
+            self.wait_balanced(relay)
+
+    def wait_balanced(self, relay: RelayProcess, deadline: float = 15.0) -> None:
+        """Wait (bounded) until HAProxy's health checks hold C{relay} UP."""
+        name = next(n for n, r in self.balanced.items() if r is relay)
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if server_states(self.stats_socket).get(name) == "UP":
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"HAProxy never held {relay.name} UP: {server_states(self.stats_socket)}")
 
     # -- clients ----------------------------------------------------------
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from typing import Any, Sequence
 
-__all__ = ["HAPROXY", "haproxy_config", "haproxy_fleet_config", "start_haproxy"]
+__all__ = ["HAPROXY", "haproxy_config", "haproxy_fleet_config", "server_states", "start_haproxy"]
 
 HAPROXY = shutil.which("haproxy")
 
@@ -50,13 +51,16 @@ def haproxy_config(
     return "\n".join(lines) + "\n"
 
 
-def haproxy_fleet_config(front: int, relays: Sequence[tuple[int, int]], check_interval_ms: int = 200) -> str:
+def haproxy_fleet_config(front: int, relays: Sequence[tuple[int, int]], check_interval_ms: int = 200,
+                         stats_socket: str | None = None) -> str:
     """
     The configuration docs/operations.md ("A fleet") recommends, on loopback:
     a TCP frontend on port C{front}, the relays C{(smtp port, metrics port)}
-    round-robin, each sent a PROXY v2 header, each checked with
-    C{GET /readyz} on its metrics port every C{check_interval_ms}; a
-    connection refused by a dead relay is tried again on another one.
+    round-robin (servers C{relay1}, C{relay2}, ... of backend C{relays}),
+    each sent a PROXY v2 header, each checked with C{GET /readyz} on its
+    metrics port every C{check_interval_ms}; a connection refused by a dead
+    relay is tried again on another one. C{stats_socket}: a UNIX socket
+    path for HAProxy's runtime API (L{server_states}).
     """
     servers = [
         f"    server relay{i} 127.0.0.1:{port} send-proxy-v2 check port {metrics}"
@@ -66,6 +70,7 @@ def haproxy_fleet_config(front: int, relays: Sequence[tuple[int, int]], check_in
     lines = [
         "global",
         "    maxconn 2000",
+        *([f"    stats socket {stats_socket} mode 600 level user"] if stats_socket else []),
         "defaults",
         "    mode tcp",
         "    timeout connect 2s",
@@ -85,6 +90,29 @@ def haproxy_fleet_config(front: int, relays: Sequence[tuple[int, int]], check_in
         *servers,
     ]
     return "\n".join(lines) + "\n"
+
+
+def server_states(stats_socket: str) -> dict[str, str]:
+    """
+    Each server's state from HAProxy's runtime API (C{show stat}): name ->
+    C{UP}, C{DOWN}, C{UP 1/2}, ...; C{{}} if the socket does not answer.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(stats_socket)
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        return {}
+    states = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        fields = line.split(",")
+        if len(fields) > 17 and not line.startswith("#") and fields[1] not in ("FRONTEND", "BACKEND"):
+            states[fields[1]] = fields[17]
+    return states
 
 
 def start_haproxy(test: Any, directory: str, config: str) -> "subprocess.Popen[bytes]":
