@@ -31,6 +31,9 @@ DEFAULT_TLS_DETECT_TIMEOUT = 2.0
 DEFAULT_API_TIMEOUT = 10.0
 DEFAULT_API_DEADLINE = 30.0
 DEFAULT_API_MAX_IN_FLIGHT = 64
+# 0: a quarter of api_max_in_flight (16 of 64), so one customer's flood
+# leaves three quarters of the slots to the others (docs/replies.md).
+DEFAULT_API_MAX_IN_FLIGHT_PER_CREDENTIAL = 0
 DEFAULT_API_QUEUE_TIMEOUT = 10.0
 DEFAULT_API_BREAKER_FAILURES = 5
 # While the breaker is open the relay probes the API this often, and closes
@@ -370,6 +373,9 @@ class RelayConfig:
     @ivar api_deadline: seconds all attempts for one message may take,
         waits between retries included.
     @ivar api_max_in_flight: most API requests at once.
+    @ivar api_max_in_flight_per_credential: most API sends at once for one
+        API key or one mailbox; C{0}: a quarter of C{api_max_in_flight}
+        (at least 1); C{api_max_in_flight} or more: no cap of its own.
     @ivar api_queue_timeout: seconds a message may wait for a free request
         slot before it gets a temporary failure.
     @ivar api_breaker_failures: API calls in a row that failed transiently
@@ -439,6 +445,9 @@ class RelayConfig:
     api_timeout: float = attrs.field(default=DEFAULT_API_TIMEOUT, validator=_positive)
     api_deadline: float = attrs.field(default=DEFAULT_API_DEADLINE, validator=_positive)
     api_max_in_flight: int = attrs.field(default=DEFAULT_API_MAX_IN_FLIGHT, validator=_positive)
+    api_max_in_flight_per_credential: int = attrs.field(
+        default=DEFAULT_API_MAX_IN_FLIGHT_PER_CREDENTIAL, validator=_not_negative
+    )
     api_queue_timeout: float = attrs.field(default=DEFAULT_API_QUEUE_TIMEOUT, validator=_positive)
     api_breaker_failures: int = attrs.field(
         default=DEFAULT_API_BREAKER_FAILURES, validator=_not_negative

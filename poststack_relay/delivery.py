@@ -243,7 +243,10 @@ class RelayDelivery:
             return succeed(reply)
 
         api_started = time.monotonic()
-        d = self._api.send_email(identity.api_key, request)
+        # The tenant: each API key, and each mailbox (though all mailboxes
+        # send with the service key), is its own customer for the API
+        # client's fair share of request slots.
+        d = self._api.send_email(identity.api_key, request, tenant=identity.account or None)
 
         def sent(email_id: str) -> Reply:
             reply = replies.queued(email_id)

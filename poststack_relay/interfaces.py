@@ -49,10 +49,17 @@ class IEmailAPI(Interface):
         L{APIUnavailable} when the API cannot tell.
         """
 
-    def send_email(api_key: str, request: EmailRequest) -> "Deferred[str]":
+    def send_email(
+        api_key: str, request: EmailRequest, tenant: Optional[str] = None
+    ) -> "Deferred[str]":
         """
         C{POST /emails}.  Fires with the new email's id; fails with
         L{APIError} carrying the SMTP reply.
+
+        C{tenant} names the customer the send is for (the sender's
+        C{Identity.account}: one per API key, one per mailbox), so that an
+        implementation can share its capacity fairly between customers;
+        C{None}: nobody in particular.  It never changes what is sent.
         """
 
 

@@ -178,6 +178,16 @@ class RelayMetrics:
         self.upstream_queue = self._gauge(
             "upstream_queue", "Requests waiting for a free request slot (api-max-in-flight) now."
         )
+        self.upstream_queue_capped = self._gauge(
+            "upstream_queue_capped",
+            "Requests waiting now because their credential holds its share of the request "
+            "slots (api-max-in-flight-per-credential).",
+        )
+        self.upstream_capped_total = self._counter(
+            "upstream_capped_total",
+            "Sends that found their credential already holding its share of the request "
+            "slots (api-max-in-flight-per-credential), and so waited or were refused.",
+        )
         self.api_breaker_open = self._gauge(
             "api_breaker_open",
             "1 while the circuit breaker is open (API requests refused, the relay probing the API), else 0.",

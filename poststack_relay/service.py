@@ -354,6 +354,7 @@ def makeRelayService(
             clock=reactor,
             deadline=config.api_deadline,
             max_in_flight=config.api_max_in_flight,
+            max_in_flight_per_credential=config.api_max_in_flight_per_credential,
             queue_timeout=config.api_queue_timeout,
             breaker_failures=config.api_breaker_failures,
             breaker_cooldown=config.api_breaker_cooldown,

@@ -57,6 +57,8 @@ class MemoryEmailAPI:
     @ivar mailboxes: Mailbox address to password (the address is matched
         case-insensitively; a login gives the address as written here).
     @ivar sent: Every accepted send, as C{(api_key, request)}.
+    @ivar tenants: The C{tenant} of every accepted send, in the order of
+        C{sent}.
     @ivar refuse_unknown_keys: If true, L{send_email} refuses a key that is
         not in C{api_keys}, as PostStack does; off by default, so a test
         that does not model keys may send with any key.
@@ -72,6 +74,7 @@ class MemoryEmailAPI:
     pending: list[Deferred[str]] = attrs.field(factory=list)
     checks: int = 0
     refuse_unknown_keys: bool = False
+    tenants: list[Optional[str]] = attrs.field(factory=list)
 
     def check_api_key(self, api_key: str) -> Deferred[bool]:
         """
@@ -96,10 +99,12 @@ class MemoryEmailAPI:
                 return succeed(address)
         return succeed(None)
 
-    def send_email(self, api_key: str, request: EmailRequest) -> Deferred[str]:
+    def send_email(
+        self, api_key: str, request: EmailRequest, tenant: Optional[str] = None
+    ) -> Deferred[str]:
         """
-        Record C{request} in C{sent} and fire with a new id (or keep it in
-        C{pending} while C{hold}).
+        Record C{request} in C{sent} (and C{tenant} in C{tenants}) and fire
+        with a new id (or keep it in C{pending} while C{hold}).
 
         Fails with C{next_error} if one is set (once); while C{unavailable},
         with the L{APIError} a C{503} answer gives; with
@@ -121,6 +126,7 @@ class MemoryEmailAPI:
         if self.refuse_unknown_keys and api_key not in self.api_keys:
             return fail(_answered(401, "Invalid API key", "unauthorized"))
         self.sent.append((api_key, request))
+        self.tenants.append(tenant)
         email_id = "em_%020d" % len(self.sent)
         if self.hold:
             d: Deferred[str] = Deferred()

@@ -826,6 +826,47 @@ class InFlightTests(RetryMixin, SynchronousTestCase):
         self.clock.advance(1.0)
         self.failureResultOf(check, APIUnavailable)
 
+    def test_tenant_share(self) -> None:
+        """
+        One tenant holds at most max_in_flight_per_credential slots: its
+        further sends wait although slots are free, another tenant's send
+        goes at once, and the wait is counted; a send without a tenant has
+        no cap of its own.
+        """
+        held = HeldAnswers()
+        api = self.make_api(held, max_in_flight=4, max_in_flight_per_credential=2)
+        flood = [api.send_email(FULL_KEY, email(subject=f"a{i}"), tenant="key:a") for i in range(3)]
+        self.stub.flush()
+        self.assertEqual(len(held.requests), 2)
+        self.assertEqual((api.slots.held, api.slots.waiting, api.slots.waiting_capped), (2, 1, 1))
+        other = api.send_email(SCOPED_KEY, email(subject="b"), tenant="key:b")
+        untenanted = api.send_email(FULL_KEY, email(subject="none"))
+        self.stub.flush()
+        subjects = [json.loads(r.content.getvalue())["subject"] for r in held.requests]
+        self.assertEqual(subjects, ["a0", "a1", "b", "none"])
+        self.assertEqual(api.metrics.registry.get_sample_value("poststack_relay_upstream_capped_total"), 1.0)
+        held.answer(2, body=b'{"id": "em_b"}')
+        self.stub.flush()
+        self.assertEqual(self.successResultOf(other), "em_b")
+        self.assertEqual(len(held.requests), 4)  # the freed slot is not a's to take
+        held.answer(0, body=b'{"id": "em_a0"}')
+        self.stub.flush()
+        self.assertEqual(len(held.requests), 5)  # a's own release lets a2 go
+        for index in (1, 3, 4):
+            held.answer(index)
+        self.stub.flush()
+        for d in [*flood, untenanted]:
+            self.successResultOf(d)
+        self.assertEqual((api.slots.held, api.slots.waiting), (0, 0))
+
+    def test_default_tenant_share(self) -> None:
+        """By default one tenant may hold a quarter of max_in_flight (at least one)."""
+        self.assertEqual(self.make_api(max_in_flight=64).slots.per_tenant, 16)
+        self.assertEqual(self.make_api(max_in_flight=2).slots.per_tenant, 1)
+        self.assertEqual(
+            self.make_api(max_in_flight=8, max_in_flight_per_credential=8).slots.per_tenant, 8
+        )
+
     def test_retry_waits_for_slot_again(self) -> None:
         """A slot is held per attempt, not during the back-off between attempts."""
         self.sandbox.inject_fault("503")

@@ -198,6 +198,24 @@ class EmailAPIContractMixin:
         self.assertTrue(email_id)
         self.assertEqual(subject.accepted(), [(FULL, request.payload)])
 
+    def test_send_with_tenant(self) -> None:
+        """
+        A send may name its tenant (the customer it is for); that changes
+        nothing of what is sent, or of the result.
+        """
+        subject = self.make_subject()
+        request = _request("Tenant")
+        email_id = self.result(subject, subject.api.send_email(FULL, request, tenant="key:0123abcd"))
+        self.assertIsInstance(email_id, str)
+        self.assertTrue(email_id)
+        mailbox = _request("Mailbox")
+        self.assertTrue(
+            self.result(
+                subject, subject.api.send_email(SERVICE, mailbox, tenant="mailbox:" + MAILBOX)
+            )
+        )
+        self.assertEqual(subject.accepted(), [(FULL, request.payload), (SERVICE, mailbox.payload)])
+
     def test_send_twice(self) -> None:
         """Two sends are two emails with two ids."""
         subject = self.make_subject()

@@ -154,3 +154,33 @@ class KeyedTests(SynchronousTestCase):
         self.assertTrue(EmailRequest({}, "k").retry_safe)
         self.assertFalse(EmailRequest({}, "k", None, IDEMPOTENCY_RANDOM).retry_safe)
         self.assertFalse(EmailRequest({}, None).retry_safe)
+
+
+class TenantTests(SynchronousTestCase):
+    """
+    Delivery names the customer a send is for (its C{tenant}, for the API
+    client's fair share of request slots): the sender's account.
+    """
+
+    def test_tenant_is_the_account(self) -> None:
+        """Each API key is its own tenant; each mailbox too, though all send with the service key."""
+        api = MemoryEmailAPI()
+        carol = Identity("mailbox", "sk_test_service", "carol@yourdomain.com", "carol@yourdomain.com",
+                         b"", "mailbox:carol@yourdomain.com")
+        dave = Identity("mailbox", "sk_test_service", "dave@yourdomain.com", "dave@yourdomain.com",
+                        b"", "mailbox:dave@yourdomain.com")
+        for identity in (ALICE, BOB, carol, dave):
+            env = Envelope(identity.mailbox or "you@yourdomain.com", ("user@example.com",))
+            raw = message().replace(b"you@yourdomain.com", env.mail_from.encode())
+            self.assertEqual(self.successResultOf(RelayDelivery(identity, api).deliver(env, raw)).code, 250)
+        self.assertEqual(
+            api.tenants,
+            ["key:aaa", "key:bbb", "mailbox:carol@yourdomain.com", "mailbox:dave@yourdomain.com"],
+        )
+
+    def test_no_account_no_tenant(self) -> None:
+        """An identity without an account (built by hand) sends without a tenant: no cap of its own."""
+        api = MemoryEmailAPI()
+        anonymous = Identity("api_key", "sk_test_x")
+        self.successResultOf(RelayDelivery(anonymous, api).deliver(ENV, message()))
+        self.assertEqual(api.tenants, [None])

@@ -63,6 +63,17 @@ class ServiceTests(SynchronousTestCase):
         checker = service.factory.portal.checkers[next(iter(service.factory.portal.checkers))]
         self.assertIs(checker._api, api)
 
+    def test_request_slots(self) -> None:
+        """The HTTP client gets the configured slots and share per credential (0: a quarter)."""
+        for per_credential, share in ((0, 5), (3, 3)):
+            service = makeRelayService(
+                self.config(api_max_in_flight=20, api_max_in_flight_per_credential=per_credential),
+                MemoryReactorClock(),
+            )
+            checker = service.factory.portal.checkers[next(iter(service.factory.portal.checkers))]
+            slots = checker._api.slots
+            self.assertEqual((slots.limit, slots.per_tenant), (20, share))
+
     def test_stop_closes_pool(self) -> None:
         """Stopping the service stops listening and finishes."""
         reactor = MemoryReactorClock()

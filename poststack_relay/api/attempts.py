@@ -151,12 +151,14 @@ class Attempts:
         deadline_at: float,
         upstream: UpstreamMetrics,
         needs_id: bool = False,
+        tenant: Optional[str] = None,
     ) -> Answer:
         """
         Make the request, retrying transient failures until C{deadline_at}
         (clock seconds) or the policy's C{max_attempts}; return the last
         answer (with its attempt count and the C{Retry-After} it still
-        asked for).
+        asked for).  Each attempt holds one of C{tenant}'s request slots
+        (L{RequestSlots}: C{None}, the shared pool without a cap).
 
         @raise Refused: the breaker is open, or no slot was free in time.
         @raise AttemptError: the last attempt got no answer.
@@ -174,7 +176,7 @@ class Attempts:
                 raise Refused("breaker")
             wait = min(self.queue_timeout, deadline_at - clock.seconds() - window)
             try:
-                await slots.acquire(max(0.0, wait))
+                await slots.acquire(max(0.0, wait), tenant)
             except NoSlot:
                 raise Refused("busy") from None
             error: Optional[AttemptError] = None
@@ -197,7 +199,7 @@ class Attempts:
                         outcome, counted = ("inconclusive" if counted else "failure"), True
                     breaker.record(outcome)
             finally:
-                slots.release()
+                slots.release(tenant)
 
             reason: Optional[tuple[str, Optional[float]]] = None
             if answer is not None:

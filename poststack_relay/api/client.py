@@ -21,6 +21,7 @@ from ..config import (
     DEFAULT_API_BREAKER_FAILURES,
     DEFAULT_API_DEADLINE,
     DEFAULT_API_MAX_IN_FLIGHT,
+    DEFAULT_API_MAX_IN_FLIGHT_PER_CREDENTIAL,
     DEFAULT_API_QUEUE_TIMEOUT,
 )
 from ..interfaces import IEmailAPI
@@ -33,7 +34,7 @@ from .body import json_body
 from .breaker import BREAKER_PROBE_TIMEOUT, CircuitBreaker
 from .errors import APIError, APIUnavailable, AttemptError, Refused
 from .retry import DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_CAP, DEFAULT_MAX_ATTEMPTS, RetryPolicy
-from .slots import RequestSlots
+from .slots import RequestSlots, tenant_share
 from .transport import APITransport
 
 __all__ = ["HTTPEmailAPI"]
@@ -63,6 +64,10 @@ class HTTPEmailAPI:
     @param deadline: seconds all attempts for one message may take, queue
         waits and back-off included.  AUTH-time checks get C{timeout} in all.
     @param max_in_flight: most API requests (sends and checks) at once.
+    @param max_in_flight_per_credential: most sends at once for one tenant
+        (the C{tenant} of L{send_email}); C{0}: a quarter of
+        C{max_in_flight} (L{tenant_share}).  AUTH-time checks have no
+        tenant: they share the pool without a cap.
     @param queue_timeout: seconds a request may wait for a free slot.
     @param breaker_failures: calls in a row that failed transiently (each
         counted once, however many attempts it made) that open the circuit
@@ -96,6 +101,7 @@ class HTTPEmailAPI:
         *,
         deadline: float = DEFAULT_API_DEADLINE,
         max_in_flight: int = DEFAULT_API_MAX_IN_FLIGHT,
+        max_in_flight_per_credential: int = DEFAULT_API_MAX_IN_FLIGHT_PER_CREDENTIAL,
         queue_timeout: float = DEFAULT_API_QUEUE_TIMEOUT,
         breaker_failures: int = DEFAULT_API_BREAKER_FAILURES,
         breaker_cooldown: float = DEFAULT_API_BREAKER_COOLDOWN,
@@ -122,6 +128,7 @@ class HTTPEmailAPI:
         self._service_key = service_key
         self._clock = clock
         self._max_in_flight = max_in_flight
+        self._per_credential = tenant_share(max_in_flight, max_in_flight_per_credential)
         self._queue_timeout = queue_timeout
         self._breaker_settings = (breaker_failures, breaker_cooldown)
         self._attempts_: Optional[Attempts] = None
@@ -133,6 +140,9 @@ class HTTPEmailAPI:
         )
         self.metrics.upstream_queue.set_function(
             lambda: self._attempts_.slots.waiting if self._attempts_ is not None else 0
+        )
+        self.metrics.upstream_queue_capped.set_function(
+            lambda: self._attempts_.slots.waiting_capped if self._attempts_ is not None else 0
         )
         self.metrics.api_breaker_open.set_function(
             lambda: 0 if self._attempts_ is None or self._attempts_.breaker.state == "closed" else 1
@@ -156,7 +166,12 @@ class HTTPEmailAPI:
             self._attempts_ = Attempts(
                 self._transport,
                 clock,
-                RequestSlots(self._max_in_flight, clock),
+                RequestSlots(
+                    self._max_in_flight,
+                    clock,
+                    self._per_credential,
+                    self.metrics.upstream_capped_total.inc,
+                ),
                 CircuitBreaker(*self._breaker_settings, clock, self._breaker_probe),
                 self._policy,
                 self._timeout,
@@ -274,10 +289,14 @@ class HTTPEmailAPI:
 
         return Deferred.fromCoroutine(check())
 
-    def send_email(self, api_key: str, request: EmailRequest) -> "Deferred[str]":
+    def send_email(
+        self, api_key: str, request: EmailRequest, tenant: Optional[str] = None
+    ) -> "Deferred[str]":
         """
         See L{IEmailAPI.send_email}: C{POST /emails}, retried on transient
-        failures within the deadline.  Every attempt carries the request's
+        failures within the deadline, each attempt in one of C{tenant}'s
+        request slots (at most C{max_in_flight_per_credential} at once; no
+        cap of its own if C{None}).  Every attempt carries the request's
         own idempotency key, as it is, in the C{Idempotency-Key} header and
         the body's C{idempotency_key}, so a retry after a lost answer cannot
         send twice.  The key is decided before (by delivery:
@@ -305,7 +324,9 @@ class HTTPEmailAPI:
                 "POST", _EMAILS, transport.url(_EMAILS), transport.headers(api_key, key, body=True), data
             )
             try:
-                answer = await attempts.call(call, deadline_at, self._upstream["send"], needs_id=True)
+                answer = await attempts.call(
+                    call, deadline_at, self._upstream["send"], needs_id=True, tenant=tenant
+                )
             except Refused as e:
                 raise APIError(API_DOWN if e.reason == "breaker" else API_BUSY) from None
             except AttemptError as e:

@@ -90,12 +90,12 @@ class SecretsTests(RelayTestCase):
         api = checker._api
 
         def recording(f: Callable[..., "Deferred[Any]"]) -> Callable[..., "Deferred[Any]"]:
-            def call(*args: Any) -> "Deferred[Any]":
+            def call(*args: Any, **kwargs: Any) -> "Deferred[Any]":
                 def record(failure: Failure) -> Failure:
                     self.errors.append(failure.value)
                     return failure
 
-                return f(*args).addErrback(record)
+                return f(*args, **kwargs).addErrback(record)
 
             return call
 
