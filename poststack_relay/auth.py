@@ -36,7 +36,8 @@ from zope.interface import implementer
 
 from .api import APIUnavailable
 from .config import mask_secret
-from .interfaces import IEmailAPI, IRelayDelivery
+from .fleet import LocalState
+from .interfaces import IEmailAPI, IFleetState, IRelayDelivery
 
 _log = Logger()
 
@@ -241,16 +242,11 @@ def throttle_client_key(client: str) -> str:
     return str(address)
 
 
-@attrs.define
-class _Failures:
-    count: int
-    last: float
-
-
 class AuthThrottle:
     """
     Remembers failed logins per client address and per username, shared by
-    every session of a relay.
+    every session of a relay, and by every relay of a fleet when its
+    C{state} is shared (L{poststack_relay.fleet}).
 
     A count is forgotten once C{window} seconds pass with no new failure
     for it (the window restarts at each failure, so a slow guesser never
@@ -265,11 +261,10 @@ class AuthThrottle:
     A successful login resets nothing: an attacker with a valid account of
     its own could otherwise clear its address's count between guesses.
 
-    Memory is bounded: at most C{max_keys} addresses and usernames in all
-    are remembered; past that, the ones whose last failure is oldest are
-    forgotten first.
+    Memory is bounded by the state (L{LocalState}'s C{max_counters}: the
+    counts whose last failure is oldest are forgotten first).
 
-    @param clock: the time source.
+    @param clock: the time source of the state made when none is given.
     @param window: seconds a count lives after its last failure.
     @param per_ip: failures from one client address (IPv6: /64) before
         its logins are refused.
@@ -277,63 +272,54 @@ class AuthThrottle:
         refused.
     @param delay: seconds of delay before the first failure's reply.
     @param max_delay: the longest delay.
-    @param max_keys: most addresses and usernames remembered.
+    @param max_keys: most addresses and usernames remembered (for the
+        state made when none is given).
+    @param state: where the counts live; a relay-local L{LocalState} if
+        C{None}.
     """
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Optional[IReactorTime],
         window: float = 300.0,
         per_ip: int = 10,
         per_user: int = 10,
         delay: float = 0.5,
         max_delay: float = 8.0,
         max_keys: int = DEFAULT_THROTTLE_MAX_KEYS,
+        state: Optional[IFleetState] = None,
     ) -> None:
-        self._clock = clock
         self.window = window
         self.per_ip = per_ip
         self.per_user = per_user
         self.delay = delay
         self.max_delay = max_delay
-        self.max_keys = max_keys
-        # Keys "ip:<address>" and "user:<name>", oldest last failure first.
-        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        if state is None:
+            if clock is None:
+                raise ValueError("AuthThrottle needs a clock or a state")
+            state = LocalState(clock, max_counters=max_keys)
+        self.state: IFleetState = state
 
     def __len__(self) -> int:
         """
         How many addresses and usernames are remembered.
         """
-        return len(self._failures)
+        return len(self.state)
 
-    def _keys(self, client: str, user: Optional[str]) -> list[tuple[str, int]]:
-        keys = [("ip:" + throttle_client_key(client), self.per_ip)]
+    def _keys(self, client: Optional[str], user: Optional[str]) -> list[str]:
+        keys = []
+        if client is not None:
+            keys.append("ip:" + throttle_client_key(client))
         if user is not None:
-            keys.append(("user:" + user, self.per_user))
+            keys.append("user:" + user)
         return keys
-
-    def _expire(self, now: float) -> None:
-        # Entries are ordered by their last failure: expired ones are first.
-        while self._failures:
-            key, entry = next(iter(self._failures.items()))
-            if now - entry.last < self.window:
-                break
-            del self._failures[key]
 
     def failures(self, client: Optional[str] = None, user: Optional[str] = None) -> int:
         """
         The current failure count of a client address or of a username
         (the larger, if both are given).
         """
-        self._expire(self._clock.seconds())
-        counts = [0]
-        if client is not None:
-            entry = self._failures.get("ip:" + throttle_client_key(client))
-            counts.append(entry.count if entry else 0)
-        if user is not None:
-            entry = self._failures.get("user:" + user)
-            counts.append(entry.count if entry else 0)
-        return max(counts)
+        return max([0, *self.state.counts(self._keys(client, user))])
 
     def refusal(self, client: str, user: Optional[str]) -> Optional[str]:
         """
@@ -341,30 +327,18 @@ class AuthThrottle:
         be refused now: C{"client"} or C{"user"}; C{None} if it may be
         checked.
         """
-        self._expire(self._clock.seconds())
-        for key, limit in self._keys(client, user):
-            entry = self._failures.get(key)
-            if entry is not None and entry.count >= limit:
-                return "client" if key.startswith("ip:") else "user"
+        counts = self.state.counts(self._keys(client, user))
+        if counts[0] >= self.per_ip:
+            return "client"
+        if len(counts) > 1 and counts[1] >= self.per_user:
+            return "user"
         return None
 
     def failed(self, client: str, user: Optional[str]) -> float:
         """
         Record a failed login; return the seconds to wait before replying.
         """
-        now = self._clock.seconds()
-        self._expire(now)
-        highest = 0
-        for key, _ in self._keys(client, user):
-            entry = self._failures.pop(key, None)
-            if entry is None:
-                entry = _Failures(0, now)
-            entry.count += 1
-            entry.last = now
-            self._failures[key] = entry  # now the newest
-            highest = max(highest, entry.count)
-        while len(self._failures) > self.max_keys:
-            self._failures.popitem(last=False)
+        highest = max(self.state.add(self._keys(client, user), self.window))
         if self.delay <= 0:
             return 0.0
         return float(min(self.delay * 2 ** min(highest - 1, 62), self.max_delay))

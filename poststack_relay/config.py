@@ -13,6 +13,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+from urllib.parse import unquote, urlsplit
 from typing import Any, Optional, TypeVar
 
 import attrs
@@ -350,6 +351,84 @@ def parse_listener(spec: str, main: ListenerConfig) -> ListenerConfig:
     )
 
 
+
+# -- the fleet's shared state (--redis-url)
+
+DEFAULT_REDIS_PORT = 6379
+# Seconds a call to the shared state's Redis may take (it never delays a reply).
+DEFAULT_REDIS_TIMEOUT = 0.25
+
+
+@attrs.frozen
+class RedisURL:
+    """
+    A Redis server, as C{redis://[user@]host[:port][/db]} or C{rediss://}
+    (TLS, the server's certificate checked against the system's CAs or
+    C{ca_file}).
+
+    @ivar password: from C{POSTSTACK_RELAY_REDIS_PASSWORD} (or the URL);
+        never logged or shown.
+    """
+
+    host: str
+    port: int = DEFAULT_REDIS_PORT
+    db: int = 0
+    tls: bool = False
+    username: Optional[str] = None
+    password: Optional[str] = attrs.field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        """The URL as logs may show it: no password."""
+        scheme = "rediss" if self.tls else "redis"
+        user = f"{self.username}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{user}{host}:{self.port}/{self.db}"
+
+
+def _redis_url_repr(url: Optional[str]) -> str:
+    """A Redis URL as a repr may show it: never a password it holds."""
+    if not url:
+        return repr(url)
+    try:
+        return repr(str(parse_redis_url(url)))
+    except ConfigError:
+        return "(unusable)"
+
+
+def parse_redis_url(url: str, password: Optional[str] = None) -> RedisURL:
+    """
+    Parse C{url}; C{password} (from the environment) wins over one in the
+    URL.
+
+    @raise ConfigError: with a text that says what is wrong (never the
+        password).
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ConfigError("--redis-url: not a URL (redis://host:port/db or rediss://...)") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError("--redis-url must start with redis:// or rediss://")
+    if not parts.hostname:
+        raise ConfigError("--redis-url has no host (redis://host:port/db)")
+    if parts.query or parts.fragment:
+        raise ConfigError("--redis-url takes no query or fragment")
+    path = parts.path.strip("/")
+    if path and not (path.isdigit() and len(path) <= 5):
+        raise ConfigError("--redis-url: the path is the database number (redis://host:port/0)")
+    url_password = unquote(parts.password) if parts.password else None
+    username = unquote(parts.username) if parts.username else None
+    return RedisURL(
+        host=parts.hostname,
+        port=port if port is not None else DEFAULT_REDIS_PORT,
+        db=int(path) if path else 0,
+        tls=parts.scheme == "rediss",
+        username=username or None,
+        password=password if password else url_password,
+    )
+
+
 @attrs.frozen
 class RelayConfig:
     """
@@ -427,6 +506,14 @@ class RelayConfig:
         runs in the command's own process.  L{makeRelayService
         <poststack_relay.service.makeRelayService>} always builds one relay
         and ignores it.
+    @ivar redis_url: C{redis://host:port/db} or C{rediss://...}: the relays
+        of a fleet share failed-login counts and what the API said about a
+        credential there (L{poststack_relay.fleet}); C{None}: each relay
+        keeps its own (C{docs/shared-state.md}).
+    @ivar redis_password: the Redis password (prefer the environment,
+        C{POSTSTACK_RELAY_REDIS_PASSWORD}); never logged.
+    @ivar redis_timeout: seconds each Redis call may take before the relay
+        decides with its own memory.
     """
 
     tls_cert: str
@@ -495,6 +582,11 @@ class RelayConfig:
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     log_format: str = "text"
     workers: int = attrs.field(default=DEFAULT_WORKERS, validator=_workers)
+    redis_url: Optional[str] = attrs.field(default=None, repr=_redis_url_repr)
+    redis_password: Optional[str] = attrs.field(
+        default=None, repr=lambda v: "(set)" if v else "(unset)"
+    )
+    redis_timeout: float = attrs.field(default=DEFAULT_REDIS_TIMEOUT, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):
@@ -519,6 +611,18 @@ class RelayConfig:
                     "past 65535: lower the metrics-listen port"
                 )
         self.listeners()
+        self.redis()
+
+    def redis(self) -> Optional[RedisURL]:
+        """
+        The Redis server of the fleet's shared state (C{redis_url}, with
+        C{redis_password}), or C{None} without one.
+
+        @raise ConfigError: the URL cannot be used.
+        """
+        if not self.redis_url:
+            return None
+        return parse_redis_url(self.redis_url, self.redis_password)
 
     @property
     def metrics_enabled(self) -> bool:

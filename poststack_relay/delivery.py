@@ -20,6 +20,7 @@ from zope.interface import implementer
 from . import policy, replies
 from .api import APIError
 from .auth import Identity
+from .holds import CredentialHolds
 from .idempotency import (  # the kinds are re-exported for tests/test_logs.py (to be moved)
     IDEMPOTENCY_CLIENT,
     IDEMPOTENCY_DERIVED,
@@ -179,17 +180,30 @@ class RelayDelivery:
         Message-ID (L{poststack_relay.idempotency.keyed}).
     """
 
-    def __init__(self, identity: Identity, api: IEmailAPI, derive_keys: bool = True) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        api: IEmailAPI,
+        derive_keys: bool = True,
+        holds: Optional[CredentialHolds] = None,
+    ) -> None:
         self.identity = identity
         self._api = api
         self._derive_keys = derive_keys
+        self._holds = holds
 
     def validate_sender(self, address: str) -> Optional[Reply]:
         """
         Is C{address} (from C{MAIL FROM}) an acceptable envelope sender for
-        this identity?  C{None} if so, else the rejection (the rule is
-        L{poststack_relay.policy.envelope_sender_reply}).
+        this identity?  C{None} if so, else the rejection: the API's 429
+        for this credential while it is remembered
+        (L{poststack_relay.holds}), else the sender policy
+        (L{poststack_relay.policy.envelope_sender_reply}).
         """
+        if self._holds is not None:
+            held = self._holds.refusal(self.identity.api_key)
+            if held is not None:
+                return held
         return policy.envelope_sender_reply(self.identity.mailbox, address)
 
     def deliver(
@@ -258,6 +272,11 @@ class RelayDelivery:
             if failure.check(APIError):
                 err: APIError = failure.value
                 log(err.reply, None, err.status, api_ms)
+                if self._holds is not None:
+                    self._holds.learned(
+                        identity.api_key, err.status, err.code, err.retry_after, err.reply,
+                        identity.label,
+                    )
                 return err.reply
             _log.failure(
                 "API call failed unexpectedly", failure, event="api_crash", session=session

@@ -13,7 +13,7 @@ the cred realm; L{IRelayReactor} names what the relay needs of a reactor.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -84,6 +84,46 @@ class IRelayDelivery(Interface):
         """
         Translate and send one transaction; fires with the client's reply.
         C{session} and C{client} (the client's address) are for the log.
+        """
+
+
+class IFleetState(Interface):
+    """
+    What the relays of a fleet share: counters with a sliding window
+    (failed logins per client address and per mailbox) and notes with a
+    lifetime (what the API said about a credential).
+
+    Every method answers at once from the relay's own memory, so no reply
+    ever waits for a shared store: an implementation that shares (Redis)
+    writes in the background and keeps the memory up to date with what
+    the other relays write (L{poststack_relay.fleet}).
+    """
+
+    def __len__() -> int:
+        """
+        How many counters this relay remembers.
+        """
+
+    def counts(keys: Sequence[str]) -> list[int]:
+        """
+        The current count of each key (0 for one not counted, or whose
+        window has passed).
+        """
+
+    def add(keys: Sequence[str], window: float) -> list[int]:
+        """
+        Add one to each key's count and restart its window of C{window}
+        seconds; return the new counts as far as this relay knows them.
+        """
+
+    def remember(subject: str, value: str, seconds: float) -> None:
+        """
+        Note C{value} under C{subject} for C{seconds} (replacing any note).
+        """
+
+    def recall(subject: str) -> "Optional[tuple[str, float]]":
+        """
+        C{(value, seconds left)} of the note under C{subject}, or C{None}.
         """
 
 

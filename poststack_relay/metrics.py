@@ -196,6 +196,18 @@ class RelayMetrics:
             "api_last_reachable_timestamp_seconds",
             "When the PostStack API last gave an answer that is not a 5xx (Unix time; 0: never).",
         )
+        # -- the fleet's shared state (--redis-url)
+        self.fleet_state_up = self._gauge(
+            "fleet_state_up",
+            "1 while the Redis server of --redis-url answers, else 0 (always 0 without it).",
+        )
+        self.fleet_state_fallbacks_total = self._counter(
+            "fleet_state_fallbacks_total",
+            "Writes to the shared state (add: a failed login; remember: a credential held; "
+            "load: the notes read at (re)connection) that Redis did not take in time or at "
+            "all: the relay decided with its own memory.",
+            "operation",
+        )
         # Children bound once, so the hot path does no label lookups.
         self.refused = {
             reason: self.connections_refused_total.labels(reason) for reason in REFUSAL_REASONS

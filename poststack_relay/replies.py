@@ -309,6 +309,25 @@ QUOTA_CODES = frozenset(
 _DIGITS = re.compile(r"[0-9]{1,9}")
 
 
+def rate_limited(retry_after: Optional[int]) -> Reply:
+    """
+    The API's rate limit for this credential is reached: after DATA (its
+    429), and at C{MAIL FROM} while the relays remember it
+    (L{poststack_relay.holds}), with the seconds left.
+    """
+    hint = f", retry-after={retry_after}s" if retry_after is not None else ""
+    return Reply(451, "4.7.0", f"PostStack rate limit reached{hint}")
+
+
+def quota_held(text: str) -> Reply:
+    """
+    At C{MAIL FROM}: the API said this credential's sending quota is
+    reached (C{text} is that 429's own reply text, with the API's reason),
+    and the relays remember it for a short time (L{poststack_relay.holds}).
+    """
+    return Reply(451, "4.7.0", clean_text(text))
+
+
 def redact(text: str, secrets: Iterable[Optional[str]]) -> str:
     """
     C{text} with every occurrence of each (non-empty) secret replaced.
@@ -389,10 +408,10 @@ def reply_for_status(
                 f"{said}: PostStack sending quota reached ({code}); "
                 "waiting seconds will not help, raise the quota or wait for it to reset",
             )
-        hint = ""
+        seconds = None
         if retry_after and _DIGITS.fullmatch(retry_after.strip()):
-            hint = f", retry-after={int(retry_after.strip())}s"
-        return Reply(451, "4.7.0", f"PostStack rate limit reached{hint}")
+            seconds = int(retry_after.strip())
+        return rate_limited(seconds)
     if status >= 500:
         return Reply(451, "4.3.0", f"{said}: temporary API failure, try again later")
     # Anything else (3xx, 408, other 4xx) is not part of the contract: a

@@ -45,7 +45,9 @@ from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import ConfigError, ListenerConfig, RelayConfig, mask_secret
 from .delivery import RelayDelivery
 from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
-from .interfaces import IEmailAPI, IRelayReactor
+from .fleet.service import make_fleet_state
+from .holds import CredentialHolds
+from .interfaces import IEmailAPI, IFleetState, IRelayReactor
 from .listening import ListeningService
 from .metrics import RelayMetrics
 from .monitoring import (
@@ -342,6 +344,8 @@ def makeRelayService(
         for index, listener in enumerate(listeners)
     ]
     connections: Optional[HTTPConnectionPool] = None
+    fleet_state, fleet = make_fleet_state(config, reactor, metrics)
+    holds = CredentialHolds(fleet_state)
     if api is None:
         # treq over a persistent pool that never retries by itself: POST
         # retries are the relay's decision.
@@ -359,17 +363,22 @@ def makeRelayService(
             breaker_failures=config.api_breaker_failures,
             breaker_cooldown=config.api_breaker_cooldown,
             metrics=metrics,
+            throttled=holds.throttled,
         )
     factory = RelayFactory(
-        _portal(config, api, reactor),
+        _portal(config, api, reactor, holds),
         config,
         reactor,
-        throttle=_throttle(config, reactor),
+        throttle=_throttle(config, fleet_state),
         metrics=metrics,
     )
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
     if isinstance(api, HTTPEmailAPI):
         _APIClientService(api, connections).setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
+    if fleet is not None:
+        # Stopped after the drain (children stop in reverse order): a
+        # transaction that ends during the drain still shares its 429.
+        fleet.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     for place, listener, tls in zip(places, listeners, tls_of):
         smtps = relay_endpoint(place, listener, tls, reactor, config.tls_detect_timeout, metrics)
         service.add_listener(listener, ListeningService(smtps, factory))
@@ -389,10 +398,13 @@ def makeRelayService(
     return service
 
 
-def _portal(config: RelayConfig, api: IEmailAPI, reactor: IRelayReactor) -> Portal:
+def _portal(
+    config: RelayConfig, api: IEmailAPI, reactor: IRelayReactor, holds: CredentialHolds
+) -> Portal:
     """
     The cred portal: credentials checked against the API, each login's
-    avatar a L{RelayDelivery} through C{api}.
+    avatar a L{RelayDelivery} through C{api}, with the credential holds
+    shared by every session (and the fleet).
     """
     checker = PostStackChecker(
         api,
@@ -402,22 +414,24 @@ def _portal(config: RelayConfig, api: IEmailAPI, reactor: IRelayReactor) -> Port
         negative_ttl=config.auth_negative_ttl,
     )
     realm = RelayRealm(
-        lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys)
+        lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys, holds)
     )
     return Portal(realm, [checker])
 
 
-def _throttle(config: RelayConfig, reactor: IRelayReactor) -> AuthThrottle:
+def _throttle(config: RelayConfig, state: IFleetState) -> AuthThrottle:
     """
-    The AUTH failure throttle shared by every session.
+    The AUTH failure throttle shared by every session (and the fleet, when
+    C{state} is shared).
     """
     return AuthThrottle(
-        reactor,
+        None,
         window=config.auth_failure_window,
         per_ip=config.auth_failures_per_ip,
         per_user=config.auth_failures_per_user,
         delay=config.auth_failure_delay,
         max_delay=config.auth_failure_max_delay,
+        state=state,
     )
 
 

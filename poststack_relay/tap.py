@@ -152,6 +152,14 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("workers", int, "workers",
      "relay processes sharing the listening ports, for several CPU cores, supervised by this "
      f"process; 1: the relay runs in this process [default: {_config.DEFAULT_WORKERS}]"),
+    ("redis-url", str, "redis_url",
+     "redis://HOST:PORT/DB or rediss://...: share AUTH failure counts and what the API said "
+     "about a credential with the other relays of a fleet [default: none, each relay alone]"),
+    ("redis-password", str, "redis_password",
+     "the Redis password (prefer the environment: POSTSTACK_RELAY_REDIS_PASSWORD)"),
+    ("redis-timeout", float, "redis_timeout",
+     "seconds a Redis call may take before the relay decides alone "
+     f"[default: {_config.DEFAULT_REDIS_TIMEOUT:g}]"),
 ]
 
 # Options that may be given several times on the command line.
@@ -159,7 +167,7 @@ REPEATABLE_OPTIONS = ("listen",)
 
 
 # Options whose values are secrets: masked by --check-config.
-SECRET_OPTIONS = ("service-key",)
+SECRET_OPTIONS = ("service-key", "redis-password")
 
 # Where a setting came from, as --check-config prints it.
 SOURCE_COMMAND_LINE = "command line"
@@ -244,6 +252,8 @@ def describe_settings(config: RelayConfig, sources: Mapping[str, str]) -> list[s
     lines: list[str] = []
     for name, _, field, _ in _OPTIONS:
         value = getattr(config, field)
+        if name == "redis-url" and value:
+            value = str(config.redis())  # a password in the URL is never shown
         shown = (
             _toml_value(mask_secret(value) if value else None)
             if name in SECRET_OPTIONS

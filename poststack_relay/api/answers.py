@@ -256,4 +256,6 @@ def send_outcome(
     if answer.retry_after is not None and answer.retry_after > 0:
         retry_after = str(max(1, math.ceil(answer.retry_after)))
     reply = reply_for_status(status, body, retry_after, (api_key,))
-    raise APIError(reply, status=status, code=code, request_id=request_id)
+    raise APIError(
+        reply, status=status, code=code, request_id=request_id, retry_after=answer.retry_after
+    )

@@ -42,6 +42,10 @@ class Request:
     @ivar url: the prepared URL.
     @ivar headers: the request's headers.
     @ivar data: the body, if any.
+    @ivar throttled: called with the seconds of C{Retry-After} whenever an
+        attempt is answered with a throttling C{429} (before any retry), so
+        the relays can refuse this credential's next messages at C{MAIL
+        FROM} (L{poststack_relay.holds}).
     """
 
     method: str
@@ -49,6 +53,7 @@ class Request:
     url: PreparedURL
     headers: Headers
     data: Optional[Body] = None
+    throttled: Optional[Callable[[float], None]] = None
 
 
 @attrs.define
@@ -206,6 +211,8 @@ class Attempts:
                 reason = self.policy.reason(answer, clock.seconds(), needs_id)
                 if reason is None:
                     return attrs.evolve(answer, attempts=attempt)
+                if answer.status == 429 and reason[1] and request.throttled is not None:
+                    request.throttled(reason[1])
             elif error is not None and error.kind != "client":
                 reason = (error.error, None)
 

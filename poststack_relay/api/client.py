@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -81,6 +81,9 @@ class HTTPEmailAPI:
         at least what C{Retry-After} asks.
     @param backoff_cap: see C{backoff_base}.
     @param rng: the random source for the jitter.
+    @param throttled: called with the API key and the seconds of
+        C{Retry-After} whenever a send's attempt is answered with a
+        throttling C{429} (L{poststack_relay.holds.CredentialHolds.throttled}).
     @param metrics: where attempts, retries, requests in flight, the queue
         and the breaker are counted (C{docs/metrics.md}); a private
         L{RelayMetrics} if C{None}.  Its C{upstream_in_flight},
@@ -110,6 +113,7 @@ class HTTPEmailAPI:
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         rng: Optional[random.Random] = None,
         metrics: Optional[RelayMetrics] = None,
+        throttled: Optional[Callable[[str, float], None]] = None,
     ) -> None:
         if timeout <= 0 or deadline <= 0 or queue_timeout < 0:
             raise ValueError("timeout and deadline must be positive, queue_timeout not negative")
@@ -133,6 +137,7 @@ class HTTPEmailAPI:
         self._breaker_settings = (breaker_failures, breaker_cooldown)
         self._attempts_: Optional[Attempts] = None
         self.last_reachable: Optional[float] = None
+        self._throttled = throttled
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self._upstream = self.metrics.upstream
         self.metrics.upstream_in_flight.set_function(
@@ -320,8 +325,14 @@ class HTTPEmailAPI:
             except (TypeError, ValueError, UnicodeEncodeError):
                 raise APIError(API_NOT_ENCODABLE) from None
             transport = self._transport
+            throttled = self._throttled
             call = Request(
-                "POST", _EMAILS, transport.url(_EMAILS), transport.headers(api_key, key, body=True), data
+                "POST",
+                _EMAILS,
+                transport.url(_EMAILS),
+                transport.headers(api_key, key, body=True),
+                data,
+                None if throttled is None else (lambda seconds: throttled(api_key, seconds)),
             )
             try:
                 answer = await attempts.call(

@@ -63,12 +63,15 @@ class APIError(Exception):
     @ivar status: the HTTP status, or C{None} if no response arrived.
     @ivar code: the API's machine code (C{"unprocessable_entity"}, ...).
     @ivar request_id: the API's C{x-request-id}, for support.
+    @ivar retry_after: seconds the last answer's C{Retry-After} still asked
+        for, if any.
     """
 
     reply: Reply
     status: Optional[int] = None
     code: Optional[str] = None
     request_id: Optional[str] = None
+    retry_after: Optional[float] = None
 
     def __str__(self) -> str:
         return f"{self.reply.code} {self.reply.enhanced} {self.reply.text}"

@@ -1,0 +1,189 @@
+"""
+L{poststack_relay.fleet.redis.RedisState} against a real C{redis-server}
+on loopback: two relays' states share counts and notes; a state that
+starts later loads the notes; Redis paused, stopped and restarted is not
+an outage (the states decide alone, count it, log once each way, and
+share again once Redis answers).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from poststack_relay.config import RelayConfig, parse_redis_url
+from poststack_relay.fleet.redis import RedisState
+from poststack_relay.fleet.service import FleetStateService, make_fleet_state
+from poststack_relay.fleet.wire import FleetKeys, fleet_secret
+from poststack_relay.fleet import LocalState
+from poststack_relay.metrics import RelayMetrics
+from tests.common.redis import start_redis
+
+# Bounds of every wait here.
+WAIT = 10.0
+
+
+def _keys(port: int) -> list[bytes]:
+    """Every key name of the relays in the server (KEYS psr:*), over a plain socket."""
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"KEYS psr:*\r\n")
+        s.settimeout(0.3)
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except socket.timeout:
+            pass
+    return [line for line in data.split(b"\r\n") if line.startswith(b"psr:")]
+
+
+class SharedStateTests(TestCase):
+    def setUp(self) -> None:
+        self.server = start_redis(self, self.mktemp())
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def state(self, timeout: float = 0.2) -> RedisState:
+        metrics = RelayMetrics()
+        state = RedisState(
+            parse_redis_url(self.server.url), reactor, FleetKeys(fleet_secret(None)), timeout, metrics
+        )
+        state.start()
+        self.addCleanup(state.stop)
+        return state
+
+    async def until(self, what: Callable[[], bool], within: float = WAIT) -> None:
+        deadline = time.monotonic() + within
+        while not what():
+            if time.monotonic() > deadline:
+                self.fail(f"not within {within}s")
+            await deferLater(reactor, 0.02, lambda: None)
+
+    def logged(self, event: str) -> int:
+        return sum(1 for e in self.events if e.get("event") == event)
+
+    def fallbacks(self, state: RedisState, operation: str) -> float:
+        value = state.metrics.registry.get_sample_value(
+            "poststack_relay_fleet_state_fallbacks_total", {"operation": operation}
+        )
+        return value or 0.0
+
+    async def test_counts_shared(self) -> None:
+        """
+        A failure counted by one relay is known to the other within
+        moments, and both count on from the fleet's count.
+        """
+        a, b = self.state(), self.state()
+        await self.until(lambda: a.up and b.up)
+        await deferLater(reactor, 0.1, lambda: None)  # both subscribed
+        self.assertEqual(a.add(["ip:192.0.2.1", "user:alice@example.com"], 30), [1, 1])
+        await self.until(lambda: b.counts(["ip:192.0.2.1"]) == [1])
+        self.assertEqual(b.add(["ip:192.0.2.1"], 30), [2])
+        await self.until(lambda: a.counts(["ip:192.0.2.1", "user:alice@example.com"]) == [2, 1])
+        # Key names are digests: no address or mailbox in Redis.
+        names = _keys(self.server.port)
+        self.assertEqual(len(names), 2)
+        for name in names:
+            self.assertNotIn(b"192.0.2.1", name)
+            self.assertNotIn(b"alice", name)
+        self.assertEqual(self.logged("fleet_state_up"), 2)
+
+    async def test_notes_shared_and_loaded(self) -> None:
+        """
+        A note is known to the other relays, and to one that starts later.
+        """
+        a, b = self.state(), self.state()
+        await self.until(lambda: a.up and b.up)
+        await deferLater(reactor, 0.1, lambda: None)
+        a.remember("hold:abc", "rate", 5)
+        await self.until(lambda: b.recall("hold:abc") is not None)
+        value, left = b.recall("hold:abc") or ("", 0.0)
+        self.assertEqual(value, "rate")
+        self.assertTrue(4 < left <= 5, left)
+        c = self.state()
+        await self.until(lambda: c.recall("hold:abc") is not None)
+        self.assertEqual((c.recall("hold:abc") or ("",))[0], "rate")
+
+    async def test_paused(self) -> None:
+        """
+        Redis paused: writes are decided locally at once, counted as
+        fallbacks, "unavailable" is logged once; resumed: "available" once,
+        and sharing works again.
+        """
+        a, b = self.state(), self.state()
+        await self.until(lambda: a.up and b.up)
+        await deferLater(reactor, 0.1, lambda: None)
+        self.server.pause()
+        try:
+            started = time.monotonic()
+            self.assertEqual(a.add(["ip:198.51.100.7"], 30), [1])
+            self.assertLess(time.monotonic() - started, 0.05)
+            await self.until(lambda: not a.up)
+            for expected in (2, 3, 4):
+                self.assertEqual(a.add(["ip:198.51.100.7"], 30), [expected])
+            self.assertEqual(a.counts(["ip:198.51.100.7"]), [4])
+            self.assertGreaterEqual(self.fallbacks(a, "add"), 4)
+            await deferLater(reactor, 1.5, lambda: None)  # a few checks fail
+        finally:
+            self.server.resume()
+        # Once per state that noticed (b checks every few seconds while
+        # all is well, so it may not have).
+        downs = self.logged("fleet_state_down")
+        self.assertIn(downs, (1, 2))
+        await self.until(lambda: a.up and b.up)
+        self.assertEqual(a.add(["ip:203.0.113.9"], 30), [1])
+        await self.until(lambda: b.counts(["ip:203.0.113.9"]) == [1])
+        self.assertEqual(self.logged("fleet_state_down"), downs)
+        self.assertEqual(self.logged("fleet_state_up"), 2 + downs)
+
+    async def test_restarted(self) -> None:
+        """
+        Redis stopped and started again: the states reconnect by
+        themselves (both connections) and share again.
+        """
+        a, b = self.state(), self.state()
+        await self.until(lambda: a.up and b.up)
+        self.server.stop()
+        a.add(["ip:192.0.2.200"], 30)
+        await self.until(lambda: not a.up and not b.up)
+        self.assertEqual(a.counts(["ip:192.0.2.200"]), [1])
+        self.server.start()
+        await self.until(lambda: a.up and b.up)
+        # The subscriptions are back too.
+        def shared() -> bool:
+            a.remember("hold:restart", "rate", 30)
+            return b.recall("hold:restart") is not None
+
+        await self.until(shared)
+        self.assertEqual(self.logged("fleet_state_up"), 4)
+        self.assertEqual(self.logged("fleet_state_down"), 2)
+
+
+class ServiceTests(TestCase):
+    def test_local_without_url(self) -> None:
+        state, service = make_fleet_state(RelayConfig(tls_cert="c.pem"), reactor, RelayMetrics())
+        self.assertIsInstance(state, LocalState)
+        self.assertIsNone(service)
+
+    async def test_service_connects_and_closes(self) -> None:
+        server = start_redis(self, self.mktemp())
+        config = RelayConfig(tls_cert="c.pem", redis_url=server.url, redis_timeout=0.2)
+        state, service = make_fleet_state(config, reactor, RelayMetrics())
+        assert isinstance(service, FleetStateService) and isinstance(state, RedisState)
+        service.startService()
+        deadline = time.monotonic() + WAIT
+        while not state.up and time.monotonic() < deadline:
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertTrue(state.up)
+        self.assertEqual(
+            state.metrics.registry.get_sample_value("poststack_relay_fleet_state_up"), 1.0
+        )
+        await service.stopService()
+        self.assertFalse(service.running)
