@@ -69,6 +69,8 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9587"
 LOG_FORMATS = ("text", "json")
 # --workers: processes sharing the listening ports (poststack_relay.workers).
 DEFAULT_WORKERS = 1
+# Seconds a quota 429 is remembered per credential (poststack_relay.holds).
+DEFAULT_API_QUOTA_HOLD = 60.0
 MAX_WORKERS = 256
 
 
@@ -514,6 +516,9 @@ class RelayConfig:
         C{POSTSTACK_RELAY_REDIS_PASSWORD}); never logged.
     @ivar redis_timeout: seconds each Redis call may take before the relay
         decides with its own memory.
+    @ivar api_quota_hold: seconds a credential's quota 429 is remembered:
+        its next C{MAIL FROM}s are answered with that 429's C{451 4.7.0}
+        before any DATA (L{poststack_relay.holds}); 0: not remembered.
     """
 
     tls_cert: str
@@ -587,6 +592,7 @@ class RelayConfig:
         default=None, repr=lambda v: "(set)" if v else "(unset)"
     )
     redis_timeout: float = attrs.field(default=DEFAULT_REDIS_TIMEOUT, validator=_positive)
+    api_quota_hold: float = attrs.field(default=DEFAULT_API_QUOTA_HOLD, validator=_not_negative)
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):

@@ -9,8 +9,8 @@ any DATA is uploaded (L{CredentialHolds}).
     (at most L{MAX_RATE_HOLD} seconds);
   - a quota C{429} (C{QUOTA_CODES}, no C{Retry-After}: waiting seconds does
     not lift it): the same C{451 4.7.0} text the client heard after DATA,
-    with the API's own reason, for L{QUOTA_HOLD} seconds, after which the
-    next message asks the API again.
+    with the API's own reason, for C{quota_hold} seconds (C{--api-quota-hold},
+    60 by default), after which the next message asks the API again.
 
 A rate-limit 429 without C{Retry-After} says nothing about how long: it
 is not remembered.  The hold is per API key (a mailbox sends with the
@@ -27,15 +27,14 @@ from typing import Optional
 from twisted.logger import Logger
 
 from . import replies
+from .config import DEFAULT_API_QUOTA_HOLD
 from .interfaces import IFleetState
 from .replies import QUOTA_CODES, Reply
 
-__all__ = ["MAX_RATE_HOLD", "QUOTA_HOLD", "CredentialHolds"]
+__all__ = ["MAX_RATE_HOLD", "CredentialHolds"]
 
 _log = Logger()
 
-# Seconds a quota 429 is remembered.
-QUOTA_HOLD = 60.0
 # The longest Retry-After honoured at MAIL FROM, in seconds.
 MAX_RATE_HOLD = 3600.0
 
@@ -47,10 +46,13 @@ class CredentialHolds:
     """
     Remembers 429s per API key in the fleet state and answers C{MAIL FROM}
     from it.
+
+    @param quota_hold: seconds a quota 429 is remembered (0: not at all).
     """
 
-    def __init__(self, state: IFleetState) -> None:
+    def __init__(self, state: IFleetState, quota_hold: float = DEFAULT_API_QUOTA_HOLD) -> None:
         self._state = state
+        self.quota_hold = quota_hold
 
     @staticmethod
     def _subject(api_key: str) -> str:
@@ -75,7 +77,9 @@ class CredentialHolds:
         if status != 429:
             return
         if code in QUOTA_CODES:
-            value, seconds = _QUOTA + reply.text, QUOTA_HOLD
+            if self.quota_hold <= 0:
+                return
+            value, seconds = _QUOTA + reply.text, self.quota_hold
         elif retry_after is not None and retry_after > 0:
             value, seconds = _RATE, min(float(retry_after), MAX_RATE_HOLD)
         else:

@@ -152,6 +152,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("workers", int, "workers",
      "relay processes sharing the listening ports, for several CPU cores, supervised by this "
      f"process; 1: the relay runs in this process [default: {_config.DEFAULT_WORKERS}]"),
+    ("api-quota-hold", float, "api_quota_hold",
+     "seconds a credential's quota 429 is remembered: its next MAIL FROMs get that 451 before "
+     f"any DATA; 0: not remembered [default: {_config.DEFAULT_API_QUOTA_HOLD:g}]"),
     ("redis-url", str, "redis_url",
      "redis://HOST:PORT/DB or rediss://...: share AUTH failure counts and what the API said "
      "about a credential with the other relays of a fleet [default: none, each relay alone]"),

@@ -275,9 +275,11 @@ class ExampleFileTests(SynchronousTestCase):
             field: value for field, value in defaults.items()
             if any(f == field for _, _, f, _ in tap._OPTIONS)
         }
-        # The service key, commented out, shows a placeholder: it has no default.
-        self.assertEqual({k: v for k, v in shown.items() if k != "service_key"}, expected)
-        self.assertEqual(set(shown) - set(expected), {"service_key"})
+        # The service key and the Redis settings, commented out, show
+        # placeholders: they have no default.
+        placeholders = {"service_key", "redis_url", "redis_password"}
+        self.assertEqual({k: v for k, v in shown.items() if k not in placeholders}, expected)
+        self.assertEqual(set(shown) - set(expected), placeholders)
 
     def test_as_is_is_the_defaults(self) -> None:
         """Used as it is, the example sets only the certificate, key and host name; the rest is default."""

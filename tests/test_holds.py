@@ -14,7 +14,8 @@ from poststack_relay.api import APIError, HTTPEmailAPI
 from poststack_relay.auth import Identity
 from poststack_relay.delivery import RelayDelivery
 from poststack_relay.fleet import LocalState
-from poststack_relay.holds import MAX_RATE_HOLD, QUOTA_HOLD, CredentialHolds
+from poststack_relay.config import DEFAULT_API_QUOTA_HOLD
+from poststack_relay.holds import MAX_RATE_HOLD, CredentialHolds
 from poststack_relay.replies import Reply, reply_for_status
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,
@@ -72,8 +73,17 @@ class HoldsTests(SynchronousTestCase):
         assert reply is not None
         self.assertIn("Monthly limit reached", reply.text)
         self.assertIn("monthly_limit_exceeded", reply.text)
-        self.clock.advance(QUOTA_HOLD)
+        self.clock.advance(DEFAULT_API_QUOTA_HOLD)
         self.assertIsNone(self.holds.refusal(KEY))
+
+    def test_quota_hold_configurable(self) -> None:
+        error = quota()
+        for seconds in (0.0, 2.0):
+            holds = CredentialHolds(LocalState(self.clock), quota_hold=seconds)
+            holds.learned(KEY, error.status, error.code, None, error.reply, "k")
+            self.assertEqual(holds.refusal(KEY) is not None, seconds > 0)
+        self.clock.advance(2)
+        self.assertIsNone(holds.refusal(KEY))
 
     def test_not_held(self) -> None:
         """

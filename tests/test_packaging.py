@@ -345,7 +345,7 @@ class PackagingTests(SynchronousTestCase):
         self.assertEqual(top_level, {"poststack_relay", "twisted"})
 
     def test_wheel_requirements(self) -> None:
-        """The wheel requires exactly the six runtime dependencies; the test extra only pytest and hypothesis."""
+        """The wheel requires exactly the six runtime dependencies; the redis extra txredisapi; the test extra only test tools."""
         wheel = self._build_wheel()
         (metadata_name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
         metadata = email.parser.HeaderParser().parsestr(wheel.read(metadata_name).decode("utf-8"))
@@ -365,5 +365,6 @@ class PackagingTests(SynchronousTestCase):
             else:
                 extras.setdefault(extra, set()).add(name)
         self.assertEqual(runtime, RUNTIME_REQUIREMENTS)
-        self.assertEqual(set(extras), {"test"})
+        self.assertEqual(set(extras), {"redis", "test"})
+        self.assertEqual(extras["redis"], {"txredisapi"})
         self.assertTrue(extras["test"] <= TEST_REQUIREMENTS, extras)
