@@ -36,7 +36,7 @@ from typing import IO, Any, Callable, Mapping, MutableMapping, Optional, cast
 
 from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import ILogObserver, LogEvent, eventAsText, formatEvent, formatTime, timeFormatRFC3339
+from twisted.logger import ILogObserver, LogEvent, LogLevel, eventAsText, formatEvent, formatTime, timeFormatRFC3339
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -210,6 +210,21 @@ def fallback_line(event: LogEvent, error: BaseException, **extra: Any) -> str:
     return json.dumps(fields, ensure_ascii=True, default=repr) + "\n"
 
 
+# Namespaces whose debug and info events the relay's observers leave out:
+# the Redis client's reconnection attempts ("Scheduling retry ...", every
+# few seconds per connection while Redis is down).  The relay logs the
+# change of state itself, once each way (fleet_state_down, fleet_state_up).
+QUIET_NAMESPACES = frozenset({"twisted.application._client_service.ClientService"})
+_QUIET_LEVELS = (LogLevel.debug, LogLevel.info)
+
+
+def quiet(event: LogEvent) -> bool:
+    """
+    Is C{event} one the relay's observers leave out (L{QUIET_NAMESPACES})?
+    """
+    return event.get("log_namespace") in QUIET_NAMESPACES and event.get("log_level") in _QUIET_LEVELS
+
+
 def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
     """
     An observer writing each event to C{outFile} as one line of JSON
@@ -234,6 +249,8 @@ def jsonLineObserver(outFile: IO[Any]) -> ILogObserver:
 
     @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
+        if quiet(event):
+            return
         try:
             line = event_as_json_line(event)
         except Exception as e:
@@ -337,6 +354,8 @@ def textLineObserver(outFile: IO[Any], timeFormat: Optional[str] = timeFormatRFC
 
     @provider(ILogObserver)
     def observe(event: LogEvent) -> None:
+        if quiet(event):
+            return
         try:
             line = classic_text(event, stamp)
             if line:

@@ -816,3 +816,27 @@ class TwistdProcessTests(SynchronousTestCase):
         self.assertIn("auth failed", output)
         self.assertNotIn('"event"', output)
         self.assert_secret_free(output)
+
+
+class QuietTests(SynchronousTestCase):
+    """
+    The relay's observers leave out the Redis client's reconnection chatter
+    (the relay logs fleet_state_down/up itself), and nothing else.
+    """
+
+    def test_left_out(self) -> None:
+        chatter = "twisted.application._client_service.ClientService"
+        for make in (jsonLineObserver, textLineObserver):
+            out = io.StringIO()
+            observer = make(out)
+            for namespace, level, text in (
+                ("x", LogLevel.info, "kept"),
+                (chatter, LogLevel.info, "Scheduling retry"),
+                (chatter, LogLevel.error, "broken"),
+            ):
+                observer({"log_format": text, "log_level": level, "log_namespace": namespace,
+                          "log_time": 0.0})
+            written = out.getvalue()
+            self.assertIn("kept", written)
+            self.assertIn("broken", written)
+            self.assertNotIn("Scheduling retry", written)
