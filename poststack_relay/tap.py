@@ -100,6 +100,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"[default: {_config.DEFAULT_API_DEADLINE:g}]"),
     ("api-max-in-flight", int, "api_max_in_flight",
      f"most API requests at once [default: {_config.DEFAULT_API_MAX_IN_FLIGHT}]"),
+    ("api-max-in-flight-per-credential", int, "api_max_in_flight_per_credential",
+     "most API sends at once for one API key or mailbox; 0: a quarter of --api-max-in-flight "
+     f"[default: {_config.DEFAULT_API_MAX_IN_FLIGHT_PER_CREDENTIAL}]"),
     ("api-queue-timeout", float, "api_queue_timeout",
      "seconds a message may wait for a free API request slot "
      f"[default: {_config.DEFAULT_API_QUEUE_TIMEOUT:g}]"),

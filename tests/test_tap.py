@@ -79,6 +79,17 @@ class OptionsTests(SynchronousTestCase):
             self.assertTrue(message.startswith("poststack-relay: error: "), message)
             self.assertNotIn("\n", message)
 
+    def test_share_per_credential(self) -> None:
+        """--api-max-in-flight-per-credential (and its variable) sets the share; 0 by default (a quarter); not negative."""
+        self.assertEqual(parse(["--tls-cert", "c"]).api_max_in_flight_per_credential, 0)
+        config = parse(["--tls-cert", "c", "--api-max-in-flight-per-credential", "5"])
+        self.assertEqual(config.api_max_in_flight_per_credential, 5)
+        config = parse(["--tls-cert", "c"], {"POSTSTACK_RELAY_API_MAX_IN_FLIGHT_PER_CREDENTIAL": "7"})
+        self.assertEqual(config.api_max_in_flight_per_credential, 7)
+        with self.assertRaises(SystemExit) as ctx:
+            parse(["--tls-cert", "c", "--api-max-in-flight-per-credential", "-1"])
+        self.assertIn("api-max-in-flight-per-credential", str(ctx.exception.code))
+
     def test_secret_not_in_repr(self) -> None:
         """The service key never appears in the config's repr."""
         config = parse(["--tls-cert", "c", "--service-key", "sk_live_supersecret123"])
