@@ -9,6 +9,11 @@ production runs them (docs/operations.md, "A fleet").
   - L{SigkillTests}: 20 clients x 50 messages through HAProxy while one
     of three relays is killed with SIGKILL and started again: 0 lost,
     0 doubled.
+  - L{SharedStateTests}: three relays with C{--redis-url} to a real
+    C{redis-server}: 1,000 wrong API keys cost no more API checks than
+    against one relay alone; a 429 learned by one relay is answered at
+    C{MAIL FROM} by the others; Redis paused, stopped and restarted is not
+    an outage, and sharing comes back by itself.
 
 The fleet (L{tests.common.fleet}): the sandbox API, relay processes with
 C{--proxy-protocol yes}, HAProxy round-robin with C{send-proxy-v2} and
@@ -25,10 +30,21 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.common.fleet import Fleet, Outcome, RetryingClient, haproxy_or_skip
+from tests.common.fleet import (
+    RECIPIENT,
+    SENDER,
+    Fleet,
+    Outcome,
+    RelayProcess,
+    RetryingClient,
+    fleet_message,
+    guess_keys,
+    haproxy_or_skip,
+)
 from tests.common.keys import FULL_KEY
 from tests.common.redis import RedisServer, ping, redis_server_or_skip, start_redis
 
@@ -227,3 +243,241 @@ class SigkillTests(SynchronousTestCase):
         # Honest failures are allowed, but a retrying client gets through.
         self.assertEqual(figures["ended 250"], self.CLIENTS * self.MESSAGES, figures)
 
+
+#: Relay options of the shared-state tests: small AUTH delays (the test is
+#: about counts, not waits), a small Redis budget.
+FAST_AUTH = ("--auth-failure-delay", "0.01", "--auth-failure-max-delay", "0.05")
+REDIS_TIMEOUT = "0.25"
+
+
+def first_refusal(codes: list[tuple[int | str, float]]) -> int | None:
+    """The index of the first 454 (AUTH refused by the throttle), or None."""
+    return next((i for i, (code, _) in enumerate(codes) if code == 454), None)
+
+
+class SharedStateTests(SynchronousTestCase):
+    """
+    Three relays sharing state through a real redis-server
+    (C{--redis-url}), behind HAProxy or reached one by one.
+    """
+
+    def fleet(self, *args: str, balancer: bool = True, proxy_protocol: bool = True,
+              redis: bool = True) -> tuple[Fleet, Any]:
+        """The sandbox, a redis-server, three relays with C{--redis-url} and C{args}, HAProxy."""
+        haproxy_or_skip()
+        directory = os.path.abspath(self.mktemp())
+        server = start_redis(self, os.path.join(directory, "redis")) if redis else None
+        fleet = Fleet(self, directory)
+        shared = ("--redis-url", server.url, "--redis-timeout", REDIS_TIMEOUT) if server else ()
+        for _ in range(3):
+            fleet.add_relay(*shared, *args, proxy_protocol=proxy_protocol)
+        if balancer:
+            fleet.start_balancer()
+        return fleet, server
+
+    def test_wrong_keys_spread_over_three_relays(self) -> None:
+        """1,000 wrong API keys from one address, round-robin over three relays sharing state, cost no more API checks than against one relay alone and reach 454 as fast; after the first 454 no relay tests a key for that address."""
+        fleet, _ = self.fleet(*FAST_AUTH)
+        lone = fleet.add_relay(*FAST_AUTH, proxy_protocol=False)
+        figures: dict[str, Any] = {}
+        for name, port, source in (("one relay", lone.port, "127.0.0.3"), ("three relays", None, "127.0.0.2")):
+            before = fleet.key_checks("401")
+            codes = guess_keys(fleet, 1000, port, source, deadline=time.monotonic() + 60)
+            first = first_refusal(codes)
+            self.assertEqual(len(codes), 1000, (name, codes[-5:]))
+            self.assertIsNotNone(first, name)
+            assert first is not None
+            figures[name] = {
+                "API key checks": fleet.key_checks("401") - before,
+                "attempts before the first 454": first,
+                "seconds to the first 454": round(codes[first][1], 2),
+                "535 after the first 454": sum(1 for code, _ in codes[first:] if code == 535),
+                "replies": dict(collections.Counter(str(code) for code, _ in codes)),
+                "seconds for 1,000": round(codes[-1][1], 2),
+            }
+        refused_by = [
+            len([e for e in relay.events("auth_throttled") if e.get("client") == "127.0.0.2"])
+            for relay in fleet.relays[:3]
+        ]
+        figures["three relays"]["454s per relay"] = refused_by
+        print("\n1,000 wrong keys:", figures)
+        one, three = figures["one relay"], figures["three relays"]
+        self.assertLessEqual(three["API key checks"], one["API key checks"], figures)
+        self.assertLessEqual(three["attempts before the first 454"], one["attempts before the first 454"], figures)
+        self.assertEqual(three["535 after the first 454"], 0, figures)
+        # The attempts really were spread: every relay refused some.
+        self.assertTrue(all(n > 0 for n in refused_by), figures)
+
+    def test_rate_limit_learned_by_one_refuses_on_all(self) -> None:
+        """A 429 rate_limit_exceeded with Retry-After: 5 answered to relay 1 makes relays 2 and 3 refuse that credential at MAIL FROM with 451 4.7.0 ... retry-after, before DATA; another credential still sends; after the 5 s it sends again."""
+        # A deadline shorter than the Retry-After: relay 1 does not wait to try
+        # again, it answers the 429 (451 4.7.0) at once.
+        fleet, _ = self.fleet("--api-deadline", "2", balancer=False, proxy_protocol=False)
+        first, second, third = fleet.relays
+        fleet.sandbox("POST", "/_sandbox/faults", {"mode": "429", "retry_after": "5", "count": 1})
+        with fleet.smtp(first.port) as s:
+            s.login("poststack", FULL_KEY)
+            self.assertEqual(s.mail(SENDER)[0], 250)
+            self.assertEqual(s.rcpt(RECIPIENT)[0], 250)
+            code, text = s.data(fleet_message("limited"))
+        learned = time.monotonic()
+        self.assertEqual((code, text.decode()), (451, "4.7.0 PostStack rate limit reached, retry-after=5s"))
+
+        def mail_from(relay: RelayProcess, key: str) -> tuple[int, str]:
+            with fleet.smtp(relay.port) as s:
+                s.login("poststack", key)
+                code, text = s.mail(SENDER)
+                return code, text.decode()
+
+        seen: dict[str, Any] = {}
+        for relay in (second, third):
+            # Shared state may take a moment to reach the other relays: ask
+            # again for at most one second.
+            deadline = time.monotonic() + 1.0
+            while True:
+                code, text = mail_from(relay, FULL_KEY)
+                if code != 250 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            seen[relay.name] = (code, text, round(time.monotonic() - learned, 2))
+            self.assertEqual(code, 451, seen)
+            self.assertRegex(text, r"^4\.7\.0 PostStack rate limit reached, retry-after=[1-5]s$")
+        # Another credential is not held.
+        self.assertEqual(mail_from(second, "sk_test_sending_access")[0], 250)
+        print("\nrate limit held:", seen)
+        # After the Retry-After, the credential sends again (bounded wait).
+        deadline = learned + 12
+        while time.monotonic() < deadline and mail_from(third, FULL_KEY)[0] != 250:
+            time.sleep(0.25)
+        with fleet.smtp(third.port) as s:
+            s.login("poststack", FULL_KEY)
+            s.mail(SENDER)
+            s.rcpt(RECIPIENT)
+            code, _ = s.data(fleet_message("after the hold"))
+        self.assertEqual(code, 250)
+        self.assertGreaterEqual(time.monotonic() - learned, 3.5)
+        self.assertEqual([e["payload"]["subject"] for e in fleet.emails()], ["after the hold"])
+
+    def sessions(self, fleet: Fleet, count: int, tag: str) -> list[float]:
+        """C{count} sessions through HAProxy (login, one message, 250 each); the seconds each took."""
+        took = []
+        for i in range(count):
+            started = time.monotonic()
+            with fleet.smtp() as s:
+                s.login("poststack", FULL_KEY)
+                self.assertEqual(s.mail(SENDER)[0], 250)
+                self.assertEqual(s.rcpt(RECIPIENT)[0], 250)
+                code, text = s.data(fleet_message(f"{tag}-{i}"))
+                self.assertEqual(code, 250, text)
+            took.append(time.monotonic() - started)
+        return took
+
+    def shared_until(self, fleet: Fleet, limit: float) -> tuple[int, float]:
+        """
+        Wait (at most C{limit} s) until the relays share AUTH failures again:
+        from a fresh loopback address, 25 wrong keys through HAProxy reach
+        454 and no key is tested after it (three relays counting alone
+        would need 30 failures). The tries it took and the seconds.
+        """
+        started = time.monotonic()
+        for n in range(1, 1000):
+            codes = guess_keys(fleet, 25, source=f"127.0.{n}.9", deadline=time.monotonic() + 20)
+            first = first_refusal(codes)
+            if first is not None and all(code != 535 for code, _ in codes[first:]):
+                return n, time.monotonic() - started
+            if time.monotonic() - started > limit:
+                self.fail(f"relays not sharing AUTH failures {limit} s on: {[c for c, _ in codes]}")
+        raise AssertionError("unreachable")
+
+    def wait_shared_state(self, fleet: Fleet, up: bool, limit: float) -> float:
+        """
+        Wait (at most C{limit} s) until every relay's
+        C{poststack_relay_fleet_state_up} is C{up}; the seconds it took.
+        """
+        started = time.monotonic()
+        want = 1.0 if up else 0.0
+        while True:
+            seen = [relay.metric("poststack_relay_fleet_state_up") for relay in fleet.relays]
+            if all(value == want for value in seen):
+                return time.monotonic() - started
+            if time.monotonic() - started > limit:
+                self.fail(f"fleet_state_up not {want} on every relay after {limit} s: {seen}")
+            time.sleep(0.1)
+
+    def test_redis_paused_mail_flows(self) -> None:
+        """With redis-server paused (SIGSTOP), logins, wrong keys and messages get their replies within their usual time and /readyz stays ready, before and after the relays notice; after SIGCONT they share again."""
+        fleet, server = self.fleet(*FAST_AUTH)
+        usual = max(self.sessions(fleet, 6, "before"))
+        self.shared_until(fleet, 10)
+        self.wait_shared_state(fleet, True, 5)
+        server.pause()
+        try:
+            # At once: the relays still think Redis answers; a failed login's
+            # write waits for it in the background.
+            wrong = guess_keys(fleet, 6, source="127.0.0.4", deadline=time.monotonic() + 30)
+            paused = self.sessions(fleet, 3, "paused")
+            # Every relay notices (a write past its budget, or its periodic check).
+            noticed = self.wait_shared_state(fleet, False, 10)
+            wrong += guess_keys(fleet, 6, source="127.0.0.5", deadline=time.monotonic() + 30)
+            paused += self.sessions(fleet, 3, "paused, noticed")
+            ready = [relay.ready() for relay in fleet.relays]
+        finally:
+            server.resume()
+        back = self.wait_shared_state(fleet, True, 10)
+        tries, seconds = self.shared_until(fleet, 15)
+        fallbacks = [
+            relay.metric('poststack_relay_fleet_state_fallbacks_total{operation="add"}') for relay in fleet.relays
+        ]
+        figures = {
+            "usual session s": round(usual, 3),
+            "sessions while paused s": [round(t, 3) for t in paused],
+            "wrong keys while paused": [(c, round(t, 2)) for c, t in wrong],
+            "all relays noticed after s": round(noticed, 2),
+            "all relays back after s": round(back, 2),
+            "sharing again after s": round(seconds, 2),
+            "tries": tries,
+            "fallbacks (add) per relay": fallbacks,
+        }
+        print("\nredis paused:", figures)
+        self.assertEqual(ready, [True, True, True], figures)
+        self.assertEqual(len(fleet.emails()), 12, figures)
+        # Each reply within the usual time: no reply waits for Redis (a
+        # second of slack for a loaded machine, far below what a wait for a
+        # server that cannot answer would take).
+        bound = usual + 1.0
+        self.assertLess(max(paused), bound, figures)
+        self.assertEqual([c for c, _ in wrong if c not in (535, 421)], [], figures)
+        gaps = [b - a for (_, a), (_, b) in zip([(0, 0.0), *wrong[:6]], wrong[:6])]
+        gaps += [b - a for (_, a), (_, b) in zip([(0, 0.0), *wrong[6:]], wrong[6:])]
+        self.assertLess(max(gaps), bound, figures)
+        # The writes Redis could not take were counted as fallbacks.
+        self.assertGreater(sum(f or 0 for f in fallbacks), 0, figures)
+
+    def test_redis_restarted_relays_reconnect(self) -> None:
+        """redis-server stopped: mail still flows, /readyz stays ready and every relay notices; started again on its port: the relays reconnect by themselves and share again."""
+        fleet, server = self.fleet(*FAST_AUTH)
+        self.shared_until(fleet, 10)
+        self.wait_shared_state(fleet, True, 5)
+        server.stop()
+        down = self.sessions(fleet, 3, "redis down")
+        wrong = guess_keys(fleet, 6, source="127.0.0.4", deadline=time.monotonic() + 30)
+        noticed = self.wait_shared_state(fleet, False, 10)
+        # Down for a while: the clients' reconnection attempts fail too.
+        time.sleep(2.5)
+        down += self.sessions(fleet, 3, "redis still down")
+        ready = [relay.ready() for relay in fleet.relays]
+        server.start()
+        back = self.wait_shared_state(fleet, True, 15)
+        tries, seconds = self.shared_until(fleet, 15)
+        figures = {
+            "sessions while down s": [round(t, 3) for t in down],
+            "wrong keys while down": [c for c, _ in wrong],
+            "all relays noticed after s": round(noticed, 2),
+            "all relays back after s": round(back, 2),
+            "sharing again after s": round(seconds, 2),
+            "tries": tries,
+        }
+        print("\nredis restarted:", figures)
+        self.assertEqual(ready, [True, True, True], figures)
+        self.assertEqual([c for c, _ in wrong if c not in (535, 421)], [], figures)
+        self.assertEqual(len(fleet.emails()), 6, figures)

@@ -149,6 +149,16 @@ class RelayProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return str(r.read().decode("utf-8"))
 
+    def metric(self, name: str) -> float | None:
+        """
+        The value of metric C{name} (a full sample name, labels included:
+        C{poststack_relay_fleet_state_up}), or L{None} if absent.
+        """
+        for line in self.metrics().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return None
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None and self.process.poll() is None else None
