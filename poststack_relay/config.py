@@ -516,6 +516,9 @@ class RelayConfig:
         C{POSTSTACK_RELAY_REDIS_PASSWORD}); never logged.
     @ivar redis_timeout: seconds each Redis call may take before the relay
         decides with its own memory.
+    @ivar redis_tls_ca: a PEM file of the CA certificates that sign the
+        Redis server's certificate, for C{rediss://} with a private CA;
+        C{None}: the system's CAs.
     @ivar api_quota_hold: seconds a credential's quota 429 is remembered:
         its next C{MAIL FROM}s are answered with that 429's C{451 4.7.0}
         before any DATA (L{poststack_relay.holds}); 0: not remembered.
@@ -593,6 +596,7 @@ class RelayConfig:
     )
     redis_timeout: float = attrs.field(default=DEFAULT_REDIS_TIMEOUT, validator=_positive)
     api_quota_hold: float = attrs.field(default=DEFAULT_API_QUOTA_HOLD, validator=_not_negative)
+    redis_tls_ca: Optional[str] = None
 
     def __attrs_post_init__(self) -> None:
         if not self.api_url.startswith(("https://", "http://")):

@@ -104,6 +104,8 @@ class RelayService(MultiService):
     @ivar drain_timeout: seconds L{stopService} lets sessions finish.
     @ivar readiness: tells systemd when the relay is ready and stopping.
     @ivar metrics: where the relay counts.
+    @ivar fleet_state: what the relay shares with a fleet (its own memory
+        without C{redis_url}: L{poststack_relay.fleet}).
     @ivar metrics_service: the HTTP listener of C{/metrics}, C{/healthz}
         and C{/readyz}; C{None} when C{metrics_listen} is off.
     """
@@ -125,6 +127,7 @@ class RelayService(MultiService):
         self.listener_configs: list[ListenerConfig] = []
         self.readiness: Optional[ReadinessService] = None
         self.metrics_service: Optional[MetricsService] = None
+        self.fleet_state: Optional[IFleetState] = None
 
     @property
     def listener(self) -> ListeningService:
@@ -373,6 +376,7 @@ def makeRelayService(
         metrics=metrics,
     )
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
+    service.fleet_state = fleet_state
     if isinstance(api, HTTPEmailAPI):
         _APIClientService(api, connections).setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     if fleet is not None:

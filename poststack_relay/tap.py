@@ -163,6 +163,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      "about a credential with the other relays of a fleet [default: none, each relay alone]"),
     ("redis-password", str, "redis_password",
      "the Redis password (prefer the environment: POSTSTACK_RELAY_REDIS_PASSWORD)"),
+    ("redis-tls-ca", str, "redis_tls_ca",
+     "PEM file of the CAs that sign the Redis server's certificate (rediss://) "
+     "[default: the system's CAs]"),
     ("redis-timeout", float, "redis_timeout",
      "seconds a Redis call may take before the relay decides alone "
      f"[default: {_config.DEFAULT_REDIS_TIMEOUT:g}]"),

@@ -31,7 +31,8 @@ with.
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+import re
+from typing import Any, Optional, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import dsa, ed448, ed25519, rsa
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.randbytes import secureRandom
@@ -86,6 +88,28 @@ def _read(path: str, what: str) -> bytes:
             return f.read()
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
+
+
+def trust_root(path: str) -> Any:
+    """
+    A trust root for C{optionsForClientTLS} from a PEM file of one or more
+    CA certificates (for C{rediss://} with a private CA).
+
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    data = _read(path, "redis-tls-ca")
+    try:
+        certificates = [
+            Certificate.loadPEM(block)
+            for block in re.findall(
+                rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S
+            )
+        ]
+    except Exception:
+        raise ConfigError(f"redis-tls-ca {path}: not a PEM certificate file") from None
+    if not certificates:
+        raise ConfigError(f"redis-tls-ca {path}: no PEM certificate in it")
+    return trustRootFromCertificates(certificates)  # type: ignore[no-untyped-call]  # (unannotated in Twisted)
 
 
 def _openssl_reason(error: Exception) -> str:

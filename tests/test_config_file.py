@@ -277,7 +277,7 @@ class ExampleFileTests(SynchronousTestCase):
         }
         # The service key and the Redis settings, commented out, show
         # placeholders: they have no default.
-        placeholders = {"service_key", "redis_url", "redis_password"}
+        placeholders = {"service_key", "redis_url", "redis_password", "redis_tls_ca"}
         self.assertEqual({k: v for k, v in shown.items() if k not in placeholders}, expected)
         self.assertEqual(set(shown) - set(expected), placeholders)
 

@@ -242,7 +242,7 @@ class EnvExampleTests(SynchronousTestCase):
         fixed = {field: value for field, value in defaults.items() if value is not None}
         options_fields = {field for _, _, field, _ in tap._OPTIONS}
         # The Redis settings, commented out, show placeholders: they have no default.
-        placeholders = {"redis_url", "redis_password"}
+        placeholders = {"redis_url", "redis_password", "redis_tls_ca"}
         self.assertEqual(set(shown) & {f for f in defaults if defaults[f] is None}, placeholders)
         shown = {f: v for f, v in shown.items() if f not in placeholders}
         self.assertEqual(shown, {f: v for f, v in fixed.items() if f in options_fields})

@@ -23,7 +23,9 @@ from poststack_relay.fleet.service import FleetStateService, make_fleet_state
 from poststack_relay.fleet.wire import FleetKeys, fleet_secret
 from poststack_relay.fleet import LocalState
 from poststack_relay.metrics import RelayMetrics
-from tests.common.redis import start_redis
+from poststack_relay.testing import write_certificate
+from tests.common.processes import free_port
+from tests.common.redis import RedisServer, redis_server_or_skip, start_redis
 
 # Bounds of every wait here.
 WAIT = 10.0
@@ -187,3 +189,115 @@ class ServiceTests(TestCase):
         )
         await service.stopService()
         self.assertFalse(service.running)
+
+
+class TLSRedisServer(RedisServer):
+    """
+    The same server with a TLS port too (C{rediss://}), its certificate
+    self-signed for C{localhost}.
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.tls_port = free_port()
+        self.cert, self.key = write_certificate(self.directory, "localhost")
+
+    def argv(self) -> list[str]:
+        return super().argv() + [
+            "--tls-port", str(self.tls_port),
+            "--tls-cert-file", self.cert,
+            "--tls-key-file", self.key,
+            "--tls-ca-cert-file", self.cert,
+            "--tls-auth-clients", "no",
+        ]
+
+
+class TLSTests(TestCase):
+    """
+    C{rediss://}: the server's certificate is checked, against
+    C{--redis-tls-ca} or the system's CAs.
+    """
+
+    def setUp(self) -> None:
+        redis_server_or_skip()
+        self.server = TLSRedisServer(self.mktemp())
+        self.addCleanup(self.server.stop)
+        self.server.start()
+
+    def state(self, ca: str | None) -> RedisState:
+        config = RelayConfig(
+            tls_cert="c.pem",
+            redis_url=f"rediss://localhost:{self.server.tls_port}/0",
+            redis_tls_ca=ca,
+            redis_timeout=0.3,
+        )
+        state, service = make_fleet_state(config, reactor, RelayMetrics())
+        assert isinstance(state, RedisState) and service is not None
+        service.startService()
+        self.addCleanup(service.stopService)
+        return state
+
+    async def test_trusted(self) -> None:
+        a, b = self.state(self.server.cert), self.state(self.server.cert)
+        deadline = time.monotonic() + WAIT
+        while not (a.up and b.up):
+            self.assertLess(time.monotonic(), deadline)
+            await deferLater(reactor, 0.05, lambda: None)
+        await deferLater(reactor, 0.2, lambda: None)
+        a.remember("hold:tls", "rate", 10)
+        while b.recall("hold:tls") is None:
+            self.assertLess(time.monotonic(), deadline)
+            await deferLater(reactor, 0.05, lambda: None)
+
+    async def test_untrusted_never_used(self) -> None:
+        """
+        A certificate the system's CAs do not sign: the relay never talks
+        to that server (it stays down, deciding alone), and says so.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        state = self.state(None)
+        await deferLater(reactor, 1.5, lambda: None)
+        self.assertFalse(state.up)
+        self.assertEqual(state.add(["ip:192.0.2.9"], 30), [1])
+        self.assertEqual([e["event"] for e in events if e.get("event", "").startswith("fleet_state_")],
+                         ["fleet_state_connecting", "fleet_state_down"])
+
+
+class PasswordTests(TestCase):
+    """
+    A password Redis refuses: the relay decides alone (no unhandled error),
+    and keeps trying with new connections, so fixing the password on the
+    server (or rotating it to the relay's) brings sharing back by itself.
+    """
+
+    async def test_refused_then_accepted(self) -> None:
+        server = start_redis(self, self.mktemp(), password="old-secret")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        config = RelayConfig(
+            tls_cert="c.pem", redis_url=server.url, redis_password="new-secret", redis_timeout=0.2
+        )
+        state, service = make_fleet_state(config, reactor, RelayMetrics())
+        assert isinstance(state, RedisState) and service is not None
+        service.startService()
+        self.addCleanup(service.stopService)
+        await deferLater(reactor, 2.5, lambda: None)
+        self.assertFalse(state.up)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as s:
+            s.sendall(b"AUTH old-secret\r\nCONFIG SET requirepass new-secret\r\n")
+            reply = b""
+            while reply.count(b"+OK") < 2:
+                chunk = s.recv(100)
+                self.assertTrue(chunk, reply)
+                reply += chunk
+        deadline = time.monotonic() + WAIT
+        while not state.up:
+            self.assertLess(time.monotonic(), deadline, "not up again")
+            await deferLater(reactor, 0.05, lambda: None)
+        fleet = [e["event"] for e in events if str(e.get("event", "")).startswith("fleet_state_")]
+        self.assertEqual(fleet, ["fleet_state_connecting", "fleet_state_down", "fleet_state_up"])
+        for event in events:
+            self.assertNotIn("secret", repr(event.get("log_format", "")) + repr(event.get("url", "")))

@@ -97,17 +97,23 @@ class _SubscriberFactory(txredisapi.RedisFactory):  # type: ignore[misc]  # (unt
     state: "RedisState"
 
 
-def _endpoint(reactor: IReactorTCP, url: RedisURL, timeout: float) -> IStreamClientEndpoint:
+def _endpoint(
+    reactor: IReactorTCP, url: RedisURL, timeout: float, trust: Any = None
+) -> IStreamClientEndpoint:
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
     if url.tls:
-        endpoint = wrapClientTLS(optionsForClientTLS(url.host), endpoint)
+        # The server's certificate is checked: against C{trust} (from
+        # --redis-tls-ca) or the system's CAs, and for the URL's host name.
+        endpoint = wrapClientTLS(optionsForClientTLS(url.host, trustRoot=trust), endpoint)
     return endpoint
 
 
 def _factory(cls: Any, url: RedisURL, reply_timeout: float) -> Any:
     factory = cls(
         f"{url.host}:{url.port}",
-        url.db,
+        # Database 0 is where a connection starts: no SELECT (one step less
+        # that can fail while connecting).
+        url.db or None,
         1,
         True,
         txredisapi.ConnectionHandler,
@@ -119,6 +125,9 @@ def _factory(cls: Any, url: RedisURL, reply_timeout: float) -> Any:
     )
     factory.reconnect = True
     factory.maxDelay = RECONNECT_MAX_DELAY
+    # Fails when a connection is refused its AUTH or SELECT; the relay tells
+    # that by its own checks (fleet_state_down), not as an unhandled error.
+    factory.deferred.addErrback(lambda _: None)
     return factory
 
 
@@ -133,6 +142,8 @@ class RedisState:
     @param timeout: seconds each Redis call may take.
     @param metrics: where fallbacks and the server's state are counted.
     @param mirror: the relay's own memory; a new L{LocalState} if C{None}.
+    @param trust: the trust root for C{rediss://} (L{poststack_relay.tls.trust_root});
+        the system's CAs if C{None}.
 
     @ivar up: does Redis answer (as far as the last call or check knows)?
     """
@@ -145,8 +156,10 @@ class RedisState:
         timeout: float = DEFAULT_REDIS_TIMEOUT,
         metrics: Optional[RelayMetrics] = None,
         mirror: Optional[LocalState] = None,
+        trust: Any = None,
     ) -> None:
         self.url = url
+        self._trust = trust
         self._reactor = reactor
         self._clock: IReactorTime = reactor
         self.keys = keys
@@ -205,15 +218,28 @@ class RedisState:
         locally until Redis answers).
         """
         self._stopped = False
-        reply_timeout = max(2.0, self.timeout * 4)
-        self._client = _factory(txredisapi.RedisFactory, self.url, reply_timeout)
-        self._client.startConnecting(_endpoint(self._reactor, self.url, reply_timeout))
-        subscriber = _factory(_SubscriberFactory, self.url, reply_timeout)
-        subscriber.state = self
-        subscriber.startConnecting(_endpoint(self._reactor, self.url, reply_timeout))
-        self._subscriber = subscriber
+        self._connect()
         _log.info("shared state: connecting to {url}", url=str(self.url), event="fleet_state_connecting")
         self._schedule(CHECK_INTERVAL_DOWN, now=True)
+
+    def _connect(self) -> None:
+        reply_timeout = max(2.0, self.timeout * 4)
+        self._client = _factory(txredisapi.RedisFactory, self.url, reply_timeout)
+        self._client.startConnecting(_endpoint(self._reactor, self.url, reply_timeout, self._trust))
+        subscriber = _factory(_SubscriberFactory, self.url, reply_timeout)
+        subscriber.state = self
+        subscriber.startConnecting(_endpoint(self._reactor, self.url, reply_timeout, self._trust))
+        self._subscriber = subscriber
+
+    def _gave_up(self) -> bool:
+        """
+        Has the client stopped reconnecting by itself?  (txredisapi does
+        when a connection is refused its AUTH or SELECT, or is lost in the
+        middle of them, as when Redis restarts.)
+        """
+        return any(
+            factory is not None and factory.stopped for factory in (self._client, self._subscriber)
+        )
 
     def stop(self) -> "Deferred[object]":
         """
@@ -270,6 +296,11 @@ class RedisState:
     def _check(self) -> "Optional[Deferred[None]]":
         if self._client is None:
             return None
+        if self._gave_up():
+            # Start again with new connections (at most once per check).
+            for factory in (self._client, self._subscriber):
+                factory.disconnect().addErrback(lambda _: None)
+            self._connect()
         d = self._budget(self._client.handler.ping())
         d.addCallbacks(lambda _: self._changed(True), lambda f: self._changed(False, f))
         return d

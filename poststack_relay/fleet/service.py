@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from ..config import ConfigError, RelayConfig
 from ..interfaces import IFleetState
 from ..metrics import RelayMetrics
+from ..tls import trust_root
 from .local import LocalState
 from .wire import FleetKeys, fleet_secret
 
@@ -61,8 +62,14 @@ def make_fleet_state(
         raise ConfigError(
             "redis-url needs the txredisapi package: pip install 'poststack-relay[redis]'"
         ) from None
+    trust = trust_root(config.redis_tls_ca) if url.tls and config.redis_tls_ca else None
     state = RedisState(
-        url, reactor, FleetKeys(fleet_secret(url.password)), config.redis_timeout, metrics
+        url,
+        reactor,
+        FleetKeys(fleet_secret(url.password)),
+        config.redis_timeout,
+        metrics,
+        trust=trust,
     )
     return state, FleetStateService(state)
 
