@@ -365,8 +365,8 @@ DEFAULT_REDIS_TIMEOUT = 0.25
 class RedisURL:
     """
     A Redis server, as C{redis://[user@]host[:port][/db]} or C{rediss://}
-    (TLS, the server's certificate checked against the system's CAs or
-    C{ca_file}).
+    (TLS, the server's certificate checked against the system's CAs (or
+    C{--redis-tls-ca}), and the host name).
 
     @ivar password: from C{POSTSTACK_RELAY_REDIS_PASSWORD} (or the URL);
         never logged or shown.

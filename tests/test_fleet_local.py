@@ -42,7 +42,7 @@ class LocalStateTests(SynchronousTestCase):
 
     def test_put_count(self) -> None:
         """
-        What the fleet says replaces what this relay counted.
+        What the fleet says replaces a smaller count of this relay's.
         """
         self.state.add(["a"], 10)
         self.state.put_count("a", 7, 5)
@@ -51,6 +51,24 @@ class LocalStateTests(SynchronousTestCase):
         self.state.put_count("b", 3, 5)
         self.clock.advance(5)
         self.assertEqual(self.state.counts(["b"]), [0])
+
+    def test_put_count_never_lowers(self) -> None:
+        """
+        A smaller count heard (an announcement overtaken by this relay's
+        later additions, or Redis's count after failures counted while it
+        did not answer) does not lower a live count; it restarts its
+        window.  Once the window has passed, what is heard is taken.
+        """
+        for _ in range(3):
+            self.state.add(["a"], 10)
+        self.clock.advance(8)
+        self.state.put_count("a", 1, 10)
+        self.assertEqual(self.state.counts(["a"]), [3])
+        self.clock.advance(9)
+        self.assertEqual(self.state.counts(["a"]), [3])
+        self.clock.advance(1)
+        self.state.put_count("a", 1, 10)
+        self.assertEqual(self.state.counts(["a"]), [1])
 
     def test_counters_bounded(self) -> None:
         """

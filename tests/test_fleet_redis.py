@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from poststack_relay.config import RelayConfig, parse_redis_url
@@ -25,7 +25,7 @@ from poststack_relay.fleet import LocalState
 from poststack_relay.metrics import RelayMetrics
 from poststack_relay.testing import write_certificate
 from tests.common.processes import free_port
-from tests.common.redis import RedisServer, redis_server_or_skip, start_redis
+from tests.common.redis import RedisServer, SilencingProxy, redis_server_or_skip, start_redis
 
 # Bounds of every wait here.
 WAIT = 10.0
@@ -168,6 +168,168 @@ class SharedStateTests(TestCase):
         self.assertEqual(self.logged("fleet_state_down"), 2)
 
 
+    async def test_counts_never_go_backwards(self) -> None:
+        """
+        Failures counted while Redis was paused are not undone when the
+        fleet's (smaller) count is announced after it answers again.
+        """
+        a = self.state()
+        await self.until(lambda: a.up)
+        await deferLater(reactor, 0.1, lambda: None)
+        self.server.pause()
+        try:
+            a.add(["ip:198.51.100.8"], 30)  # sent, answered after the pause
+            await self.until(lambda: not a.up)
+            for _ in range(3):
+                a.add(["ip:198.51.100.8"], 30)
+            self.assertEqual(a.counts(["ip:198.51.100.8"]), [4])
+        finally:
+            self.server.resume()
+        await self.until(lambda: a.up)
+        await deferLater(reactor, 0.3, lambda: None)  # the late announcement heard
+        self.assertEqual(a.counts(["ip:198.51.100.8"]), [4])
+
+    async def test_databases_are_separate_fleets(self) -> None:
+        """
+        Two fleets on one server in different databases (as the docs
+        advise) do not hear each other.
+        """
+        base = self.server.url.rsplit("/", 1)[0]
+
+        def on(db: int) -> RedisState:
+            state = RedisState(
+                parse_redis_url(f"{base}/{db}"), reactor, FleetKeys(fleet_secret(None)), 0.2,
+                RelayMetrics(),
+            )
+            state.start()
+            self.addCleanup(state.stop)
+            return state
+
+        one, two, other_one = on(1), on(2), on(1)
+        await self.until(lambda: one.up and two.up and other_one.up)
+        await deferLater(reactor, 0.1, lambda: None)
+        one.remember("hold:db", "rate", 30)
+        one.add(["ip:192.0.2.77"], 30)
+        await self.until(lambda: other_one.recall("hold:db") is not None)
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertIsNone(two.recall("hold:db"))
+        self.assertEqual(two.counts(["ip:192.0.2.77"]), [0])
+
+    async def test_long_outage_bounded(self) -> None:
+        """
+        Redis not answering (paused), then gone (stopped): the health
+        check keeps at most one request waiting, not one more each second
+        (a long outage must not grow the relay's memory).  txredisapi's
+        queues are read here: nothing else shows them.
+        """
+        a = self.state()
+        await self.until(lambda: a.up)
+
+        def waiting() -> int:
+            client = a._client
+            return len(client.connectionQueue.peekers) + sum(
+                len(conn.replyQueue.waiting) for conn in client.pool
+            )
+
+        self.server.pause()
+        try:
+            a.add(["ip:192.0.2.55"], 30)
+            await self.until(lambda: not a.up)
+            await deferLater(reactor, 4.5, lambda: None)
+            self.assertLessEqual(waiting(), 2)
+        finally:
+            self.server.resume()
+        await self.until(lambda: a.up)
+        self.server.stop()
+        a.add(["ip:192.0.2.56"], 30)
+        await self.until(lambda: not a.up)
+        await deferLater(reactor, 4.5, lambda: None)
+        self.assertLessEqual(waiting(), 2)
+
+    async def test_silent_subscription(self) -> None:
+        """
+        Connections whose peer goes silent without closing them (a crashed
+        host, a partition) are noticed and made again, the subscription
+        too: the relay hears the fleet again.
+        """
+        proxy = SilencingProxy("127.0.0.1", self.server.port)
+        port = reactor.listenTCP(0, proxy, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        a = self.state()
+        b = RedisState(
+            parse_redis_url(f"redis://127.0.0.1:{port.getHost().port}/0"), reactor,
+            FleetKeys(fleet_secret(None)), 0.2, RelayMetrics(),
+        )
+        b.start()
+        self.addCleanup(proxy.close)  # after b stops (clean-ups run last first)
+        self.addCleanup(b.stop)
+        await self.until(lambda: a.up and b.up)
+        await deferLater(reactor, 0.1, lambda: None)
+        proxy.silence()
+        b.add(["ip:192.0.2.60"], 30)
+        await self.until(lambda: not b.up)
+        await self.until(lambda: b.up)
+
+        def heard() -> bool:
+            a.remember("hold:silent", "rate", 30)
+            return b.recall("hold:silent") is not None
+
+        await self.until(heard)
+
+    async def test_demoted_master(self) -> None:
+        """
+        The server a relay writes to becomes a replica (a Sentinel
+        failover behind a proxy that now leads to the new master): its
+        writes are refused (READONLY), so the relay drops the connection
+        and makes it again, reaching the new master.
+        """
+        new_master = start_redis(self, self.mktemp())
+        proxy = SilencingProxy("127.0.0.1", self.server.port)
+        port = reactor.listenTCP(0, proxy, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        a = RedisState(
+            parse_redis_url(f"redis://127.0.0.1:{port.getHost().port}/0"), reactor,
+            FleetKeys(fleet_secret(None)), 0.2, RelayMetrics(),
+        )
+        a.start()
+        self.addCleanup(proxy.close)
+        self.addCleanup(a.stop)
+        b = RedisState(
+            parse_redis_url(new_master.url), reactor, FleetKeys(fleet_secret(None)), 0.2, RelayMetrics()
+        )
+        b.start()
+        self.addCleanup(b.stop)
+        await self.until(lambda: a.up and b.up)
+        proxy.port = new_master.port  # new connections reach the new master
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=2) as s:
+            s.sendall(f"REPLICAOF 127.0.0.1 {new_master.port}\r\n".encode())
+            s.settimeout(2)
+            self.assertTrue(s.recv(64).startswith(b"+OK"))
+        await deferLater(reactor, 0.2, lambda: None)
+
+        def shared() -> bool:
+            a.add(["ip:192.0.2.61"], 30)
+            return b.counts(["ip:192.0.2.61"]) != [0]
+
+        await self.until(shared)
+
+    async def test_stop_is_not_an_outage(self) -> None:
+        """
+        A call still in flight when the relay stops does not log that
+        Redis is unavailable.
+        """
+        a = self.state()
+        await self.until(lambda: a.up)
+        self.server.pause()
+        try:
+            a.add(["ip:192.0.2.99"], 30)
+            await a.stop()
+        finally:
+            self.server.resume()
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(self.logged("fleet_state_down"), 0)
+
+
 class ServiceTests(TestCase):
     def test_local_without_url(self) -> None:
         state, service = make_fleet_state(RelayConfig(tls_cert="c.pem"), reactor, RelayMetrics())
@@ -301,3 +463,47 @@ class PasswordTests(TestCase):
         self.assertEqual(fleet, ["fleet_state_connecting", "fleet_state_down", "fleet_state_up"])
         for event in events:
             self.assertNotIn("secret", repr(event.get("log_format", "")) + repr(event.get("url", "")))
+
+    async def test_started_while_paused(self) -> None:
+        """
+        A relay started while Redis takes connections but answers nothing
+        (paused): its AUTH times out and txredisapi gives up; the relay
+        makes new connections (both: it hears the fleet too) and shares
+        once Redis answers.  txredisapi's own "could not auth" lines stay
+        out of the log.
+        """
+        server = start_redis(self, self.mktemp(), password="pw-ok")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def state() -> RedisState:
+            config = RelayConfig(
+                tls_cert="c.pem", redis_url=server.url, redis_password="pw-ok", redis_timeout=0.2
+            )
+            state, service = make_fleet_state(config, reactor, RelayMetrics())
+            assert isinstance(state, RedisState) and service is not None
+            service.startService()
+            self.addCleanup(service.stopService)
+            return state
+
+        server.pause()
+        try:
+            a = state()
+            await deferLater(reactor, 3.5, lambda: None)  # AUTH times out (2 s)
+            self.assertFalse(a.up)
+        finally:
+            server.resume()
+        b = state()
+        deadline = time.monotonic() + WAIT
+        while not (a.up and b.up):
+            self.assertLess(time.monotonic(), deadline, "not up")
+            await deferLater(reactor, 0.05, lambda: None)
+        await deferLater(reactor, 0.2, lambda: None)
+        for writer, reader, subject in ((a, b, "hold:p1"), (b, a, "hold:p2")):
+            writer.remember(subject, "rate", 30)
+            while reader.recall(subject) is None:
+                self.assertLess(time.monotonic(), deadline, subject)
+                await deferLater(reactor, 0.05, lambda: None)
+        legacy = [formatEvent(e) for e in events if "could not" in (formatEvent(e) or "")]
+        self.assertEqual(legacy, [])

@@ -110,10 +110,16 @@ class LocalState:
 
     def put_count(self, key: str, count: int, window: float) -> None:
         """
-        Set a counter to what the fleet says it is, for C{window} seconds.
+        Set a counter to what the fleet says it is, for C{window} seconds,
+        unless this relay counted more in its live window (failures counted
+        while Redis did not answer, or an announcement overtaken by a later
+        addition): a count never goes backwards before its window passes.
         """
-        self._counts.pop(key, None)
-        self._counts[key] = _Count(count, self._clock.seconds() + window)
+        now = self._clock.seconds()
+        entry = self._counts.pop(key, None)
+        if entry is not None and entry.expires > now:
+            count = max(count, entry.count)
+        self._counts[key] = _Count(count, now + window)
         self._bound(self._counts, self.max_counters)
 
     def remember(self, subject: str, value: str, seconds: float) -> None:

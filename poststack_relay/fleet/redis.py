@@ -19,8 +19,11 @@ Redis slow, paused or gone is not an outage: each call has a time budget
 (C{timeout}); past it, or on any error, the relay has already decided with
 its mirror, counts the fallback (C{fleet_state_fallbacks_total}), logs
 once that the shared state is unavailable, and checks the server every
-second until it answers again (then logs once more).  The client
-reconnects by itself.
+second until it answers again (then logs once more), one C{PING} waiting at
+a time on each connection.  The client reconnects by itself: after a lost
+connection, after one that left a reply unanswered for the client's reply
+time-out (4 budgets, at least 2 s), which it drops, and with new
+connections when txredisapi gives up (L{RedisState._gave_up}).
 
 The client is txredisapi (an optional extra: C{pip install
 poststack-relay[redis]}); it is imported only when a Redis URL is
@@ -115,7 +118,7 @@ def _factory(cls: Any, url: RedisURL, reply_timeout: float) -> Any:
         # that can fail while connecting).
         url.db or None,
         1,
-        True,
+        False,  # not lazy: txredisapi would log each refused connection itself
         txredisapi.ConnectionHandler,
         "utf-8",
         url.password,
@@ -178,6 +181,10 @@ class RedisState:
         self._checker: Optional[LoopingCall] = None
         self._interval = CHECK_INTERVAL_DOWN
         self._stopped = False
+        self._ping: "Optional[Deferred[object]]" = None  # the PING waiting, if any
+        self._subscriber_ping: "Optional[Deferred[object]]" = None  # on the subscription
+        # The channel: per database, as Redis's channels are per server.
+        self.channel = keys.channel if url.db == 0 else f"{keys.channel}:{url.db}"
 
     # -- IFleetState: reads from the mirror, writes to both ---------------
 
@@ -196,7 +203,7 @@ class RedisState:
         """
         names = [self.keys.counter(k) for k in keys]
         counts = self.mirror.add(names, window)
-        self._call("add", ADD_SCRIPT, names, [milliseconds(window), self.keys.channel])
+        self._call("add", ADD_SCRIPT, names, [milliseconds(window), self.channel])
         return counts
 
     def remember(self, subject: str, value: str, seconds: float) -> None:
@@ -204,7 +211,7 @@ class RedisState:
         name = self.keys.note(subject)
         self.mirror.remember(name, value, seconds)
         if seconds > 0:
-            self._call("remember", REMEMBER_SCRIPT, [name], [value, milliseconds(seconds), self.keys.channel])
+            self._call("remember", REMEMBER_SCRIPT, [name], [value, milliseconds(seconds), self.channel])
 
     def recall(self, subject: str) -> Optional[tuple[str, float]]:
         """See L{IFleetState.recall}: from the mirror."""
@@ -223,6 +230,9 @@ class RedisState:
         self._schedule(CHECK_INTERVAL_DOWN, now=True)
 
     def _connect(self) -> None:
+        # PINGs left waiting belong to the old connections (one on a client
+        # that gave up would wait for ever and stop every later check).
+        self._ping = self._subscriber_ping = None
         reply_timeout = max(2.0, self.timeout * 4)
         self._client = _factory(txredisapi.RedisFactory, self.url, reply_timeout)
         self._client.startConnecting(_endpoint(self._reactor, self.url, reply_timeout, self._trust))
@@ -274,8 +284,22 @@ class RedisState:
         def failed(failure: Failure) -> None:
             self._fallbacks[operation].inc()
             self._changed(False, failure)
+            if isinstance(failure.value, txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):
+                self._reconnect()
 
         d.addBoth(done).addErrback(failed)
+
+    def _reconnect(self) -> None:
+        """
+        Drop the client's connection; it is made again (after the
+        client's short back-off).  For a server that refuses writes
+        (C{READONLY}): a master demoted by a failover, still answering
+        C{PING}, while the URL (a Sentinel-aware proxy, a service name)
+        now leads to the new one.
+        """
+        if self._client is not None:
+            for connection in list(self._client.pool):
+                connection.transport.abortConnection()
 
     # -- health ------------------------------------------------------------
 
@@ -294,6 +318,13 @@ class RedisState:
         )
 
     def _check(self) -> "Optional[Deferred[None]]":
+        """
+        One C{PING}, judged within the budget.  The budget does not cancel
+        it: it waits on (for a connection, or for the server's reply, until
+        the client's own reply time-out drops a connection that does not
+        answer), and no other is sent meanwhile, so a long outage keeps one
+        request waiting, not one more each check.
+        """
         if self._client is None:
             return None
         if self._gave_up():
@@ -301,11 +332,49 @@ class RedisState:
             for factory in (self._client, self._subscriber):
                 factory.disconnect().addErrback(lambda _: None)
             self._connect()
-        d = self._budget(self._client.handler.ping())
-        d.addCallbacks(lambda _: self._changed(True), lambda f: self._changed(False, f))
-        return d
+        self._check_subscription()
+        if self._ping is not None:
+            return None
+        ping: "Deferred[object]" = self._client.handler.ping()
+        self._ping = ping
+        d: "Deferred[object]" = Deferred()
+
+        def answered(result: object) -> None:
+            if self._ping is ping:
+                self._ping = None
+            # After the budget's time-out (which cancelled d), ignored.
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+        ping.addBoth(answered)
+        self._budget(d).addCallbacks(lambda _: self._changed(True), lambda f: self._changed(False, f))
+        return None
+
+    def _check_subscription(self) -> None:
+        """
+        A C{PING} on the subscription's connection too (one at a time): it
+        sends nothing else, so without it a peer gone silent (a crashed
+        host, a partition) would leave it open and deaf for good.  Its
+        reply time-out drops such a connection; the new one subscribes and
+        loads the notes again.
+        """
+        subscriber = self._subscriber
+        if subscriber is None or self._subscriber_ping is not None or not subscriber.size:
+            return
+        ping: "Deferred[object]" = subscriber.handler.ping()
+        self._subscriber_ping = ping
+
+        def answered(_: object) -> None:
+            if self._subscriber_ping is ping:
+                self._subscriber_ping = None
+
+        ping.addBoth(answered)
 
     def _changed(self, up: bool, failure: Optional[Failure] = None) -> None:
+        if self._stopped:
+            return  # calls cut short by stop() say nothing about Redis
         self.up = up
         if up == self._known:
             return
@@ -328,7 +397,7 @@ class RedisState:
     # -- the subscription ------------------------------------------------
 
     def _subscriber_ready(self, protocol: Any) -> None:
-        protocol.subscribe(self.keys.channel).addErrback(lambda _: None)
+        protocol.subscribe(self.channel).addErrback(lambda _: None)
         if self.up:
             self._load()
 
@@ -355,13 +424,3 @@ class RedisState:
                 self.mirror.put_count(key, count, event.window)
         elif isinstance(event, NoteEvent):
             self.mirror.remember(event.key, event.value, event.seconds)
-
-
-def make_redis_state(
-    url: RedisURL, reactor: Any, secret: bytes, timeout: float, metrics: RelayMetrics
-) -> RedisState:
-    """
-    The fleet state on C{url}, with key names keyed by C{secret}.
-    """
-    return RedisState(url, reactor, FleetKeys(secret), timeout, metrics)
-

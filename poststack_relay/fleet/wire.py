@@ -11,7 +11,9 @@ Keys (C{<p>} is the prefix, C{psr:} by default):
     mailbox), with the window as its time to live;
   - C{<p>n:<digest>}: a note (what the API said about a credential), its
     value the note, its lifetime the time to live;
-  - C{<p>events}: the channel every change is announced on.
+  - C{<p>events}: the channel every change is announced on (C{<p>events:N}
+    in database C{N}: Redis's channels are per server, not per database;
+    L{poststack_relay.fleet.redis.RedisState} adds the number).
 """
 
 from __future__ import annotations

@@ -28,12 +28,13 @@ import subprocess
 import time
 from typing import Any
 
+from twisted.protocols import portforward
 from twisted.trial.unittest import FailTest, SkipTest
 
 from tests.common.interop import in_ci
 from tests.common.processes import find_tool, free_port
 
-__all__ = ["REDIS_SERVER", "RedisServer", "ping", "redis_server_or_skip", "start_redis"]
+__all__ = ["REDIS_SERVER", "RedisServer", "SilencingProxy", "ping", "redis_server_or_skip", "start_redis"]
 
 #: Debian's C{redis-server} (in C{/usr/bin}), or L{None} if it is not installed.
 REDIS_SERVER = find_tool("redis-server")
@@ -224,3 +225,55 @@ def start_redis(test: Any, directory: str, password: str | None = None) -> Redis
     test.addCleanup(server.stop)
     server.start()
     return server
+
+
+class _SilentClient(portforward.ProxyClient):
+    def dataReceived(self, data: bytes) -> None:
+        server = self.peer
+        if server is not None and not getattr(server, "silent", False):
+            super().dataReceived(data)
+
+
+class _SilentClientFactory(portforward.ProxyClientFactory):
+    protocol = _SilentClient
+
+
+class _SilentServer(portforward.ProxyServer):
+    clientProtocolFactory = _SilentClientFactory
+    silent = False
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)  # type: ignore[attr-defined]  # SilencingProxy's own list
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.silent:
+            super().dataReceived(data)
+
+
+class SilencingProxy(portforward.ProxyFactory):
+    """
+    A TCP relay (Twisted's port forwarder, on loopback) to a server, whose
+    established connections can be made silent: bytes stop flowing both
+    ways and nothing is closed, as with a peer that crashed or a network
+    partition; new connections pass.  L{close} (a test's clean-up) drops
+    every connection.
+    """
+
+    protocol = _SilentServer
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.connections: list[_SilentServer] = []
+
+    def silence(self) -> None:
+        """Make every connection made so far silent."""
+        for connection in self.connections:
+            connection.silent = True
+
+    def close(self) -> None:
+        for connection in self.connections:
+            if connection.peer is not None and connection.peer.transport is not None:
+                connection.peer.transport.abortConnection()
+            if connection.transport is not None:
+                connection.transport.abortConnection()
