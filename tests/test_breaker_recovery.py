@@ -12,7 +12,6 @@ client's retry 1.5 s later gets C{250}, and exactly one email exists.
 from __future__ import annotations
 
 import json
-import smtplib
 import urllib.request
 from typing import Any
 
@@ -20,31 +19,11 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from poststack_relay.replies import API_DOWN
-from tests.common.keys import FULL_KEY
-from tests.common.relay import RelayTestCase
+from tests.common.relay import RelayTestCase, send_once, tagged_message
 
 # The fault on both routes the relay uses: sends (POST /emails), and key
 # checks and the breaker's probe (GET /emails?per_page=1).
 ROUTES = (("POST", "/emails"), ("GET", "/emails"))
-
-
-def message(tag: str) -> bytes:
-    return (
-        f"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: {tag}\r\n"
-        f"Message-ID: <{tag}@yourdomain.com>\r\n\r\nbody of {tag}\r\n"
-    ).encode()
-
-
-def send_once(port: int, context: Any, data: bytes) -> tuple[int, str]:
-    """One transaction on a new connection: the last reply's code and text."""
-    with smtplib.SMTP_SSL("localhost", port, context=context, timeout=30) as s:
-        s.login("poststack", FULL_KEY)
-        code, text = s.mail("you@yourdomain.com")
-        if code == 250:
-            code, text = s.rcpt("user@example.com")
-        if code == 250:
-            code, text = s.data(data)
-        return code, text.decode()
 
 
 def fault_api(api_url: str, method: str, body: dict[str, Any] | None = None) -> None:
@@ -70,7 +49,7 @@ class BreakerRecoveryTests(RelayTestCase):
     async def outage(self, mode: str, delay: float = 0.0) -> None:
         port, context = self.port, self.context()
         # A first message logs in (the key is then cached) and is sent.
-        warm = await self.in_thread(send_once, port, context, message("warm-up"))
+        warm = await self.in_thread(send_once, port, context, tagged_message("warm-up"))
         self.assertEqual(warm[0], 250, warm)
         for method, path in ROUTES:
             fault = {"mode": mode, "count": -1, "delay": delay, "method": method, "path": path}
@@ -78,7 +57,7 @@ class BreakerRecoveryTests(RelayTestCase):
         tag = f"outage-{mode}"
         replies = []
         for _ in range(6):
-            replies.append(await self.in_thread(send_once, port, context, message(tag)))
+            replies.append(await self.in_thread(send_once, port, context, tagged_message(tag)))
             if replies[-1][1] == f"{API_DOWN.enhanced} {API_DOWN.text}":
                 break
         self.assertTrue(all(400 <= code < 500 for code, _ in replies), replies)
@@ -89,7 +68,7 @@ class BreakerRecoveryTests(RelayTestCase):
         self.assertEqual(self.relay.metrics.registry.get_sample_value("poststack_relay_api_breaker_open"), 1.0)
         await self.in_thread(fault_api, self.api_url, "DELETE")  # the API is back
         await deferLater(reactor, 1.5, lambda: None)
-        code, text = await self.in_thread(send_once, port, context, message(tag))
+        code, text = await self.in_thread(send_once, port, context, tagged_message(tag))
         stored = [e for e in self.stored() if e.payload.get("subject") == tag]
         self.assertEqual(code, 250, (replies, text))
         self.assertEqual(len(stored), 1, stored)

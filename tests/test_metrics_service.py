@@ -12,8 +12,6 @@ import os
 import smtplib
 import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,20 +19,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from tests.common.keys import FULL_KEY
-from tests.common.relay import RelayTestCase
+from tests.common.relay import RelayTestCase, http_get
 from tests.common.haproxy import HAPROXY, haproxy_config, start_haproxy
 from tests.common.processes import free_port, wait_for_port
-
-
-def http_get(url: str) -> tuple[int, str]:
-    """
-    GET C{url}: (status, body); an HTTP error status is returned, not raised.
-    """
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode("utf-8")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8")
 
 
 def sample(text: str, name: str, **labels: str) -> Optional[float]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import smtplib
 import ssl
+import urllib.error
+import urllib.request
 from typing import Any, Callable, TypeVar
 
 from twisted.internet import reactor
@@ -19,12 +21,50 @@ from twisted.trial.unittest import TestCase
 from poststack_relay import RelayConfig, makeRelayService
 from poststack_relay.sandbox import makeSandboxService
 from poststack_relay.testing import write_certificate
-from tests.common.keys import SERVICE_KEY
+from tests.common.keys import FULL_KEY, SERVICE_KEY
 from tests.common.processes import DATA
 
-__all__ = ["RelayTestCase"]
+__all__ = ["RelayTestCase", "http_get", "send_once", "tagged_message"]
 
 T = TypeVar("T")
+
+
+def tagged_message(tag: str) -> bytes:
+    """
+    A small message whose subject and Message-ID carry C{tag} (so a
+    client's resend has the same derived idempotency key).
+    """
+    return (
+        f"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: {tag}\r\n"
+        f"Message-ID: <{tag}@yourdomain.com>\r\n\r\nbody of {tag}\r\n"
+    ).encode()
+
+
+def send_once(port: int, context: Any, data: bytes, key: str = FULL_KEY) -> tuple[int, str]:
+    """
+    One transaction with smtplib on a new connection (call from a thread):
+    the code and text of the last reply (the first that was not 250).
+    """
+    with smtplib.SMTP_SSL("localhost", port, context=context, timeout=30) as s:
+        s.login("poststack", key)
+        code, text = s.mail("you@yourdomain.com")
+        if code == 250:
+            code, text = s.rcpt("user@example.com")
+        if code == 250:
+            code, text = s.data(data)
+        return code, text.decode()
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """
+    GET C{url} (call from a thread): (status, body); an HTTP error status
+    is returned, not raised.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8")
 
 
 class RelayTestCase(TestCase):

@@ -16,8 +16,7 @@ from typing import Any
 
 from twisted.internet import reactor
 
-from tests.common.keys import FULL_KEY
-from tests.common.relay import RelayTestCase
+from tests.common.relay import RelayTestCase, send_once, tagged_message
 
 # Faults that fail one request and then let the next one through.
 TRANSIENT = [
@@ -26,27 +25,13 @@ TRANSIENT = [
 ]
 
 
-def message(tag: str) -> bytes:
-    return (
-        f"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: {tag}\r\n"
-        f"Message-ID: <{tag}@yourdomain.com>\r\n\r\nbody of {tag}\r\n"
-    ).encode()
-
-
-def send_once(port: int, context: Any, data: bytes) -> tuple[int, str]:
+def send_or_drop(port: int, context: Any, data: bytes) -> tuple[int, str]:
     """
     One transaction on a new connection; a dropped connection counts as a
     421-like temporary failure (the client must retry).
     """
     try:
-        with smtplib.SMTP_SSL("localhost", port, context=context, timeout=30) as s:
-            s.login("poststack", FULL_KEY)
-            code, text = s.mail("you@yourdomain.com")
-            if code == 250:
-                code, text = s.rcpt("user@example.com")
-            if code == 250:
-                code, text = s.data(data)
-            return code, text.decode()
+        return send_once(port, context, data)
     except (smtplib.SMTPServerDisconnected, ConnectionError, OSError) as e:
         return 421, f"connection lost: {e.__class__.__name__}"
 
@@ -58,7 +43,7 @@ def send_with_retries(port: int, context: Any, data: bytes, tries: int = 6) -> l
     """
     replies = []
     for _ in range(tries):
-        code, text = send_once(port, context, data)
+        code, text = send_or_drop(port, context, data)
         replies.append((code, text))
         if code < 400 or code >= 500:
             break
@@ -90,7 +75,7 @@ class FaultTests(RelayTestCase):
             tag = f"fault-{mode}-{retry_after}"
             self.sandbox.resource.inject_fault(mode, retry_after=retry_after)
             replies = await self.in_thread(
-                send_with_retries, self.port, self.context(), message(tag), 12
+                send_with_retries, self.port, self.context(), tagged_message(tag), 12
             )
             self.check(replies, tag)
             self.assertEqual(replies[-1][0], 250, (mode, replies))
@@ -103,21 +88,21 @@ class FaultTests(RelayTestCase):
     async def test_slow_answer(self) -> None:
         """A slow API answer within the attempt time-out is a plain 250."""
         self.sandbox.resource.inject_fault("slow", delay=0.3)
-        replies = await self.in_thread(send_with_retries, self.port, self.context(), message("slow"))
+        replies = await self.in_thread(send_with_retries, self.port, self.context(), tagged_message("slow"))
         self.assertEqual(replies[-1][0], 250)
         self.check(replies, "slow")
 
     async def test_slow_beyond_timeout(self) -> None:
         """An answer slower than the time-out, stored late: the client's retry still ends with one email."""
         self.sandbox.resource.inject_fault("slow", delay=1.5, count=3)
-        replies = await self.in_thread(send_with_retries, self.port, self.context(), message("late"), 10)
+        replies = await self.in_thread(send_with_retries, self.port, self.context(), tagged_message("late"), 10)
         self.check(replies, "late")
         self.assertEqual(replies[-1][0], 250, replies)
 
     async def test_permanent_error(self) -> None:
         """A 422 is a 5xx at once, nothing stored, never retried."""
         self.sandbox.resource.inject_fault("422", count=5)
-        replies = await self.in_thread(send_with_retries, self.port, self.context(), message("perm"))
+        replies = await self.in_thread(send_with_retries, self.port, self.context(), tagged_message("perm"))
         self.assertEqual(len(replies), 1)
         self.assertEqual(replies[0][0], 554)
         self.check(replies, "perm")
@@ -125,10 +110,10 @@ class FaultTests(RelayTestCase):
     async def test_api_down_then_up(self) -> None:
         """With the API unreachable every message gets a 4xx and nothing is lost once it is back."""
         self.sandbox.resource.inject_fault("reset", count=-1)
-        first = await self.in_thread(send_once, self.port, self.context(), message("down"))
+        first = await self.in_thread(send_or_drop, self.port, self.context(), tagged_message("down"))
         self.assertTrue(400 <= first[0] < 500, first)
         self.sandbox.resource.clear_faults()
-        replies = await self.in_thread(send_with_retries, self.port, self.context(), message("down"))
+        replies = await self.in_thread(send_with_retries, self.port, self.context(), tagged_message("down"))
         self.check([first, *replies], "down")
         self.assertEqual(replies[-1][0], 250)
 
@@ -167,7 +152,7 @@ class ConcurrentFaultTests(RelayTestCase):
                 if stop.is_set():
                     return
                 tag = f"c{n}-m{m}"
-                results[tag] = send_with_retries(self.port, ctx, message(tag), tries=8)
+                results[tag] = send_with_retries(self.port, ctx, tagged_message(tag), tries=8)
 
         def run_all() -> float:
             started = time.monotonic()

@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 import smtplib
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from twisted.internet import reactor
@@ -23,17 +21,9 @@ from twisted.internet.task import deferLater
 from poststack_relay import RelayConfig, makeRelayService
 from tests.common.keys import FULL_KEY, MAILBOX, SCOPED_KEY, SERVICE_KEY
 from tests.common.redis import start_redis
-from tests.common.relay import RelayTestCase
+from tests.common.relay import RelayTestCase, http_get
 
 MESSAGE = b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: shared\r\n\r\nhello\r\n"
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 class SharedStateRelayTests(RelayTestCase):
