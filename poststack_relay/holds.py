@@ -84,19 +84,7 @@ class CredentialHolds:
             value, seconds = _RATE, min(float(retry_after), MAX_RATE_HOLD)
         else:
             return
-        subject = self._subject(api_key)
-        new = self._state.recall(subject) is None
-        self._state.remember(subject, value, seconds)
-        if not new:
-            return
-        _log.info(
-            "PostStack API refused {identity} ({code}): MAIL FROM with this credential is "
-            "answered 451 for {seconds}s",
-            identity=label,
-            code=code or "HTTP 429",
-            seconds=round(seconds, 1),
-            event="credential_held",
-        )
+        self._hold(api_key, value, seconds, label, code or "HTTP 429")
 
     def throttled(self, api_key: str, seconds: float) -> None:
         """
@@ -107,17 +95,24 @@ class CredentialHolds:
         held = min(float(seconds), MAX_RATE_HOLD)
         if held <= 0:
             return
+        self._hold(api_key, _RATE, held, "a credential", "rate_limit_exceeded")
+
+    def _hold(self, api_key: str, value: str, seconds: float, label: str, code: str) -> None:
+        """
+        Remember C{value} for C{api_key} for C{seconds}; log a new hold once.
+        """
         subject = self._subject(api_key)
         new = self._state.recall(subject) is None
-        self._state.remember(subject, _RATE, held)
-        if not new:
-            return
-        _log.info(
-            "PostStack API rate limit for a credential: MAIL FROM with it is answered 451 "
-            "for {seconds}s",
-            seconds=round(held, 1),
-            event="credential_held",
-        )
+        self._state.remember(subject, value, seconds)
+        if new:
+            _log.info(
+                "PostStack API refused {identity} ({code}): MAIL FROM with this credential is "
+                "answered 451 for {seconds}s",
+                identity=label,
+                code=code,
+                seconds=round(seconds, 1),
+                event="credential_held",
+            )
 
     def refusal(self, api_key: str) -> Optional[Reply]:
         """
