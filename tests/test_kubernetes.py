@@ -375,8 +375,13 @@ class PodSecurityTests(SynchronousTestCase):
                     self.assertEqual(context["capabilities"], {"drop": ["ALL"]}, name)
                     self.assertIn("requests", container["resources"])
                     self.assertIn("limits", container["resources"])
-            pod = find(render(kustomization), "Deployment", "poststack-relay")["spec"]["template"]["spec"]
+            objects = render(kustomization)
+            pod = find(objects, "Deployment", "poststack-relay")["spec"]["template"]["spec"]
             self.assertEqual(pod["securityContext"]["runAsUser"], IMAGE_UID)
+            # Without a capability, a port below 1024 needs the sysctl.
+            port = relay_config(relay_container(objects)).port
+            sysctls = {s["name"]: int(s["value"]) for s in pod["securityContext"].get("sysctls", [])}
+            self.assertLessEqual(sysctls.get("net.ipv4.ip_unprivileged_port_start", 1024), port)
 
     def test_writable_tmp_and_read_only_certificate(self) -> None:
         """
