@@ -313,8 +313,9 @@ class RelayOptionsTests(SynchronousTestCase):
     def test_redis(self) -> None:
         """
         The relays' C{--redis-url} names the in-cluster Redis Service and
-        its port, which selects the Redis pod, and both sides read the
-        password from the same Secret key.
+        its port, which selects the Redis pod, only the relays' pods may
+        reach it, and both sides read the password from the same Secret
+        key.
         """
         for kustomization in (BASE, OVERLAY):
             self.check_in_cluster_redis(render(kustomization))
@@ -344,6 +345,12 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertTrue(selects(service["spec"]["selector"], template["metadata"]["labels"]))
         (server,) = template["spec"]["containers"]
         self.assertEqual(port_number(server, service["spec"]["ports"][0]["targetPort"]), redis.port)
+        policy = find(objects, "NetworkPolicy", redis.host)["spec"]
+        self.assertTrue(selects(policy["podSelector"]["matchLabels"], template["metadata"]["labels"]))
+        relay_labels = find(objects, "Deployment", "poststack-relay")["spec"]["template"]["metadata"]["labels"]
+        (rule,) = policy["ingress"]
+        self.assertEqual([selects(f["podSelector"]["matchLabels"], relay_labels) for f in rule["from"]], [True])
+        self.assertEqual([port_number(server, p["port"]) for p in rule["ports"]], [redis.port])
         password = {e["name"]: e for e in server["env"]}["REDIS_PASSWORD"]["valueFrom"]
         relay_password = relay_variables(container)[tap.env_name("redis-password")]["valueFrom"]
         self.assertEqual(password, relay_password)
