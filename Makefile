@@ -86,3 +86,16 @@ bench: venv
 
 bench-smoke: venv
 	$(PY) bench/run.py --smoke
+
+# The container image (Containerfile; docs/deployment.md, "Containers"):
+# `make image` builds poststack-relay:VERSION with podman (first the base
+# image from Debian's packages, as no registry serves it here), `make sbom`
+# its Python environment's CycloneDX SBOM in dist/. deploy/image/ holds both
+# scripts; tests/test_container.py runs the image.
+IMAGE_VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' poststack_relay/_version.py)
+.PHONY: image sbom
+image:
+	bash deploy/image/build.sh $(IMAGE_VERSION)
+
+sbom: image
+	bash deploy/image/sbom.sh $(IMAGE_VERSION)
