@@ -297,9 +297,9 @@ POSTSTACK_RELAY_SERVICE_KEY=sk_live_..., or in a TOML file given with
 Precedence: command line, environment, file, defaults.  --check-config
 validates the settings and prints them (secrets masked) without starting.
 
-Example:
-  twistd -n poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem \\
-      --hostname smtp.example.com
+Example: poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem
+--hostname smtp.example.com (the same as twistd -n --pidfile= poststack-relay
+with those options).
 """
 
     optFlags = [
@@ -318,6 +318,17 @@ Example:
         super().__init__()  # type: ignore[no-untyped-call]  # usage.Options: unannotated in Twisted
         self._environ = os.environ if environ is None else environ
         self["listen"] = None
+
+    def opt_version(self) -> None:
+        """
+        Display the relay's version and exit.
+        """
+        from twisted.copyright import version as twisted_version
+
+        from ._version import __version__
+
+        print(f"poststack-relay {__version__} (Twisted {twisted_version})", flush=True)
+        raise SystemExit(0)
 
     def opt_listen(self, spec: str) -> None:
         """

@@ -20,6 +20,8 @@ from poststack_relay import tap
 from poststack_relay.config import RelayConfig
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.common.running import COMMAND
+
 ETC = Path(__file__).resolve().parent.parent / "etc"
 UNIT = ETC / "poststack-relay.service"
 ENV_EXAMPLE = ETC / "poststack-relay.env.example"
@@ -88,10 +90,9 @@ class UnitVerifyTests(SynchronousTestCase):
         binary and its user replaced by ones this host has; return the exit
         status and the stderr lines that are about this unit.
         """
-        twistd = Path(sys.executable).with_name("twistd")
-        binary = twistd if twistd.is_file() else Path(sys.executable)
+        binary = COMMAND if COMMAND.is_file() else Path(sys.executable)
         text, count = re.subn(
-            r"(?m)^ExecStart=/opt/poststack-relay/venv/bin/twistd ", f"ExecStart={binary} ", text
+            r"(?m)^ExecStart=/opt/poststack-relay/venv/bin/poststack-relay$", f"ExecStart={binary}", text
         )
         self.assertEqual(count, 1, "the unit's ExecStart line has changed: adapt this test")
         text = re.sub(r"(?m)^User=.*$", "User=root", text)
@@ -148,11 +149,9 @@ class UnitContentTests(SynchronousTestCase):
         self.assertIn("EXAMPLE", first)
         self.assertIn("adapt", first)
 
-    def test_runs_twistd_in_foreground(self) -> None:
-        """ExecStart runs the venv's twistd in the foreground without a pidfile, Type=notify."""
-        self.assertEqual(
-            self.service["ExecStart"], "/opt/poststack-relay/venv/bin/twistd -n --pidfile= poststack-relay"
-        )
+    def test_runs_the_command(self) -> None:
+        """ExecStart runs the venv's poststack-relay command (the foreground, no pidfile), Type=notify."""
+        self.assertEqual(self.service["ExecStart"], "/opt/poststack-relay/venv/bin/poststack-relay")
         self.assertEqual(self.service["Type"], "notify")
         self.assertEqual(self.service["NotifyAccess"], "main")
         self.assertEqual(self.service["EnvironmentFile"], "/etc/poststack-relay/relay.env")

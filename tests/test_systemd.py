@@ -26,6 +26,7 @@ from poststack_relay import ConfigError, RelayConfig, makeRelayService, tap
 from poststack_relay.systemd import SystemdNotifier, socketEndpoint
 from poststack_relay.testing import write_certificate
 from tests.common.processes import ROOT, TWISTD, stop_process
+from tests.common.running import COMMAND, COMMAND_LINE
 from tests.common.systemd import LAUNCHER, notify_receiver, pending_datagrams
 
 ETC = Path(ROOT) / "etc"
@@ -144,25 +145,26 @@ class SocketEndpointTests(SynchronousTestCase):
 
 class SocketActivationProcessTests(SynchronousTestCase):
     """
+    C{poststack-relay --systemd-socket smtps} (the unit's command) and
     C{twistd -n poststack-relay --systemd-socket smtps} run as systemd would
-    run it: the listening socket on fd 3 with LISTEN_* set, NOTIFY_SOCKET
+    run them: the listening socket on fd 3 with LISTEN_* set, NOTIFY_SOCKET
     pointing at a datagram socket of ours.
     """
 
     def test_banner_through_passed_socket(self) -> None:
-        """The relay does implicit TLS on the passed IPv4 socket, and notifies READY=1 and STOPPING=1."""
-        self.run_activated(socket.AF_INET, "127.0.0.1", "127.0.0.1")
+        """The command does implicit TLS on the passed IPv4 socket, and notifies READY=1 and STOPPING=1."""
+        self.run_activated(socket.AF_INET, "127.0.0.1", "127.0.0.1", COMMAND_LINE)
 
     def test_ipv6_socket(self) -> None:
-        """An IPv6 socket (what ListenStream=587 makes) is adopted as IPv6."""
+        """An IPv6 socket (what ListenStream=587 makes) is adopted as IPv6, under twistd too."""
         try:
             socket.socket(socket.AF_INET6, socket.SOCK_STREAM).bind(("::1", 0))
         except OSError:
             raise SkipTest("no IPv6 loopback")
-        self.run_activated(socket.AF_INET6, "::1", "[::1]")
+        self.run_activated(socket.AF_INET6, "::1", "[::1]", [TWISTD, "-n", "--pidfile=", "poststack-relay"])
 
-    def run_activated(self, family: int, address: str, shown: str) -> None:
-        """Run the relay on a passed listening socket of C{family} bound to C{address}."""
+    def run_activated(self, family: int, address: str, shown: str, command: list[str]) -> None:
+        """Run the relay (C{command}) on a passed listening socket of C{family} bound to C{address}."""
         directory = tempfile.mkdtemp(prefix="poststack-activate-")
         self.addCleanup(shutil.rmtree, directory, True)
         cert, key = write_certificate(directory)
@@ -186,8 +188,7 @@ class SocketActivationProcessTests(SynchronousTestCase):
         log = open(os.path.join(directory, "relay.log"), "wb")
         self.addCleanup(log.close)
         proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, str(listening.fileno()), TWISTD, "-n", "--pidfile=",
-             "poststack-relay", "--systemd-socket", "smtps"],
+            [sys.executable, "-c", LAUNCHER, str(listening.fileno()), *command, "--systemd-socket", "smtps"],
             cwd=directory, env=environ, stdout=log, stderr=subprocess.STDOUT,
             pass_fds=(listening.fileno(),),
         )
@@ -226,7 +227,7 @@ class SocketUnitTests(SynchronousTestCase):
         self.assertRegex(socket_text, r"(?m)^ListenStream=587$")
         self.assertRegex(socket_text, r"(?m)^FileDescriptorName=smtps$")
         self.assertRegex(socket_text, rf"(?m)^Service={SOCKET_SERVICE.name}$")
-        self.assertRegex(service_text, r"(?m)^ExecStart=.* poststack-relay --systemd-socket smtps$")
+        self.assertRegex(service_text, r"(?m)^ExecStart=\S*/poststack-relay --systemd-socket smtps$")
         self.assertRegex(service_text, r"(?m)^Type=notify$")
         self.assertRegex(service_text, r"(?m)^NotifyAccess=main$")
         self.assertNotIn("CAP_NET_BIND_SERVICE", service_text)
@@ -239,10 +240,10 @@ class SocketUnitTests(SynchronousTestCase):
             raise SkipTest("systemd-analyze is not installed")
         directory = Path(tempfile.mkdtemp(prefix="poststack-etc-"))
         self.addCleanup(shutil.rmtree, directory, True)
-        twistd = Path(TWISTD) if Path(TWISTD).is_file() else Path(sys.executable)
+        binary = COMMAND if COMMAND.is_file() else Path(sys.executable)
         text, count = re.subn(
-            r"(?m)^ExecStart=/opt/poststack-relay/venv/bin/twistd ",
-            f"ExecStart={twistd} ",
+            r"(?m)^ExecStart=/opt/poststack-relay/venv/bin/poststack-relay ",
+            f"ExecStart={binary} ",
             SOCKET_SERVICE.read_text(),
         )
         self.assertEqual(count, 1)
