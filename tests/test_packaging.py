@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.test_packaging -*-
 """
-Packaging: what the wheel holds, and twistd finding both plugins and the implicittls: endpoint parser
+Packaging: what the sdist and the wheel hold, that they install and run,
+and twistd finding both plugins and the implicittls: endpoint parser
 (C{poststack-relay}, C{poststack-sandbox}) in the three ways the project is
 run: after C{pip install .}, after C{pip install -e .} in pip's default
 editable mode, and from the source tree with C{PYTHONPATH=.}.
 
-These tests build for real, offline and fast: the project is copied to a
+L{PackagingTests} build for real, offline and fast: the project is copied to a
 temporary directory (builds write C{build/} and C{*.egg-info}), each install
 goes into a fresh venv made with C{--without-pip} whose only addition is a
 C{.pth} file naming the site-packages of the interpreter running the tests,
@@ -14,20 +15,33 @@ anything, and pip runs with C{--no-index --no-deps --no-build-isolation
 --check-build-dependencies} (so the running interpreter must have the
 build requirements of pyproject.toml: C{make venv} installs them).
 
-Run only these with C{pytest tests/test_packaging.py} or C{-k PackagingTests}.
+L{DistributionTests} release as a maintainer would: C{python -m build}
+(sdist, then the wheel from the sdist; C{--no-isolation}, so with this
+interpreter's setuptools), C{twine check}, and the wheel alone installed
+into a fresh venv with pip, its dependencies from the package index (or
+pip's cache), where the C{poststack-relay} command must relay a message.
+They build and install once for the module.
+
+Run only these with C{pytest tests/test_packaging.py}, or C{-k PackagingTests}
+or C{-k DistributionTests}.
 """
 
 from __future__ import annotations
 
+import atexit
 import email.parser
 import json
 import os
 import re
 import shutil
+import signal
 import site
+import smtplib
+import ssl
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -48,7 +62,7 @@ PLUGIN_FILES = (
 )
 # The five of the design, and prometheus-client for /metrics (README says why).
 RUNTIME_REQUIREMENTS = {"twisted", "service-identity", "pyopenssl", "treq", "attrs", "prometheus-client"}
-TEST_REQUIREMENTS = {"pytest", "hypothesis", "mypy", "mypy-zope", "kubernetes-validate"}
+TEST_REQUIREMENTS = {"pytest", "hypothesis", "mypy", "mypy-zope", "kubernetes-validate", "build", "twine"}
 
 # Run in the interpreter under test with -P (no script/cwd directory on
 # sys.path); prints where the plugins, Twisted and our package came from.
@@ -103,7 +117,8 @@ def _is_within(path: str | Path, directory: Path) -> bool:
 def _copy_project(destination: Path) -> Path:
     """
     Copy what a build reads (the top-level files, C{poststack_relay/} and
-    C{twisted/}) to C{destination}/project, leaving out caches, and return it.
+    C{twisted/}, and C{etc/} and C{docs/} for the sdist) to
+    C{destination}/project, leaving out caches, and return it.
     """
     project = destination / "project"
     project.mkdir()
@@ -111,7 +126,7 @@ def _copy_project(destination: Path) -> Path:
         if entry.is_file() and not entry.is_symlink():
             shutil.copy2(entry, project / entry.name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
-    for name in ("poststack_relay", "twisted"):
+    for name in ("poststack_relay", "twisted", "etc", "docs"):
         shutil.copytree(ROOT / name, project / name, ignore=ignore)
     return project
 
@@ -368,3 +383,183 @@ class PackagingTests(SynchronousTestCase):
         self.assertEqual(set(extras), {"redis", "test"})
         self.assertEqual(extras["redis"], {"txredisapi"})
         self.assertTrue(extras["test"] <= TEST_REQUIREMENTS, extras)
+
+
+# What `python -m build` made and the venv its wheel went into, shared by the
+# tests below (built by the first that needs them, removed at exit).
+_SHARED: dict[str, Path] = {}
+
+
+def _shared_directory() -> Path:
+    """
+    One scratch directory for the module's builds, removed when the test
+    process exits.
+    """
+    if "directory" not in _SHARED:
+        directory = Path(tempfile.mkdtemp(prefix="poststack-dist-"))
+        atexit.register(shutil.rmtree, directory, True)
+        _SHARED["directory"] = directory
+    return _SHARED["directory"]
+
+
+class DistributionTests(SynchronousTestCase):
+    """
+    C{python -m build} as a release does (the sdist, then the wheel built
+    from the sdist), C{twine check}, and the wheel alone installed with its
+    dependencies into a fresh venv: the C{poststack-relay} command there
+    relays a message over real TLS and stops on SIGTERM with status 0, and
+    twistd finds the plugins there.  The dependencies come from the
+    package index as C{pip install} gets them (or pip's cache).
+    """
+
+    def _check(self, result: subprocess.CompletedProcess[str], what: str) -> str:
+        """
+        Fail with the whole output unless C{result} exited 0; return stdout.
+        """
+        self.assertEqual(
+            result.returncode,
+            0,
+            f"{what} exited {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}",
+        )
+        return result.stdout
+
+    def built(self) -> tuple[Path, Path]:
+        """
+        The sdist and the wheel C{python -m build --no-isolation} makes of
+        a copy of the tree that holds a twistd plugin cache (as a
+        developer's does after C{make run}); built once for the module.
+        """
+        if "wheel" not in _SHARED:
+            try:
+                import build  # noqa: F401
+            except ImportError:
+                raise SkipTest(f"build is not installed for {sys.executable} (the test extra)")
+            shared = _shared_directory()
+            build_dir = Path(tempfile.mkdtemp(dir=shared))
+            project = _copy_project(build_dir)
+            (project / "twisted" / "plugins" / "dropin.cache").write_bytes(b"a cache that must not be shipped")
+            out = shared / "dist"
+            self._check(
+                _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(project)],
+                     build_dir, _environment()),
+                "python -m build",
+            )
+            (sdist,) = out.glob("poststack_relay-*.tar.gz")
+            (wheel,) = out.glob("poststack_relay-*.whl")
+            _SHARED["sdist"], _SHARED["wheel"] = sdist, wheel
+        return _SHARED["sdist"], _SHARED["wheel"]
+
+    def installed(self) -> Path:
+        """
+        A fresh venv (with pip) into which C{pip install} put the wheel and
+        its dependencies; made once for the module.  Returns its C{bin}.
+        """
+        if "bin" not in _SHARED:
+            _, wheel = self.built()
+            venv = Path(tempfile.mkdtemp(dir=_shared_directory())) / "venv"
+            self._check(_run([sys.executable, "-m", "venv", str(venv)], venv.parent, _environment()),
+                        "python -m venv")
+            self._check(
+                _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)],
+                     venv.parent, _environment()),
+                "pip install (the wheel)",
+            )
+            _SHARED["bin"] = venv / "bin"
+        return _SHARED["bin"]
+
+    def test_twine_check(self) -> None:
+        """twine check --strict accepts the sdist and the wheel (the README renders as their description)."""
+        sdist, wheel = self.built()
+        output = self._check(
+            _run([sys.executable, "-m", "twine", "check", "--strict", str(sdist), str(wheel)],
+                 sdist.parent, _environment(NO_COLOR="1")),
+            "twine check",
+        )
+        self.assertEqual(output.count("PASSED"), 2, output)
+
+    def test_sdist_contents(self) -> None:
+        """The sdist holds the build files, every package source, the plugins, etc/ and docs/, and no plugin cache."""
+        sdist, _ = self.built()
+        with tarfile.open(sdist) as archive:
+            names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        for required in ("setup.cfg", "pyproject.toml", "README.md", "PKG-INFO", "MANIFEST.in",
+                         "poststack_relay/command.py", "poststack_relay/py.typed",
+                         "etc/poststack-relay.service", "docs/deployment.md"):
+            self.assertIn(required, names)
+        for plugin in PLUGIN_FILES:
+            self.assertIn(f"twisted/plugins/{plugin}", names)
+        sources = {
+            path.relative_to(ROOT).as_posix() for path in (ROOT / "poststack_relay").rglob("*.py")
+        }
+        self.assertEqual(sources - names, set(), "package sources missing from the sdist")
+        self.assertEqual([n for n in names if n.endswith(("dropin.cache", ".pyc"))], [])
+
+    def test_wheel_from_sdist(self) -> None:
+        """The released wheel (built from the sdist) has the plugins, no cache, and the console command."""
+        _, wheel = self.built()
+        with zipfile.ZipFile(wheel) as archive:
+            names = set(archive.namelist())
+            (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+            scripts = archive.read(entry_points).decode("utf-8")
+        self.assertEqual(sorted(n for n in names if n.startswith("twisted/")),
+                         sorted(f"twisted/plugins/{p}" for p in PLUGIN_FILES))
+        self.assertIn("poststack_relay/command.py", names)
+        self.assertRegex(scripts, r"(?m)^\[console_scripts\]\npoststack-relay = poststack_relay\.command:main$")
+
+    def test_installed_wheel(self) -> None:
+        """
+        The wheel alone, installed with its dependencies into a fresh venv:
+        poststack-relay --version and --help; the command started with
+        make run's settings greets with 220 over TLS, relays a message to
+        the sandbox and exits 0 on SIGTERM, without writing a plugin cache;
+        twistd there lists both plugins, loaded from that venv.
+        """
+        from poststack_relay import __version__
+        from poststack_relay.testing import write_certificate
+        from tests.common.processes import free_port, wait_for_port
+        from tests.common.running import read_banner, relay_environment, start_program, start_sandbox
+
+        bin_dir = self.installed()
+        python, command = bin_dir / "python", str(bin_dir / "poststack-relay")
+        elsewhere = Path(tempfile.mkdtemp(dir=_shared_directory()))
+        env = _environment()
+        version = self._check(_run([command, "--version"], elsewhere, env), "poststack-relay --version")
+        self.assertTrue(version.startswith(f"poststack-relay {__version__} (Twisted "), version)
+        usage_text = self._check(_run([command, "--help"], elsewhere, env), "poststack-relay --help")
+        self.assertEqual(usage_text.splitlines()[0], "Usage: poststack-relay [options]")
+        self.assertIn("--tls-cert=", usage_text)
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert, key = write_certificate(directory)
+        api_url = start_sandbox(self, directory)
+        port = free_port()
+        relay = start_program(self, str(elsewhere), "relay", [command],
+                              relay_environment(env, port, cert, key, api_url))
+        wait_for_port(port, relay.process)
+        banner = read_banner(port, cert)
+        self.assertTrue(banner.startswith(b"220 localhost "), banner)
+        context = ssl.create_default_context(cafile=cert)
+        with smtplib.SMTP_SSL("localhost", port, context=context, timeout=30) as client:
+            client.login("poststack", "sk_test_full_access")
+            client.mail("you@yourdomain.com")
+            client.rcpt("user@example.com")
+            code, text = client.data(b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: wheel\r\n\r\nhi\r\n")
+        self.assertEqual(code, 250, text)
+        relay.process.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.process.wait(timeout=60), 0, relay.output())
+        self.assertIn("Main loop terminated.", relay.output())
+
+        purelib = Path(self._check(
+            _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], elsewhere, env),
+            "sysconfig",
+        ).strip())
+        self.assertFalse((purelib / "twisted" / "plugins" / "dropin.cache").exists(),
+                         "the command scanned for plugins")
+        listing = self._check(_run([str(bin_dir / "twistd"), "--help"], elsewhere, env), "twistd --help")
+        for name in PLUGIN_NAMES:
+            self.assertRegex(listing, rf"(?m)^\s+{re.escape(name)}\s")
+        probe = cast(ProbeResult, json.loads(self._check(_run([str(python), "-P", "-c", PROBE], elsewhere, env),
+                                                          "plugin probe")))
+        for loaded in [*probe["plugin_files"], probe["package"]]:
+            self.assertTrue(_is_within(loaded, purelib), f"{loaded} is not in {purelib}")
