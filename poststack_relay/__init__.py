@@ -4,7 +4,8 @@ poststack-relay: an implicit-TLS SMTP submission gateway to the PostStack
 email API.
 
 The public surface is small: L{RelayConfig} and L{makeRelayService} for
-embedding, the twistd plugin C{poststack-relay} for running, and the
+embedding, the C{poststack-relay} command (L{poststack_relay.command}) and
+the twistd plugin of the same name for running, and the
 C{implicittls:} server endpoint description (L{poststack_relay.endpoints})
 for listening with implicit TLS anywhere C{serverFromString} is used.
 C{tests/test_exports.py} pins these names; every other module may move.

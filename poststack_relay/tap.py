@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload,tests.test_workers -*-
+# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload,tests.test_workers,tests.test_command -*-
 """
 The C{twistd poststack-relay} command: options in, service out.
 

@@ -55,6 +55,23 @@ class PublicNamesTests(SynchronousTestCase):
             self.assertIsInstance(getattr(interfaces, name), InterfaceClass, name)
 
 
+class CommandNamesTests(SynchronousTestCase):
+    """The console command's entry point: installed scripts name it, so it may not move."""
+
+    def test_entry_point(self) -> None:
+        """setup.cfg's poststack-relay script is poststack_relay.command:main, a function."""
+        import configparser
+        import os
+
+        from poststack_relay import command
+
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.cfg"))
+        scripts = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+        self.assertEqual(scripts, ["poststack-relay = poststack_relay.command:main"])
+        self.assertTrue(callable(command.main))
+
+
 class TranslateNamesTests(SynchronousTestCase):
     """The names of translation and the rule modules that other modules and embedders import."""
 
