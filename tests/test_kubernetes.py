@@ -16,6 +16,7 @@ C{.ci/run} installs it (Debian's C{kubernetes-client}) and they fail.
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +34,9 @@ from tests.common.processes import find_tool
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-KUBERNETES = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+CONTAINERFILE = ROOT / "Containerfile"
 BASE = KUBERNETES / "base"
 OVERLAY = KUBERNETES / "overlays" / "example"
 MANAGED_REDIS = KUBERNETES / "overlays" / "managed-redis"
@@ -49,9 +52,6 @@ SCHEMA_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 #: Kinds from CRDs, which kubernetes-validate has no schema for: checked
 #: here by their references instead (test_crd_references).
 CRD_KINDS = {"Certificate", "PodMonitor"}
-
-#: The image's user (the Containerfile's USER).
-IMAGE_UID = 10001
 
 #: Margin the grace period keeps beyond the preStop pause and the drain.
 GRACE_MARGIN = 10
@@ -161,6 +161,23 @@ def pod_templates(objects: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, di
             yield o["metadata"]["name"], o["spec"]["template"]
 
 
+def image_user_and_ports(containerfile: Path) -> tuple[int, set[int]]:
+    """
+    The numeric user of the image's last stage (its last C{USER}) and the
+    ports it C{EXPOSE}s.
+    """
+    text = containerfile.read_text(encoding="utf-8")
+    users = re.findall(r"^USER\s+(\d+)(?::\d+)?\s*$", text, re.MULTILINE)
+    if not users:
+        raise AssertionError(f"{containerfile}: no numeric USER")
+    exposed = {
+        int(port)
+        for line in re.findall(r"^EXPOSE\s+(.+)$", text, re.MULTILINE)
+        for port in re.findall(r"(\d+)(?:/tcp)?", line)
+    }
+    return int(users[-1]), exposed
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -252,6 +269,15 @@ class RelayOptionsTests(SynchronousTestCase):
             (service_port,) = find(objects, "Service", "poststack-relay")["spec"]["ports"]
             self.assertEqual(service_port["port"], 587)
             self.assertEqual(port_number(container, service_port["targetPort"]), config.port)
+
+    def test_image_exposes_container_ports(self) -> None:
+        """
+        The relay's container ports are the ones the image exposes.
+        """
+        _, exposed = image_user_and_ports(CONTAINERFILE)
+        for kustomization in KUSTOMIZATIONS:
+            container = relay_container(render(kustomization))
+            self.assertEqual({p["containerPort"] for p in container["ports"]}, exposed)
 
     def test_probes(self) -> None:
         """
@@ -364,7 +390,7 @@ class PodSecurityTests(SynchronousTestCase):
 
     def test_restricted(self) -> None:
         """
-        Non-root (the relay as the image's user), no privilege escalation,
+        Non-root (the relay as the Containerfile's USER), no privilege escalation,
         no capability, a read-only root, seccomp's runtime default, no
         service account token.
         """
@@ -384,7 +410,8 @@ class PodSecurityTests(SynchronousTestCase):
                     self.assertIn("limits", container["resources"])
             objects = render(kustomization)
             pod = find(objects, "Deployment", "poststack-relay")["spec"]["template"]["spec"]
-            self.assertEqual(pod["securityContext"]["runAsUser"], IMAGE_UID)
+            image_uid, _ = image_user_and_ports(CONTAINERFILE)
+            self.assertEqual(pod["securityContext"]["runAsUser"], image_uid)
             # Without a capability, a port below 1024 needs the sysctl.
             port = relay_config(relay_container(objects)).port
             sysctls = {s["name"]: int(s["value"]) for s in pod["securityContext"].get("sysctls", [])}
