@@ -4,7 +4,7 @@ options of C{twistd -n poststack-relay}, parsed without scanning for
 plugins; C{--version} (also as C{twistd poststack-relay --version}) and
 C{--help}; and, as real processes on loopback against the sandbox, a
 message relayed, a transaction in flight drained on SIGTERM with exit
-status 0, and C{--workers 2}.
+status 0, the certificate reloaded on SIGHUP, and C{--workers 2}.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -186,6 +187,33 @@ class RunTests(SynchronousTestCase):
         self.assertEqual(code, 250, text)
         self.assertEqual(relay.process.wait(timeout=TIMEOUT), 0, relay.output())
         self.assertIn("drained", relay.output())
+
+    def test_sighup_reloads_certificate(self) -> None:
+        """SIGHUP to the command reloads the certificate files: a new connection gets the new certificate."""
+        relay, port = self.start_relay("--tls-reload-interval", "0")
+        before = self.peer_certificate(port)
+        write_certificate(self.dir)  # a new key and certificate over the same files
+        relay.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while "TLS certificate reloaded (SIGHUP)" not in relay.output() and time.monotonic() < deadline:
+            self.assertIsNone(relay.process.poll(), relay.output())
+            time.sleep(0.05)
+        after = self.peer_certificate(port)
+        self.assertNotEqual(before, after)
+        with open(self.cert, "rb") as f:
+            self.assertEqual(after, ssl.PEM_cert_to_DER_cert(f.read().decode("ascii")))
+        self.stop(relay)
+
+    def peer_certificate(self, port: int) -> bytes:
+        """The certificate (DER) the relay on C{port} presents now."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
 
     def test_workers(self) -> None:
         """poststack-relay --workers 2 supervises two relay processes that relay; SIGTERM stops all, status 0."""
