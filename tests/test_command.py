@@ -111,6 +111,14 @@ class VersionAndHelpTests(SynchronousTestCase):
             self.assertIn(option, result.stdout)
         self.assertNotIn("--nodaemon", result.stdout)
 
+    def test_check_config(self) -> None:
+        """poststack-relay --check-config loads the certificate, prints the settings with their sources, exits 0."""
+        directory = os.path.abspath(self.mktemp())
+        cert, key = write_certificate(directory)
+        result = _run([*COMMAND_LINE, "--check-config", "--tls-cert", cert, "--tls-key", key, "--port", "2587"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("port = 2587  # command line", result.stdout.splitlines())
+
     def test_missing_certificate(self) -> None:
         """Without a certificate the command says so in one line and exits 1."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("POSTSTACK_RELAY_")}
