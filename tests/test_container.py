@@ -26,12 +26,13 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import Any
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
 from poststack_relay._version import __version__
 from poststack_relay.testing import write_certificate
 from tests.common.keys import FULL_KEY
-from tests.common.podman import Container, image_or_skip, podman
+from tests.common.interop import in_ci
+from tests.common.podman import IMAGE, ULIMITS, Container, image_or_skip, podman
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 from tests.common.relay import http_get, tagged_message
 
@@ -113,6 +114,34 @@ class ImageTests(TestCase):
         self.assertEqual(set(config["ExposedPorts"]), {"587/tcp", "9587/tcp"})
         env = dict(item.split("=", 1) for item in config["Env"])
         self.assertFalse([name for name in env if "KEY" in name and name != "POSTSTACK_RELAY_TLS_KEY"], env)
+
+
+class SbomTests(TestCase):
+    """C{make sbom}'s SBOM, beside the image, against what the image holds."""
+
+    def test_sbom_lists_the_image_venv(self) -> None:
+        """Every distribution in the image's venv, with its version and purl; nothing else."""
+        image_or_skip()
+        path = os.path.join(ROOT, "dist", f"poststack-relay-{__version__}.cdx.json")
+        if not os.path.exists(path):
+            reason = f"{path} is missing (make sbom)"
+            if in_ci():
+                raise FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
+            raise SkipTest(reason)
+        with open(path, encoding="utf-8") as f:
+            bom = json.load(f)
+        self.assertEqual(bom["bomFormat"], "CycloneDX")
+        listed = {(c["name"].lower(), c["version"]) for c in bom["components"]}
+        for component in bom["components"]:
+            self.assertEqual(component["purl"].split("@")[0].split("/")[0], "pkg:pypi", component)
+        installed = podman(
+            "run", "--rm", "--network", "none", "--read-only", "--health-interval", "disable", *ULIMITS,
+            "--entrypoint", "/opt/poststack-relay/bin/python", IMAGE, "-c",
+            "import importlib.metadata as m, json; "
+            "print(json.dumps(sorted({(d.metadata['Name'], d.version) for d in m.distributions()})))",
+        ).stdout
+        self.assertEqual(listed, {(name.lower(), version) for name, version in json.loads(installed)})
+        self.assertIn(("poststack-relay", __version__), listed)
 
 
 class ContainerTests(TestCase):
