@@ -93,9 +93,10 @@ class Container:
 
     def __init__(self, test: Any, name: str, options: Sequence[str]) -> None:
         self.name = name
+        # Registered first: a container that was created but failed to start is removed too.
+        test.addCleanup(self.remove)
         # No systemd here: the health check's timer is off, the check is run by hand.
         podman("run", "--detach", "--name", name, "--health-interval", "disable", *ULIMITS, *options, IMAGE)
-        test.addCleanup(self.remove)
 
     def logs(self) -> str:
         """What the relay wrote so far (stdout and stderr)."""
