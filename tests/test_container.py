@@ -98,9 +98,7 @@ class ImageTests(TestCase):
         image = image_or_skip()
         config = image["Config"]
         self.assertEqual(config["User"], f"{UID}:{UID}")
-        self.assertEqual(
-            config["Entrypoint"], ["/opt/poststack-relay/bin/twistd", "--nodaemon", "--pidfile=", "poststack-relay"],
-        )
+        self.assertEqual(config["Entrypoint"], ["/opt/poststack-relay/bin/poststack-relay"])
         labels = config["Labels"]
         self.assertEqual(labels["org.opencontainers.image.version"], __version__)
         self.assertEqual(labels["org.opencontainers.image.licenses"], "MIT")
@@ -218,7 +216,7 @@ class ContainerTests(TestCase):
         # The relay (PID 1 in the container) is not root.
         top = podman("top", container.name, "user", "pid", "args").stdout.splitlines()
         self.assertEqual(top[1].split()[:2], ["poststack-relay", "1"], top)
-        self.assertIn("twistd", top[1])
+        self.assertIn("/opt/poststack-relay/bin/poststack-relay", top[1])
         self.assertEqual(podman("exec", container.name, "id", "-u").stdout.strip(), str(UID))
         # The root filesystem is read-only, and the relay needed nothing written.
         self.assertTrue(container.inspect()["HostConfig"]["ReadonlyRootfs"])
