@@ -117,16 +117,16 @@ def _is_within(path: str | Path, directory: Path) -> bool:
 def _copy_project(destination: Path) -> Path:
     """
     Copy what a build reads (the top-level files, C{poststack_relay/} and
-    C{twisted/}, and C{etc/} and C{docs/} for the sdist) to
-    C{destination}/project, leaving out caches, and return it.
+    C{twisted/}, and for the sdist C{etc/}, C{docs/}, C{deploy/} and
+    C{tests/}) to C{destination}/project, leaving out caches, and return it.
     """
     project = destination / "project"
     project.mkdir()
     for entry in ROOT.iterdir():
         if entry.is_file() and not entry.is_symlink():
             shutil.copy2(entry, project / entry.name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
-    for name in ("poststack_relay", "twisted", "etc", "docs"):
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache", "node_modules", "_trial_temp*")
+    for name in ("poststack_relay", "twisted", "etc", "docs", "deploy", "tests"):
         shutil.copytree(ROOT / name, project / name, ignore=ignore)
     return project
 
@@ -478,21 +478,26 @@ class DistributionTests(SynchronousTestCase):
         self.assertEqual(output.count("PASSED"), 2, output)
 
     def test_sdist_contents(self) -> None:
-        """The sdist holds the build files, every package source, the plugins, etc/ and docs/, and no plugin cache."""
+        """The sdist holds the build files, every tracked source of the package, etc/, docs/, deploy/ and tests/, and no cache."""
         sdist, _ = self.built()
         with tarfile.open(sdist) as archive:
             names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
         for required in ("setup.cfg", "pyproject.toml", "README.md", "PKG-INFO", "MANIFEST.in",
                          "poststack_relay/command.py", "poststack_relay/py.typed",
-                         "etc/poststack-relay.service", "docs/deployment.md"):
+                         "etc/poststack-relay.service", "docs/deployment.md", "Makefile", "Containerfile",
+                         "tests/common/processes.py", "tests/test_command.py"):
             self.assertIn(required, names)
         for plugin in PLUGIN_FILES:
             self.assertIn(f"twisted/plugins/{plugin}", names)
         sources = {
-            path.relative_to(ROOT).as_posix() for path in (ROOT / "poststack_relay").rglob("*.py")
+            path.relative_to(ROOT).as_posix()
+            for directory in ("poststack_relay", "etc", "deploy", "tests")
+            for path in (ROOT / directory).rglob("*")
+            if path.is_file() and "node_modules" not in path.parts and "__pycache__" not in path.parts
+            and not path.name.endswith((".pyc", "dropin.cache"))
         }
-        self.assertEqual(sources - names, set(), "package sources missing from the sdist")
-        self.assertEqual([n for n in names if n.endswith(("dropin.cache", ".pyc"))], [])
+        self.assertEqual(sources - names, set(), "sources missing from the sdist")
+        self.assertEqual([n for n in names if n.endswith(("dropin.cache", ".pyc")) or "node_modules" in n], [])
 
     def test_wheel_from_sdist(self) -> None:
         """The released wheel (built from the sdist) has the plugins, no cache, and the console command."""
