@@ -26,7 +26,7 @@ PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version
 chmod -R a+rX "$work"
 mkdir -p dist
 out="dist/poststack-relay-$version.cdx.json"
-podman_ run --rm --network none --read-only "${PODMAN_ULIMITS[@]}" --health-interval disable \
+podman_ run --rm --network none --read-only "${PODMAN_ULIMITS[@]}" --no-healthcheck \
     --volume "$work/cdx:/opt/cyclonedx-bom:ro" \
     --entrypoint /opt/poststack-relay/bin/python "poststack-relay:$version" \
     -c 'import runpy, sys
