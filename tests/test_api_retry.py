@@ -39,7 +39,6 @@ from treq.testing import StubTreq
 from poststack_relay.api import (
     APIError,
     APIUnavailable,
-    CircuitBreaker,
     HTTPEmailAPI,
     RequestSlots,
     parse_retry_after,

@@ -29,9 +29,8 @@ from poststack_relay import tap
 from poststack_relay.config import RelayConfig, parse_metrics_listen
 from poststack_relay.metrics import RelayMetrics
 from poststack_relay.monitoring import MetricsResource
-from tests.common.interop import in_ci
-from tests.common.processes import find_tool
-from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
+from tests.common.processes import required_tool
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,13 +73,7 @@ def kubectl_or_skip() -> str:
     @raise SkipTest: if it is not installed (with how to install it).
     @raise FailTest: instead, under CI, where C{.ci/run} installs it.
     """
-    kubectl = find_tool("kubectl")
-    if kubectl is not None:
-        return kubectl
-    reason = "kubectl is not installed (apt-get install kubernetes-client; .ci/run installs it)"
-    if in_ci():
-        raise FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
-    raise SkipTest(reason)
+    return required_tool("kubectl", "apt-get install kubernetes-client; .ci/run installs it")
 
 
 @functools.lru_cache(maxsize=None)

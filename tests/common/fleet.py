@@ -36,9 +36,8 @@ from typing import Any, Sequence
 
 from poststack_relay.testing import write_certificate
 from tests.common.haproxy import HAPROXY, haproxy_fleet_config, server_states, start_haproxy
-from tests.common.interop import in_ci
 from tests.common.keys import SERVICE_KEY
-from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
+from tests.common.processes import DATA, ROOT, TWISTD, free_port, missing, stop_process, wait_for_port
 
 __all__ = [
     "KEY_CHECK",
@@ -64,14 +63,9 @@ def haproxy_or_skip() -> str:
     The path of C{haproxy}; skip without it, except under CI (C{.ci/run}
     installs it), where the test fails instead.
     """
-    from twisted.trial.unittest import FailTest, SkipTest
-
     if HAPROXY is not None:
         return HAPROXY
-    reason = "haproxy is not installed (apt-get install haproxy; .ci/run installs it)"
-    if in_ci():
-        raise FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
-    raise SkipTest(reason)
+    raise missing("haproxy is not installed (apt-get install haproxy; .ci/run installs it)")
 
 
 class RelayProcess:

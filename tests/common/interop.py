@@ -34,18 +34,12 @@ from typing import Any, Sequence
 
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import FailTest, SkipTest
 
 from tests.common.corpus import sha256
-from tests.common.processes import DEFAULT_TIMEOUT, ToolResult, find_tool, run_tool
+from tests.common.processes import DEFAULT_TIMEOUT, ToolResult, required_tool, run_tool
 from tests.common.relay import RelayTestCase
 
-__all__ = ["InteropTestCase", "attachment_summary", "in_ci", "skip_unless"]
-
-
-def in_ci() -> bool:
-    """Whether we run under CI (C{CI} is C{true}, C{1} or C{yes}): missing tools then fail."""
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+__all__ = ["InteropTestCase", "attachment_summary", "skip_unless"]
 
 
 def skip_unless(tool: str) -> str:
@@ -54,18 +48,10 @@ def skip_unless(tool: str) -> str:
 
     @raise SkipTest: if it is missing, with a reason naming the tool and
         C{make interop}.
-    @raise FailTest: instead of skipping when L{in_ci}: CI installs every tool
+    @raise FailTest: instead of skipping under CI: CI installs every tool
         (C{tests/interop/install.sh}), so a missing one is a broken set-up.
     """
-    path = find_tool(tool)
-    if path is not None:
-        return path
-    reason = (
-        f"{tool} is not installed: run `make interop` (tests/interop/install.sh installs it)"
-    )
-    if in_ci():
-        raise FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
-    raise SkipTest(reason)
+    return required_tool(tool, "run `make interop`: tests/interop/install.sh installs it")
 
 
 def attachment_summary(payload: dict[str, Any]) -> list[tuple[str, str, str]]:

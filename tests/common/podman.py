@@ -12,17 +12,14 @@ The image is C{poststack-relay:VERSION} as C{make image} tags it.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import time
 from typing import Any, Sequence
 
-from twisted.trial.unittest import FailTest, SkipTest
 
 from poststack_relay._version import __version__
-from tests.common.interop import in_ci
-from tests.common.processes import find_tool
+from tests.common.processes import find_tool, missing
 
 __all__ = ["IMAGE", "PODMAN", "ULIMITS", "Container", "image_or_skip", "podman", "podman_or_skip"]
 
@@ -46,19 +43,13 @@ def _ulimits() -> list[str]:
 ULIMITS = _ulimits()
 
 
-def _missing(reason: str) -> SkipTest | FailTest:
-    if in_ci():
-        return FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
-    return SkipTest(reason)
-
-
 def podman_or_skip() -> None:
     """
     @raise SkipTest: podman is not installed (locally).
     @raise FailTest: instead, under CI, where C{.ci/run} installs it.
     """
     if _PODMAN is None:
-        raise _missing("podman is not installed (apt-get install podman runc mmdebstrap; .ci/run does)")
+        raise missing("podman is not installed (apt-get install podman runc mmdebstrap; .ci/run does)")
 
 
 def podman(*args: str, timeout: float = 60.0, check: bool = True) -> "subprocess.CompletedProcess[str]":
@@ -79,7 +70,7 @@ def image_or_skip() -> dict[str, Any]:
     podman_or_skip()
     done = podman("image", "inspect", IMAGE, check=False)
     if done.returncode != 0:
-        raise _missing(f"image {IMAGE} is not built (make image)")
+        raise missing(f"image {IMAGE} is not built (make image)")
     inspected: list[dict[str, Any]] = json.loads(done.stdout)
     return inspected[0]
 

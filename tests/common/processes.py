@@ -26,6 +26,7 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTer
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
+from twisted.trial.unittest import FailTest, SkipTest
 
 __all__ = [
     "DATA",
@@ -36,6 +37,9 @@ __all__ = [
     "ToolResult",
     "ToolTimeout",
     "find_tool",
+    "in_ci",
+    "missing",
+    "required_tool",
     "free_port",
     "run_tool",
     "stop_process",
@@ -106,6 +110,37 @@ _EXTRA_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _BASE_ENV_KEYS = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SYSTEMROOT")
 """Variables of this process's environment handed to children; nothing else leaks in."""
 
+
+
+def in_ci() -> bool:
+    """Whether we run under CI (C{CI} is C{true}, C{1} or C{yes}): what a test needs must be there."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def missing(reason: str) -> SkipTest | FailTest:
+    """
+    The exception for a test whose tool or set-up is missing: a skip with
+    C{reason}, or, under CI (L{in_ci}: C{.ci/run} installs everything), a
+    failure, since a missing piece there is a broken set-up.
+    """
+    if in_ci():
+        return FailTest(f"{reason}; CI=true, so this is a failure, not a skip")
+    return SkipTest(reason)
+
+
+def required_tool(tool: str, install: str) -> str:
+    """
+    The absolute path of executable C{tool} (L{find_tool}).
+
+    @param install: how to install it, for the reason (C{"apt-get install
+        haproxy; .ci/run installs it"}).
+    @raise SkipTest: it is missing (L{missing}).
+    @raise FailTest: instead, under CI.
+    """
+    path = find_tool(tool)
+    if path is None:
+        raise missing(f"{tool} is not installed ({install})")
+    return path
 
 
 def find_tool(tool: str) -> str | None:

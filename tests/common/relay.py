@@ -40,19 +40,35 @@ def tagged_message(tag: str) -> bytes:
     ).encode()
 
 
-def send_once(port: int, context: Any, data: bytes, key: str = FULL_KEY) -> tuple[int, str]:
+def send_once(
+    port: int, context: Any, data: bytes, key: str = FULL_KEY, quit: bool = True
+) -> tuple[int, str]:
     """
     One transaction with smtplib on a new connection (call from a thread):
     the code and text of the last reply (the first that was not 250).
+
+    @param quit: end with C{QUIT}; C{False} closes the connection without it
+        (a draining relay answers C{QUIT} with C{421}, which smtplib's
+        context manager would raise).
     """
-    with smtplib.SMTP_SSL("localhost", port, context=context, timeout=30) as s:
-        s.login("poststack", key)
-        code, text = s.mail("you@yourdomain.com")
-        if code == 250:
-            code, text = s.rcpt("user@example.com")
-        if code == 250:
-            code, text = s.data(data)
-        return code, text.decode()
+    s = smtplib.SMTP_SSL("localhost", port, context=context, timeout=30)
+    if quit:
+        with s:  # QUIT at the end: a reply other than 221 raises
+            return _transaction(s, key, data)
+    try:
+        return _transaction(s, key, data)
+    finally:
+        s.close()
+
+
+def _transaction(s: smtplib.SMTP, key: str, data: bytes) -> tuple[int, str]:
+    s.login("poststack", key)
+    code, text = s.mail("you@yourdomain.com")
+    if code == 250:
+        code, text = s.rcpt("user@example.com")
+    if code == 250:
+        code, text = s.data(data)
+    return code, text.decode()
 
 
 def http_get(url: str) -> tuple[int, str]:
