@@ -44,7 +44,8 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 
-from .config import DEFAULT_TLS_DETECT_TIMEOUT, ConfigError, ListenerConfig
+from .config import DEFAULT_TLS_DETECT_TIMEOUT, ConfigError
+from .places import ListenerConfig
 from .implicittls import ImplicitTLSEndpoint
 from .interfaces import IRelayReactor
 from .metrics import RelayMetrics

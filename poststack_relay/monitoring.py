@@ -31,7 +31,7 @@ from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from .config import parse_metrics_listen
+from .places import parse_metrics_listen
 from .listening import ListeningService
 from .metrics import RelayMetrics
 

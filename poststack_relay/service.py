@@ -42,7 +42,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from .api import HTTPEmailAPI, make_http_client
 from .auth import AuthThrottle, PostStackChecker, RelayRealm
-from .config import ConfigError, ListenerConfig, RelayConfig, mask_secret
+from .config import ConfigError, RelayConfig, mask_secret
+from .places import ListenerConfig
 from .delivery import RelayDelivery
 from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
 from .fleet.service import make_fleet_state

@@ -28,6 +28,7 @@ from twisted.python import usage
 from . import config as _config
 from .config import ConfigError, RelayConfig, mask_secret, read_config_file
 from .interfaces import IRelayReactor
+from .places import DEFAULT_PORT
 
 if TYPE_CHECKING:
     from .service import RelayService
@@ -67,7 +68,7 @@ _listen_specs.__name__ = "list of listener specs"
 
 # (name, converter, RelayConfig field, help)
 _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
-    ("port", int, "port", f"TCP port for implicit TLS [default: {_config.DEFAULT_PORT}]"),
+    ("port", int, "port", f"TCP port for implicit TLS [default: {DEFAULT_PORT}]"),
     ("interface", str, "interface", "address to listen on [default: all interfaces]"),
     ("proxy-protocol", _boolean, "proxy_protocol",
      "expect a PROXY protocol v1/v2 header before TLS (behind HAProxy or a TCP load balancer) "

@@ -21,7 +21,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from poststack_relay.config import ConfigError, ListenerConfig
+from poststack_relay.config import ConfigError
+from poststack_relay.places import ListenerConfig
 from poststack_relay.endpoints import listening_endpoint, parse_implicit_tls, relay_endpoint
 from poststack_relay.implicittls import ImplicitTLSEndpoint, ImplicitTLSFactory
 from poststack_relay.metrics import RelayMetrics

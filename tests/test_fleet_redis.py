@@ -17,7 +17,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from poststack_relay.config import RelayConfig, parse_redis_url
+from poststack_relay.config import RelayConfig
+from poststack_relay.places import parse_redis_url
 from poststack_relay.fleet.redis import RedisState
 from poststack_relay.fleet.service import FleetStateService, make_fleet_state
 from poststack_relay.fleet.wire import FleetKeys, fleet_secret

@@ -1,13 +1,14 @@
 """
 L{poststack_relay.fleet.wire}: key names, announcements; and
-C{--redis-url} (L{poststack_relay.config.parse_redis_url}).
+C{--redis-url} (L{poststack_relay.places.parse_redis_url}).
 """
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from poststack_relay.config import ConfigError, RelayConfig, parse_redis_url
+from poststack_relay.config import ConfigError, RelayConfig
+from poststack_relay.places import parse_redis_url
 from poststack_relay.fleet.wire import (
     CountEvent,
     FleetKeys,

@@ -26,7 +26,8 @@ import yaml
 from kubernetes_validate import SchemaNotFoundError, ValidationError
 
 from poststack_relay import tap
-from poststack_relay.config import RelayConfig, parse_metrics_listen
+from poststack_relay.config import RelayConfig
+from poststack_relay.places import parse_metrics_listen
 from poststack_relay.metrics import RelayMetrics
 from poststack_relay.monitoring import MetricsResource
 from tests.common.processes import required_tool

@@ -1,6 +1,6 @@
 """
 Several listeners from one relay process (C{--listen}, issue 7):
-the spec grammar (L{poststack_relay.config.parse_listener},
+the spec grammar (L{poststack_relay.places.parse_listener},
 L{RelayConfig.listeners}), its one-line errors through C{twistd}'s options
 and the config file, the assembly on a memory reactor, and real loopback
 listeners with real TLS, each serving its own certificate.
@@ -28,7 +28,8 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from poststack_relay import RelayConfig, makeRelayService, tap
-from poststack_relay.config import ConfigError, ListenerConfig, parse_listener
+from poststack_relay.config import ConfigError
+from poststack_relay.places import ListenerConfig, parse_listener
 from poststack_relay.proxyprotocol import ProxyProtocolFactory
 from poststack_relay.service import RelayService
 from poststack_relay.smtp import RelayFactory

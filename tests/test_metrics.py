@@ -30,7 +30,8 @@ from treq.testing import StubTreq
 
 from poststack_relay.api import HTTPEmailAPI
 from poststack_relay.auth import PostStackChecker, RelayRealm
-from poststack_relay.config import ConfigError, RelayConfig, parse_metrics_listen
+from poststack_relay.config import ConfigError, RelayConfig
+from poststack_relay.places import parse_metrics_listen
 from poststack_relay.delivery import RelayDelivery
 from poststack_relay.metrics import RelayMetrics
 from poststack_relay.monitoring import (

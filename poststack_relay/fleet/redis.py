@@ -46,7 +46,7 @@ from zope.interface import implementer
 from ..interfaces import IFleetState
 from ..metrics import RelayMetrics
 from .local import LocalState
-from ..config import RedisURL
+from ..places import RedisURL
 from .wire import (
     ADD_SCRIPT,
     LOAD_NOTES_SCRIPT,

@@ -15,7 +15,8 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, eventFromJSON, form
 from zope.interface import provider
 
 from .._version import __version__
-from ..config import RelayConfig, parse_metrics_listen
+from ..config import RelayConfig
+from ..places import parse_metrics_listen
 from ..logs import jsonLineObserver, textLineObserver
 
 NAMESPACE = "poststack_relay.workers"  # of the supervisor's events, and the workers' own

@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import BaseLogFile
 from twisted.runner.procmon import LoggingProtocol, ProcessMonitor
 
-from ..config import ConfigError, ListenerConfig, RelayConfig
+from ..config import ConfigError, RelayConfig
+from ..places import ListenerConfig
 from ..systemd import SystemdNotifier, socketEndpoint
 from .messages import NAMESPACE, host_port, output_event, parse_ready, relogged_event, start_message
 
