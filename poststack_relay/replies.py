@@ -106,6 +106,9 @@ UNKNOWN_COMMAND = Reply(502, "5.5.2", "Error: command not recognized")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 HELO_REQUIRES_DOMAIN = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+HELO_HAS_CONTROLS = Reply(
+    501, "5.5.4", "Syntax: EHLO hostname; control characters (NUL, TAB, ...) are not allowed"
+)
 SEND_HELO_FIRST = Reply(503, "5.5.1", "Error: send EHLO first")
 TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
 NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax: command takes no arguments")

@@ -110,6 +110,16 @@ class CommandReplyTests(SynchronousTestCase):
         h = RecordingHarness()
         self.assertEqual(h.send(b"HELO\r\nhelo client.test\r\n"), [b"501 5.5.4 Syntax: HELO hostname", b"250 relay.test"])
 
+    def test_helo_control_characters(self) -> None:
+        """EHLO/HELO names holding NUL, TAB, ESC or DEL get 501 5.5.4 and greet nothing (AUTH still needs EHLO); UTF-8 is not a control."""
+        refused = b"501 5.5.4 Syntax: EHLO hostname; control characters (NUL, TAB, ...) are not allowed"
+        h = RecordingHarness()
+        self.assertEqual(
+            h.send(b"EHLO a\x00b\r\nHELO a\tb\r\nEHLO a\x1bb\r\nhelo a\x7f\r\nAUTH PLAIN x\r\n"),
+            [refused] * 4 + [b"503 5.5.1 Error: send EHLO first"],
+        )
+        self.assertEqual(h.send("EHLO h\u00e9.example\r\n".encode())[0], b"250-relay.test")
+
     def test_sequence(self) -> None:
         """Out-of-order commands inside a login get 503 (or 501 for DATA with an argument), and the transaction survives them."""
         h = ready()

@@ -9,6 +9,7 @@ L{COMMANDS} maps each verb (upper case) to its function.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Callable
 
 from .. import replies
@@ -20,9 +21,16 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+# C0 controls and DEL: never part of a host name or address literal (RFC
+# 5321 4.1.1.1); NUL in particular ends the name for C-string code.
+_CONTROLS = re.compile(rb"[\x00-\x1f\x7f]")
+
+
 def helo(session: Session, arg: bytes) -> None:
     if not arg:
         session.reply(replies.HELO_SYNTAX)
+    elif _CONTROLS.search(arg):
+        session.reply(replies.HELO_HAS_CONTROLS)
     else:
         session.greeted(arg, extended=False)
 
@@ -30,6 +38,8 @@ def helo(session: Session, arg: bytes) -> None:
 def ehlo(session: Session, arg: bytes) -> None:
     if not arg:
         session.reply(replies.HELO_REQUIRES_DOMAIN)
+    elif _CONTROLS.search(arg):
+        session.reply(replies.HELO_HAS_CONTROLS)
     else:
         session.greeted(arg, extended=True)
 
