@@ -60,7 +60,12 @@ DEFAULT_MAX_CONNECTIONS_PER_IP = 50
 DEFAULT_TRANSACTION_TIMEOUT = 600.0
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_MAX_AUTH_FAILURES = 3
-DEFAULT_DRAIN_TIMEOUT = 30.0
+# A message whose DATA ended just before SIGTERM may wait up to
+# DEFAULT_API_QUEUE_TIMEOUT (10 s) for a request slot, then up to
+# DEFAULT_API_DEADLINE (30 s) for the API: the drain leaves room for both and
+# 5 s for a client finishing its upload.  Whatever is still open at the end
+# is told 421 4.3.2 (docs/operations.md, "Stopping under load").
+DEFAULT_DRAIN_TIMEOUT = 45.0
 TLS_PROFILES = ("intermediate", "modern")
 DEFAULT_TLS_RELOAD_INTERVAL = 60.0
 # AUTH failure throttling, per client address and per username: each failure
@@ -195,7 +200,7 @@ class RelayConfig:
         delivered message.
     @ivar max_auth_failures: failed AUTH attempts per connection.
     @ivar drain_timeout: seconds a stopping relay lets transactions in
-        flight finish.
+        flight finish; then every session still open is told C{421 4.3.2}.
     @ivar tls_profile: C{"intermediate"} (TLS 1.2 and 1.3, Mozilla's
         intermediate profile) or C{"modern"} (TLS 1.3 only).
     @ivar tls_reload_interval: seconds between checks of the certificate

@@ -144,8 +144,8 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("auth-failure-max-delay", float, "auth_failure_max_delay",
      f"longest delay of a 535 [default: {_config.DEFAULT_AUTH_FAILURE_MAX_DELAY:g}]"),
     ("drain-timeout", float, "drain_timeout",
-     "seconds a stopping relay lets transactions in flight finish "
-     f"[default: {_config.DEFAULT_DRAIN_TIMEOUT:g}]"),
+     "seconds a stopping relay lets transactions in flight finish; then each still open "
+     f"is told 421 4.3.2 [default: {_config.DEFAULT_DRAIN_TIMEOUT:g}]"),
     ("auth-cache-ttl", float, "auth_cache_ttl",
      f"seconds a good credential check is reused [default: {_config.DEFAULT_AUTH_CACHE_TTL:g}]"),
     ("metrics-listen", str, "metrics_listen",

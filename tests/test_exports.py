@@ -119,6 +119,7 @@ SMTP_PUBLIC = {
     "CLOSE_LINGER": protocol,
     "DATA_HOLD_LIMIT": data,
     "DataScanner": data,
+    "DRAIN_FAREWELL": factory,
     "MAX_AUTH_LINE": protocol,
     "MAX_COMMAND_LINE": protocol,
     "MAX_PENDING_INPUT": protocol,
@@ -151,7 +152,7 @@ class SMTPNamesTests(SynchronousTestCase):
             (smtp.MAX_COMMAND_LINE, smtp.MAX_AUTH_LINE, smtp.MAX_PENDING_INPUT, smtp.DATA_HOLD_LIMIT),
             (2048, 12288, 1024 * 1024, 65536),
         )
-        self.assertEqual((smtp.CLOSE_LINGER, smtp.REFUSAL_LINGER), (5.0, 10.0))
+        self.assertEqual((smtp.CLOSE_LINGER, smtp.REFUSAL_LINGER, smtp.DRAIN_FAREWELL), (5.0, 10.0, 2.0))
 
     def test_factory_builds_relay_sessions(self) -> None:
         """RelayFactory is still a Twisted SMTPFactory whose protocol is RelaySMTP."""

@@ -37,7 +37,7 @@ from poststack_relay import RelayConfig, makeRelayService, tap
 from poststack_relay.api import APIError
 from poststack_relay.replies import Reply
 from poststack_relay.service import _APIClientService
-from poststack_relay.smtp import CLOSE_LINGER, RefusalProtocol, RelaySMTP
+from poststack_relay.smtp import CLOSE_LINGER, DRAIN_FAREWELL, RefusalProtocol, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI, write_certificate
 from tests.common.processes import DATA, ROOT, TWISTD, free_port, stop_process, wait_for_port
 from tests.common.smtp import (
@@ -148,8 +148,8 @@ class DrainTests(SynchronousTestCase):
         h.api.release_checks()
         self.assertEqual(lines(h.transport), [AUTH_OK, SHUTTING_DOWN])
 
-    def test_deadline_drops_without_reply(self) -> None:
-        """A delivery still pending at the drain deadline is dropped with no reply at all, even when the API answers later."""
+    def test_deadline_answers_pending_delivery(self) -> None:
+        """A delivery still pending at the drain deadline is told 421 4.3.2 then (not dropped silently); the API's later answer adds nothing; the drain ends when the connection goes."""
         h = ready()
         h.api.hold = True
         h.open_data()
@@ -157,11 +157,55 @@ class DrainTests(SynchronousTestCase):
         d = h.factory.drain(30)
         h.clock.advance(29.9)
         self.assertNoResult(d)
-        h.clock.advance(0.2)
-        self.successResultOf(d)
-        self.assertTrue(h.transport.disconnected)  # aborted
-        h.api.pending[0].callback(None)
         self.assertEqual(h.transport.value(), b"")
+        h.clock.advance(0.2)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
+        self.assertTrue(h.transport.disconnecting)
+        self.assertNoResult(d)
+        h.api.pending[0].callback(None)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
+        h.proto.connectionLost(None)
+        self.successResultOf(d)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_deadline_answers_session_in_data(self) -> None:
+        """A client still sending DATA at the deadline is told 421 4.3.2; what it sends after is ignored and nothing is delivered."""
+        h = ready()
+        h.open_data()
+        h.feed(b"Subject: x\r\n\r\nfirst part\r\n")
+        h.factory.drain(5)
+        h.clock.advance(5)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
+        self.assertEqual(h.feed(b"second part\r\n.\r\nQUIT\r\n"), [])
+        self.assertEqual(h.raws, [])
+
+    def test_deadline_answers_delayed_auth_failure(self) -> None:
+        """A 535 still waiting out its failure delay at the deadline is replaced by 421 4.3.2."""
+        h = RecordingHarness(auth_failure_delay=20.0, auth_failure_max_delay=20.0)
+        h.send(b"EHLO c\r\nAUTH PLAIN " + plain("poststack", "sk_test_wrong") + b"\r\n")
+        h.transport.clear()
+        h.factory.drain(5)
+        h.clock.advance(5)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
+        h.clock.advance(30)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
+
+    def test_deadline_drops_those_told_that_never_go(self) -> None:
+        """A session told 421 at the deadline whose client neither reads nor closes is dropped DRAIN_FAREWELL seconds later, and the drain ends."""
+        h = ready()
+        h.api.hold = True
+        h.open_data()
+        h.feed(stuff(MESSAGE))
+        d = h.factory.drain(30)
+        h.clock.advance(30)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(DRAIN_FAREWELL - 0.1)
+        self.assertNoResult(d)
+        self.assertFalse(h.transport.disconnected)
+        h.clock.advance(0.2)
+        self.assertTrue(h.transport.disconnected)  # aborted
+        self.successResultOf(d)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
 
     def test_client_that_never_closes_is_dropped(self) -> None:
         """An idle session told 421 4.3.2 whose client keeps the connection open is aborted after CLOSE_LINGER, well before the deadline."""
@@ -184,16 +228,17 @@ class DrainTests(SynchronousTestCase):
         self.successResultOf(d)
 
     def test_zero_timeout(self) -> None:
-        """drain_timeout 0: idle sessions still get their 421, busy ones are dropped at once."""
+        """drain_timeout 0: idle sessions get their 421 at once, busy ones at the next turn of the loop."""
         h = ready()
         h.api.hold = True
         h.open_data()
         h.feed(stuff(MESSAGE))
         d = h.factory.drain(0)
-        h.clock.advance(0)
-        self.successResultOf(d)
-        self.assertTrue(h.transport.disconnected)
         self.assertEqual(h.transport.value(), b"")
+        h.clock.advance(0)
+        self.assertEqual(lines(h.transport), [SHUTTING_DOWN])
+        h.proto.connectionLost(None)
+        self.successResultOf(d)
 
     def test_new_connections_refused(self) -> None:
         """Once the drain began, a new connection gets 421 4.3.2 and is closed."""
@@ -402,11 +447,13 @@ class SigtermHandlerTests(SynchronousTestCase):
         )
 
 
-class SIGTERMProcessTests(SynchronousTestCase):
+class _RelayProcesses(SynchronousTestCase):
     """
-    C{twistd -n poststack-relay} against the sandbox, both real processes:
-    a SIGTERM while a message waits on a slow API.
+    C{twistd -n poststack-relay} against the sandbox, both real processes,
+    the relay draining for C{drain_timeout} seconds.
     """
+
+    drain_timeout = "20"
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start C{twistd -n} with C{args}, its output in a file; stopped at clean-up."""
@@ -459,7 +506,7 @@ class SIGTERMProcessTests(SynchronousTestCase):
                 "POSTSTACK_RELAY_TLS_KEY": self.key,
                 "POSTSTACK_RELAY_API_URL": f"http://127.0.0.1:{self.api_port}",
                 "POSTSTACK_RELAY_HOSTNAME": "localhost",
-                "POSTSTACK_RELAY_DRAIN_TIMEOUT": "20",
+                "POSTSTACK_RELAY_DRAIN_TIMEOUT": self.drain_timeout,
                 "POSTSTACK_RELAY_METRICS_LISTEN": "127.0.0.1:0",
             },
         )
@@ -472,6 +519,13 @@ class SIGTERMProcessTests(SynchronousTestCase):
         )
         s.login("poststack", "sk_test_full_access")
         return s
+
+
+
+class SIGTERMProcessTests(_RelayProcesses):
+    """
+    A SIGTERM while a message waits on a slow API.
+    """
 
     def test_sigterm_drains_and_exits_zero(self) -> None:
         """On SIGTERM: a message waiting on the API still gets its true 250 and is stored once, an idle session gets 421 4.3.2, new connections are refused, and twistd exits 0."""
@@ -524,3 +578,78 @@ class SIGTERMProcessTests(SynchronousTestCase):
         log = self.output("relay")
         self.assertIn(b"draining: 2 sessions, 1 in a transaction", log)
         self.assertIn(b"Main loop terminated.", log)
+
+
+class DrainDeadlineProcessTests(_RelayProcesses):
+    """
+    A SIGTERM with 20 clients in a transaction, the API slower (6 s a send)
+    than the drain (2 s): every client hears 421 4.3.2 before its
+    connection closes (issue 18, "drain that always answers").
+    """
+
+    drain_timeout = "2"
+
+    def test_every_client_hears_421_at_the_deadline(self) -> None:
+        """10 clients waiting on the API after the dot and 10 still in DATA each hear 421 4.3.2 (or 250 had they finished) about 2 s after SIGTERM; the relay exits 0 soon after."""
+        self.sandbox("POST", "/_sandbox/faults", {"mode": "slow", "delay": 6, "count": -1})
+        message = b"From: you@yourdomain.com\r\nTo: user@example.com\r\nSubject: deadline\r\n\r\nhi\r\n"
+        clients = 20
+        ready = threading.Semaphore(0)
+        go_on = threading.Event()
+        results: dict[int, Any] = {}
+
+        def client(n: int) -> None:
+            s = None
+            try:
+                s = self.client()
+                s.mail("you@yourdomain.com")
+                s.rcpt("user@example.com")
+                s.putcmd("data")
+                code, _ = s.getreply()
+                assert code == 354, code
+                if n % 2:
+                    s.send(message + b".\r\n")  # the whole message: the relay calls the API
+                else:
+                    s.send(message[:40])  # still in DATA at the SIGTERM
+                ready.release()
+                go_on.wait(30)
+                results[n] = (s.getreply(), time.monotonic())
+            except Exception as e:  # reported by the assertions below
+                results[n] = e
+                ready.release()
+            finally:
+                if s is not None:
+                    s.close()
+
+        threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for _ in range(clients):
+            self.assertTrue(ready.acquire(timeout=30))
+        # Every message sent whole has reached the (slow) API.
+        deadline = time.monotonic() + 20
+        while self.output("sandbox").count(b"sandbox fault slow on POST /emails") < clients // 2:
+            self.assertLess(time.monotonic(), deadline, "the messages never reached the API")
+            time.sleep(0.05)
+        go_on.set()
+        stopped_at = time.monotonic()
+        self.relay.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=30)
+            self.assertFalse(thread.is_alive())
+        self.assertEqual(self.relay.wait(timeout=30), 0, self.output("relay")[-3000:])
+        exit_after = time.monotonic() - stopped_at
+        heard = []
+        for n in range(clients):
+            self.assertIsInstance(results[n], tuple, f"client {n}: {results[n]!r}")
+            (code, text), at = results[n]
+            self.assertIn(
+                (code, text[:5]), [(421, b"4.3.2"), (250, b"2.0.0")], f"client {n}: {code} {text!r}"
+            )
+            heard.append(at - stopped_at)
+        # None finished (the API takes 6 s): all were told at the 2 s deadline.
+        self.assertEqual([r[0][0] for r in results.values()], [421] * clients)
+        self.assertGreater(min(heard), 1.5)
+        self.assertLess(exit_after, 2 + 2 + 5)  # drain + farewell + start of the stop
+        log = self.output("relay")
+        self.assertIn(b"drain deadline passed: %d sessions told 421 4.3.2" % clients, log)

@@ -38,13 +38,14 @@ data.  Neither ever ends DATA (see docs/design.md, "SMTP smuggling").
 from ..addresses import path_problem
 from .data import DATA_HOLD_LIMIT, DataScanner
 from .envelope import parse_path
-from .factory import REFUSAL_LINGER, RefusalProtocol, RelayFactory
+from .factory import DRAIN_FAREWELL, REFUSAL_LINGER, RefusalProtocol, RelayFactory
 from .protocol import CLOSE_LINGER, MAX_AUTH_LINE, MAX_COMMAND_LINE, MAX_PENDING_INPUT, RelaySMTP
 from .session import Session
 
 __all__ = [
     "CLOSE_LINGER",
     "DATA_HOLD_LIMIT",
+    "DRAIN_FAREWELL",
     "DataScanner",
     "MAX_AUTH_LINE",
     "MAX_COMMAND_LINE",

@@ -33,6 +33,10 @@ _log = Logger(namespace="poststack_relay.smtp")
 # Seconds a refused connection may take to receive its 421 (the TLS
 # handshake comes first) before it is dropped.
 REFUSAL_LINGER = 10.0
+# Seconds the sessions told 421 at the drain deadline get to read it (and
+# answer TLS's close_notify) before they are dropped and the drain ends:
+# a stop takes at most drain_timeout + DRAIN_FAREWELL.
+DRAIN_FAREWELL = 2.0
 
 
 def _client_key(addr: Any) -> str:
@@ -203,9 +207,11 @@ class RelayFactory(smtp.SMTPFactory):
         """
         Stop serving: refuse new connections with C{421 4.3.2}, close idle
         sessions with it now, and the others as soon as their current
-        transaction is answered.  Fires once every session is gone, or
-        after C{timeout} seconds, when the remaining ones are dropped
-        without a reply.  Calling it again waits for the same end.
+        transaction is answered.  Fires once every session is gone.  After
+        C{timeout} seconds every session still open is told C{421 4.3.2}
+        at once, whatever it is doing (even waiting on the API), and gets
+        L{DRAIN_FAREWELL} seconds to go; then the rest are dropped.
+        Calling it again waits for the same end.
         """
         d: Deferred[None] = Deferred()
         if self._drain_done:
@@ -233,12 +239,25 @@ class RelayFactory(smtp.SMTPFactory):
     def _drain_expired(self) -> None:
         self._drain_call = None
         remaining = list(self.sessions)
+        told = [session for session in remaining if session.deadline_passed()]
         _log.info(
-            "drain deadline passed: dropping {count} sessions",
+            "drain deadline passed: {told} sessions told 421 4.3.2, {count} still open",
             event="drain_timeout",
             count=len(remaining),
+            told=len(told),
         )
+        # Those that had said their last reply before had their time to go.
         for session in remaining:
+            if session not in told:
+                session.abort()
+        if told and any(session in self.sessions for session in told):
+            self._drain_call = self.clock.callLater(DRAIN_FAREWELL, self._farewell_expired)
+        else:
+            self._finish_drain()
+
+    def _farewell_expired(self) -> None:
+        self._drain_call = None
+        for session in list(self.sessions):
             session.abort()
         self._finish_drain()
 

@@ -192,11 +192,12 @@ class RelaySMTP(Protocol):
         """
         self.state.shutdown()
 
+    def deadline_passed(self) -> bool:
+        """The drain deadline passed: L{Session.deadline_passed}."""
+        return self.state.deadline_passed()
+
     def abort(self) -> None:
-        """
-        Drop the connection without a reply (the drain deadline passed).
-        A delivery still pending is never answered: the client retries.
-        """
+        """Drop the connection (it is still there after its last reply, or the drain's)."""
         state = self.state
         if state.mode != CLOSED:
             _log.info("{session} aborted by shutdown (mode={mode}) client={client}", event="shutdown_abort",

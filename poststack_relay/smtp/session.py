@@ -190,6 +190,15 @@ class Session:
         if self.idle:
             self.say_shutting_down()
 
+    def deadline_passed(self) -> bool:
+        """The drain deadline passed: if still open, whatever it does (even WAIT), say 421 4.3.2 and close."""
+        if self.mode != CLOSED:
+            _log.info("{session} told 421 at the drain deadline (mode={mode}) client={client}",
+                      event="shutdown_deadline", session=self.id, mode=self.mode, client=self.client)
+            self.say_shutting_down()
+            return True
+        return False
+
     def say_shutting_down(self) -> None:
         """Close with C{421 4.3.2} (the relay is stopping)."""
         self.reply(replies.SHUTTING_DOWN, error=False)
