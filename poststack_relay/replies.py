@@ -82,12 +82,17 @@ TRANSACTION_TIMEOUT = Reply(
     421, "4.4.2", "Error: transaction time limit exceeded, closing connection"
 )
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Error: too many authentication failures")
+# One line (444 octets with code and CRLF, < 512) naming each common client's
+# implicit-TLS setting; docs/interop.md has them in full.
 NOT_TLS = Reply(
     554,
     "5.7.0",
     "This port requires TLS from the first byte (implicit TLS, RFC 8314): "
-    "set secure: true (nodemailer) / use smtplib.SMTP_SSL / "
-    "smtp_tls_wrappermode = yes (Postfix); STARTTLS is not offered",
+    "set secure: true (nodemailer) / use smtplib.SMTP_SSL / use_tls=True (aiosmtplib) / "
+    "EMAIL_USE_SSL (Django) / ENCRYPTION_SMTPS (PHPMailer) / tls: true (Ruby, Rails) / "
+    "tls.Dial (Go) / mail.smtp.ssl.enable (JavaMail) / --tlsc (swaks) / smtps:// (curl, s-nail) / "
+    "tls_starttls off (msmtp) / smtp_tls_wrappermode = yes (Postfix), as for port 465; "
+    "STARTTLS is not offered",
 )
 
 # Generic command replies

@@ -102,6 +102,31 @@ class DetectionTests(SynchronousTestCase):
         self.assertNotIn(b"220", transport.value())
         self.assertTrue(transport.disconnecting)
 
+    def test_plaintext_line_names_each_clients_setting(self) -> None:
+        """The 554 line is one SMTP line under 512 octets naming the implicit-TLS setting of each client docs/interop.md covers."""
+        proto, transport, clock = self.connect()
+        proto.dataReceived(b"EHLO client\r\n")
+        line = transport.value()
+        self.assertLess(len(line), 512)
+        self.assertEqual(line.count(b"\r\n"), 1)
+        self.assertTrue(line.endswith(b"\r\n"))
+        for setting in (
+            b"secure: true (nodemailer)",
+            b"smtplib.SMTP_SSL",
+            b"use_tls=True (aiosmtplib)",
+            b"EMAIL_USE_SSL (Django)",
+            b"ENCRYPTION_SMTPS (PHPMailer)",
+            b"tls: true (Ruby, Rails)",
+            b"tls.Dial (Go)",
+            b"mail.smtp.ssl.enable (JavaMail)",
+            b"--tlsc (swaks)",
+            b"smtps:// (curl, s-nail)",
+            b"tls_starttls off (msmtp)",
+            b"smtp_tls_wrappermode = yes (Postfix)",
+            b"STARTTLS is not offered",
+        ):
+            self.assertIn(setting, line)
+
     def test_silent_client(self) -> None:
         """A client waiting for a banner gets the 554 line after the detect time-out."""
         proto, transport, clock = self.connect(2.0)
