@@ -99,7 +99,7 @@ class RelayTestCase(TestCase):
     async def _start(self) -> None:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        self.cafile, self.keyfile = write_certificate(directory)
+        self.cafile, self.keyfile = self.certificate(directory)
         self.sandbox = makeSandboxService(
             0, "127.0.0.1", os.path.join(directory, "sandbox.sqlite3"), DATA, reactor
         )
@@ -126,6 +126,14 @@ class RelayTestCase(TestCase):
         self.addCleanup(self.relay.stopService)
         port = await self.relay.port()
         self.port = port.getHost().port
+
+    def certificate(self, directory: str) -> tuple[str, str]:
+        """
+        Write the relay's certificate and key into C{directory}; return their
+        paths (cert, key). By default a self-signed one for C{localhost} and
+        C{127.0.0.1}; override to test another (C{make cert}'s, say).
+        """
+        return write_certificate(directory)
 
     def context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.cafile)
