@@ -63,7 +63,8 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 # Real clients against relay + sandbox over loopback TLS (docs/interop.md):
-# swaks, curl, msmtp, smtplib, Postfix (tests/interop), nodemailer, and the
+# swaks, curl, msmtp, smtplib, Postfix, PHPMailer, the Ruby mail gem, and
+# trusting make cert's certificate (tests/interop), nodemailer, and the
 # translation cross-checked against mailparser on the MIME corpus.
 # install.sh installs missing Debian packages with apt-get (needs root) and
 # the pinned nodemailer; it is idempotent and fast when all is there.

@@ -837,6 +837,15 @@ class BodyTests(SynchronousTestCase):
         )
         self.assertEqual(payload["text"], "café is a very long line that continues=")
 
+    def test_quoted_printable_encoded_cr(self) -> None:
+        """The Ruby mail gem's quoted-printable (=0D before each hard line break) gives LF line breaks."""
+        payload = _simple(
+            "Content-Type: text/plain; charset=UTF-8",
+            "Content-Transfer-Encoding: quoted-printable",
+            body="Hallo Zo=C3=AB,=0D\r\n=0D\r\nJ=C3=B6rg=\r\n",
+        )
+        self.assertEqual(payload["text"], "Hallo Zoë,\n\nJörg")
+
     def test_base64(self) -> None:
         """Base64 bodies are decoded; their CRLFs become LF."""
         encoded = base64.encodebytes("Grüße\r\nzwei\r\n".encode()).decode()

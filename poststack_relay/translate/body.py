@@ -19,6 +19,10 @@ from .decoding import decode_bytes
 from .parts import content_type, header_params, structural_header, transfer_decoded, transfer_encoding
 
 
+_LINE_BREAK: Final = re.compile("\r+\n")
+"""CRLF, and the CR CR LF of the Ruby mail gem 2.7, whose quoted-printable
+writes each CRLF's CR as C{=0D} before the hard line break: one LF each."""
+
 # RFC 6838 section 4.2: type and subtype names of at most 127 characters.
 _CONTENT_TYPE: Final = re.compile(
     r"[a-z0-9!#$&^_.+-]{1,127}/[a-z0-9!#$&^_.+-]{1,127}"
@@ -99,7 +103,7 @@ def _body_text(
     encoding = transfer_encoding(part)
     text = decode_bytes(transfer_decoded(part, encoding), params.get("charset") or "us-ascii")
     if "\r" in text:
-        text = text.replace("\r\n", "\n")
+        text = _LINE_BREAK.sub("\n", text)
     if (
         whole_message
         and text.endswith("\n")
