@@ -62,7 +62,9 @@ PLUGIN_FILES = (
 )
 # The five of the design, and prometheus-client for /metrics (README says why).
 RUNTIME_REQUIREMENTS = {"twisted", "service-identity", "pyopenssl", "treq", "attrs", "prometheus-client"}
-TEST_REQUIREMENTS = {"pytest", "hypothesis", "mypy", "mypy-zope", "kubernetes-validate", "build", "twine"}
+TEST_REQUIREMENTS = {
+    "pytest", "hypothesis", "mypy", "mypy-zope", "kubernetes-validate", "build", "twine", "aiosmtplib"
+}
 
 # Run in the interpreter under test with -P (no script/cwd directory on
 # sys.path); prints where the plugins, Twisted and our package came from.

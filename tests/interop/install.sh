@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install what `make interop` drives: swaks, curl, msmtp, Postfix, PHPMailer
-# and the Ruby mail gem (Debian packages, with apt-get when missing; needs
+# Install what `make interop` drives: swaks, curl, msmtp, Postfix, PHPMailer,
+# the Ruby mail gem and s-nail (Debian packages, with apt-get when missing; needs
 # root then) and the pinned nodemailer (npm ci into the git-ignored tests/e2e/node/node_modules).
 #
 # Idempotent: installed packages are left alone, `apt-get update` runs at most
@@ -25,11 +25,12 @@ die() { printf 'interop install: ERROR: %s\n' "$*" >&2; exit 1; }
 # gives swaks TLS.  haproxy is for tests/test_proxy_protocol.py (real HAProxy
 # sending PROXY v1/v2 in front of the relay; the tests start their own).
 # php-cli + libphp-phpmailer (PHPMailer 6.x) and ruby + ruby-mail (the mail
-# gem ActionMailer uses) are for tests/interop/test_php_ruby_clients.py.
+# gem ActionMailer uses) are for tests/interop/test_php_ruby_clients.py,
+# s-nail for tests/interop/test_more_clients.py.
 PACKAGES=(swaks curl msmtp postfix libsasl2-modules libnet-ssleay-perl ca-certificates haproxy
-          php-cli libphp-phpmailer ruby ruby-mail)
+          php-cli libphp-phpmailer ruby ruby-mail s-nail)
 declare -A COMMAND=([swaks]=swaks [curl]=curl [msmtp]=msmtp [postfix]=postfix [haproxy]=haproxy
-                    [php-cli]=php [ruby]=ruby)
+                    [php-cli]=php [ruby]=ruby [s-nail]=s-nail)
 
 updated=no
 apt_install() {
@@ -95,4 +96,4 @@ say "ready: $(swaks --version 2>/dev/null | head -n 1); $(curl --version | head 
     "$(msmtp --version | head -n 1); postfix $(postconf -d -h mail_version 2>/dev/null);" \
     "node $(node --version); $(php --version | head -n 1 | cut -d' ' -f1-2);" \
     "phpmailer $(dpkg-query -W -f='${Version}' libphp-phpmailer); $(ruby --version | cut -d' ' -f1-2);" \
-    "ruby-mail $(dpkg-query -W -f='${Version}' ruby-mail)"
+    "ruby-mail $(dpkg-query -W -f='${Version}' ruby-mail); $(s-nail -V | head -n 1 | cut -d, -f1)"
