@@ -33,10 +33,15 @@ class SNailTests(InteropTestCase):
 
     tools = ("s-nail",)
 
+    def env(self) -> dict[str, str]:
+        """A UTF-8 locale, and this test's directory as HOME (s-nail writes nothing else there)."""
+        return {"LC_ALL": "C.UTF-8", "HOME": self.workdir()}
+
     def s_nail(self, mta: str, *args: str, user: str = "poststack") -> list[str]:
         """The documented command line (no configuration files: -:/), then C{args}."""
         return [
-            self.tool("s-nail"), "-:/", "-Sv15-compat", "-Sttycharset=utf-8",
+            # -Snosave: a failed send is not saved to ~/dead.letter.
+            self.tool("s-nail"), "-:/", "-Sv15-compat", "-Snosave", "-Sttycharset=utf-8",
             "-Sexpandaddr=fail,-all,failinvaddr", "-Sfullnames",
             f"-Smta={mta}", "-Ssmtp-auth=plain", f"-Stls-ca-file={self.cafile}",
             f"-Sfrom={formataddr(('Jörg Müller', user if '@' in user else 'you@yourdomain.com'))}",
@@ -59,7 +64,7 @@ class SNailTests(InteropTestCase):
                 "-.", "Zoë Ångström <zoe@example.com>", "ann@example.com",
             ),
             stdin="Hallo Zoë,\nanbei der Bericht.\n",
-            env={"LC_ALL": "C.UTF-8"},
+            env=self.env(),
         )
         self.assertEqual(result.code, 0, result.output)
         email = self.only_email()
@@ -93,7 +98,7 @@ class SNailTests(InteropTestCase):
                 user=user,
             ),
             stdin="Hi Bob.\n",
-            env={"LC_ALL": "C.UTF-8"},
+            env=self.env(),
         )
         self.assertEqual(result.code, 0, result.output)
         email = self.only_email()
@@ -108,10 +113,12 @@ class SNailTests(InteropTestCase):
                 "-Ssmtp-use-starttls", "-s", "never", "-.", "bob@example.com",
             ),
             stdin="Hi.\n",
-            env={"LC_ALL": "C.UTF-8"},
+            env=self.env(),
         )
         self.assertNotEqual(result.code, 0, result.output)
-        self.assertIn("554 5.7.0 This port requires TLS from the first byte", result.output)
+        self.assertIn("s-nail: SMTP server: 554 5.7.0 This port requires TLS from the first byte", result.stderr)
+        self.assertIn("smtps:// (curl, s-nail)", result.stderr)
+        self.assertNotIn("dead.letter", result.output)
         self.assertEqual(self.stored(), [])
 
 
