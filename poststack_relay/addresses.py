@@ -36,18 +36,39 @@ always given):
     address literal; a sender's domain must in addition hold a dot
     (L{has_dotted_domain}, the sender rule: a verified sending domain,
     never a bare host or an IPv6 literal).
+
+Internationalised addresses (RFC 6531/6532), one rule for both sides:
+
+  - The API receives every domain in ASCII (L{api_domain},
+    L{api_address}): a U-label becomes its A-label (IDNA 2008, with the
+    UTS #46 mapping, non-transitional: case folded, full-width dots
+    mapped, C{ß} kept), an A-label (C{xn--}) must decode; a domain that is
+    neither is refused (L{BAD_DOMAIN}, the path problem C{"idn"}).  A
+    UTF-8 local part cannot be converted and is passed as UTF-8.
+  - Two addresses are the same mailbox when their L{address_key}s are
+    equal: the local part NFC-normalised and lowercased, the domain in
+    its lowercased API form; so C{Jörg@Bücher.example} and
+    C{jörg@xn--bcher-kva.example} are one mailbox (the sender policy, the
+    envelope's duplicate recipients, To/Cc against the envelope).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Final
 
+import idna
+
 __all__ = [
+    "BAD_DOMAIN",
     "MAX_ADDRESS",
     "MAX_DOMAIN",
     "MAX_LOCAL_PART",
     "MAX_PATH",
+    "address_key",
+    "api_address",
+    "api_domain",
     "bare_address",
     "has_domain",
     "has_dotted_domain",
@@ -98,6 +119,12 @@ TOO_LONG: Final = (
 """L{header_address_problem} for an address over an RFC 5321 limit."""
 
 
+BAD_DOMAIN: Final = (
+    "not valid: its domain is not a valid internationalized domain name (IDNA 2008)"
+)
+"""The problem of an address whose domain has no A-label form (L{api_domain})."""
+
+
 def _octets(text: str) -> int:
     """The length of C{text} in UTF-8 octets (lone surrogates as one each)."""
     if text.isascii():
@@ -133,7 +160,8 @@ def path_problem(raw_path: bytes, address: str) -> str | None:
     brackets are C{raw_path} and whose address (route removed) is
     C{address}: C{"path"}, C{"local"} or C{"domain"} for an RFC 5321
     length limit (counted in octets, UTF-8 included), C{"comment"} for a
-    comment (parentheses outside a quoted local part), C{"syntax"} for
+    comment (parentheses outside a quoted local part), C{"idn"} for a
+    domain with no A-label form (L{api_domain}), C{"syntax"} for
     anything else; C{None} if it is fine.  An address without C{@} is left
     to the caller, and so is one without a domain after its length checks
     (both have their own replies).
@@ -151,6 +179,8 @@ def path_problem(raw_path: bytes, address: str) -> str | None:
         return "comment"
     if _LOCAL_RE.fullmatch(local) is None or _DOMAIN_RE.fullmatch(domain) is None:
         return "syntax"
+    if api_domain(domain) is None:
+        return "idn"
     return None
 
 
@@ -193,3 +223,79 @@ def is_header_address(address: str) -> bool:
     must be to be passed on.
     """
     return _HEADER_ADDRESS.fullmatch(address) is not None
+
+
+def _is_a_label(label: str) -> bool:
+    """Is C{label} (ASCII, starting with C{xn--} in any case) a valid IDNA 2008 A-label?"""
+    try:
+        idna.ulabel(label)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return False
+    return True
+
+
+def api_domain(domain: str) -> str | None:
+    """
+    C{domain} as the API receives it, or C{None} if it is not a valid
+    internationalized domain name.
+
+    An ASCII domain is returned as written, once each of its C{xn--}
+    labels is checked to be a valid A-label.  Any other is mapped with
+    UTS #46 (non-transitional: case folded, full-width dots mapped,
+    C{ß} kept) and each non-ASCII label converted to its IDNA 2008
+    A-label (C{bücher.example} -> C{xn--bcher-kva.example}); the ASCII
+    labels of such a domain are kept (lowercased by the mapping; an
+    underscore stays allowed, as in envelope domains).  An address
+    literal must be ASCII.
+    """
+    if domain.isascii():
+        if "xn--" not in domain.lower():
+            return domain  # the common case: nothing to convert or check
+        labels = domain.split(".")
+        if all(_is_a_label(label) for label in labels if label[:4].lower() == "xn--"):
+            return domain
+        return None
+    if domain.startswith("["):
+        return None
+    try:
+        labels = idna.uts46_remap(domain, std3_rules=False, transitional=False).split(".")
+        for n, label in enumerate(labels):
+            if not label.isascii():
+                labels[n] = idna.alabel(label).decode("ascii")
+            elif label[:4] == "xn--" and not _is_a_label(label):
+                return None
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    converted = ".".join(labels)
+    return converted if len(converted) <= MAX_DOMAIN else None
+
+
+def api_address(address: str) -> str | None:
+    """
+    C{address} (C{local@domain}) as the API receives it: the local part
+    as written (UTF-8 included), the domain in its API form
+    (L{api_domain}); C{None} if the domain has none.
+    """
+    if address.isascii() and "xn--" not in address.lower():
+        return address
+    local, at, domain = address.rpartition("@")
+    converted = api_domain(domain)
+    if converted is None:
+        return None
+    return address if converted is domain else local + at + converted
+
+
+def address_key(address: str) -> str:
+    """
+    The form in which two addresses are compared (the same mailbox when
+    equal): the local part NFC-normalised and lowercased, the domain in
+    its API form (L{api_domain}), lowercased; a domain without one is
+    compared as written, lowercased.
+    """
+    if address.isascii():
+        return address.lower()
+    local, at, domain = address.rpartition("@")
+    converted = api_domain(domain)
+    if converted is None:
+        converted = domain
+    return unicodedata.normalize("NFC", local).lower() + at + converted.lower()

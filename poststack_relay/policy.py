@@ -8,7 +8,9 @@ nowhere else.
   - A mailbox login sends only as itself: its envelope sender
     (L{envelope_sender_reply}), its message's C{From} address
     (L{from_header_reply}) and every C{Sender} field (L{sender_header_reply})
-    name its own address, compared case-insensitively (L{owns}).
+    name its own address, compared in one canonical form (L{owns}: case
+    ignored, an internationalized domain as its A-label, the local part
+    NFC-normalised; L{poststack_relay.addresses.address_key}).
     C{Reply-To} is free: it names where answers go and claims no authorship.
   - An API-key login is not checked here: the API enforces a key's domain
     scope on the C{From} address it receives.
@@ -25,15 +27,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from . import replies
-from .addresses import has_dotted_domain
+from .addresses import address_key, has_dotted_domain
 from .replies import Reply
 
 __all__ = ["envelope_sender_reply", "from_header_reply", "owns", "sender_header_reply"]
 
 
 def owns(mailbox: str, address: str) -> bool:
-    """Is C{address} the mailbox's own (case and surrounding blanks ignored)?"""
-    return address.strip().lower() == mailbox.strip().lower()
+    """
+    Is C{address} the mailbox's own?  Surrounding blanks ignored, compared
+    by L{address_key} (case ignored, U-label and A-label domains equal).
+    """
+    return address_key(address.strip()) == address_key(mailbox.strip())
 
 
 def envelope_sender_reply(mailbox: str | None, address: str) -> Reply | None:

@@ -188,6 +188,9 @@ SENDER_PATH_PROBLEMS = {
     "comment": Reply(
         501, "5.1.7", "Bad sender address syntax: comments are not allowed in MAIL FROM"
     ),
+    "idn": Reply(
+        501, "5.1.7", "Bad sender address syntax: domain is not a valid IDNA 2008 domain name"
+    ),
     "syntax": SENDER_BAD_SYNTAX,
 }
 RECIPIENT_PATH_PROBLEMS = {
@@ -203,8 +206,19 @@ RECIPIENT_PATH_PROBLEMS = {
     "comment": Reply(
         501, "5.1.3", "Bad recipient address syntax: comments are not allowed in RCPT TO"
     ),
+    "idn": Reply(
+        501, "5.1.3", "Bad recipient address syntax: domain is not a valid IDNA 2008 domain name"
+    ),
     "syntax": RECIPIENT_BAD_SYNTAX,
 }
+# RFC 6531 section 3.5: a non-ASCII path in a transaction that did not
+# declare SMTPUTF8 (X.6.7: non-ASCII addresses not permitted).
+SENDER_NEEDS_SMTPUTF8 = Reply(
+    553, "5.6.7", "Sender address is not ASCII: add SMTPUTF8 to MAIL FROM (RFC 6531)"
+)
+RECIPIENT_NEEDS_SMTPUTF8 = Reply(
+    553, "5.6.7", "Recipient address is not ASCII: add SMTPUTF8 to MAIL FROM (RFC 6531)"
+)
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option")

@@ -8,12 +8,16 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.addresses import (
+    BAD_DOMAIN,
     MAX_ADDRESS,
     MAX_DOMAIN,
     MAX_LOCAL_PART,
     MAX_PATH,
     NOT_VALID,
     TOO_LONG,
+    address_key,
+    api_address,
+    api_domain,
     bare_address,
     has_domain,
     has_dotted_domain,
@@ -120,3 +124,64 @@ class HeaderAddressTests(SynchronousTestCase):
         self.assertEqual(bare_address("< a@b.c >"), "a@b.c")
         self.assertEqual(bare_address("<<a@b.c>>"), "<a@b.c>")
         self.assertEqual(bare_address(""), "")
+
+
+class InternationalTests(SynchronousTestCase):
+    """The API form (A-labels) and the comparison key of internationalized addresses."""
+
+    def test_ascii_domains_unchanged(self) -> None:
+        """An ASCII domain is returned as written (the same object: no work), valid A-labels too."""
+        for domain in ("yourdomain.com", "Example.COM", "my_host.example", "[192.0.2.1]", "XN--BCHER-KVA.example"):
+            self.assertEqual(api_domain(domain), domain, domain)
+        domain = "example.com"
+        self.assertIs(api_domain(domain), domain)
+
+    def test_u_labels_become_a_labels(self) -> None:
+        """U-labels become IDNA 2008 A-labels after the UTS #46 mapping (case, full-width dot, NFC; ß kept)."""
+        for domain, expected in [
+            ("bücher.example", "xn--bcher-kva.example"),
+            ("BÜCHER.Example", "xn--bcher-kva.example"),
+            ("mail.bücher。example", "mail.xn--bcher-kva.example"),
+            ("例子.example", "xn--fsqu00a.example"),
+            ("faß.de", "xn--fa-hia.de"),  # IDNA 2008, not the transitional ss
+            ("bécher.example", "xn--bcher-bsa.example"),
+            ("be\u0301cher.example", "xn--bcher-bsa.example"),  # NFC: the same as bécher
+            ("a_b.bücher.example", "a_b.xn--bcher-kva.example"),
+            ("مثال.example", "xn--mgbh0fb.example"),
+        ]:
+            self.assertEqual(api_domain(domain), expected, domain)
+
+    def test_invalid(self) -> None:
+        """DISALLOWED code points, bad A-labels, hyphen rules and non-ASCII literals have no API form."""
+        for domain in ("\u2603.example", "xn--zz.example", "a.XN--ZZ.example", "-bü.example", "bü-.example",
+                       "\u0301b.example", "[1.2.3.\u0664]", "ü" * 64 + ".example"):
+            self.assertIsNone(api_domain(domain), domain)
+
+    def test_api_address(self) -> None:
+        """The local part is kept as written (UTF-8 too); only the domain changes."""
+        self.assertEqual(api_address("Jörg@Bücher.example"), "Jörg@xn--bcher-kva.example")
+        self.assertEqual(api_address("用户@例子.example"), "用户@xn--fsqu00a.example")
+        self.assertEqual(api_address("用户@example.com"), "用户@example.com")
+        self.assertEqual(api_address('"a@b"@bücher.example'), '"a@b"@xn--bcher-kva.example')
+        self.assertIsNone(api_address("a@\u2603.example"))
+        address = "you@yourdomain.com"
+        self.assertIs(api_address(address), address)
+
+    def test_key(self) -> None:
+        """One key for U-label and A-label spellings, any case, NFC or not; distinct mailboxes stay distinct."""
+        same = ["jörg@bücher.example", "JÖRG@BÜCHER.EXAMPLE", "jo\u0308rg@xn--bcher-kva.example",
+                "Jörg@XN--BCHER-KVA.example"]
+        self.assertEqual({address_key(a) for a in same}, {"jörg@xn--bcher-kva.example"})
+        self.assertEqual(address_key("You@YourDomain.com"), "you@yourdomain.com")
+        self.assertNotEqual(address_key("jorg@bücher.example"), address_key("jörg@bücher.example"))
+        self.assertNotEqual(address_key("a@bücher.example"), address_key("a@bucher.example"))
+        # No API form: compared as written, lowercased.
+        self.assertEqual(address_key("A@\u2603.Example"), "a@\u2603.example")
+
+    def test_path_problem_idn(self) -> None:
+        """A path whose domain has no A-label form is the problem "idn"; header checks are syntax only."""
+        self.assertEqual(_path("a@\u2603.example"), "idn")
+        self.assertEqual(_path("a@xn--zz.example"), "idn")
+        self.assertIsNone(_path("jörg@bücher.example"))
+        self.assertIsNone(header_address_problem("a@\u2603.example"))
+        self.assertIn("IDNA 2008", BAD_DOMAIN)

@@ -107,7 +107,8 @@ class TranslateNamesTests(SynchronousTestCase):
         )
         self.assertEqual(
             sorted(addresses.__all__),
-            ["MAX_ADDRESS", "MAX_DOMAIN", "MAX_LOCAL_PART", "MAX_PATH", "bare_address", "has_domain",
+            ["BAD_DOMAIN", "MAX_ADDRESS", "MAX_DOMAIN", "MAX_LOCAL_PART", "MAX_PATH", "address_key",
+             "api_address", "api_domain", "bare_address", "has_domain",
              "has_dotted_domain", "header_address_problem", "is_header_address", "path_problem"],
         )
         for module in (addresses, idempotency, policy):

@@ -60,8 +60,12 @@ PLUGIN_FILES = (
     "poststack_relay_plugin.py",
     "poststack_sandbox_plugin.py",
 )
-# The five of the design, and prometheus-client for /metrics (README says why).
-RUNTIME_REQUIREMENTS = {"twisted", "service-identity", "pyopenssl", "treq", "attrs", "prometheus-client"}
+# The five of the design, prometheus-client for /metrics (README says why),
+# and idna (already a dependency of treq's hyperlink) for the IDNA 2008
+# A-labels of internationalized addresses (docs/mime-mapping.md).
+RUNTIME_REQUIREMENTS = {
+    "twisted", "service-identity", "pyopenssl", "treq", "attrs", "prometheus-client", "idna",
+}
 TEST_REQUIREMENTS = {
     "pytest", "hypothesis", "mypy", "mypy-zope", "kubernetes-validate", "build", "twine", "aiosmtplib"
 }

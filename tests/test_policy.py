@@ -231,6 +231,15 @@ class RuleTests(SynchronousTestCase):
         self.assertFalse(owns("alice@yourdomain.com", "alice+x@yourdomain.com"))
         self.assertFalse(owns("alice@yourdomain.com", "alice@yourdomain.com.evil.com"))
 
+    def test_owns_international(self) -> None:
+        """A mailbox on an IDN owns its address in U-label or A-label form, any case, NFC or not."""
+        for address in ("jörg@xn--bcher-kva.example", "JÖRG@Bücher.example", "jo\u0308rg@bücher.example"):
+            self.assertTrue(owns("jörg@bücher.example", address), address)
+            self.assertTrue(owns("jörg@xn--bcher-kva.example", address), address)
+        self.assertFalse(owns("jörg@bücher.example", "jorg@bücher.example"))
+        self.assertFalse(owns("jörg@bücher.example", "jörg@bucher.example"))
+        self.assertIsNone(envelope_sender_reply("jörg@bücher.example", "Jörg@xn--bcher-kva.example"))
+
     def test_envelope_sender(self) -> None:
         """The null sender passes; an address needs a dotted domain; a mailbox sends only as itself."""
         self.assertIsNone(envelope_sender_reply(MAILBOX, ""))

@@ -51,7 +51,9 @@ from poststack_relay.sandbox.auth import authenticate_key, require_loopback
 from poststack_relay.sandbox.exchange import ApiError, Reply
 from poststack_relay.sandbox.faults import FaultQueue, fault_reply, make_fault
 from poststack_relay.sandbox.validation import (
+    a_label_domain,
     canonical_fingerprint,
+    domain_problem,
     json_object,
     parse_address,
     query_int,
@@ -216,12 +218,18 @@ class DataFileTests(_TempPathMixin, SynchronousTestCase):
                 "yourdomain.com": "verified",
                 "anotherdomain.com": "verified",
                 "pendingdomain.com": "pending",
+                # Written as U-labels in the file, kept as A-labels.
+                "xn--bcher-kva.example": "verified",
             },
         )
         mailboxes = {m.email_address: m.status for m in data.mailboxes}
         self.assertEqual(
             mailboxes,
-            {"alice@yourdomain.com": "active", "bob@yourdomain.com": "suspended"},
+            {
+                "alice@yourdomain.com": "active",
+                "bob@yourdomain.com": "suspended",
+                "jörg@bücher.example": "active",
+            },
         )
         published = {t.id: t.published for t in data.templates}
         self.assertTrue(published["tpl_abc123def456ghi789"])
@@ -577,6 +585,39 @@ class ValidationTests(_SandboxCase):
         """from must hold an address."""
         for bad in ["alice", "Alice <alice>", "<@yourdomain.com>", "a@", "a b@yourdomain.com"]:
             self.assertRejected(_email(from_=bad), "'from' is not a valid email address")
+
+    def test_international_addresses(self) -> None:
+        """
+        The relay's contract: UTF-8 local parts, A-label domains and Unicode
+        display names are accepted in every address field; the sender's
+        IDN domain is looked up by its A-label (verified in the data file).
+        """
+        body = _email(
+            from_="Jörg Müller <jörg@xn--bcher-kva.example>",
+            to=["用户 <用户@xn--fsqu00a.example>", "ivan@example.com"],
+            cc=["Ünal <ünal@XN--BCHER-KVA.example>"],
+            bcc=["josé@example.com"],
+            reply_to='"Müller, Jörg" <jörg@xn--bcher-kva.example>',
+        )
+        status, content = self.post_email(body)
+        self.assertEqual(status, 202, content)
+        [stored] = self.store.emails()
+        self.assertEqual(stored.payload["from"], "Jörg Müller <jörg@xn--bcher-kva.example>")
+
+    def test_u_label_domains_refused(self) -> None:
+        """A non-ASCII domain is not the contract's form: 400 naming the field and the fix."""
+        for field, value in [
+            ("from_", "jörg@bücher.example"),
+            ("to", ["user@bücher.example"]),
+            ("cc", ["a@例子.example"]),
+            ("bcc", ["a@bücher.example"]),
+            ("reply_to", "Jörg <jörg@bücher.example>"),
+        ]:
+            self.assertRejected(_email(**{field: value}), "as IDNA 2008 A-labels (xn--)")
+
+    def test_bad_a_labels_refused(self) -> None:
+        """An xn-- label that is not a valid A-label is refused."""
+        self.assertRejected(_email(to=["user@xn--zz.example"]), "'to[0]' has an invalid A-label 'xn--zz'")
 
     def test_to_missing(self) -> None:
         """to is required."""
@@ -1568,6 +1609,16 @@ class ValidationPartsTests(SynchronousTestCase):
         self.assertEqual(parse_address(" a@b.example "), "a@b.example")
         for bad in ("a", "@b.example", "a@", "a@b..example", "<a@b> c", "a b@c"):
             self.assertIsNone(parse_address(bad), bad)
+
+    def test_domain_forms(self) -> None:
+        """ASCII and valid A-labels pass; U-labels and bad A-labels do not; data-file names become A-labels."""
+        for domain in ("example.com", "xn--bcher-kva.example", "XN--BCHER-KVA.example", "a_b.example"):
+            self.assertIsNone(domain_problem(domain), domain)
+        for domain in ("bücher.example", "xn--zz.example", "a.xn--.example"):
+            self.assertIsNotNone(domain_problem(domain), domain)
+        self.assertEqual(a_label_domain("Bücher.Example"), "xn--bcher-kva.example")
+        self.assertEqual(a_label_domain("YourDomain.com"), "yourdomain.com")
+        self.assertIsNone(a_label_domain("\u2603.example"))
 
     def test_json_object(self) -> None:
         """A body over the limit is a 413; not a JSON object, a 400."""

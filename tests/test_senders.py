@@ -379,12 +379,16 @@ class PathLimitTests(SynchronousTestCase):
         self.s.login("poststack", KEY)
 
     def mail(self, address: str) -> bytes:
+        """MAIL FROM:<address>, with SMTPUTF8 when it is not ASCII."""
         self.s.send(b"RSET\r\n")
-        [out] = self.s.send(b"MAIL FROM:<" + address.encode() + b">\r\n")
+        utf8 = b"" if address.isascii() else b" SMTPUTF8"
+        [out] = self.s.send(b"MAIL FROM:<" + address.encode() + b">" + utf8 + b"\r\n")
         return out
 
     def rcpt(self, address: str) -> bytes:
-        self.s.send(b"RSET\r\nMAIL FROM:<you@yourdomain.com>\r\n")
+        """RCPT TO:<address> in a new transaction, SMTPUTF8 when the address is not ASCII."""
+        utf8 = b"" if address.isascii() else b" SMTPUTF8"
+        self.s.send(b"RSET\r\nMAIL FROM:<you@yourdomain.com>" + utf8 + b"\r\n")
         [out] = self.s.send(b"RCPT TO:<" + address.encode() + b">\r\n")
         return out
 
@@ -478,15 +482,20 @@ class PathLimitTests(SynchronousTestCase):
         self.assertEqual(self.rcpt("user@[192.0.2.1]"), b"250 2.1.5 Ok")
         self.assertEqual(self.rcpt("user@[IPv6:2001:db8::1]"), b"250 2.1.5 Ok")
 
-    def test_idn_domains_pass_unchanged(self) -> None:
-        """UTF-8 (IDN) domains are accepted and reach the API as sent, not converted to punycode."""
+    def test_idn_domains_reach_the_api_as_a_labels(self) -> None:
+        """
+        UTF-8 (IDN) domains are accepted with SMTPUTF8 and reach the API as
+        A-labels, the UTF-8 local part as sent; the To header's U-label
+        spelling is the same recipient (no Bcc copy).
+        """
         out = self.s.send(
-            "RSET\r\nMAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<j\u00f6rg@b\u00fccher.de>\r\nDATA\r\n".encode()
-            + "From: you@yourdomain.com\r\nTo: j\u00f6rg@b\u00fccher.de\r\nSubject: s\r\n\r\nhi\r\n.\r\n".encode()
+            "RSET\r\nMAIL FROM:<you@yourdomain.com> SMTPUTF8\r\nRCPT TO:<j\u00f6rg@b\u00fccher.de>\r\n"
+            "DATA\r\n".encode()
+            + "From: you@yourdomain.com\r\nTo: J\u00f6rg <j\u00f6rg@B\u00fccher.de>\r\nSubject: s\r\n\r\nhi\r\n.\r\n".encode()
         )
         self.assertTrue(out[-1].startswith(b"250 2.0.0 Ok: queued as "), out)
         payload = self.api.sent[-1][1].payload
-        self.assertEqual(payload["to"], ["j\u00f6rg@b\u00fccher.de"])
+        self.assertEqual(payload["to"], ["J\u00f6rg <j\u00f6rg@xn--bcher-kva.de>"])
         self.assertNotIn("bcc", payload)
 
     def test_idn_domain_length_in_octets(self) -> None:

@@ -43,7 +43,7 @@ class EnvelopeParsingTests(SynchronousTestCase):
             (b"MAIL FROM:<you@yourdomain.com> SIZE=", b"501 5.5.4 Bad message size syntax"),
             (b"MAIL FROM:<you@yourdomain.com> SIZE=-1", b"501 5.5.4 Bad message size syntax"),
             (b"MAIL FROM:<you@yourdomain.com> BODY=BINARYMIME", b"555 5.5.4 Unsupported BODY type: use 7BIT or 8BITMIME"),
-            (b"MAIL FROM:<you@yourdomain.com> SMTPUTF8", b"555 5.5.4 Unsupported option: SMTPUTF8"),
+            (b"MAIL FROM:<you@yourdomain.com> SMTPUTF8=yes", b"555 5.5.4 Unsupported option: SMTPUTF8=YES"),
             (b"MAIL FROM:<you@yourdomain.com> RET=HDRS", b"555 5.5.4 Unsupported option: RET"),
             (b"MAIL FROM:<you@yourdomain.com>SIZE=1", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
             (b"MAIL FROM:", b"501 5.5.4 Syntax: MAIL FROM:<address>"),
@@ -58,11 +58,52 @@ class EnvelopeParsingTests(SynchronousTestCase):
         self.assertEqual(h.send(b"RCPT TO:<>\r\n"), [b"501 5.1.3 Bad recipient address syntax"])
         self.assertEqual(h.send(b"RCPT TO:<\xff@example.com>\r\n"), [b"501 5.1.3 Bad recipient address syntax"])
 
-    def test_utf8_addresses_accepted(self) -> None:
-        """UTF-8 (internationalised) addresses are taken as UTF-8 and passed on, though SMTPUTF8 is not advertised."""
+    def test_utf8_addresses_with_smtputf8(self) -> None:
+        """
+        With SMTPUTF8 on MAIL FROM, UTF-8 local parts and U-label domains
+        are accepted and reach the delivery as sent; the same mailbox as
+        U-label and A-label (any case) is one recipient.
+        """
         h = ready()
-        h.send("MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<jos\u00e9@ex\u00e4mple.com>\r\n".encode())
-        self.assertEqual(self.deliver(h).rcpt_to, ("jos\u00e9@ex\u00e4mple.com",))
+        lines = h.send(
+            "MAIL FROM:<you@yourdomain.com> SMTPUTF8 BODY=8BITMIME\r\n"
+            "RCPT TO:<jos\u00e9@ex\u00e4mple.com>\r\n"
+            "RCPT TO:<user@b\u00fccher.example>\r\n"
+            "RCPT TO:<USER@xn--bcher-kva.EXAMPLE>\r\n"
+            "RCPT TO:<user@B\u00dcCHER.example>\r\n".encode()
+        )
+        self.assertEqual(lines, [b"250 2.1.0 Ok"] + [b"250 2.1.5 Ok"] * 4)
+        self.assertEqual(
+            self.deliver(h).rcpt_to, ("jos\u00e9@ex\u00e4mple.com", "user@b\u00fccher.example")
+        )
+
+    def test_utf8_addresses_need_smtputf8(self) -> None:
+        """
+        Without SMTPUTF8, a non-ASCII sender or recipient gets 553 5.6.7
+        (RFC 6531 section 3.5) and is not taken; A-labels need nothing;
+        RSET ends the SMTPUTF8 transaction.
+        """
+        h = ready()
+        self.assertEqual(
+            h.send("MAIL FROM:<j\u00f6rg@yourdomain.com>\r\n".encode()),
+            [b"553 5.6.7 Sender address is not ASCII: add SMTPUTF8 to MAIL FROM (RFC 6531)"],
+        )
+        self.assertEqual(
+            h.send(
+                "MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<jos\u00e9@example.com>\r\n"
+                "RCPT TO:<user@xn--bcher-kva.example>\r\n".encode()
+            ),
+            [
+                b"250 2.1.0 Ok",
+                b"553 5.6.7 Recipient address is not ASCII: add SMTPUTF8 to MAIL FROM (RFC 6531)",
+                b"250 2.1.5 Ok",
+            ],
+        )
+        self.assertEqual(self.deliver(h).rcpt_to, ("user@xn--bcher-kva.example",))
+        h.send(b"MAIL FROM:<you@yourdomain.com> SMTPUTF8\r\nRSET\r\nMAIL FROM:<you@yourdomain.com>\r\n")
+        self.assertEqual(
+            h.send("RCPT TO:<jos\u00e9@example.com>\r\n".encode())[0][:9], b"553 5.6.7"
+        )
 
     def test_rset_and_ehlo_end_transaction(self) -> None:
         """RSET, HELO and EHLO in a transaction drop it: DATA then needs MAIL again, and AUTH stays."""

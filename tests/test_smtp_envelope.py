@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay import replies
-from poststack_relay.smtp.envelope import mail_parameters_problem, parse_mail, parse_rcpt
+from poststack_relay.smtp.envelope import Sender, mail_parameters_problem, parse_mail, parse_rcpt
 
 LIMIT = 1000
 
@@ -23,9 +23,51 @@ class ParseMailTests(SynchronousTestCase):
             (b"FROM:you@yourdomain.com", "you@yourdomain.com"),
             (b"FROM:<>", ""),
             (b"FROM:<@relay.example,@other.example:you@yourdomain.com>", "you@yourdomain.com"),
-            (b"FROM:<j\xc3\xb6rg@b\xc3\xbccher.example>", "j\u00f6rg@b\u00fccher.example"),
         ]:
-            self.assertEqual(parse_mail(arg, LIMIT), address, arg)
+            self.assertEqual(parse_mail(arg, LIMIT), Sender(address, False), arg)
+
+    def test_smtputf8(self) -> None:
+        """
+        SMTPUTF8 (no value, any case, with or without BODY=8BITMIME) opens
+        the transaction for UTF-8 paths (RFC 6531); the address is kept as
+        sent (the A-label conversion is the translation's).
+        """
+        for arg, address in [
+            (b"FROM:<j\xc3\xb6rg@b\xc3\xbccher.example> SMTPUTF8", "j\u00f6rg@b\u00fccher.example"),
+            (b"FROM:<you@yourdomain.com> BODY=8BITMIME SMTPUTF8", "you@yourdomain.com"),
+            (b"FROM:<\xe7\x94\xa8\xe6\x88\xb7@\xe4\xbe\x8b\xe5\xad\x90.example> smtputf8 BODY=8BITMIME", "\u7528\u6237@\u4f8b\u5b50.example"),
+            (b"FROM:<> SMTPUTF8", ""),
+        ]:
+            self.assertEqual(parse_mail(arg, LIMIT), Sender(address, True), arg)
+
+    def test_non_ascii_needs_smtputf8(self) -> None:
+        """Without SMTPUTF8, a UTF-8 local part or U-label domain gets 553 5.6.7 (RFC 6531 section 3.5)."""
+        for path in (b"j\xc3\xb6rg@yourdomain.com", b"you@b\xc3\xbccher.example", b"@h\xc3\xb6p:a@b.com"):
+            self.assertEqual(
+                parse_mail(b"FROM:<" + path + b"> BODY=8BITMIME", LIMIT),
+                replies.SENDER_NEEDS_SMTPUTF8,
+                path,
+            )
+        self.assertEqual(replies.SENDER_NEEDS_SMTPUTF8.code, 553)
+        self.assertEqual(replies.SENDER_NEEDS_SMTPUTF8.enhanced, "5.6.7")
+        # An A-label domain is ASCII: no SMTPUTF8 needed.
+        self.assertEqual(
+            parse_mail(b"FROM:<you@xn--bcher-kva.example>", LIMIT),
+            Sender("you@xn--bcher-kva.example", False),
+        )
+
+    def test_bad_idn(self) -> None:
+        """A domain without an IDNA 2008 A-label form, or a bad A-label, is refused as such."""
+        for path in (
+            "you@\u2603.example",  # a symbol: DISALLOWED in IDNA 2008
+            "you@\u0301b.example",  # starts with a combining mark
+            "you@xn--zz.example",  # not valid punycode
+        ):
+            self.assertEqual(
+                parse_mail(b"FROM:<" + path.encode() + b"> SMTPUTF8", LIMIT),
+                replies.SENDER_PATH_PROBLEMS["idn"],
+                path,
+            )
 
     def test_syntax(self) -> None:
         """Without C{FROM:} and a path the command is a syntax error; a path that is not UTF-8 is a bad address."""
@@ -56,8 +98,11 @@ class ParseMailTests(SynchronousTestCase):
 
 class MailParameterTests(SynchronousTestCase):
     def test_accepted(self) -> None:
-        """SIZE within the limit, BODY=7BIT/8BITMIME and AUTH are accepted, in any case."""
-        for params in (b"", b"SIZE=1000", b"size=10 body=8bitmime", b"BODY=7BIT AUTH=<>", b"AUTH=x@y.com"):
+        """SIZE within the limit, BODY=7BIT/8BITMIME, AUTH and SMTPUTF8 are accepted, in any case."""
+        for params in (
+            b"", b"SIZE=1000", b"size=10 body=8bitmime", b"BODY=7BIT AUTH=<>", b"AUTH=x@y.com",
+            b"SMTPUTF8", b"smtputf8 BODY=8BITMIME",
+        ):
             self.assertIsNone(mail_parameters_problem(params, LIMIT), params)
 
     def test_refused(self) -> None:
@@ -73,8 +118,8 @@ class MailParameterTests(SynchronousTestCase):
             replies.UNSUPPORTED_PARAMETER.with_text("Unsupported BODY type: use 7BIT or 8BITMIME"),
         )
         self.assertEqual(
-            mail_parameters_problem(b"SMTPUTF8", LIMIT),
-            replies.UNSUPPORTED_PARAMETER.with_text("Unsupported option: SMTPUTF8"),
+            mail_parameters_problem(b"SMTPUTF8=yes", LIMIT),
+            replies.UNSUPPORTED_PARAMETER.with_text("Unsupported option: SMTPUTF8=YES"),
         )
 
     def test_through_mail(self) -> None:
@@ -90,8 +135,26 @@ class ParseRcptTests(SynchronousTestCase):
             (b"to: <user@example.com> ", "user@example.com"),
             (b"TO:user@example.com", "user@example.com"),
             (b"TO:<@hop.example:user@example.com>", "user@example.com"),
+            (b"TO:<user@xn--bcher-kva.example>", "user@xn--bcher-kva.example"),
         ]:
             self.assertEqual(parse_rcpt(arg), address, arg)
+
+    def test_utf8_with_smtputf8(self) -> None:
+        """In a SMTPUTF8 transaction UTF-8 local parts and U-labels are accepted, as sent; without, 553 5.6.7."""
+        for path, address in [
+            (b"j\xc3\xb6rg@b\xc3\xbccher.example", "j\u00f6rg@b\u00fccher.example"),
+            (b"user@B\xc3\x9cCHER.example", "user@B\u00dcCHER.example"),
+            (b"\xd0\xb8\xd0\xb2\xd0\xb0\xd0\xbd@example.com", "\u0438\u0432\u0430\u043d@example.com"),
+        ]:
+            self.assertEqual(parse_rcpt(b"TO:<" + path + b">", smtputf8=True), address, path)
+            self.assertEqual(parse_rcpt(b"TO:<" + path + b">"), replies.RECIPIENT_NEEDS_SMTPUTF8, path)
+        self.assertEqual(
+            parse_rcpt("TO:<a@\u2603.example>".encode(), smtputf8=True),
+            replies.RECIPIENT_PATH_PROBLEMS["idn"],
+        )
+        self.assertEqual(parse_rcpt(b"TO:<a@xn--zz.example>"), replies.RECIPIENT_PATH_PROBLEMS["idn"])
+        # Bytes that are not UTF-8 are bad syntax, with or without SMTPUTF8.
+        self.assertEqual(parse_rcpt(b"TO:<\xff@b.com>", smtputf8=True), replies.RECIPIENT_BAD_SYNTAX)
 
     def test_refused(self) -> None:
         """Syntax, a missing domain, the null path, comments, limits and any parameter are refused."""

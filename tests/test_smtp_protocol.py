@@ -45,7 +45,7 @@ class GreetingTests(SynchronousTestCase):
         self.assertEqual(h.transport.value(), b"220 relay.test ESMTP PostStack relay\r\n")
 
     def test_ehlo_capabilities(self) -> None:
-        """EHLO advertises exactly AUTH, SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, never STARTTLS."""
+        """EHLO advertises exactly AUTH, SIZE, 8BITMIME, PIPELINING, ENHANCEDSTATUSCODES, SMTPUTF8, never STARTTLS."""
         h = Harness(max_message_size=1000)
         lines = h.send(b"EHLO client.test\r\n")
         self.assertEqual(
@@ -56,7 +56,8 @@ class GreetingTests(SynchronousTestCase):
                 b"250-SIZE 1000",
                 b"250-8BITMIME",
                 b"250-PIPELINING",
-                b"250 ENHANCEDSTATUSCODES",
+                b"250-ENHANCEDSTATUSCODES",
+                b"250 SMTPUTF8",
             ],
         )
 

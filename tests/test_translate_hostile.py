@@ -847,18 +847,43 @@ class AddressTests(_RefusalMixin, SynchronousTestCase):
             '"john doe"@yourdomain.com',
         )
 
-    def test_idn_domains_pass_as_utf8(self) -> None:
-        """UTF-8 domains stay UTF-8 (raw or in the envelope); punycode stays punycode."""
-        envelope = Envelope(SENDER, ("jörg@bücher.example", "x@xn--bcher-kva.example"))
+    def test_idn_domains_become_a_labels(self) -> None:
+        """
+        U-label domains (raw in headers or in the envelope) reach the API as
+        A-labels, local parts and names as UTF-8; an A-label stays as sent;
+        the To spelling in any case matches the envelope's (no Bcc).
+        """
+        envelope = Envelope(SENDER, ("jörg@bücher.example", "x@xn--bcher-kva.example", "y@例子.example"))
         payload = _payload(
             _message(
                 "From: Jörg <jörg@bücher.example>",
-                "To: JÖRG@BÜCHER.example, x@xn--bcher-kva.example",
+                "To: JÖRG@BÜCHER.example, x@bücher.example",
+                "Cc: =?utf-8?q?Y_=E4=BE=8B?= <y@xn--fsqu00a.EXAMPLE>",
+                "Reply-To: \"Müller, Jörg\" <jörg@bücher.example>, bad@\u2603.example",
             ),
             envelope,
         )
-        self.assertEqual(payload["from"], "Jörg <jörg@bücher.example>")
-        self.assertEqual(payload["to"], ["JÖRG@BÜCHER.example", "x@xn--bcher-kva.example"])
+        self.assertEqual(payload["from"], "Jörg <jörg@xn--bcher-kva.example>")
+        self.assertEqual(payload["to"], ["JÖRG@xn--bcher-kva.example", "x@xn--bcher-kva.example"])
+        self.assertEqual(payload["cc"], ["Y 例 <y@xn--fsqu00a.EXAMPLE>"])
+        self.assertNotIn("bcc", payload)
+        # An address whose domain has no A-label is dropped from Reply-To, as other non-addresses are.
+        self.assertEqual(payload["reply_to"], '"Müller, Jörg" <jörg@xn--bcher-kva.example>')
+
+    def test_bad_idn_refused(self) -> None:
+        """A From or envelope address whose domain is not IDNA 2008 is refused before the API."""
+        self._assert_refused(
+            _message("From: a@\u2603.example", "To: user@example.com"),
+            "554 5.6.0 From header address is not valid: its domain is not a valid"
+            " internationalized domain name (IDNA 2008)",
+            Envelope(SENDER, ("user@example.com",)),
+        )
+        error = self._refused(
+            _message("From: you@yourdomain.com", "To: a@xn--zz.example"),
+            Envelope(SENDER, ("a@xn--zz.example",)),
+        )
+        self.assertEqual((error.code, error.enhanced), (554, "5.1.3"))
+        self.assertIn("IDNA 2008", error.text)
 
     def test_from_length_limits(self) -> None:
         """From addresses follow RFC 5321: local part 64, domain 255, address 254 octets."""

@@ -17,7 +17,7 @@ from typing import Any, Iterable, NoReturn
 
 import attrs
 
-from .validation import parse_address
+from .validation import a_label_domain, parse_address
 
 DEFAULT_MAX_BODY_BYTES = 40 * 1024 * 1024
 """Largest request body accepted (40 MiB) unless the data file says otherwise."""
@@ -235,7 +235,11 @@ def load_sandbox_data(path: str) -> SandboxData:
     domains: list[SandboxDomain] = []
     for i, item in enumerate(top.items("domains", required=True)):
         f = _Fields(path, f"domains[{i}]", item, ("name", "status"))
-        name = f.string("name").lower()
+        # An internationalized domain may be written as U-labels; requests
+        # name it by its A-labels (the relay's contract).
+        name = a_label_domain(f.string("name")) or f.fail(
+            "not a valid domain name (IDNA 2008)", "name"
+        )
         if any(d.name == name for d in domains):
             f.fail(f"duplicate domain {name!r}", "name")
         domains.append(SandboxDomain(name, f.choice("status", DOMAIN_STATUSES)))
@@ -256,7 +260,7 @@ def load_sandbox_data(path: str) -> SandboxData:
             f.fail("duplicate key", "key")
         scope = f.strings("domains")
         if scope is not None:
-            scope = [d.lower() for d in scope]
+            scope = [a_label_domain(d) or d.lower() for d in scope]
             for d in scope:
                 if d not in known_domains:
                     f.fail(f"unknown domain {d!r}", "domains")
@@ -279,7 +283,7 @@ def load_sandbox_data(path: str) -> SandboxData:
         parsed = parse_address(address)
         if parsed is None or parsed != address:
             f.fail("must be a bare email address", "email_address")
-        if address.rpartition("@")[2].lower() not in known_domains:
+        if a_label_domain(address.rpartition("@")[2]) not in known_domains:
             f.fail("its domain is not in 'domains'", "email_address")
         mailboxes.append(
             SandboxMailbox(

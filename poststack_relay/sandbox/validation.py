@@ -6,6 +6,13 @@ how query numbers are checked, and the canonical body fingerprint that
 idempotency compares. Each refusal is an L{ApiError}, C{400
 invalid_request} with a message naming the field, or C{413} for a body over
 the limit, as C{docs/sandbox.md} lists them.
+
+Addresses follow the relay's contract for international mail
+(C{docs/mime-mapping.md}, "International addresses"): a local part may be
+UTF-8, a domain must be ASCII, an internationalized one written as IDNA
+2008 A-labels (C{xn--}) that decode (L{domain_problem}); display names
+are Unicode.  The rule is written here again, not imported from the
+relay: the sandbox stands for the API and checks what the relay sends.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from datetime import datetime
 from typing import Any, Mapping, NoReturn
 
 import attrs
+import idna
 
 from .exchange import ApiError, invalid
 
@@ -44,6 +52,51 @@ def parse_address(value: str) -> str | None:
     return address
 
 
+def domain_problem(domain: str) -> str | None:
+    """
+    Why the domain of an address is not in the form the API takes, or
+    L{None}: it must be ASCII (an internationalized domain as A-labels),
+    and each C{xn--} label must be a valid IDNA 2008 A-label.
+    """
+    if not domain.isascii():
+        return (
+            f"has a non-ASCII domain {domain!r}: send an internationalized domain"
+            " as IDNA 2008 A-labels (xn--)"
+        )
+    for label in domain.split("."):
+        if label[:4].lower() == "xn--":
+            try:
+                idna.ulabel(label)
+            except (idna.IDNAError, UnicodeError, ValueError):
+                return f"has an invalid A-label {label!r} (IDNA 2008)"
+    return None
+
+
+def a_label_domain(name: str) -> str | None:
+    """
+    A domain name of the data file in the form requests use: lowercased
+    ASCII, a U-label as its IDNA 2008 A-label (C{bücher.example} ->
+    C{xn--bcher-kva.example}); L{None} if it has none.
+    """
+    if name.isascii():
+        return name.lower()
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+
+
+def _checked_address(value: str, name: str) -> str:
+    """The bare address of C{value}; an L{ApiError} naming C{name} if it is not valid."""
+    address = parse_address(value)
+    if address is None:
+        raise invalid(f"'{name}' is not a valid email address")
+    problem = domain_problem(address.rpartition("@")[2])
+    if problem is not None:
+        raise invalid(f"'{name}' {problem}")
+    return address
+
+
 def _optional_string(payload: Mapping[str, Any], name: str) -> str | None:
     value = payload.get(name)
     if value is not None and not isinstance(value, str):
@@ -64,8 +117,9 @@ def _address_list(
     if required and not value:
         raise invalid(f"'{name}' must contain at least one address")
     for i, item in enumerate(value):
-        if not isinstance(item, str) or parse_address(item) is None:
+        if not isinstance(item, str):
             raise invalid(f"'{name}[{i}]' is not a valid email address")
+        _checked_address(item, f"{name}[{i}]")
     return value
 
 
@@ -104,15 +158,13 @@ def validate_email(payload: Mapping[str, Any]) -> ValidEmail:
         raise invalid("'from' is required")
     if not isinstance(sender, str):
         raise invalid("'from' must be a string")
-    sender_address = parse_address(sender)
-    if sender_address is None:
-        raise invalid("'from' is not a valid email address")
+    sender_address = _checked_address(sender, "from")
     _address_list(payload, "to", required=True)
     _address_list(payload, "cc", required=False)
     _address_list(payload, "bcc", required=False)
     reply_to = _optional_string(payload, "reply_to")
-    if reply_to is not None and parse_address(reply_to) is None:
-        raise invalid("'reply_to' is not a valid email address")
+    if reply_to is not None:
+        _checked_address(reply_to, "reply_to")
 
     template_id = _optional_string(payload, "template_id")
     if template_id is not None and not template_id:

@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING, Callable
 
 from .. import replies
+from ..addresses import address_key
 from ..replies import Reply
 from .envelope import parse_mail, parse_rcpt
 from .sasl import MECHANISMS
@@ -69,27 +70,27 @@ def mail(session: Session, arg: bytes) -> None:
     if session.mail_from is not None:
         session.reply(replies.NESTED_MAIL)
         return
-    address = parse_mail(arg, session.config.max_message_size)
-    if isinstance(address, Reply):
-        session.reply(address)
+    sender = parse_mail(arg, session.config.max_message_size)
+    if isinstance(sender, Reply):
+        session.reply(sender)
         return
     # Whether this identity may send as this address: the avatar's policy.
-    rejection = delivery.validate_sender(address)
+    rejection = delivery.validate_sender(sender.address)
     if rejection is not None:
         session.reply(rejection)
     else:
-        session.open_transaction(address)
+        session.open_transaction(sender.address, sender.smtputf8)
 
 
 def rcpt(session: Session, arg: bytes) -> None:
     if session.mail_from is None:
         session.reply(replies.NEED_MAIL if session.delivery else replies.AUTH_REQUIRED)
         return
-    address = parse_rcpt(arg)
+    address = parse_rcpt(arg, session.smtputf8)
     if isinstance(address, Reply):
         session.reply(address)
         return
-    key = address.lower()
+    key = address_key(address)
     if key not in session.rcpt_keys:
         limit = session.config.max_recipients
         if len(session.rcpts) >= limit:

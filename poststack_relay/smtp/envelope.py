@@ -6,12 +6,17 @@ parameters in, the address (route removed) or the reply refusing it out.
 Only SMTP syntax is decided here (the path, RFC 5321's length limits and
 address syntax, the parameters the relay supports); whether the sender
 may be used is the delivery avatar's policy (L{IRelayDelivery.validate_sender}).
+
+RFC 6531: C{MAIL FROM:<path> SMTPUTF8} opens a transaction in which paths
+may hold UTF-8 (L{Sender.smtputf8}); without the parameter a path that is
+not ASCII gets C{553 5.6.7}.  Either way an internationalized domain must
+have an IDNA 2008 A-label form (L{poststack_relay.addresses.api_domain}).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from .. import replies
 from ..replies import Reply
@@ -23,6 +28,13 @@ _RCPT_RE = re.compile(rb"TO:\s*(?:" + _PATH + rb")(?P<params>(?:\s+\S+)*)\s*$", 
 _ROUTE_RE = re.compile(r"^@[^:]*:")
 
 _BODY_TYPES = (b"7BIT", b"8BITMIME")
+
+
+class Sender(NamedTuple):
+    """A parsed C{MAIL FROM}: the address (C{""} for C{<>}) and whether it declared C{SMTPUTF8}."""
+
+    address: str
+    smtputf8: bool
 
 
 def parse_path(match: "re.Match[bytes]") -> Optional[str]:
@@ -59,7 +71,8 @@ def _has_comment(params: bytes) -> bool:
 def mail_parameters_problem(params: bytes, max_message_size: int) -> Optional[Reply]:
     """
     The reply refusing the parameters of a C{MAIL} command (C{SIZE},
-    C{BODY} and C{AUTH} are understood), or C{None} if they are fine.
+    C{BODY}, C{AUTH} and C{SMTPUTF8}, which takes no value, are
+    understood), or C{None} if they are fine.
     """
     for param in params.split():
         key, _, value = param.partition(b"=")
@@ -72,14 +85,17 @@ def mail_parameters_problem(params: bytes, max_message_size: int) -> Optional[Re
         elif key == b"BODY":
             if value.upper() not in _BODY_TYPES:
                 return replies.UNSUPPORTED_BODY
+        elif key == b"SMTPUTF8":
+            if b"=" in param:
+                return replies.unsupported_option(param.upper())
         elif key != b"AUTH":
             return replies.unsupported_option(key)
     return None
 
 
-def parse_mail(arg: bytes, max_message_size: int) -> Union[str, Reply]:
+def parse_mail(arg: bytes, max_message_size: int) -> Union[Sender, Reply]:
     """
-    The sender address of C{MAIL FROM:<path> [parameters]} (C{""} for the
+    The sender of C{MAIL FROM:<path> [parameters]} (address C{""} for the
     null sender), or the reply refusing the command's syntax.
     """
     m = _MAIL_RE.match(arg)
@@ -94,7 +110,10 @@ def parse_mail(arg: bytes, max_message_size: int) -> Union[str, Reply]:
     bad = mail_parameters_problem(params, max_message_size)
     if bad is not None:
         return bad
+    smtputf8 = bool(params) and b"SMTPUTF8" in params.upper().split()
     if address:
+        if not smtputf8 and not _raw_path(m).isascii():
+            return replies.SENDER_NEEDS_SMTPUTF8
         problem = path_problem(_raw_path(m), address)
         if problem is not None:
             return replies.SENDER_PATH_PROBLEMS[problem]
@@ -106,13 +125,14 @@ def parse_mail(arg: bytes, max_message_size: int) -> Union[str, Reply]:
             # policy.envelope_sender_reply, refuses most such addresses
             # too, but not a@.example.com: it is not a second copy.)
             return replies.SENDER_NO_DOMAIN
-    return address
+    return Sender(address, smtputf8)
 
 
-def parse_rcpt(arg: bytes) -> Union[str, Reply]:
+def parse_rcpt(arg: bytes, smtputf8: bool = False) -> Union[str, Reply]:
     """
     The recipient address of C{RCPT TO:<path>}, or the reply refusing it
-    (no C{RCPT} parameter is supported).
+    (no C{RCPT} parameter is supported).  C{smtputf8}: the transaction
+    declared C{SMTPUTF8}, so the path may hold UTF-8.
     """
     m = _RCPT_RE.match(arg)
     if m is None:
@@ -120,6 +140,8 @@ def parse_rcpt(arg: bytes) -> Union[str, Reply]:
     address = parse_path(m)
     if address is None:
         return replies.RECIPIENT_BAD_SYNTAX
+    if not smtputf8 and not _raw_path(m).isascii():
+        return replies.RECIPIENT_NEEDS_SMTPUTF8
     params = m.group("params")
     problem = "comment" if _has_comment(params) else path_problem(_raw_path(m), address)
     if problem is not None:

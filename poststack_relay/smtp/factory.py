@@ -132,6 +132,7 @@ class RelayFactory(smtp.SMTPFactory):
             b"8BITMIME",
             b"PIPELINING",
             b"ENHANCEDSTATUSCODES",
+            b"SMTPUTF8",
         ]
         lines = [host] + extensions
         self.ehlo_reply = b"".join(

@@ -76,6 +76,7 @@ class Session:
     @ivar mode: L{COMMAND}, L{AUTH}, L{DATA}, L{WAIT} or L{CLOSED}.
     @ivar delivery: the avatar of the login, C{None} before it.
     @ivar mail_from: the sender of the open transaction, or C{None}.
+    @ivar smtputf8: the open transaction declared C{SMTPUTF8} (RFC 6531).
     @ivar errors: error replies since the last delivered message.
     @ivar auth_failures: failed logins in this session.
     @ivar stopping: the relay is stopping (L{shutdown}): close the session
@@ -100,6 +101,7 @@ class Session:
         "rcpt_keys",
         "rcpts",
         "scanner",
+        "smtputf8",
         "stopping",
     )
 
@@ -127,6 +129,7 @@ class Session:
         self.mail_from: Optional[str] = None
         self.rcpts: list[str] = []
         self.rcpt_keys: set[str] = set()
+        self.smtputf8 = False
         self._sasl: Optional[SASLExchange] = None
         self.scanner: Optional[DataScanner] = None
         self.stopping = False
@@ -308,6 +311,7 @@ class Session:
         self.mail_from = None
         self.rcpts = []
         self.rcpt_keys = set()
+        self.smtputf8 = False
         self._shell.transaction_ended()
 
     def greeted(self, name: bytes, extended: bool) -> None:
@@ -346,11 +350,12 @@ class Session:
             self.auth_failures += 1
         self.reply(step.reply)
 
-    def open_transaction(self, sender: str) -> None:
-        """C{MAIL FROM} C{sender} was accepted."""
+    def open_transaction(self, sender: str, smtputf8: bool = False) -> None:
+        """C{MAIL FROM} C{sender} was accepted (with C{SMTPUTF8} if C{smtputf8})."""
         self.mail_from = sender
         self.rcpts = []
         self.rcpt_keys = set()
+        self.smtputf8 = smtputf8
         self._shell.transaction_started()
         self.reply(replies.SENDER_OK)
 

@@ -6,6 +6,11 @@ and C{Sender} (for the policy), parsed with one fast path and the stdlib
 parser, display names decoded with the one RFC 2047 decoder.  The
 addresses are checked by L{poststack_relay.addresses}; the rules of who
 may send as whom are L{poststack_relay.policy}'s.
+
+Every address the API receives is in its API form (an internationalized
+domain as its A-label, L{poststack_relay.addresses.api_address}), display
+names stay Unicode; addresses are matched by their
+L{poststack_relay.addresses.address_key}.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from email.utils import getaddresses
 from typing import Final
 
 from .. import policy, replies
-from ..addresses import bare_address, header_address_problem, is_header_address
+from ..addresses import (
+    BAD_DOMAIN,
+    address_key,
+    api_address,
+    bare_address,
+    header_address_problem,
+    is_header_address,
+)
 from .decoding import clean, decode_words, raw_header_text, utf8_safe, words_decodable
 from .request import Envelope, TranslationError
 
@@ -112,16 +124,18 @@ def checked_from(from_values: list[str], envelope: Envelope, mailbox: str | None
             raise TranslationError.of(replies.from_address_count(len(pairs)))
         name, address = pairs[0]
         problem = header_address_problem(address)
-        if problem is not None:
-            raise TranslationError.of(replies.from_address_invalid(problem))
-        formatted = format_address(name, address)
+        sent = api_address(address) if problem is None else None
+        if sent is None:
+            raise TranslationError.of(replies.from_address_invalid(problem or BAD_DOMAIN))
+        formatted = format_address(name, sent)
     else:
         address = bare_address(utf8_safe(envelope.mail_from))
         if not address:
             raise TranslationError.of(replies.NO_FROM_EMPTY_ENVELOPE)
-        if header_address_problem(address) is not None:
+        sent = api_address(address) if header_address_problem(address) is None else None
+        if sent is None:
             raise TranslationError.of(replies.NO_FROM_BAD_ENVELOPE)
-        formatted = address
+        formatted = sent
     rejection = policy.from_header_reply(mailbox, address)
     if rejection is not None:
         raise TranslationError.of(rejection)
@@ -142,13 +156,14 @@ def check_sender_fields(message: Message, mailbox: str | None) -> None:
 def reply_to(values: list[str]) -> str | None:
     """
     The API's C{reply_to}: the C{Reply-To} addresses (any address: it
-    claims no authorship) that are valid, joined; C{None} if none is.
+    claims no authorship) that are valid, in their API form, joined;
+    C{None} if none is.
     """
-    found = [
-        format_address(name, address)
-        for name, address in parse_addresses(values)
-        if is_header_address(address)
-    ]
+    found = []
+    for name, address in parse_addresses(values):
+        sent = api_address(address) if is_header_address(address) else None
+        if sent is not None:
+            found.append(format_address(name, sent))
     return ", ".join(found) if found else None
 
 
@@ -174,18 +189,23 @@ def split_recipients(
 
     The envelope decides who receives the message; the To and Cc headers
     only decide in which list (and with which display name) a recipient
-    appears.  Header addresses that are not envelope recipients are dropped.
+    appears, matched by L{address_key} (so C{bücher.example} in To is the
+    envelope's C{xn--bcher-kva.example}).  Header addresses that are not
+    envelope recipients are dropped.
     """
     envelope_keys: dict[str, str] = {}
     for recipient in envelope.rcpt_to:
         address = bare_address(utf8_safe(recipient))
         if address:
             problem = header_address_problem(address)
-            if problem is not None:
+            sent = api_address(address) if problem is None else None
+            if sent is None:
                 # The SMTP layer checks RCPT TO; this is the last line of
                 # defence: the API gets no recipient it would misread.
-                raise TranslationError.of(replies.envelope_recipient_invalid(problem))
-            envelope_keys.setdefault(address.lower(), address)
+                raise TranslationError.of(
+                    replies.envelope_recipient_invalid(problem or BAD_DOMAIN)
+                )
+            envelope_keys.setdefault(address_key(address), sent)
     if not envelope_keys:
         raise TranslationError.of(replies.NO_VALID_RECIPIENTS)
     placed: set[str] = set()
@@ -193,10 +213,10 @@ def split_recipients(
     for values in (to_values, cc_values):
         found: list[str] = []
         for name, address in parse_addresses(values):
-            key = address.lower()
+            key = address_key(address)
             if key in envelope_keys and key not in placed:
                 placed.add(key)
-                found.append(format_address(name, address))
+                found.append(format_address(name, api_address(address) or envelope_keys[key]))
         lists.append(found)
     to, cc = lists
     bcc = [address for key, address in envelope_keys.items() if key not in placed]
