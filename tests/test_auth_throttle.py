@@ -559,7 +559,9 @@ class AuthEdgeCaseTests(SynchronousTestCase):
         conn.send(b"AUTH LOGIN\r\n")
         conn.send(b64("j\u00f6rg@b\u00fccher.de") + b"\r\n")
         self.assertEqual(conn.send(b64("p\u00e4ssw\u00f6rd \u2713") + b"\r\n"), [AUTH_OK])
-        self.assertEqual(conn.send("MAIL FROM:<j\u00f6rg@b\u00fccher.de>\r\n".encode()), [b"250 2.1.0 Ok"])
+        self.assertEqual(
+            conn.send("MAIL FROM:<j\u00f6rg@b\u00fccher.de> SMTPUTF8\r\n".encode()), [b"250 2.1.0 Ok"]
+        )
 
     def test_utf8_password_compared_exactly(self) -> None:
         """A password differing only in Unicode normalisation or case is wrong (no folding of secrets)."""

@@ -117,6 +117,27 @@ class NodemailerTests(RelayTestCase):
         self.assertTrue(p["to"] and p["cc"] and p["bcc"], p)
         self.assertTrue(all("<" not in b for b in p["bcc"]))
 
+    async def test_rich_international(self) -> None:
+        """
+        UTF-8 addresses (RFC 6531): nodemailer sees SMTPUTF8 offered and
+        declares it; the API gets A-label domains, UTF-8 local parts and
+        Unicode names, subject and Reply-To, and the envelope-only Bcc.
+        """
+        result = await self.node("rich.mjs", "intl")
+        self.assertTrue(result["ok"], result)
+        [email] = self.stored()
+        self.assertEqual(result["response"], f"250 2.0.0 Ok: queued as {email.id}")
+        p = email.payload
+        self.assertEqual(p["from"], "Jörg Müller <jörg@xn--bcher-kva.example>")
+        self.assertEqual(
+            p["to"], ["用户 <用户@xn--fsqu00a.example>", '"Ivanov, Ivan" <иван@xn--bcher-kva.example>']
+        )
+        self.assertEqual(p["cc"], ["José <josé@example.com>"])
+        self.assertEqual(p["bcc"], ["hidden@xn--bcher-kva.example"])
+        self.assertEqual(p["reply_to"], '"Müller, Jörg" <antwort@xn--bcher-kva.example>')
+        self.assertEqual(p["subject"], "Grüße aus Köln 👋")
+        self.assertEqual(p["text"], "Grüße, 用户!")
+
     async def test_secure_false_is_explained(self) -> None:
         """nodemailer with secure: false hears the 554 5.7.0 implicit-TLS explanation, not a time-out."""
         result = await self.node("plaintext_misconfig.mjs")

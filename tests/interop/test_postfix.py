@@ -178,6 +178,44 @@ class PostfixSmarthostTests(InteropTestCase):
         self.assertEqual(payload["subject"], "three recipients")
         self.assertNotIn("hidden@example.com", repr(payload.get("headers", {})))
 
+    async def test_smtputf8_international_mail(self) -> None:
+        """
+        Postfix with smtputf8_enable = yes relays UTF-8 envelope addresses
+        (it needs SMTPUTF8 offered, else it bounces "SMTPUTF8 is required");
+        the API gets A-label domains, UTF-8 local parts, Unicode names,
+        Reply-To and subject (RFC 6532 headers), the envelope-only Bcc.
+        """
+        postfix = await self.start_postfix(settings={"smtputf8_enable": "yes"})
+        data = (
+            "From: Jörg Müller <jörg@bücher.example>\n"
+            "To: 用户 <用户@例子.example>, \"Ivanov, Ivan\" <иван@Bücher.example>\n"
+            "Reply-To: \"Müller, Jörg\" <antwort@bücher.example>\n"
+            "Subject: Grüße aus Köln 👋\n"
+            "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\n"
+            "Content-Transfer-Encoding: 8bit\n\nGrüße, 用户!\n"
+        ).encode("utf-8")
+        recipients = ("用户@例子.example", "иван@bücher.example", "hidden@bücher.example")
+        await self.submit(postfix, data, "jörg@bücher.example", *recipients)
+        sent = await postfix.wait_for_status("sent", count=3)
+        await postfix.wait_queue_empty()
+
+        email = self.only_email()
+        for delivery in sent:
+            self.assertQueued(delivery, email)
+        self.assertEqual(sorted(d.recipient for d in sent), sorted(recipients))
+        self.assertEqual(email.api_key, FULL_KEY)
+        payload = email.payload
+        self.assertEqual(payload["from"], "Jörg Müller <jörg@xn--bcher-kva.example>")
+        self.assertEqual(
+            payload["to"],
+            ["用户 <用户@xn--fsqu00a.example>", '"Ivanov, Ivan" <иван@xn--bcher-kva.example>'],
+        )
+        self.assertEqual(payload["bcc"], ["hidden@xn--bcher-kva.example"])
+        self.assertNotIn("cc", payload)
+        self.assertEqual(payload["reply_to"], '"Müller, Jörg" <antwort@xn--bcher-kva.example>')
+        self.assertEqual(payload["subject"], "Grüße aus Köln 👋")
+        self.assertEqual(payload["text"].rstrip("\n"), "Grüße, 用户!")
+
     async def test_lost_response_retried_exactly_once(self) -> None:
         """The API accepted but its answer was lost: 451, Postfix retries, one email in the end."""
         self.sandbox.resource.inject_fault("accept_then_500", count=-1)

@@ -7,11 +7,13 @@
 //   calendar  an icalEvent (text/calendar alternative + .ics attachment)
 //   list      list headers (List-Unsubscribe, List-ID)
 //   ccbcc     to, cc and bcc with display names (bcc only in the envelope)
+//   intl      UTF-8 local parts, IDN domains, Unicode names and subject
+//             (nodemailer declares SMTPUTF8 itself when the server offers it)
 // The JSON line also carries "variant" and "sent" (the message object, Buffers
 // as {"base64": ...}) so a test can compare what arrived with what was sent.
 //
 // Usage: SMTP_HOST=127.0.0.1 SMTP_PORT=<port> SMTP_CA=<cert.pem> \
-//        [SMTP_USER=...] [SMTP_PASS=...] node rich.mjs full|calendar|list|ccbcc
+//        [SMTP_USER=...] [SMTP_PASS=...] node rich.mjs full|calendar|list|ccbcc|intl
 import {
     SMTP_HOST, SMTP_PORT, testTls, reportSuccess, reportFailure, describeMessage, harnessBug,
 } from './_harness.mjs';
@@ -102,6 +104,15 @@ const VARIANTS = {
         bcc: 'Blind Copy <bcc@example.com>',
         subject: 'To, Cc and Bcc with display names',
         text: 'Three recipients, one of them blind.',
+    }),
+    intl: () => ({
+        from: '"Jörg Müller" <jörg@bücher.example>',
+        to: [{ name: '用户', address: '用户@例子.example' }, '"Ivanov, Ivan" <иван@bücher.example>'],
+        cc: [{ name: 'José', address: 'josé@example.com' }],
+        bcc: 'hidden@bücher.example',
+        replyTo: '"Müller, Jörg" <antwort@bücher.example>',
+        subject: 'Grüße aus Köln 👋',
+        text: 'Grüße, 用户!',
     }),
 };
 
