@@ -5,6 +5,13 @@ PY := $(VENV)/bin/python
 RUN := .run
 RELAY_PORT ?= 8587
 SANDBOX_PORT ?= 8025
+# The relay's /metrics, /healthz and /readyz listener (docs/metrics.md): empty
+# keeps POSTSTACK_RELAY_METRICS_LISTEN or the default 127.0.0.1:9587; another
+# HOST:PORT (or off) lets a second relay start on this machine, e.g.
+# make run RELAY_PORT=8588 SANDBOX_PORT=8026 METRICS_LISTEN=127.0.0.1:9588
+METRICS_LISTEN ?=
+# One sandbox per SANDBOX_PORT: a second `make run` on another port leaves the first's alone.
+SANDBOX_PID := $(RUN)/sandbox-$(SANDBOX_PORT).pid
 # The sandbox's service key, from etc/sandbox.json (a sandbox secret, not a real one).
 SANDBOX_SERVICE_KEY ?= sk_test_relay_service
 export PYTHONPATH := .
@@ -29,22 +36,23 @@ $(RUN)/cert.pem:
 	chmod 600 $(RUN)/key.pem
 
 run: venv cert
-	@if [ -f $(RUN)/sandbox.pid ] && kill -0 $$(cat $(RUN)/sandbox.pid) 2>/dev/null; then \
-	    kill $$(cat $(RUN)/sandbox.pid); sleep 1; fi
-	$(VENV)/bin/twistd --pidfile $(RUN)/sandbox.pid --logfile $(RUN)/sandbox.log \
+	@if [ -f $(SANDBOX_PID) ] && kill -0 $$(cat $(SANDBOX_PID)) 2>/dev/null; then \
+	    kill $$(cat $(SANDBOX_PID)); sleep 1; fi
+	$(VENV)/bin/twistd --pidfile $(SANDBOX_PID) --logfile $(RUN)/sandbox-$(SANDBOX_PORT).log \
 	    poststack-sandbox --port $(SANDBOX_PORT) --interface 127.0.0.1 \
-	    --db $(RUN)/sandbox.sqlite3 --data etc/sandbox.json
+	    --db $(RUN)/sandbox-$(SANDBOX_PORT).sqlite3 --data etc/sandbox.json
 	@echo
 	@echo "Sandbox API: http://127.0.0.1:$(SANDBOX_PORT) (stored emails: curl http://127.0.0.1:$(SANDBOX_PORT)/_sandbox/emails)"
-	@echo "Relay: implicit TLS on 127.0.0.1:$(RELAY_PORT). Send a test mail with:"
+	@echo "Relay: implicit TLS on 127.0.0.1:$(RELAY_PORT), metrics on $(or $(METRICS_LISTEN),$(POSTSTACK_RELAY_METRICS_LISTEN),127.0.0.1:9587). Send a test mail with:"
 	@echo "  $(PY) -m poststack_relay.sendtest --port $(RELAY_PORT) --cafile $(RUN)/cert.pem"
 	@echo "Stop with Ctrl-C."
 	@echo
-	trap 'kill $$(cat $(RUN)/sandbox.pid) 2>/dev/null' EXIT INT TERM; \
+	trap 'kill $$(cat $(SANDBOX_PID)) 2>/dev/null' EXIT INT TERM; \
 	POSTSTACK_RELAY_SERVICE_KEY=$(SANDBOX_SERVICE_KEY) \
 	$(VENV)/bin/twistd -n --pidfile= poststack-relay --port $(RELAY_PORT) --interface 127.0.0.1 \
 	    --tls-cert $(RUN)/cert.pem --tls-key $(RUN)/key.pem \
-	    --api-url http://127.0.0.1:$(SANDBOX_PORT) --hostname localhost
+	    --api-url http://127.0.0.1:$(SANDBOX_PORT) --hostname localhost \
+	    $(if $(METRICS_LISTEN),--metrics-listen $(METRICS_LISTEN))
 
 # sslyze lives in its own venv: it pins an older cryptography than pyOpenSSL needs.
 .venv-sslyze/.installed:

@@ -162,7 +162,7 @@ class RelayConfig:
     Everything the relay needs to run.
 
     @ivar port: TCP port of the implicit-TLS listener (0: any free port).
-    @ivar interface: address to bind; C{""} means all interfaces.
+    @ivar interface: address to bind; C{""} means all IPv4 interfaces.
     @ivar tls_cert: path of a PEM file with the certificate, optionally
         followed by its chain (and optionally the key).
     @ivar tls_key: path of the PEM private key; C{None} if in C{tls_cert}.

@@ -132,8 +132,16 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         assert transport is not None, "not connected"
         peer = transport.getPeer()
         _log.info(
-            "refused plaintext client {client}: port requires implicit TLS",
+            "refused plaintext client {client}: port requires implicit TLS; "
+            + (
+                "it sent nothing for {seconds:g} s (it waits for a plaintext greeting: "
+                "configured for STARTTLS or plain SMTP)"
+                if reason == "timeout"
+                else "its first bytes were not TLS"
+            ),
             client=getattr(peer, "host", str(peer)),
+            reason=reason,
+            seconds=self.factory.detectTimeout,
             event="tls_plaintext_refused",
         )
         # Written under the TLS layer, in clear.

@@ -32,7 +32,7 @@ def parse_metrics_listen(value: str) -> tuple[str, int]:
     """
     problem = (
         f"metrics-listen must be HOST:PORT or [IPv6]:PORT with an IP address "
-        f"(e.g. 127.0.0.1:9587, [::1]:9587, 0.0.0.0:9587), or empty to disable, not {value!r}"
+        f"(e.g. 127.0.0.1:9587, [::1]:9587, 0.0.0.0:9587), or off to disable it, not {value!r}"
     )
     m = _LISTEN.match(value.strip())
     if m is None:

@@ -15,10 +15,13 @@ processes (L{poststack_relay.workers}) instead of the relay itself.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import signal
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, cast
+import textwrap
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence, cast
 
 from twisted.application.service import IService
 from twisted.internet.error import ReactorNotRunning
@@ -69,7 +72,8 @@ _listen_specs.__name__ = "list of listener specs"
 # (name, converter, RelayConfig field, help)
 _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("port", int, "port", f"TCP port for implicit TLS [default: {DEFAULT_PORT}]"),
-    ("interface", str, "interface", "address to listen on [default: all interfaces]"),
+    ("interface", str, "interface",
+     "address to listen on; :: for IPv6 (on Linux IPv4 too) [default: all IPv4 interfaces]"),
     ("proxy-protocol", _boolean, "proxy_protocol",
      "expect a PROXY protocol v1/v2 header before TLS (behind HAProxy or a TCP load balancer) "
      "(yes/no) [default: no]"),
@@ -280,6 +284,41 @@ def env_name(option: str) -> str:
     return ENV_PREFIX + option.upper().replace("-", "_")
 
 
+# U+2011 NON-BREAKING HYPHEN: textwrap breaks lines after "-" but not after
+# this; Options.getUsage puts it in for "-" while wrapping, then takes it out.
+_NO_BREAK_HYPHEN = "\u2011"
+
+
+def describe(text: str, width: int) -> str:
+    """
+    C{text} for the end of C{--help}: its paragraphs (separated by blank
+    lines) wrapped to C{width} on whole words, never at a hyphen; a
+    paragraph whose lines are indented (an example command) as written.
+    """
+    paragraphs = []
+    for paragraph in text.strip("\n").split("\n\n"):
+        if paragraph.startswith(" "):
+            paragraphs.append(paragraph)
+        else:
+            paragraphs.append(textwrap.fill(
+                " ".join(paragraph.split()), width, break_on_hyphens=False, break_long_words=False
+            ))
+    return "\n" + "\n\n".join(paragraphs) + "\n"
+
+
+def nearest_option(error: str, names: Sequence[str]) -> str:
+    """
+    C{"; did you mean --NAME?"} for the usage error C{error} about an
+    option that does not exist (C{option --metrics-listn not recognized})
+    when one of C{names} (without C{--}) is near it; else C{""}.
+    """
+    m = re.match(r"option --?([^ ]+) not recognized", error)
+    if m is None:
+        return ""
+    near = difflib.get_close_matches(m.group(1), names, n=1, cutoff=0.6)
+    return f"; did you mean --{near[0]}?" if near else ""
+
+
 class Options(usage.Options):
     """
     Options of C{twistd poststack-relay}; C{postOptions} builds
@@ -287,7 +326,10 @@ class Options(usage.Options):
     """
 
     synopsis = "[options]"
-    longdesc = """\
+    # Empty, not None: usage.Options would show __main__'s docstring instead.
+    # getUsage shows DESCRIPTION, wrapped paragraph by paragraph.
+    longdesc = ""
+    DESCRIPTION = """\
 PostStack SMTP relay: implicit-TLS SMTP submission (RFC 8314) in, one
 PostStack POST /emails per message out.
 
@@ -295,12 +337,13 @@ Every option can also be set in the environment, e.g.
 POSTSTACK_RELAY_TLS_CERT=/etc/poststack-relay/fullchain.pem or
 POSTSTACK_RELAY_SERVICE_KEY=sk_live_..., or in a TOML file given with
 --config, keys written with _ for - (max_message_size = 26214400).
-Precedence: command line, environment, file, defaults.  --check-config
+Precedence: command line, environment, file, defaults. --check-config
 validates the settings and prints them (secrets masked) without starting.
 
-Example: poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem
---hostname smtp.example.com (the same as twistd -n --pidfile= poststack-relay
-with those options).
+Example (the same as twistd -n --pidfile= poststack-relay with these options):
+
+    poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem \\
+        --hostname smtp.example.com
 """
 
     optFlags = [
@@ -320,6 +363,44 @@ with those options).
         self._environ = os.environ if environ is None else environ
         self["listen"] = None
 
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """
+        The option table, then L{DESCRIPTION}.  usage.Options wraps each
+        help text with textwrap's defaults, which cut words at hyphens
+        (C{--tls-} / C{cert}) and keep the indentation of a docstring as
+        runs of spaces, and wraps the long description as one paragraph:
+        here each help text is one line of words joined by single spaces,
+        with hyphens that do not break while it is wrapped, and the
+        description is wrapped paragraph by paragraph, its indented
+        example lines shown as written.
+        """
+        if not width:
+            width = int(os.environ.get("COLUMNS", "80"))
+        docs = self.docs
+        self.docs = {
+            name: " ".join(doc.split()).replace("-", _NO_BREAK_HYPHEN) if doc else doc
+            for name, doc in docs.items()
+        }
+        try:
+            table = super().getUsage(width).replace(_NO_BREAK_HYPHEN, "-")
+        finally:
+            self.docs = docs
+        return table + describe(self.DESCRIPTION, width)
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """
+        Parse the command line (see L{postOptions}).  A mistaken option
+        ends the command with one line naming it and the nearest option
+        (C{did you mean --metrics-listen?}), exit status 1, instead of
+        twistd's whole usage text.
+        """
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]  # usage.Options: unannotated in Twisted
+        except usage.UsageError as e:
+            names = [name.rstrip("=") for name in self.longOpt]
+            raise SystemExit(f"poststack-relay: error: {e}{nearest_option(str(e), names)} "
+                             "(--help lists the options)")
+
     def opt_version(self) -> None:
         """
         Display the relay's version and exit.
@@ -333,12 +414,11 @@ with those options).
 
     def opt_listen(self, spec: str) -> None:
         """
-        one more listener, [INTERFACE:]PORT or systemd:NAME, optionally
-        followed by ,proxy-protocol ,tls-cert=PATH ,tls-key=PATH; may be
-        given several times (environment: specs separated by spaces)
-        [default: none]
+        (Its help is the C{listen} entry of the option table, set below.)
         """
         self["listen"] = [*(self["listen"] or []), spec]
+
+    opt_listen.__doc__ = next(help for name, _, _, help in _OPTIONS if name == "listen")
 
     def postOptions(self) -> None:
         """

@@ -10,6 +10,7 @@ status 0, the certificate reloaded on SIGHUP, and C{--workers 2}.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -77,7 +78,7 @@ class ParseTests(SynchronousTestCase):
             parse(["--prot", "587"])
         self.assertEqual(
             str(raised.exception.code),
-            "poststack-relay: error: option --prot not recognized (poststack-relay --help lists the options)",
+            "poststack-relay: error: option --prot not recognized; did you mean --port? (--help lists the options)",
         )
 
     def test_bad_value(self) -> None:
@@ -110,6 +111,56 @@ class VersionAndHelpTests(SynchronousTestCase):
         for option in ("--tls-cert=", "--workers=", "--check-config", "--version"):
             self.assertIn(option, result.stdout)
         self.assertNotIn("--nodaemon", result.stdout)
+
+    def help_texts(self) -> dict[str, str]:
+        """--help of the command and of twistd poststack-relay, at 80 and 123 columns."""
+        texts = {}
+        for width in ("80", "123"):
+            for name, command in (("command", [*COMMAND_LINE]), ("twistd", [TWISTD, "poststack-relay"])):
+                result = subprocess.run(
+                    [*command, "--help"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, COLUMNS=width),
+                    capture_output=True, text=True, timeout=TIMEOUT, check=False,
+                )
+                self.assertEqual(result.returncode, 0, result.stderr)
+                texts[f"{name} at {width}"] = result.stdout
+        return texts
+
+    def test_help_wrapping(self) -> None:
+        """--help: help texts and the description without runs of spaces or words cut at a hyphen; the example whole."""
+        example = ("poststack-relay --tls-cert fullchain.pem --tls-key privkey.pem "
+                   "--hostname smtp.example.com")
+        for where, text in self.help_texts().items():
+            lines = text.splitlines()
+            # The option column ends where the first help text starts (a run of spaces after the option).
+            column = re.search(r"^ +--\S+ +", text, re.M)
+            assert column is not None, text
+            start = len(column.group(0))
+            for line in lines:
+                words = line[start:] if line.startswith("  ") and not line.startswith("    poststack") else line
+                if line.startswith("    poststack-relay") or line.startswith("        --hostname"):
+                    continue  # the example, as written
+                self.assertNotRegex(words.strip(), r"\S {2,}\S", f"{where}: {line!r}")
+                self.assertNotRegex(line, r"[A-Za-z]-$", f"{where}: a word cut at a hyphen: {line!r}")
+            joined = re.sub(r"\s*\\\n\s*", " ", text)
+            self.assertIn(example, joined, where)
+            listen = lines.index(next(line for line in lines if line.lstrip().startswith("--listen=")))
+            following = [line for line in lines[listen + 1:] if not line.lstrip().startswith("--")]
+            listen_help = " ".join(line[start:].strip() for line in [lines[listen], *following[:6]])
+            self.assertIn("or systemd:NAME, optionally followed by ,proxy-protocol ,tls-cert=PATH ,tls-key=PATH;",
+                          listen_help, where)
+
+    def test_mistyped_option(self) -> None:
+        """A mistyped option: a few lines naming it and the nearest option, status 1 (twistd and the command)."""
+        for command in ([*COMMAND_LINE], [TWISTD, "poststack-relay"]):
+            result = _run([*command, "--metrics-listn", "127.0.0.1:9999"])
+            self.assertEqual(result.returncode, 1, result)
+            output = (result.stdout + result.stderr).strip().splitlines()
+            self.assertLessEqual(len(output), 3, output)
+            self.assertEqual(
+                output[-1],
+                "poststack-relay: error: option --metrics-listn not recognized; "
+                "did you mean --metrics-listen? (--help lists the options)",
+            )
 
     def test_check_config(self) -> None:
         """poststack-relay --check-config loads the certificate, prints the settings with their sources, exits 0."""

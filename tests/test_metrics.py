@@ -498,6 +498,24 @@ class TLSInstrumentationTests(SynchronousTestCase):
             [1.0, 1.0, 1.0, 1.0],
         )
 
+    def test_refusal_logged_with_reason(self) -> None:
+        """tls_plaintext_refused says which case it was: a silent client (timeout: STARTTLS or plain SMTP) or plaintext bytes."""
+        from twisted.logger import capturedLogs, formatEvent
+
+        with capturedLogs() as events:
+            proto, transport = self.connect()
+            self.clock.advance(2)
+            proto.connectionLost(None)
+            proto, _ = self.connect()
+            proto.dataReceived(b"EHLO x\r\n")
+            proto.connectionLost(None)
+        refused = [e for e in events if e.get("event") == "tls_plaintext_refused"]
+        self.assertEqual([(e["reason"], e["seconds"]) for e in refused], [("timeout", 2.0), ("plaintext", 2.0)])
+        self.assertIn("it sent nothing for 2 s (it waits for a plaintext greeting: configured for STARTTLS",
+                      formatEvent(refused[0]))
+        self.assertIn("its first bytes were not TLS", formatEvent(refused[1]))
+        self.assertTrue(transport.value().startswith(b"554 5.7.0 "), transport.value())
+
     def test_good_handshake_not_counted(self) -> None:
         """A client that completes the handshake (TLS 1.3 or 1.2) is not a failure."""
         from twisted.internet.ssl import CertificateOptions, TLSVersion

@@ -79,6 +79,17 @@ class OptionsTests(SynchronousTestCase):
             self.assertTrue(message.startswith("poststack-relay: error: "), message)
             self.assertNotIn("\n", message)
 
+    def test_metrics_listen_values(self) -> None:
+        """--metrics-listen: empty means the default, off disables it, and the error for a bad value says so."""
+        self.assertEqual(parse(["--tls-cert", "c", "--metrics-listen", ""]).metrics_listen, "127.0.0.1:9587")
+        self.assertTrue(parse(["--tls-cert", "c"], {"POSTSTACK_RELAY_METRICS_LISTEN": ""}).metrics_enabled)
+        self.assertFalse(parse(["--tls-cert", "c", "--metrics-listen", "off"]).metrics_enabled)
+        with self.assertRaises(SystemExit) as ctx:
+            parse(["--tls-cert", "c", "--metrics-listen", "9587x"])
+        message = str(ctx.exception.code)
+        self.assertIn("or off to disable it, not '9587x'", message)
+        self.assertNotIn("empty", message)
+
     def test_share_per_credential(self) -> None:
         """--api-max-in-flight-per-credential (and its variable) sets the share; 0 by default (a quarter); not negative."""
         self.assertEqual(parse(["--tls-cert", "c"]).api_max_in_flight_per_credential, 0)
