@@ -148,7 +148,7 @@ def makeMetricsService(
         endpoint = TCP4ServerEndpoint(reactor, port, interface=host)  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
     resource = MetricsResource(metrics, readiness)
     site = _QuietSite(resource, timeout=30, reactor=reactor)  # type: ignore[no-untyped-call]  # Site: unannotated in Twisted
-    return MetricsService(endpoint, site)
+    return MetricsService(endpoint, site, "metrics listener", "--metrics-listen (HOST:PORT, or off)")
 
 
 def listener_bound(listener: ListeningService) -> bool:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_listeners,tests.test_workers -*-
+# -*- test-case-name: tests.test_service,tests.test_shutdown,tests.test_tls_reload,tests.test_listeners,tests.test_workers,tests.test_startup_lines -*-
 """
 Service assembly: from a L{RelayConfig} to a running relay.
 
@@ -29,7 +29,7 @@ together.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -49,7 +49,7 @@ from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
 from .fleet.service import make_fleet_state
 from .holds import CredentialHolds
 from .interfaces import IEmailAPI, IFleetState, IRelayReactor
-from .listening import ListeningService
+from .listening import ListeningService, port_address, smtp_listener_name
 from .metrics import RelayMetrics
 from .monitoring import (
     ApiProbeService,
@@ -109,7 +109,12 @@ class RelayService(MultiService):
         without C{redis_url}: L{poststack_relay.fleet}).
     @ivar metrics_service: the HTTP listener of C{/metrics}, C{/healthz}
         and C{/readyz}; C{None} when C{metrics_listen} is off.
+    @ivar announce: whether L{startService} logs C{relay_listening} once
+        every listener is bound (a C{--workers} worker says C{worker_ready}
+        instead).
     """
+
+    announce = True
 
     def __init__(
         self,
@@ -161,13 +166,51 @@ class RelayService(MultiService):
         """
         Start every child (binding the listeners not bound yet).  If a
         listener cannot bind, the listeners already bound are closed again
-        and the error is raised, so start-up stops with it.
+        and the error is raised, so start-up stops with it
+        (L{poststack_relay.listening.ListenFailed}, one line, for the
+        relay's own listeners).  Once every listener (SMTP and metrics) is
+        bound, C{relay_listening} is logged (unless C{announce} is off).
         """
         try:
             super().startService()  # type: ignore[no-untyped-call]  # MultiService: unannotated in Twisted
         except BaseException:
             self._abandon()
             raise
+        if self.announce:
+            self._announce_when_listening()
+
+    def _announce_when_listening(self) -> None:
+        """
+        Log C{relay_listening} once every listener is bound; nothing if
+        one could not bind (that is logged as its failure).
+        """
+        ports: "Optional[Deferred[object]]" = cast("Optional[Deferred[object]]", self.ports())
+        metrics: "Optional[Deferred[object]]" = cast(
+            "Optional[Deferred[object]]",
+            self.metrics_service.when_listening() if self.metrics_service is not None else succeed(None),
+        )
+        if ports is None or metrics is None:
+            return
+
+        def announce(results: list[object]) -> None:
+            smtp, metrics_port = cast("list[Optional[IListeningPort]]", results[0]), results[1]
+            if any(port is None for port in smtp) or (self.metrics_service is not None and metrics_port is None):
+                return
+            listeners = [port_address(cast(IListeningPort, port)) for port in smtp]
+            where = ", ".join(
+                f"{address} (implicit TLS{' behind PROXY protocol' if config.proxy_protocol else ''})"
+                for address, config in zip(listeners, self.listener_configs)
+            )
+            text = "poststack-relay listening on {where}"
+            metrics_address = None
+            if metrics_port is not None:
+                metrics_address = port_address(cast(IListeningPort, metrics_port))
+                text += "; metrics, /healthz and /readyz on http://{metrics}"
+            _log.info(text, where=where, listeners=listeners, metrics=metrics_address, event="relay_listening")
+
+        gatherResults([ports, metrics]).addCallback(announce).addErrback(
+            lambda f: _log.failure("announcing the listeners failed", f, event="relay_listening_crash")
+        )
 
     def _abandon(self) -> None:
         """
@@ -384,9 +427,11 @@ def makeRelayService(
         # Stopped after the drain (children stop in reverse order): a
         # transaction that ends during the drain still shares its 429.
         fleet.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
-    for place, listener, tls in zip(places, listeners, tls_of):
+    for index, (place, listener, tls) in enumerate(zip(places, listeners, tls_of)):
         smtps = relay_endpoint(place, listener, tls, reactor, config.tls_detect_timeout, metrics)
-        service.add_listener(listener, ListeningService(smtps, factory))
+        # An embedder's own endpoint: its errors are the embedder's.
+        name, option = (None, "") if index == 0 and endpoint is not None else smtp_listener_name(listener)
+        service.add_listener(listener, ListeningService(smtps, factory, name, option))
     # After the listeners, so their ports are known when this starts.
     service.readiness = ReadinessService(SystemdNotifier(), service)
     service.readiness.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
@@ -483,8 +528,9 @@ def _log_configuration(
         return listener.label
 
     labels = [label(i, listener) for i, listener in enumerate(listeners)]
+    # Each text is whole; each field a value (no fragments of the text).
     _log.info(
-        "poststack-relay listening on {where}, API {api_url}, service key {service_key}",
+        "poststack-relay configured: SMTP on {where}; API {api_url}, service key {service_key}",
         where=", ".join(
             f"{name} (implicit TLS{' behind PROXY protocol' if listener.proxy_protocol else ''})"
             for name, listener in zip(labels, listeners)
@@ -492,39 +538,43 @@ def _log_configuration(
         listeners=labels,
         interface=config.interface or "*",
         port=config.port,
-        proxy=" behind PROXY protocol" if config.proxy_protocol else "",
+        proxy=config.proxy_protocol,
         api_url=config.api_url,
         service_key=mask_secret(config.service_key),
         event="relay_configured",
     )
     for name, listener, tls in zip(labels, listeners, tls_of):
         _log.info(
-            "listener {listener}: implicit TLS{proxy_text}, certificate {subject} from {tls_cert}",
+            "listener {listener}: implicit TLS"
+            + (" behind PROXY protocol" if listener.proxy_protocol else "")
+            + ", certificate {subject} from {tls_cert}",
             listener=name,
             proxy=listener.proxy_protocol,
-            proxy_text=" behind PROXY protocol" if listener.proxy_protocol else "",
             tls_cert=tls.cert_path,
             tls_key=tls.key_path or tls.cert_path,
             own_certificate=tls is not certificates[0],
-            spec=listener.spec,
+            spec=listener.spec or None,
             subject=tls.current.describe()["subject"],
             event="listener_configured",
         )
     for tls in certificates:
         users = [name for name, used in zip(labels, tls_of) if used is tls]
-        _log.info(
+        text = (
             "TLS profile {profile}, certificate {subject} serial {serial}, "
-            "valid until {not_after}, chain of {chain_length}; reload on SIGHUP{poll}{used_by}",
+            "valid until {not_after}, chain of {chain_length}; reload on SIGHUP"
+        )
+        if config.tls_reload_interval > 0:
+            text += " and when the files change (checked every {reload_interval:g} s)"
+        if len(certificates) > 1:
+            text += "; for {used_by}"
+        _log.info(
+            text,
             profile=config.tls_profile,
             chain_length=1 + len(tls.current.extraCertChain),
-            poll=(
-                f" and when the files change (checked every {config.tls_reload_interval:g} s)"
-                if config.tls_reload_interval > 0
-                else ""
-            ),
+            reload_interval=config.tls_reload_interval,
             tls_cert=tls.cert_path,
             listeners=users,
-            used_by=f"; for {', '.join(users)}" if len(certificates) > 1 else "",
+            used_by=", ".join(users),
             event="tls_configured",
             **tls.current.describe(),
         )

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload,tests.test_workers,tests.test_command -*-
+# -*- test-case-name: tests.test_tap,tests.test_config_file,tests.test_shutdown,tests.test_tls_reload,tests.test_workers,tests.test_command,tests.test_startup_lines -*-
 """
 The C{twistd poststack-relay} command: options in, service out.
 
@@ -15,12 +15,9 @@ processes (L{poststack_relay.workers}) instead of the relay itself.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
 import signal
-import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, Sequence, cast
 
 from twisted.application.service import IService
@@ -30,6 +27,7 @@ from twisted.python import usage
 
 from . import config as _config
 from .config import ConfigError, RelayConfig, mask_secret, read_config_file
+from .helptext import NO_BREAK_HYPHEN, describe, nearest_option
 from .interfaces import IRelayReactor
 from .places import DEFAULT_PORT
 
@@ -284,41 +282,6 @@ def env_name(option: str) -> str:
     return ENV_PREFIX + option.upper().replace("-", "_")
 
 
-# U+2011 NON-BREAKING HYPHEN: textwrap breaks lines after "-" but not after
-# this; Options.getUsage puts it in for "-" while wrapping, then takes it out.
-_NO_BREAK_HYPHEN = "\u2011"
-
-
-def describe(text: str, width: int) -> str:
-    """
-    C{text} for the end of C{--help}: its paragraphs (separated by blank
-    lines) wrapped to C{width} on whole words, never at a hyphen; a
-    paragraph whose lines are indented (an example command) as written.
-    """
-    paragraphs = []
-    for paragraph in text.strip("\n").split("\n\n"):
-        if paragraph.startswith(" "):
-            paragraphs.append(paragraph)
-        else:
-            paragraphs.append(textwrap.fill(
-                " ".join(paragraph.split()), width, break_on_hyphens=False, break_long_words=False
-            ))
-    return "\n" + "\n\n".join(paragraphs) + "\n"
-
-
-def nearest_option(error: str, names: Sequence[str]) -> str:
-    """
-    C{"; did you mean --NAME?"} for the usage error C{error} about an
-    option that does not exist (C{option --metrics-listn not recognized})
-    when one of C{names} (without C{--}) is near it; else C{""}.
-    """
-    m = re.match(r"option --?([^ ]+) not recognized", error)
-    if m is None:
-        return ""
-    near = difflib.get_close_matches(m.group(1), names, n=1, cutoff=0.6)
-    return f"; did you mean --{near[0]}?" if near else ""
-
-
 class Options(usage.Options):
     """
     Options of C{twistd poststack-relay}; C{postOptions} builds
@@ -378,11 +341,11 @@ Example (the same as twistd -n --pidfile= poststack-relay with these options):
             width = int(os.environ.get("COLUMNS", "80"))
         docs = self.docs
         self.docs = {
-            name: " ".join(doc.split()).replace("-", _NO_BREAK_HYPHEN) if doc else doc
+            name: " ".join(doc.split()).replace("-", NO_BREAK_HYPHEN) if doc else doc
             for name, doc in docs.items()
         }
         try:
-            table = super().getUsage(width).replace(_NO_BREAK_HYPHEN, "-")
+            table = super().getUsage(width).replace(NO_BREAK_HYPHEN, "-")
         finally:
             self.docs = docs
         return table + describe(self.DESCRIPTION, width)
@@ -488,6 +451,41 @@ Example (the same as twistd -n --pidfile= poststack-relay with these options):
             raise usage.UsageError(str(e))
 
 
+def load_config(environ: Optional[Mapping[str, str]] = None) -> RelayConfig:
+    """
+    The settings C{poststack-relay} would run with given no command-line
+    options: the C{POSTSTACK_RELAY_*} variables of C{environ} (default:
+    this process's environment), then the TOML file C{POSTSTACK_RELAY_CONFIG}
+    names, then the defaults, read and checked by the same code as the
+    plugin's.  For embedding (C{etc/poststack-relay.tac}).
+
+    @raise ConfigError: a bad setting, in the command's one line.
+    """
+    options = Options(environ)
+    try:
+        options._build()
+    except usage.UsageError as e:
+        raise ConfigError(str(e)) from None
+    return options.config
+
+
+def with_log_format(
+    service: IService, config: RelayConfig, runner_options: Optional[Any] = None
+) -> IService:
+    """
+    C{service} made to log as C{config.log_format} says under the runner
+    whose options are C{runner_options} (C{twistd}'s or C{twist}'s; C{None}
+    in a C{.tac}: standard output, as C{twistd -n}), see
+    L{poststack_relay.logs.use_log_observer}.  Add the result to the
+    application.
+    """
+    from .logs import use_json_logs, use_text_logs
+
+    if config.log_format == "json":
+        return use_json_logs(service, runner_options)
+    return use_text_logs(service, runner_options)
+
+
 def check_certificates(config: RelayConfig) -> None:
     """
     Load every listener's certificate and key once, as start-up does
@@ -580,6 +578,9 @@ def makeService(options: Options) -> IService:
     one-line error); SIGTERM stops them all, SIGHUP is passed on to each,
     and workers that cannot start make the command exit with status 1.
 
+    A listener that cannot bind ends the command with one line and exit
+    status 1 (L{poststack_relay.listening.report_listen_failures}).
+
     The relay is wrapped so that the runner logs through the relay's own
     observer: with C{--log-format text} (the default) twistd's own lines,
     written for less CPU (L{poststack_relay.logs.use_text_logs}); with
@@ -598,8 +599,11 @@ def makeService(options: Options) -> IService:
     # This process is the relay's own: large blocks go back to the system
     # when freed, and what start-up made is left out of full garbage
     # collections (poststack_relay.memory; docs/performance.md).
+    from .listening import report_listen_failures
+
     return_large_blocks()
     reactor.callWhenRunning(freeze_start_up_objects)
+    report_listen_failures()
     service: RelayService | Supervisor
     if options.config.workers > 1:
         from .workers import Supervisor, exit_with
@@ -622,8 +626,4 @@ def makeService(options: Options) -> IService:
             raise SystemExit(f"poststack-relay: error: {e}")
     reactor.callWhenRunning(stop_on_sigterm, reactor)
     reactor.callWhenRunning(reload_tls_on_sighup, reactor, service)
-    from .logs import use_json_logs, use_text_logs
-
-    if options.config.log_format == "json":
-        return use_json_logs(service, getattr(options, "parent", None))
-    return use_text_logs(service, getattr(options, "parent", None))
+    return with_log_format(service, options.config, getattr(options, "parent", None))

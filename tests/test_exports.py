@@ -23,8 +23,11 @@ class PublicNamesTests(SynchronousTestCase):
 
         self.assertEqual(
             sorted(poststack_relay.__all__),
-            ["ConfigError", "RelayConfig", "__version__", "makeRelayService"],
+            ["ConfigError", "RelayConfig", "__version__", "load_config", "makeRelayService"],
         )
+        from poststack_relay import tap
+
+        self.assertIs(poststack_relay.load_config, tap.load_config)
         self.assertIs(poststack_relay.RelayConfig, config.RelayConfig)
         self.assertIs(poststack_relay.ConfigError, config.ConfigError)
         self.assertIs(poststack_relay.makeRelayService, service.makeRelayService)

@@ -365,8 +365,8 @@ class AssemblyTests(SynchronousTestCase):
         [relay] = events_named(events, "relay_configured")
         self.assertEqual(relay["listeners"], ["127.0.0.1:2587", "*:2465", "*:2466"])
         self.assertIn(
-            "listening on 127.0.0.1:2587 (implicit TLS), *:2465 (implicit TLS), "
-            "*:2466 (implicit TLS behind PROXY protocol), API",
+            "configured: SMTP on 127.0.0.1:2587 (implicit TLS), *:2465 (implicit TLS), "
+            "*:2466 (implicit TLS behind PROXY protocol); API",
             formatEvent(relay),
         )
         listeners = events_named(events, "listener_configured")
@@ -391,7 +391,7 @@ class AssemblyTests(SynchronousTestCase):
             self.relay(MemoryReactorClock())
         [relay] = events_named(events, "relay_configured")
         self.assertTrue(
-            formatEvent(relay).startswith("poststack-relay listening on 127.0.0.1:2587 (implicit TLS), API "),
+            formatEvent(relay).startswith("poststack-relay configured: SMTP on 127.0.0.1:2587 (implicit TLS); API "),
             formatEvent(relay),
         )
         [tls] = events_named(events, "tls_configured")

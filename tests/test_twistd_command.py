@@ -5,11 +5,13 @@ C{.tac} example, as real processes on loopback, sending a real message.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
 import ssl
 import subprocess
+import urllib.request
 
 from twisted.trial.unittest import TestCase
 
@@ -80,8 +82,11 @@ class ProcessTests(TestCase):
         self.assertIn(b"Main loop terminated.", proc.stdout.read())
 
     def test_tac_example(self) -> None:
-        """The README's .tac example (etc/poststack-relay.tac) runs under twistd -y and relays."""
-        port = free_port()
+        """The .tac example (etc/poststack-relay.tac) reads settings as the command does (environment, config file) and relays."""
+        port, metrics = free_port(), free_port()
+        config = os.path.join(self.dir, "relay.toml")
+        with open(config, "w") as f:
+            f.write('hostname = "tac.example.com"\nmax_recipients = 1\n')
         proc = self.start(
             ["-y", os.path.join(ROOT, "etc", "poststack-relay.tac")],
             {
@@ -90,8 +95,43 @@ class ProcessTests(TestCase):
                 "POSTSTACK_RELAY_TLS_CERT": self.cert,
                 "POSTSTACK_RELAY_TLS_KEY": self.key,
                 "POSTSTACK_RELAY_API_URL": f"http://127.0.0.1:{self.api_port}",
+                "POSTSTACK_RELAY_METRICS_LISTEN": f"127.0.0.1:{metrics}",
+                "POSTSTACK_RELAY_LOG_FORMAT": "json",
+                "POSTSTACK_RELAY_CONFIG": config,
             },
         )
         wait_for_port(port, proc)
         code, text = self.send(port)
         self.assertEqual(code, 250, text)
+        ctx = ssl.create_default_context(cafile=self.cert)
+        with smtplib.SMTP_SSL("localhost", port, context=ctx, timeout=30) as s:
+            self.assertIn(b"tac.example.com", s.ehlo()[1])  # hostname from the config file
+            s.login("poststack", "sk_test_full_access")
+            s.mail("you@yourdomain.com")
+            self.assertEqual(s.rcpt("a@example.com")[0], 250)
+            self.assertEqual(s.rcpt("b@example.com")[0] // 100, 4)  # max_recipients = 1 from the file
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/healthz", timeout=30) as answer:
+            self.assertEqual(answer.read(), b"ok\n")  # POSTSTACK_RELAY_METRICS_LISTEN
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        lines = proc.stdout.read().decode("utf-8", "replace").splitlines()
+        events = [json.loads(line) for line in lines if line.startswith("{")]  # POSTSTACK_RELAY_LOG_FORMAT
+        self.assertIn("relay_listening", [e["event"] for e in events], lines[-20:])
+        self.assertEqual([line for line in lines if not line.startswith("{")], [])
+
+    def test_tac_bad_setting(self) -> None:
+        """A bad setting in the .tac's environment: the command's one line, status 1."""
+        proc = self.start(
+            ["-y", os.path.join(ROOT, "etc", "poststack-relay.tac")],
+            {"POSTSTACK_RELAY_TLS_CERT": self.cert, "POSTSTACK_RELAY_METRICS_LISTEN": "9587x"},
+        )
+        self.assertEqual(proc.wait(timeout=60), 1)
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode()
+        self.assertEqual(
+            output.strip().splitlines()[-1],
+            "poststack-relay: error: metrics-listen must be HOST:PORT or [IPv6]:PORT with an IP address "
+            "(e.g. 127.0.0.1:9587, [::1]:9587, 0.0.0.0:9587), or off to disable it, not '9587x'",
+        )
+        self.assertNotIn("Traceback", output)

@@ -24,9 +24,11 @@ from twisted.python.logfile import BaseLogFile
 from twisted.runner.procmon import LoggingProtocol, ProcessMonitor
 
 from ..config import ConfigError, RelayConfig
-from ..places import ListenerConfig
+from ..listening import ListenFailed, smtp_listener_name
+from ..places import ListenerConfig, parse_metrics_listen
 from ..systemd import SystemdNotifier, socketEndpoint
-from .messages import NAMESPACE, host_port, output_event, parse_ready, relogged_event, start_message
+from .messages import (NAMESPACE, host_port, output_event, parse_ready, relogged_event, start_message,
+                       worker_metrics_listen)
 
 _log = Logger(namespace=NAMESPACE)
 
@@ -67,13 +69,34 @@ def describe_exit(reason: Failure) -> tuple[str, Optional[int], Optional[int]]:
 
 
 def bind_listener(listener: ListenerConfig, backlog: int = 1024) -> socket.socket:
-    """A socket listening for C{listener} as Twisted binds one, or L{CannotListenError}."""
+    """A socket listening for C{listener} as Twisted binds one, or L{ListenFailed} (a L{CannotListenError}: one line)."""
     v6 = ":" in listener.interface
     try:  # SO_REUSEADDR; "::" takes IPv4 too, as with Twisted
         return socket.create_server((listener.interface or "0.0.0.0", listener.port), backlog=backlog,
                                     family=socket.AF_INET6 if v6 else socket.AF_INET, dualstack_ipv6=v6)
     except OSError as e:
-        raise CannotListenError(listener.interface, listener.port, e) from None  # type: ignore[no-untyped-call]  # unannotated
+        error = CannotListenError(listener.interface, listener.port, e)  # type: ignore[no-untyped-call]  # unannotated
+        raise ListenFailed(*smtp_listener_name(listener), error) from None
+
+
+def check_metrics_ports(config: RelayConfig) -> None:
+    """
+    L{ListenFailed} (one line) if a worker's metrics port (the
+    C{metrics-listen} port + K) cannot be bound now: the relay stops at
+    once rather than after that worker failed to start three times.
+    """
+    if not config.metrics_enabled:
+        return
+    for index in range(config.workers):
+        host, port = parse_metrics_listen(worker_metrics_listen(config.metrics_listen, index))
+        if port == 0:
+            return
+        try:
+            socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
+        except OSError as e:
+            error = CannotListenError(host, port, e)  # type: ignore[no-untyped-call]  # unannotated
+            raise ListenFailed(f"metrics listener of worker {index}", "--metrics-listen (worker K uses its port + K)",
+                               error) from None
 
 
 def worker_log(observer: Any) -> tuple[dict[str, Any], Any]:
@@ -194,6 +217,7 @@ class Supervisor(ProcessMonitor):
         try:
             for index, listener in enumerate(self.listener_configs):
                 self._bound.append(self._systemd.pop(index) if index in self._systemd else bind_listener(listener))
+            check_metrics_ports(self.config)
         except BaseException:
             self._close_sockets()
             raise

@@ -84,6 +84,7 @@ def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control
     def start() -> None:
         try:
             service = makeRelayService(RelayConfig(**settings), reactor, adopt=fds)
+            service.announce = False  # worker_ready says it, below
             service.privilegedStartService()
             service.startService()
         except Exception as e:  # a port in use, a certificate gone since the supervisor read it
@@ -106,9 +107,9 @@ def run_worker(index: int, settings: dict[str, Any], fds: Sequence[int], control
             for port in results[0]:
                 accept_fairly(port)
             where = _where(results[1]) if results[1] is not None else None
-            _log.info("worker {worker} ready, pid {pid}: listening on {where}{metrics_text}", worker=index,
-                      pid=os.getpid(), where=", ".join(listening), listening=listening, metrics=where,
-                      metrics_text=f"; metrics on {where}" if where else "", event="worker_ready")
+            text = "worker {worker} ready, pid {pid}: listening on {where}" + ("; metrics on {metrics}" if where else "")
+            _log.info(text, worker=index, pid=os.getpid(), where=", ".join(listening), listening=listening,
+                      metrics=where, event="worker_ready")
             # At once, not after the rest of the start-up work: one short line into an empty pipe.
             os.write(control, ready_line(os.getpid(), listening, where))
 
