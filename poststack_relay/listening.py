@@ -214,9 +214,12 @@ def report_listen_failures() -> None:
     turns it into the C{listen_failed} event (in the relay's log format)
     when twistd has taken over standard error for its log, else into
     C{poststack-relay: error: ...} on standard error.  Any other
-    exception still gets the previous hook's traceback.
+    exception still gets the previous hook's traceback.  Installing it
+    again changes nothing.
     """
     previous = sys.excepthook
+    if getattr(previous, "reports_listen_failures", False):
+        return
 
     def hook(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
         if not isinstance(value, ListenFailed):
@@ -236,6 +239,7 @@ def report_listen_failures() -> None:
             event="listen_failed",
         )
 
+    hook.reports_listen_failures = True  # type: ignore[attr-defined]  # a mark on the function, for the check above
     sys.excepthook = hook
 
 
