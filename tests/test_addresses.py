@@ -5,6 +5,8 @@ envelope paths and header addresses.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.addresses import (
@@ -185,3 +187,27 @@ class InternationalTests(SynchronousTestCase):
         self.assertIsNone(_path("jörg@bücher.example"))
         self.assertIsNone(header_address_problem("a@\u2603.example"))
         self.assertIn("IDNA 2008", BAD_DOMAIN)
+
+
+_LABEL_TEXT = st.text(
+    alphabet=st.sampled_from("abcXYZ09-_ßüÜéé例子δοκιμήиванمثال☃\u200d\u0301。"), min_size=1, max_size=12
+)
+
+
+class InternationalPropertyTests(SynchronousTestCase):
+    """Properties of the A-label conversion over generated domains."""
+
+    @settings(max_examples=300, derandomize=True, deadline=None)
+    @given(st.lists(_LABEL_TEXT, min_size=1, max_size=4))
+    def test_api_form(self, labels: list[str]) -> None:
+        """
+        The API form is ASCII (or None), a fixed point of the conversion,
+        and has the same comparison key as the domain it came from.
+        """
+        domain = ".".join(labels)
+        converted = api_domain(domain)
+        if converted is None:
+            return
+        self.assertTrue(converted.isascii(), converted)
+        self.assertEqual(api_domain(converted), converted)
+        self.assertEqual(address_key("Jörg@" + domain), address_key("jörg@" + converted))
