@@ -34,6 +34,13 @@ DEFAULT_API_URL = "https://api.poststack.dev"
 # and users send attachments, so the relay defaults to 25 MiB of MIME.
 DEFAULT_MAX_MESSAGE_SIZE = 25 * 1024 * 1024
 DEFAULT_MAX_RECIPIENTS = 50
+# A message at least this large is checked against the MIME limits while it
+# streams in and translated in a thread, off the event loop: below it the
+# translation costs under about a millisecond, less than the hand-over
+# (docs/operations.md, "One large or hostile message").
+DEFAULT_LARGE_MESSAGE_SIZE = 16 * 1024
+# Threads translating large messages at once (more wait their turn).
+DEFAULT_TRANSLATE_THREADS = 2
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_TLS_DETECT_TIMEOUT = 2.0
 # One API attempt; the whole message (every attempt and the waits between
@@ -172,6 +179,10 @@ class RelayConfig:
     @ivar hostname: the name in the greeting and the EHLO reply.
     @ivar max_message_size: largest message accepted, in octets (SIZE).
     @ivar max_recipients: most RCPT TO per message.
+    @ivar large_message_size: octets from which a message is checked
+        against the MIME limits while it streams in, and translated in a
+        thread (off the event loop).
+    @ivar translate_threads: threads translating large messages at once.
     @ivar idle_timeout: seconds a client may stay silent.
     @ivar tls_detect_timeout: seconds to wait for a TLS ClientHello before
         telling a plaintext client that the port needs TLS; 0 disables.
@@ -258,6 +269,8 @@ class RelayConfig:
     hostname: str = attrs.field(factory=_default_hostname)
     max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
     max_recipients: int = attrs.field(default=DEFAULT_MAX_RECIPIENTS, validator=_positive)
+    large_message_size: int = attrs.field(default=DEFAULT_LARGE_MESSAGE_SIZE, validator=_positive)
+    translate_threads: int = attrs.field(default=DEFAULT_TRANSLATE_THREADS, validator=_positive)
     idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=_positive)
     tls_detect_timeout: float = attrs.field(
         default=DEFAULT_TLS_DETECT_TIMEOUT, validator=_not_negative

@@ -6,6 +6,8 @@ L{RelayDelivery} is the avatar an authenticated session gets from the
 cred realm.  The relay's protocol hands it the whole transaction at once
 (envelope + raw message) through L{RelayDelivery.deliver}, so there is
 exactly one API call per transaction however many recipients it has.
+A large message is translated in the relay's L{TranslationPool} (a
+thread), off the event loop; a small one at once.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from .idempotency import (  # the kinds are re-exported for tests/test_logs.py (
     keyed,
 )
 from .interfaces import IEmailAPI, IRelayDelivery
+from .offload import TranslationPool
 from .replies import Reply
-from .translate import Envelope, TranslationError, translate
+from .translate import EmailRequest, Envelope, MimeScan, TranslationError, translate
 
 __all__ = [
     "IDEMPOTENCY_CLIENT",
@@ -178,6 +181,8 @@ class RelayDelivery:
     @param api: where the emails go.
     @param derive_keys: derive idempotency keys from messages with a
         Message-ID (L{poststack_relay.idempotency.keyed}).
+    @param translator: where large messages are translated (off the event
+        loop); C{None}: every message at once.
     """
 
     def __init__(
@@ -186,11 +191,13 @@ class RelayDelivery:
         api: IEmailAPI,
         derive_keys: bool = True,
         holds: Optional[CredentialHolds] = None,
+        translator: Optional[TranslationPool] = None,
     ) -> None:
         self.identity = identity
         self._api = api
         self._derive_keys = derive_keys
         self._holds = holds
+        self._translator = translator
 
     def validate_sender(self, address: str) -> Optional[Reply]:
         """
@@ -206,12 +213,32 @@ class RelayDelivery:
                 return held
         return policy.envelope_sender_reply(self.identity.mailbox, address)
 
+    def _prepare(self, raw: bytes, envelope: Envelope, scan: Optional[MimeScan]) -> EmailRequest:
+        """
+        The request for C{raw}, its idempotency key decided; raises
+        L{TranslationError}.  Pure: may run in a translation thread.
+        """
+        identity = self.identity
+        return keyed(
+            translate(raw, envelope, mailbox=identity.mailbox, scan=scan),
+            account=identity.account,
+            envelope=envelope,
+            raw=raw,
+            derive=self._derive_keys,
+        )
+
     def deliver(
-        self, envelope: Envelope, raw: bytes, session: str = "-", client: str = "-"
+        self,
+        envelope: Envelope,
+        raw: bytes,
+        session: str = "-",
+        client: str = "-",
+        scan: Optional[MimeScan] = None,
     ) -> "Deferred[Reply]":
         """
         Translate and send one message.  Always fires with the reply for the
         client (never fails): 250 only when the API returned an email id.
+        A large message is translated off the event loop (C{translator}).
         """
         started = time.monotonic()
         identity = self.identity
@@ -234,54 +261,67 @@ class RelayDelivery:
                 idempotency=idempotency,
             )
 
-        try:
-            request = keyed(
-                translate(raw, envelope, mailbox=identity.mailbox),
-                account=identity.account,
-                envelope=envelope,
-                raw=raw,
-                derive=self._derive_keys,
-            )
+        def untranslated(failure: Any) -> Reply:
+            # Never crash on input; never a wrong 250.
+            if failure.check(TranslationError):
+                reply: Reply = failure.value.reply
+            else:
+                _log.failure(
+                    "translation failed unexpectedly", failure, event="translate_crash", session=session
+                )
+                reply = replies.LOCAL_ERROR
+            log(reply)
+            return reply
+
+        def send(request: EmailRequest) -> "Deferred[Reply]":
+            nonlocal idempotency
             idempotency = request.idempotency_kind
+            api_started = time.monotonic()
+            # The tenant: each API key, and each mailbox (though all mailboxes
+            # send with the service key), is its own customer for the API
+            # client's fair share of request slots.
+            d = self._api.send_email(identity.api_key, request, tenant=identity.account or None)
+
+            def sent(email_id: str) -> Reply:
+                reply = replies.queued(email_id)
+                log(reply, email_id, 202, (time.monotonic() - api_started) * 1000)
+                return reply
+
+            def failed(failure: Any) -> Reply:
+                api_ms = (time.monotonic() - api_started) * 1000
+                if failure.check(APIError):
+                    err: APIError = failure.value
+                    log(err.reply, None, err.status, api_ms)
+                    if self._holds is not None:
+                        self._holds.learned(
+                            identity.api_key, err.status, err.code, err.retry_after, err.reply,
+                            identity.label,
+                        )
+                    return err.reply
+                _log.failure(
+                    "API call failed unexpectedly", failure, event="api_crash", session=session
+                )
+                log(replies.LOCAL_ERROR, None, None, api_ms)
+                return replies.LOCAL_ERROR
+
+            return d.addCallbacks(sent, failed)
+
+        translator = self._translator
+        if translator is not None and translator.offloads(size):
+            # A large message: translated in a thread, off the event loop.
+            prepared = translator.run(self._prepare, raw, envelope, scan)
+            del raw  # the thread has it
+            return prepared.addCallbacks(send, untranslated)
+        try:
+            request = self._prepare(raw, envelope, scan)
             # Nothing below needs the raw message: let it go before the
             # request body is built.
             del raw
         except TranslationError as e:
-            reply = e.reply
-            log(reply)
-            return succeed(reply)
+            log(e.reply)
+            return succeed(e.reply)
         except Exception:  # never crash on input; never a wrong 250
             _log.failure("translation failed unexpectedly", event="translate_crash", session=session)
-            reply = replies.LOCAL_ERROR
-            log(reply)
-            return succeed(reply)
-
-        api_started = time.monotonic()
-        # The tenant: each API key, and each mailbox (though all mailboxes
-        # send with the service key), is its own customer for the API
-        # client's fair share of request slots.
-        d = self._api.send_email(identity.api_key, request, tenant=identity.account or None)
-
-        def sent(email_id: str) -> Reply:
-            reply = replies.queued(email_id)
-            log(reply, email_id, 202, (time.monotonic() - api_started) * 1000)
-            return reply
-
-        def failed(failure: Any) -> Reply:
-            api_ms = (time.monotonic() - api_started) * 1000
-            if failure.check(APIError):
-                err: APIError = failure.value
-                log(err.reply, None, err.status, api_ms)
-                if self._holds is not None:
-                    self._holds.learned(
-                        identity.api_key, err.status, err.code, err.retry_after, err.reply,
-                        identity.label,
-                    )
-                return err.reply
-            _log.failure(
-                "API call failed unexpectedly", failure, event="api_crash", session=session
-            )
-            log(replies.LOCAL_ERROR, None, None, api_ms)
-            return replies.LOCAL_ERROR
-
-        return d.addCallbacks(sent, failed)
+            log(replies.LOCAL_ERROR)
+            return succeed(replies.LOCAL_ERROR)
+        return send(request)

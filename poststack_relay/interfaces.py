@@ -28,7 +28,7 @@ from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
     from .replies import Reply
-    from .translate import EmailRequest, Envelope
+    from .translate import EmailRequest, Envelope, MimeScan
 
 
 class IEmailAPI(Interface):
@@ -80,10 +80,18 @@ class IRelayDelivery(Interface):
         C{None} if C{address} may be the envelope sender, else the reply.
         """
 
-    def deliver(envelope: Envelope, raw: bytes, session: str, client: str) -> "Deferred[Reply]":
+    def deliver(
+        envelope: Envelope,
+        raw: bytes,
+        session: str,
+        client: str,
+        scan: "Optional[MimeScan]" = None,
+    ) -> "Deferred[Reply]":
         """
         Translate and send one transaction; fires with the client's reply.
         C{session} and C{client} (the client's address) are for the log.
+        C{scan} (given, as a keyword, for large messages only): what the
+        MIME scan found while the message streamed in.
         """
 
 

@@ -58,6 +58,7 @@ from .monitoring import (
     makeMetricsService,
     relay_readiness,
 )
+from .offload import TranslationPool
 from .smtp import RelayFactory
 from .systemd import ReadinessService, SystemdNotifier
 from .tls import ReloadableTLS
@@ -412,8 +413,10 @@ def makeRelayService(
             metrics=metrics,
             throttled=holds.throttled,
         )
+    # Large messages are translated in threads, off the event loop.
+    translator = TranslationPool(reactor, config.translate_threads, config.large_message_size)
     factory = RelayFactory(
-        _portal(config, api, reactor, holds),
+        _portal(config, api, reactor, holds, translator),
         config,
         reactor,
         throttle=_throttle(config, fleet_state),
@@ -421,6 +424,8 @@ def makeRelayService(
     )
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
     service.fleet_state = fleet_state
+    # Stopped after the drain: waits for translations still running.
+    translator.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     if isinstance(api, HTTPEmailAPI):
         _APIClientService(api, connections).setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     if fleet is not None:
@@ -449,7 +454,11 @@ def makeRelayService(
 
 
 def _portal(
-    config: RelayConfig, api: IEmailAPI, reactor: IRelayReactor, holds: CredentialHolds
+    config: RelayConfig,
+    api: IEmailAPI,
+    reactor: IRelayReactor,
+    holds: CredentialHolds,
+    translator: Optional[TranslationPool] = None,
 ) -> Portal:
     """
     The cred portal: credentials checked against the API, each login's
@@ -464,7 +473,9 @@ def _portal(
         negative_ttl=config.auth_negative_ttl,
     )
     realm = RelayRealm(
-        lambda identity: RelayDelivery(identity, api, config.derive_idempotency_keys, holds)
+        lambda identity: RelayDelivery(
+            identity, api, config.derive_idempotency_keys, holds, translator
+        )
     )
     return Portal(realm, [checker])
 

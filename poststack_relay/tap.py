@@ -91,6 +91,11 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"largest message in octets [default: {_config.DEFAULT_MAX_MESSAGE_SIZE}]"),
     ("max-recipients", int, "max_recipients",
      f"most recipients per message [default: {_config.DEFAULT_MAX_RECIPIENTS}]"),
+    ("large-message-size", int, "large_message_size",
+     "octets from which a message is checked against the MIME limits while it arrives and "
+     f"translated in a thread, off the event loop [default: {_config.DEFAULT_LARGE_MESSAGE_SIZE}]"),
+    ("translate-threads", int, "translate_threads",
+     f"threads translating large messages at once [default: {_config.DEFAULT_TRANSLATE_THREADS}]"),
     ("idle-timeout", float, "idle_timeout",
      f"seconds a client may stay silent [default: {_config.DEFAULT_IDLE_TIMEOUT:g}]"),
     ("tls-detect-timeout", float, "tls_detect_timeout",

@@ -89,7 +89,7 @@ class TranslateNamesTests(SynchronousTestCase):
                     "MAX_FILENAME_LENGTH", "MAX_HEADER_BYTES", "MAX_HEADER_FIELDS", "MAX_ID_LENGTH",
                     "MAX_MIME_DEPTH", "MAX_MIME_PARTS", "MAX_PASSED_HEADERS", "MAX_PASSED_HEADER_OCTETS",
                     "MAX_TAGS", "MAX_TAG_LENGTH", "MAX_VARIABLES_DEPTH",
-                    "EmailRequest", "Envelope", "TranslationError", "translate",
+                    "EmailRequest", "Envelope", "MimeScan", "TranslationError", "translate",
                 ]
             ),
         )

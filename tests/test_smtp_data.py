@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.api import APIError
-from poststack_relay.replies import Reply
+from poststack_relay.replies import Reply, too_many_mime_parts
 from poststack_relay.smtp import DATA_HOLD_LIMIT, DataScanner
+from poststack_relay.translate import MAX_MIME_PARTS
+from poststack_relay.translate import message as translate_message
 from tests.common.smtp import MESSAGE, normalised, queued, ready, stuff
 
 TRICKY = [
@@ -397,3 +399,47 @@ class DataScannerTests(SynchronousTestCase):
         positions = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
         scanner, rest = scan(*(wire[a:b] for a, b in zip(positions, positions[1:])))
         self.assertEqual((scanner.message(), rest), (normalised(content), b"RSET\r\n"))
+
+
+def _parts(count: int) -> bytes:
+    """A multipart/mixed message of C{count} small text parts."""
+    head = b'From: you@yourdomain.com\r\nTo: user@example.com\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    return head + b"".join(b"--b\r\n\r\npart %d\r\n" % n for n in range(count)) + b"--b--\r\n"
+
+
+class MimeScanWhileReceivingTests(SynchronousTestCase):
+    """The MIME limits followed while DATA arrives (L{poststack_relay.translate.MimeScan})."""
+
+    def test_only_large_messages_scanned(self) -> None:
+        """A message under C{scan_from} octets is not scanned; a larger one is, from its first octet."""
+        small = DataScanner(10**9, scan_from=10_000)
+        small.feed(stuff(_parts(3)))
+        self.assertIsNone(small.mime)
+        raw = _parts(MAX_MIME_PARTS - 1)
+        large = DataScanner(10**9, scan_from=10_000)
+        wire = stuff(raw)
+        for start in range(0, len(wire), 1000):
+            large.feed(wire[start : start + 1000])
+        self.assertEqual(large.message(), raw)
+        assert large.mime is not None
+        self.assertEqual((large.mime.parts, large.mime.refusal), (MAX_MIME_PARTS, None))
+
+    def test_hostile_message_refused_before_its_end(self) -> None:
+        """Past the part limit, the scan has its refusal while the message is still arriving."""
+        scanner = DataScanner(10**9, scan_from=10_000)
+        scanner.feed(stuff(_parts(5000))[:100_000])
+        assert scanner.mime is not None
+        self.assertEqual(scanner.mime.refusal, too_many_mime_parts(MAX_MIME_PARTS))
+
+    def test_refused_at_the_end_without_a_full_parse(self) -> None:
+        """Through the protocol: the parts refusal at the dot, and the message never parsed in full."""
+
+        def full_parse(message: object) -> None:
+            raise AssertionError("parsed in full")
+
+        self.patch(translate_message, "check_limits", full_parse)
+        h = ready()
+        h.open_data()
+        out = h.feed(stuff(_parts(20_000)))
+        reply = too_many_mime_parts(MAX_MIME_PARTS)
+        self.assertEqual(out, [b"%d %s %s" % (reply.code, reply.enhanced.encode(), reply.text.encode())])

@@ -19,7 +19,7 @@ from poststack_relay.interfaces import IRelayDelivery
 from poststack_relay.metrics import RelayMetrics
 from poststack_relay.replies import Reply
 from poststack_relay.smtp.session import AUTH, CLOSED, COMMAND, DATA, WAIT, Session
-from poststack_relay.translate import Envelope
+from poststack_relay.translate import Envelope, MimeScan
 
 HELO_REPLY = b"250 relay.test\r\n"
 EHLO_REPLY = b"250-relay.test\r\n250 PIPELINING\r\n"
@@ -67,7 +67,9 @@ class RecordingShell:
         self.calls.append(("authenticate", username, password))
         return self.refusal
 
-    def deliver(self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes) -> None:
+    def deliver(
+        self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes, scan: Optional[MimeScan]
+    ) -> None:
         self.calls.append(("deliver", envelope, raw))
 
     def take(self) -> list[tuple[Any, ...]]:

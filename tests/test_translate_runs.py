@@ -9,6 +9,7 @@ and the scan stays linear on hostile input.
 
 from __future__ import annotations
 
+import re
 from email.message import Message
 from typing import Any
 
@@ -117,6 +118,17 @@ class GeneratedEquivalenceTests(FastPathMixin, SynchronousTestCase):
         """Runs in headers, preambles, epilogues, bodies, before boundaries, with any line endings: same tree."""
         plain, fast = self.parse_both(raw)
         self.assertEqual(plain, fast)
+
+    @settings(max_examples=300, deadline=None)
+    @given(messages(), st.integers(1, 200))
+    def test_windowed_run_scan(self, raw: bytes, window: int) -> None:
+        """The runs found a window at a time (any window size) are those one scan of the whole finds."""
+        self.patch(translate_module, "_WINDOW", window)
+        whole = [m.span() for m in translate_module._BASE64_RUN.finditer(raw)]
+        self.assertEqual(list(translate_module._base64_runs(raw)), whole)
+        for start, end in whole:
+            lines = len(re.findall(rb"\r\n|\r|\n", raw[start:end]))
+            self.assertEqual(translate_module._line_count(raw, start, end, 10**9), lines)
 
     def test_run_before_boundary(self) -> None:
         """A run right before a boundary: its last line ending goes to the boundary, as in the plain parse."""

@@ -7,12 +7,19 @@ It looks for the one terminator RFC 5321 allows, C{<CRLF>.<CRLF>} (with
 the CRLF that ended the C{DATA} command counting as the first), in whole
 chunks: no Python loop per line.  A bare LF never ends the message and is
 normalised to CRLF; a lone CR is data (docs/design.md, "SMTP smuggling").
+
+A message that grows past C{scan_from} octets is also followed by a
+L{MimeScan} (the MIME limits, checked as it arrives), so that one over
+them is refused at its end without a full parse; smaller ones cost
+little to parse and are not scanned.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Optional
+
+from ..translate import MimeScan
 
 # A partial DATA line held back while looking for the terminator.
 DATA_HOLD_LIMIT = 65536
@@ -38,17 +45,23 @@ class DataScanner:
     @ivar size: octets of content so far, after unstuffing and
         normalisation.
     @ivar too_big: true once C{size} exceeded C{max_size}.
+    @ivar mime: the MIME scan of the content, once it passed C{scan_from}
+        octets (C{None} before, and for a smaller message).
     """
 
-    __slots__ = ("_max_size", "_chunks", "size", "too_big", "_held", "_at_line_start")
+    __slots__ = (
+        "_max_size", "_chunks", "size", "too_big", "_held", "_at_line_start", "_scan_from", "mime",
+    )
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, scan_from: Optional[int] = None) -> None:
         self._max_size = max_size
         self._chunks: list[bytes] = []
         self.size = 0
         self.too_big = False
         self._held = b""
         self._at_line_start = True
+        self._scan_from = scan_from
+        self.mime: Optional[MimeScan] = None
 
     @property
     def held(self) -> int:
@@ -100,7 +113,10 @@ class DataScanner:
         """
         chunks, self._chunks = self._chunks, []
         if self.too_big:
+            self.mime = None
             return None
+        if self.mime is not None:
+            self.mime.close()
         return b"".join(chunks)
 
     def _emit(self, segment: bytes, prefixed: bool) -> None:
@@ -128,5 +144,13 @@ class DataScanner:
         if self.size > self._max_size:
             self.too_big = True
             self._chunks = []
+            self.mime = None
             return
         self._chunks.append(segment)
+        mime = self.mime
+        if mime is not None:
+            mime.feed(segment)
+        elif self._scan_from is not None and self.size >= self._scan_from:
+            self.mime = mime = MimeScan()
+            for chunk in self._chunks:
+                mime.feed(chunk)

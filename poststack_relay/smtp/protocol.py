@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from .. import replies
 from ..interfaces import IRelayDelivery
 from ..replies import Reply
-from ..translate import Envelope
+from ..translate import Envelope, MimeScan
 from .login import LoginOutcome
 from .session import AUTH, CLOSED, COMMAND, DATA, WAIT, Session
 
@@ -326,10 +326,17 @@ class RelaySMTP(Protocol):
         self._auth_delay = None
         self._resume(reply)
 
-    def deliver(self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes) -> None:
+    def deliver(
+        self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes, scan: Optional[MimeScan]
+    ) -> None:
         """L{SessionShell.deliver}: the avatar's delivery, its reply fed back."""
         self.set_idle_timer(None)
-        d: Deferred[Reply] = delivery.deliver(envelope, raw, self.state.id, self.state.client)
+        state = self.state
+        d: Deferred[Reply]
+        if scan is None:
+            d = delivery.deliver(envelope, raw, state.id, state.client)
+        else:
+            d = delivery.deliver(envelope, raw, state.id, state.client, scan=scan)
         # addCallbacks, not addCallback + addErrback: an error in commands
         # pipelined after the dot (run from _delivered) must not produce a
         # second reply for the message.

@@ -25,7 +25,7 @@ from ..config import RelayConfig
 from ..interfaces import IRelayDelivery
 from ..metrics import RelayMetrics
 from ..replies import Reply
-from ..translate import Envelope
+from ..translate import Envelope, MimeScan
 from .commands import COMMANDS
 from .data import DataScanner
 from .sasl import Challenge, Credentials, SASLExchange, Step
@@ -65,8 +65,13 @@ class SessionShell(Protocol):
         L{Session.resume}; or return the reply refusing them unchecked.
         """
 
-    def deliver(self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes) -> None:
-        """Deliver one message; answer with L{Session.delivered} and L{Session.resume}."""
+    def deliver(
+        self, delivery: IRelayDelivery, envelope: Envelope, raw: bytes, scan: Optional[MimeScan]
+    ) -> None:
+        """
+        Deliver one message (C{scan}: its MIME scan, for a large one);
+        answer with L{Session.delivered} and L{Session.resume}.
+        """
 
 
 class Session:
@@ -280,7 +285,7 @@ class Session:
             self._check()
             return
         self.mode = WAIT
-        self._shell.deliver(self.delivery, Envelope(mail_from, rcpts), raw)
+        self._shell.deliver(self.delivery, Envelope(mail_from, rcpts), raw, scanner.mime)
 
     # -- answers to the shell's asynchronous steps ---------------------------
 
@@ -361,7 +366,8 @@ class Session:
 
     def start_data(self) -> None:
         """C{DATA} was accepted: read the message content."""
-        self.scanner = DataScanner(self.config.max_message_size)
+        config = self.config
+        self.scanner = DataScanner(config.max_message_size, config.large_message_size)
         self.mode = DATA
         self._send_raw(_START_DATA)
 

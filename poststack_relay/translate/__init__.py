@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_translate,tests.test_translate_hostile,tests.test_translate_runs,tests.test_mime_corpus -*-
+# -*- test-case-name: tests.test_translate,tests.test_translate_scan,tests.test_translate_hostile,tests.test_translate_runs,tests.test_mime_corpus -*-
 """
 Translate one SMTP message (raw MIME bytes plus its envelope) into the JSON
 body of one ``POST /emails`` call.
@@ -24,6 +24,9 @@ One job per module:
   - :mod:`.attachments`: attachment objects (filename, type, base64);
   - :mod:`.addressing`: From/To/Cc/Reply-To/Sender addresses, the envelope
     recipients, and the sender policy applied to them;
+  - :mod:`.scan`: the MIME limits followed while a message streams in
+    (:class:`MimeScan`), so that a message over them is refused without a
+    full parse;
   - :mod:`.fields`: the PostStack headers (tags, template, variables,
     idempotency key) and the headers passed on;
   - :mod:`.message`: :func:`translate` itself, which puts them together.
@@ -51,6 +54,7 @@ from .fields import (
 from .message import translate
 from .parse import MAX_HEADER_BYTES, MAX_HEADER_FIELDS, MAX_MIME_DEPTH, MAX_MIME_PARTS
 from .request import EmailRequest, Envelope, TranslationError
+from .scan import MimeScan
 
 __all__ = [
     "MAX_FILENAME_LENGTH",
@@ -66,6 +70,7 @@ __all__ = [
     "MAX_VARIABLES_DEPTH",
     "EmailRequest",
     "Envelope",
+    "MimeScan",
     "TranslationError",
     "translate",
 ]

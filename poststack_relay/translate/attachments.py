@@ -21,7 +21,7 @@ from .parts import transfer_decoded, transfer_encoding
 
 #: Longest attachment filename, in characters (longer ones are shortened).
 MAX_FILENAME_LENGTH: Final = 255
-_CLEAN_SLICE: Final = 1024 * 1024
+_CLEAN_SLICE: Final = 256 * 1024
 _MIMETYPES: Final = mimetypes.MimeTypes()
 _TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
 _EXTENSION_OVERRIDES: Final[dict[str, str]] = {

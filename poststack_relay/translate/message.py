@@ -9,18 +9,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import replies
+
 from .addressing import check_sender_fields, checked_from, reply_to, split_recipients
 from .body import walk
 from .decoding import clean, raw_header_text, unstructured
 from .fields import PASSED_NAMES, PostStackFields
-from .parse import check_limits, parse_message
+from .parse import (
+    MAX_HEADER_FIELDS,
+    MAX_MIME_DEPTH,
+    MAX_MIME_PARTS,
+    _check_header_section,
+    check_limits,
+    parse_message,
+)
 from .request import EmailRequest, Envelope, TranslationError
+from .scan import MimeScan
 
 __all__ = ["translate"]
 
 
 def translate(
-    raw: bytes, envelope: Envelope, *, mailbox: str | None = None
+    raw: bytes,
+    envelope: Envelope,
+    *,
+    mailbox: str | None = None,
+    scan: MimeScan | None = None,
 ) -> EmailRequest:
     """
     Translate one received message into one ``POST /emails`` request.
@@ -30,10 +44,15 @@ def translate(
     :param envelope: The SMTP envelope of the transaction.
     :param mailbox: When the client authenticated as a mailbox, its address:
         the From and Sender addresses must then be that mailbox.
+    :param scan: What L{MimeScan} found while the message streamed in:
+        when it passed a limit, the message is refused without a full
+        parse, with the reply the full parse would give.
     :raises TranslationError: When the message cannot be sent; the error
         carries the SMTP reply for the DATA command.
     :return: The request to make.
     """
+    if scan is not None and scan.refusal is not None:
+        refuse_early(raw, scan, mailbox)
     message = parse_message(raw)
     # The Sender rule comes before any other refusal of the parsed message,
     # as it always has (a message that claims another author is told so).
@@ -118,3 +137,25 @@ def translate(
         message_id=message_id,
         idempotency_kind=None if idempotency_key is None else "client",
     )
+
+
+def refuse_early(raw: bytes, scan: MimeScan, mailbox: str | None) -> None:
+    """
+    Refuse a message that C{scan} found over a limit, parsing only its
+    header section, with the checks in L{translate}'s order: the header
+    section's size, the Sender rule, the header field count, the MIME tree.
+    Returns (and the full parse decides) only if the header section does
+    not confirm a header-field refusal.
+    """
+    _check_header_section(raw)
+    if scan.header_end is None:  # pragma: no cover - the scan refused while reading it
+        return
+    headers = parse_message(raw[: scan.header_end])
+    check_sender_fields(headers, mailbox)
+    if len(headers) > MAX_HEADER_FIELDS:
+        raise TranslationError.of(replies.too_many_header_fields(MAX_HEADER_FIELDS))
+    if scan.refusal in (
+        replies.too_many_mime_parts(MAX_MIME_PARTS),
+        replies.mime_nested_too_deep(MAX_MIME_DEPTH),
+    ):
+        raise TranslationError.of(scan.refusal)

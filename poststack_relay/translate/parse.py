@@ -17,7 +17,7 @@ import secrets
 from email.feedparser import BytesFeedParser
 from email.message import Message
 from email.policy import compat32
-from typing import Any, Final
+from typing import Any, Final, Iterator
 
 from .. import replies
 from .request import TranslationError
@@ -106,7 +106,13 @@ _HEADER_LINE: Final = re.compile(_HEADER_LINE_START)
 
 
 def _measure(root: Message) -> None:
-    """Reject a MIME tree that is nested too deeply or has too many parts."""
+    """
+    Reject a MIME tree that is nested too deeply or has too many parts.
+
+    The parts are visited in document order (as L{.scan.MimeScan} meets
+    them while the message streams in), so that a message over both limits
+    is refused for the same one either way.
+    """
     stack: list[tuple[Message, int]] = [(root, 0)]
     count = 0
     while stack:
@@ -117,9 +123,8 @@ def _measure(root: Message) -> None:
         if part.is_multipart():
             if depth >= MAX_MIME_DEPTH:
                 raise TranslationError.of(replies.mime_nested_too_deep(MAX_MIME_DEPTH))
-            for child in part.get_payload():
-                if isinstance(child, Message):
-                    stack.append((child, depth + 1))
+            children = [c for c in part.get_payload() if isinstance(c, Message)]
+            stack.extend((child, depth + 1) for child in reversed(children))
 
 
 def _check_header_section(raw: bytes) -> None:
@@ -145,11 +150,68 @@ def _check_header_section(raw: bytes) -> None:
 # each match, so the whole message is read once (linear time, whatever
 # it holds).
 _BASE64_RUN: Final = re.compile(rb"(?:(?<=[\r\n])|^)(?:[A-Za-z0-9+/=]++(?:\r\n|\r|\n))++")
+# More lines of a run (from where the last window ended it).
+_BASE64_LINES: Final = re.compile(rb"(?:[A-Za-z0-9+/=]++(?:\r\n|\r|\n))++")
+
+# The scans below look at this much of a message per call: a call into the
+# regular expression engine or a bytes method holds the interpreter lock
+# for all of its length, and the translation may run in a thread beside
+# the event loop (poststack_relay.offload).
+_WINDOW: Final = 64 * 1024
 
 
-def _line_count(raw: bytes, start: int, end: int) -> int:
-    """The lines of C{raw[start:end]}, each ended by CRLF, CR or LF (counted without a copy)."""
-    return raw.count(b"\n", start, end) + raw.count(b"\r", start, end) - raw.count(b"\r\n", start, end)
+def _window_end(raw: bytes, start: int) -> int:
+    """The end of the window from C{start}: after a LF (never inside a CRLF), or the end."""
+    limit = start + _WINDOW
+    if limit >= len(raw):
+        return len(raw)
+    cut = raw.rfind(b"\n", start, limit)
+    if cut < 0:
+        cut = raw.find(b"\n", limit)
+        if cut < 0:
+            return len(raw)
+    return cut + 1
+
+
+def _base64_runs(raw: bytes) -> "Iterator[tuple[int, int]]":
+    """
+    The spans of L{_BASE64_RUN} in C{raw}, as C{finditer} finds them, but
+    found a window at a time (windows end after a LF, so no line or CRLF
+    is cut; a run reaching a window's end is followed into the next ones).
+    """
+    pos, size = 0, len(raw)
+    while pos < size:
+        end = _window_end(raw, pos)
+        found = _BASE64_RUN.search(raw, pos, end)
+        if found is None:
+            pos = end
+            continue
+        start, stop = found.span()
+        while stop == end and end < size:
+            end = _window_end(raw, stop)
+            more = _BASE64_LINES.match(raw, stop, end)
+            if more is None:
+                break
+            stop = more.end()
+        yield start, stop
+        pos = stop
+
+
+def _line_count(raw: bytes, start: int, end: int, enough: int) -> int:
+    """
+    The lines of C{raw[start:end]}, each ended by CRLF, CR or LF (counted
+    without a copy, a window at a time), or any number at least C{enough}
+    once that many are found.
+    """
+    count = 0
+    while start < end and count < enough:
+        stop = min(end, start + _WINDOW)
+        if raw[stop - 1 : stop] == b"\r" and raw[stop : stop + 1] == b"\n":
+            stop += 1
+        count += raw.count(b"\n", start, stop) + raw.count(b"\r", start, stop)
+        count -= raw.count(b"\r\n", start, stop)
+        start = stop
+    return count
 
 
 def _skeleton(raw: bytes) -> tuple[bytes, bytes, list[tuple[int, int]]]:
@@ -177,9 +239,11 @@ def _skeleton(raw: bytes) -> tuple[bytes, bytes, list[tuple[int, int]]]:
     pieces: list[bytes] = []
     runs: list[tuple[int, int]] = []
     last = 0
-    for match in _BASE64_RUN.finditer(raw):
-        start, end = match.span()
-        if end - start < 2 * _RUN_MIN_LINES or _line_count(raw, start, end) < _RUN_MIN_LINES:
+    for start, end in _base64_runs(raw):
+        if (
+            end - start < 2 * _RUN_MIN_LINES
+            or _line_count(raw, start, end, _RUN_MIN_LINES) < _RUN_MIN_LINES
+        ):
             continue
         ending = 2 if raw[end - 2 : end] == b"\r\n" else 1
         pieces.append(raw[last:start])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
+from typing import Any, Optional
 
 import attrs
 from twisted.cred.portal import Portal
@@ -25,7 +25,7 @@ from poststack_relay.interfaces import IEmailAPI
 from poststack_relay.replies import Reply
 from poststack_relay.smtp import RelayFactory, RelaySMTP
 from poststack_relay.testing import MemoryEmailAPI
-from poststack_relay.translate import Envelope
+from poststack_relay.translate import Envelope, MimeScan
 
 KEY = "sk_test_valid_key_0123456789"
 MESSAGE = (
@@ -138,10 +138,11 @@ class RecordingDelivery(RelayDelivery):
         self.record = record
 
     def deliver(
-        self, envelope: Envelope, raw: bytes, session: str = "-", client: str = "-"
+        self, envelope: Envelope, raw: bytes, session: str = "-", client: str = "-",
+        scan: Optional[MimeScan] = None,
     ) -> "Deferred[Reply]":
         self.record.append((envelope, raw))
-        return super().deliver(envelope, raw, session, client)
+        return super().deliver(envelope, raw, session, client, scan)
 
 
 class RecordingHarness(Harness):
