@@ -177,6 +177,15 @@ class ShapeTests(SynchronousTestCase):
 
 
 _BOUNDARIES = [b"a", b"b", b"ab", b"a b", b""]
+_LEAF_TYPES = [
+    b"Content-Type: text/plain",
+    b"CONTENT-TYPE:\ttext/html; charset=x",
+    b"Content-Type:\r\n  text/plain;\r\n\tformat=flowed",
+    b"Content-Type: bogus",
+    b"Content-Type: text/plain\xe9",
+    b"Content-Type: message/delivery-status",
+    b"Content-Type: text/plain\r\nContent-Type: multipart/mixed; boundary=a",
+]
 _EOLS = [b"\r\n", b"\n", b"\r"]
 
 
@@ -194,17 +203,21 @@ def _messages(draw: st.DrawFn) -> bytes:
         if draw(st.integers(0, 4)) == 0:
             out += b"X-Junk: " + draw(st.sampled_from([b"1", b"--a", b"x\r\n  folded"])) + line()
         if kind == "text":
-            out += b"Content-Type: text/plain" + line() + line()
+            out += draw(st.sampled_from(_LEAF_TYPES)) + line() + line()
             for _ in range(draw(st.integers(0, 3))):
                 out += draw(st.sampled_from([b"text", b"--a", b"--b--", b"--ab ", b"-", b"--", b""])) + line()
             return out
         if kind == "bare":
             return out + line() + b"bare" + line()
         if kind == "message":
-            return out + b"Content-Type: message/rfc822" + line() + line() + part(level + 1)
+            out += draw(st.sampled_from([b"Content-Type: message/rfc822", b"content-type:\tMESSAGE/news",
+                                         b"Content-Type:\r\n message/rfc822; x=1"]))
+            return out + line() + line() + part(level + 1)
         boundary = draw(st.sampled_from(_BOUNDARIES))
         subtype = b"digest" if kind == "digest" else b"mixed"
-        out += b'Content-Type: multipart/' + subtype + b'; boundary="' + boundary + b'"' + line() + line()
+        spelling = draw(st.sampled_from([b"Content-Type: multipart/", b"content-type:Multipart/",
+                                         b"Content-Type:\r\n\tmultipart/"]))
+        out += spelling + subtype + b'; boundary="' + boundary + b'"' + line() + line()
         if draw(st.booleans()):
             out += b"preamble" + line()
         for _ in range(draw(st.integers(0, 3))):

@@ -366,8 +366,7 @@ class Session:
 
     def start_data(self) -> None:
         """C{DATA} was accepted: read the message content."""
-        config = self.config
-        self.scanner = DataScanner(config.max_message_size, config.large_message_size)
+        self.scanner = DataScanner(self.config.max_message_size, self.config.large_message_size)
         self.mode = DATA
         self._send_raw(_START_DATA)
 

@@ -295,21 +295,28 @@ class MimeScan:
             if self.fields > self._max_fields:
                 self._refuse(replies.too_many_header_fields(self._max_fields))
                 return
+        ctype = _simple_type(frame.lines, frame.digest)
+        sep = None
         try:
-            parser = BytesFeedParser(_factory=Part, policy=compat32)
-            parser.feed(b"".join(frame.lines))
-            part = parser.close()
-            if frame.digest:
-                part.set_default_type("message/rfc822")
-            ctype = part.get_content_type()
-            maintype = ctype.split("/")[0]
-            boundary = part.get_boundary() if maintype == "multipart" else None
-            sep = None if boundary is None else b"--" + boundary.encode("ascii", "surrogateescape")
+            if ctype is None:
+                # The stdlib reads the header section, as the parser will.
+                parser = BytesFeedParser(_factory=Part, policy=compat32)
+                parser.feed(b"".join(frame.lines))
+                part = parser.close()
+                if frame.digest:
+                    part.set_default_type("message/rfc822")
+                ctype = part.get_content_type()
+                if ctype.startswith("multipart/"):
+                    boundary = part.get_boundary()
+                    if boundary is not None:
+                        sep = b"--" + boundary.encode("ascii", "surrogateescape")
         except UnicodeEncodeError:
             sep = None  # a decoded non-ASCII boundary: no line can match it
         except Exception:
             self.unsure = True
             return
+        assert ctype is not None  # set before anything that can raise UnicodeEncodeError
+        maintype = ctype.split("/")[0]
         frame.lines = []
         if ctype == "message/delivery-status":
             self.unsure = True
@@ -342,6 +349,39 @@ class MimeScan:
     def _refuse(self, reply: Reply) -> None:
         if self.refusal is None and not self.unsure:
             self.refusal = reply
+
+
+_CONTENT_TYPE: Final = b"content-type:"
+
+
+def _simple_type(lines: list[bytes], digest: bool) -> Optional[str]:
+    """
+    The content type L{Part.get_content_type} gives a part with these
+    header lines, when it is plain to see: no Content-Type field (the
+    default type), or an ASCII one that is not C{multipart/*} (whose
+    boundary the stdlib must read).  C{None} otherwise.
+    """
+    first = -1
+    for index, line in enumerate(lines):
+        if line[:13].lower() == _CONTENT_TYPE:
+            first = index
+            break
+    if first < 0:
+        return "message/rfc822" if digest else "text/plain"
+    # compat32's header_source_parse: the first line's value, left-stripped,
+    # its continuation lines, the line end stripped.
+    value = lines[first][13:].lstrip(b" \t")
+    for line in lines[first + 1 :]:
+        if line[:1] not in (b" ", b"\t"):
+            break
+        value += line
+    value = value.rstrip(b"\r\n")
+    if not value.isascii():
+        return None
+    ctype = value.decode("ascii").partition(";")[0].strip().lower()
+    if ctype.count("/") != 1:
+        return "text/plain"
+    return None if ctype.startswith("multipart/") else ctype
 
 
 def _matches(sep: bytes, line: bytes) -> Optional[re.Match[bytes]]:
