@@ -45,6 +45,7 @@ run: venv cert
 	@echo "Sandbox API: http://127.0.0.1:$(SANDBOX_PORT) (stored emails: curl http://127.0.0.1:$(SANDBOX_PORT)/_sandbox/emails)"
 	@echo "Relay: implicit TLS on 127.0.0.1:$(RELAY_PORT), metrics on $(or $(METRICS_LISTEN),$(POSTSTACK_RELAY_METRICS_LISTEN),127.0.0.1:9587). Send a test mail with:"
 	@echo "  $(PY) -m poststack_relay.sendtest --port $(RELAY_PORT) --cafile $(RUN)/cert.pem"
+	@echo "Other clients: connect to localhost and trust $(RUN)/cert.pem (README.md, 'Trying it')."
 	@echo "Stop with Ctrl-C."
 	@echo
 	trap 'kill $$(cat $(SANDBOX_PID)) 2>/dev/null' EXIT INT TERM; \
