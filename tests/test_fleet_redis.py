@@ -151,7 +151,9 @@ class SharedStateTests(TestCase):
         Redis stopped and started again: the states reconnect by
         themselves (both connections) and share again.
         """
-        a, b = self.state(), self.state()
+        # A budget well above a loaded machine's stalls: this test counts
+        # outages, and a call that merely took long would add one.
+        a, b = self.state(timeout=1.0), self.state(timeout=1.0)
         await self.until(lambda: a.up and b.up)
         self.server.stop()
         a.add(["ip:192.0.2.200"], 30)
