@@ -238,3 +238,25 @@ class JSONLogTests(SynchronousTestCase):
         starts = [i for i, e in enumerate(events) if "starting on" in (e.get("message") or "")]
         self.assertEqual(len(starts), 3, [e.get("message") for e in events])
         self.assertGreater(names.index("relay_listening"), max(starts))
+
+    def test_workers_log(self) -> None:
+        """--workers 2, JSON: the supervisor's and the workers' events hold values too; each worker says ready once."""
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTSTACK_RELAY_")}
+        env.update(PYTHONPATH=ROOT)
+        relay = start_program(
+            self, self.dir, "workers",
+            [*COMMAND_LINE, "--workers", "2", "--port", str(port), "--interface", "127.0.0.1",
+             "--tls-cert", self.cert, "--tls-key", self.key, "--metrics-listen", f"127.0.0.1:{free_port()}",
+             "--log-format", "json"],
+            env,
+        )
+        self.wait_for(relay, lambda out: '"workers_ready"' in out, "workers_ready")
+        relay.process.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.process.wait(timeout=TIMEOUT), 0)
+        events = [json.loads(line) for line in relay.output().splitlines() if line.startswith("{")]
+        names = [e["event"] for e in events]
+        self.assertEqual(names.count("worker_ready"), 2)
+        self.assertNotIn("relay_listening", names)  # a worker says worker_ready instead
+        found = {f"{e['event']}.{k}": v for e in events for k, v in fragments(e).items()}
+        self.assertEqual(found, {})
