@@ -28,6 +28,7 @@ import hashlib
 import uuid
 from typing import Final
 
+from .addresses import address_key
 from .translate import EmailRequest, Envelope
 
 __all__ = [
@@ -61,14 +62,16 @@ def derived_idempotency_key(account: str, envelope: Envelope, raw: bytes) -> str
     envelope) gets the same key, so the API cannot send it twice.  Two
     different messages never share a key: any differing byte, recipient or
     credential changes it.  The same in every relay process and after
-    restarts.
+    restarts.  Addresses count in their compared form (L{address_key}): a
+    domain spelled in Unicode or as its C{xn--} form is one domain (for an
+    ASCII address that is just lowercase, as before).
     """
     h = hashlib.sha256(_DERIVATION_PREFIX)
     h.update(account.encode("utf-8"))
     h.update(b"\0")
-    h.update(envelope.mail_from.lower().encode("utf-8", "surrogateescape"))
+    h.update(address_key(envelope.mail_from).encode("utf-8", "surrogateescape"))
     h.update(b"\0")
-    for rcpt in sorted(r.lower() for r in envelope.rcpt_to):
+    for rcpt in sorted(address_key(r) for r in envelope.rcpt_to):
         h.update(rcpt.encode("utf-8", "surrogateescape"))
         h.update(b"\0")
     h.update(b"%d\0" % len(raw))

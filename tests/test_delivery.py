@@ -69,6 +69,26 @@ class DerivedKeyTests(SynchronousTestCase):
         b = Envelope("you@yourdomain.com", ("B@example.com", "a@example.com"))
         self.assertEqual(self.send(message(), env=a), self.send(message(), env=b))
 
+    def test_domain_spellings_are_one_message(self) -> None:
+        """
+        A retry that spells an internationalised domain as its C{xn--} form
+        (or a local part in another Unicode normal form) is the same
+        message: the addresses count in their compared form.
+        """
+        keys = [
+            derived_idempotency_key(ALICE.account, Envelope(sender, (rcpt,)), message())
+            for sender, rcpt in [
+                ("you@yourdomain.com", "J\u00f6rg@B\u00fccher.example"),
+                ("you@yourdomain.com", "j\u00f6rg@xn--bcher-kva.example"),
+                ("You@YourDomain.com", "jo\u0308rg@b\u00fccher.example"),
+            ]
+        ]
+        self.assertEqual(len(set(keys)), 1)
+        other = derived_idempotency_key(
+            ALICE.account, Envelope("you@yourdomain.com", ("jorg@bucher.example",)), message()
+        )
+        self.assertNotIn(other, keys)
+
     def test_never_merges_different_messages(self) -> None:
         """Any difference (one body byte, Message-ID, credential, sender, recipients) gives another key."""
         base = self.send(message())
