@@ -73,6 +73,19 @@ DEFAULT_MAX_AUTH_FAILURES = 3
 # 5 s for a client finishing its upload.  Whatever is still open at the end
 # is told 421 4.3.2 (docs/operations.md, "Stopping under load").
 DEFAULT_DRAIN_TIMEOUT = 45.0
+# Holding the door (docs/operations.md, "Under abuse"): new connections per
+# minute from one address (IPv6: /64; Postfix's
+# smtpd_client_connection_rate_limit), commands before AUTH (Postfix's
+# smtpd_junk_command_limit), seconds for the whole TLS handshake, and the
+# stress mode: past this percentage of max_connections, idle and
+# unauthenticated sessions get stress_timeout (Postfix's
+# smtpd_timeout = ${stress?{10}:{300}}s) and the oldest idle
+# unauthenticated ones make room for new connections.
+DEFAULT_MAX_CONNECTION_RATE_PER_IP = 600
+DEFAULT_MAX_JUNK_COMMANDS = 100
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_STRESS_THRESHOLD = 80
+DEFAULT_STRESS_TIMEOUT = 10.0
 TLS_PROFILES = ("intermediate", "modern")
 DEFAULT_TLS_RELOAD_INTERVAL = 60.0
 # AUTH failure throttling, per client address and per username: each failure
@@ -145,6 +158,11 @@ def _not_negative(instance: object, attribute: "attrs.Attribute[_Number]", value
         raise ConfigError(f"{attribute.name.replace('_', '-')} must not be negative, not {value}")
 
 
+def _percentage(instance: object, attribute: "attrs.Attribute[int]", value: int) -> None:
+    if not 0 <= value <= 100:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be 0 to 100, not {value}")
+
+
 def _probe_interval(instance: object, attribute: "attrs.Attribute[float]", value: float) -> None:
     if value < MIN_API_BREAKER_COOLDOWN:
         raise ConfigError(
@@ -210,6 +228,18 @@ class RelayConfig:
     @ivar max_errors: error replies tolerated per session without a
         delivered message.
     @ivar max_auth_failures: failed AUTH attempts per connection.
+    @ivar max_connection_rate_per_ip: new connections per minute from one
+        client address (IPv6: its /64), counted fleet-wide with
+        C{redis_url}; 0: no limit.
+    @ivar max_junk_commands: commands a client may send before it
+        authenticates (AUTH itself not counted); 0: no limit.
+    @ivar tls_handshake_timeout: seconds from TCP connect (or the PROXY
+        header) to the end of the TLS handshake; 0: no limit.
+    @ivar stress_threshold: percentage of C{max_connections} open at which
+        the relay is under stress (short time-outs, shedding, C{/readyz}
+        not ready); 0: never.
+    @ivar stress_timeout: the idle time-out of unauthenticated and idle
+        sessions under stress.
     @ivar drain_timeout: seconds a stopping relay lets transactions in
         flight finish; then every session still open is told C{421 4.3.2}.
     @ivar tls_profile: C{"intermediate"} (TLS 1.2 and 1.3, Mozilla's
@@ -298,6 +328,15 @@ class RelayConfig:
     )
     max_errors: int = attrs.field(default=DEFAULT_MAX_ERRORS, validator=_positive)
     max_auth_failures: int = attrs.field(default=DEFAULT_MAX_AUTH_FAILURES, validator=_positive)
+    max_connection_rate_per_ip: int = attrs.field(
+        default=DEFAULT_MAX_CONNECTION_RATE_PER_IP, validator=_not_negative
+    )
+    max_junk_commands: int = attrs.field(default=DEFAULT_MAX_JUNK_COMMANDS, validator=_not_negative)
+    tls_handshake_timeout: float = attrs.field(
+        default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=_not_negative
+    )
+    stress_threshold: int = attrs.field(default=DEFAULT_STRESS_THRESHOLD, validator=_percentage)
+    stress_timeout: float = attrs.field(default=DEFAULT_STRESS_TIMEOUT, validator=_positive)
     drain_timeout: float = attrs.field(default=DEFAULT_DRAIN_TIMEOUT, validator=_not_negative)
     tls_profile: str = attrs.field(default="intermediate")
     tls_reload_interval: float = attrs.field(

@@ -19,8 +19,9 @@ plugin points here, L{parse_implicit_tls})::
 The first argument (its colons and equals signs escaped) is the endpoint to
 listen on; then C{certificate=} (PEM, the chain may follow the leaf),
 C{key=} (default: in the certificate file), C{profile=} (C{intermediate} or
-C{modern}) and C{detectTimeout=} (seconds before a silent client is told
-the port needs TLS; 0: never).  A simple endpoint needs no escaping:
+C{modern}), C{detectTimeout=} (seconds before a silent client is told
+the port needs TLS; 0: never) and C{handshakeTimeout=} (seconds the whole
+TLS handshake may take; 0: no limit).  A simple endpoint needs no escaping:
 C{implicittls:tcp:465:certificate=cert.pem}.
 """
 
@@ -44,7 +45,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 
-from .config import DEFAULT_TLS_DETECT_TIMEOUT, ConfigError
+from .config import DEFAULT_TLS_DETECT_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT, ConfigError
 from .places import ListenerConfig
 from .implicittls import ImplicitTLSEndpoint
 from .interfaces import IRelayReactor
@@ -98,6 +99,7 @@ def relay_endpoint(
     clock: IReactorTime,
     detect_timeout: float,
     metrics: Optional[RelayMetrics] = None,
+    handshake_timeout: float = 0.0,
 ) -> ImplicitTLSEndpoint:
     """
     One listener of the relay: implicit TLS (with plaintext detection) on
@@ -109,11 +111,12 @@ def relay_endpoint(
         (L{poststack_relay.tls.ReloadableTLS}).
     @param detect_timeout: see L{ImplicitTLSEndpoint.detectTimeout}.
     @param metrics: where TLS handshake failures are counted.
+    @param handshake_timeout: see L{ImplicitTLSEndpoint.handshakeTimeout}.
     """
     if listener.proxy_protocol:
         # The PROXY header comes before the TLS ClientHello.
         where = ProxyProtocolEndpoint(where, clock)
-    return ImplicitTLSEndpoint(where, tls, clock, detect_timeout, metrics)
+    return ImplicitTLSEndpoint(where, tls, clock, detect_timeout, metrics, handshake_timeout)
 
 
 def parse_implicit_tls(
@@ -132,7 +135,7 @@ def parse_implicit_tls(
     """
     from .tls import load_certificate_options
 
-    known = {"certificate", "key", "profile", "detectTimeout"}
+    known = {"certificate", "key", "profile", "detectTimeout", "handshakeTimeout"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ValueError(
@@ -142,14 +145,8 @@ def parse_implicit_tls(
         raise ValueError("implicittls: which endpoint to listen on? (implicittls:tcp\\:587:...)")
     if not kwargs.get("certificate"):
         raise ValueError("implicittls: certificate= is required")
-    try:
-        detect_timeout = float(kwargs.get("detectTimeout", DEFAULT_TLS_DETECT_TIMEOUT))
-    except ValueError:
-        raise ValueError(
-            f"implicittls: detectTimeout must be a number, not {kwargs['detectTimeout']!r}"
-        ) from None
-    if not detect_timeout >= 0:
-        raise ValueError(f"implicittls: detectTimeout must not be negative, not {detect_timeout}")
+    detect_timeout = _seconds(kwargs, "detectTimeout", DEFAULT_TLS_DETECT_TIMEOUT)
+    handshake_timeout = _seconds(kwargs, "handshakeTimeout", DEFAULT_TLS_HANDSHAKE_TIMEOUT)
     if not IReactorTime.providedBy(reactor):
         raise ValueError("implicittls: the reactor does not provide IReactorTime")
     options = load_certificate_options(
@@ -157,7 +154,19 @@ def parse_implicit_tls(
     )
     description = ":".join(args)
     wrapped: IStreamServerEndpoint = serverFromString(reactor, description)  # type: ignore[no-untyped-call]  # endpoints: unannotated in Twisted
-    return ImplicitTLSEndpoint(wrapped, options, reactor, detect_timeout)
+    return ImplicitTLSEndpoint(
+        wrapped, options, reactor, detect_timeout, handshakeTimeout=handshake_timeout
+    )
+
+
+def _seconds(kwargs: dict[str, str], name: str, default: float) -> float:
+    try:
+        seconds = float(kwargs.get(name, default))
+    except ValueError:
+        raise ValueError(f"implicittls: {name} must be a number, not {kwargs[name]!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"implicittls: {name} must not be negative, not {seconds}")
+    return seconds
 
 
 __all__ = [

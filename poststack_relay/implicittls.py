@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls,tests.test_endpoints,tests.test_metrics -*-
+# -*- test-case-name: tests.test_tls,tests.test_endpoints,tests.test_metrics,tests.test_door -*-
 """
 Implicit TLS (RFC 8314) on any stream server endpoint, with polite refusal
 of plaintext clients.
@@ -60,16 +60,23 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
     written under the TLS layer and the connection closes.  The application
     protocol's own greeting is inside TLS and is never seen in plaintext.
 
+    The whole handshake must end within the factory's C{handshakeTimeout}
+    (from the connection, or from the PROXY header behind a balancer), or
+    the connection is dropped: a client that sends one byte and stalls
+    holds its place for seconds, not for the session's idle time-out.
+
     A connection that never completes the handshake is counted once in the
     factory's metrics (C{tls_handshake_failures_total}): C{plaintext},
     C{timeout} (no byte within C{detectTimeout}), C{handshake} (an OpenSSL
-    error: no common protocol or cipher, a client alert...) or C{closed}
-    (the client left mid-handshake).  A connection that closes before
+    error: no common protocol or cipher, a client alert...), C{closed}
+    (the client left mid-handshake) or C{handshake_timeout} (not done
+    within C{handshakeTimeout}).  A connection that closes before
     sending any byte (a TCP health check) is not counted.
     """
 
     factory: "ImplicitTLSFactory"
     _detectCall: Optional[IDelayedCall] = None
+    _handshakeCall: Optional[IDelayedCall] = None
     _sawFirstByte = False
     _failureCounted = False
     _handshakeSeen = False
@@ -82,6 +89,9 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         timeout = self.factory.detectTimeout
         if timeout and self.transport is not None and not self._sawFirstByte:
             self._detectCall = self.factory.clock.callLater(timeout, self._refusePlaintext)
+        limit = self.factory.handshakeTimeout
+        if limit and self.transport is not None and not self._handshakeSeen:
+            self._handshakeCall = self.factory.clock.callLater(limit, self._handshakeExpired)
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -116,6 +126,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
             return
         if handle.get_peer_finished() is not None:
             self._handshakeSeen = True
+            self._cancelHandshakeTimer()
         elif handle.get_state_string() == b"error":
             self._countFailure("handshake")
 
@@ -123,6 +134,31 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         if self._detectCall is not None and self._detectCall.active():
             self._detectCall.cancel()
         self._detectCall = None
+
+    def _cancelHandshakeTimer(self) -> None:
+        if self._handshakeCall is not None and self._handshakeCall.active():
+            self._handshakeCall.cancel()
+        self._handshakeCall = None
+
+    def _handshakeExpired(self) -> None:
+        self._handshakeCall = None
+        if self._handshakeSeen:
+            return
+        self._countFailure("handshake_timeout")
+        transport = self.transport
+        assert transport is not None, "not connected"
+        peer = transport.getPeer()
+        _log.info(
+            "dropped {client}: TLS handshake not finished within {timeout}s",
+            client=getattr(peer, "host", str(peer)),
+            timeout=self.factory.handshakeTimeout,
+            event="tls_handshake_timeout",
+        )
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
 
     def _refusePlaintext(self, reason: str = "timeout") -> None:
         self._detectCall = None
@@ -158,6 +194,7 @@ class ImplicitTLSProtocol(BufferingTLSTransport):
         Stop waiting; count a client that left mid-handshake.
         """
         self._cancelDetect()
+        self._cancelHandshakeTimer()
         super().connectionLost(reason)
         if self._sawFirstByte and not self._handshakeSeen:
             self._countFailure("closed")
@@ -171,7 +208,9 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
     @ivar connectionCreator: where each connection's C{SSL.Connection}
         comes from (L{poststack_relay.tls.ReloadableTLS} in the relay).
     @ivar detectTimeout: seconds to wait for the first byte (0: forever).
-    @ivar clock: for C{detectTimeout}.
+    @ivar handshakeTimeout: seconds the whole handshake may take (0:
+        forever).
+    @ivar clock: for C{detectTimeout} and C{handshakeTimeout}.
     @ivar metrics: where handshake failures are counted (a private
         L{RelayMetrics} if none is given).
     """
@@ -185,11 +224,13 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
         detectTimeout: float,
         clock: IReactorTime,
         metrics: Optional[RelayMetrics] = None,
+        handshakeTimeout: float = 0.0,
     ) -> None:
         super().__init__(contextFactory, False, wrappedFactory, clock)
         self.connectionCreator = contextFactory
         self.clock: IReactorTime = clock
         self.detectTimeout = detectTimeout
+        self.handshakeTimeout = handshakeTimeout
         self.metrics = metrics if metrics is not None else RelayMetrics()
 
 
@@ -211,6 +252,8 @@ class ImplicitTLSEndpoint:
         telling it, in plaintext, that the port needs TLS (0: never).
     @ivar metrics: where handshake failures are counted; C{None}: nowhere
         shared.
+    @ivar handshakeTimeout: seconds the whole TLS handshake may take before
+        the connection is dropped (0: no limit).
     """
 
     wrapped: IStreamServerEndpoint
@@ -218,6 +261,7 @@ class ImplicitTLSEndpoint:
     clock: IReactorTime
     detectTimeout: float
     metrics: Optional[RelayMetrics] = None
+    handshakeTimeout: float = 0.0
 
     def listen(self, protocolFactory: IProtocolFactory) -> "Deferred[IListeningPort]":
         """
@@ -226,7 +270,12 @@ class ImplicitTLSEndpoint:
         """
         return self.wrapped.listen(
             ImplicitTLSFactory(
-                self.tls, protocolFactory, self.detectTimeout, self.clock, metrics=self.metrics
+                self.tls,
+                protocolFactory,
+                self.detectTimeout,
+                self.clock,
+                metrics=self.metrics,
+                handshakeTimeout=self.handshakeTimeout,
             )
         )
 

@@ -51,13 +51,15 @@ UPSTREAM_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 SESSION_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0)
 """Seconds of one SMTP session, connect to disconnect."""
 
-TLS_FAILURE_REASONS = ("plaintext", "timeout", "handshake", "closed")
+TLS_FAILURE_REASONS = ("plaintext", "timeout", "handshake", "closed", "handshake_timeout")
 """Label values of C{tls_handshake_failures_total} (see C{docs/metrics.md})."""
 
 AUTH_RESULTS = ("ok", "invalid", "unavailable", "throttled", "error", "malformed")
 """Label values of C{auth_total}."""
 
-REFUSAL_REASONS = ("stopping", "max_connections", "max_connections_per_ip")
+REFUSAL_REASONS = (
+    "stopping", "max_connections", "max_connections_per_ip", "max_connection_rate_per_ip"
+)
 """Label values of C{connections_refused_total}."""
 
 UPSTREAM_CALLS = ("send", "key_check", "mailbox_check", "probe", "breaker_probe")
@@ -109,8 +111,19 @@ class RelayMetrics:
         )
         self.connections_refused_total = self._counter(
             "connections_refused_total",
-            "Connections answered 421 and closed: relay stopping or a connection limit reached.",
+            "Connections answered 421 and closed: relay stopping, or a connection limit "
+            "(count or rate) reached.",
             "reason",
+        )
+        self.stress = self._gauge(
+            "stress",
+            "1 while the relay is under stress (open connections past --stress-threshold): "
+            "short time-outs, idle unauthenticated sessions shed, /readyz not ready; else 0.",
+        )
+        self.sessions_shed_total = self._counter(
+            "sessions_shed_total",
+            "Idle unauthenticated sessions closed (421 4.7.0) under stress to make room for "
+            "a new connection.",
         )
         self.session_duration_seconds = self._histogram(
             "session_duration_seconds",
@@ -122,7 +135,8 @@ class RelayMetrics:
             "tls_handshake_failures_total",
             "Connections that never completed the implicit-TLS handshake, by reason: "
             "plaintext (refused, not TLS), timeout (no ClientHello in time), "
-            "handshake (TLS error), closed (client left mid-handshake).",
+            "handshake (TLS error), closed (client left mid-handshake), "
+            "handshake_timeout (not finished within --tls-handshake-timeout).",
             "reason",
         )
         self.tls_certificate_expiry_timestamp_seconds = self._gauge(

@@ -184,13 +184,16 @@ def relay_readiness(
 ) -> Readiness:
     """
     The relay's C{/readyz} check: every SMTP listener is bound, the relay
-    is not draining, and the API gave an answer that is not a 5xx within
+    is not draining nor saturated (under stress: its open connections
+    past the high-water mark, so a balancer sends new clients to another
+    relay), and the API gave an answer that is not a 5xx within
     the last C{max_age} seconds (an C{api} without C{reachable_within},
     e.g. an in-memory one, always counts as reachable).
 
     @param listeners: returns (label, listening service) for each SMTP
         listener; called for each check.
-    @param factory: the L{poststack_relay.smtp.RelayFactory} (its C{stopping}).
+    @param factory: the L{poststack_relay.smtp.RelayFactory} (its
+        C{stopping}, C{stressed} and C{sessions}).
     @param api: the API client (L{Reachable} when it can tell).
     @param max_age: seconds.
     """
@@ -202,6 +205,9 @@ def relay_readiness(
                 reasons.append(f"SMTP listener {label} is not listening")
         if getattr(factory, "stopping", False):
             reasons.append("relay is stopping")
+        elif getattr(factory, "stressed", False):
+            sessions = len(getattr(factory, "sessions", ()))
+            reasons.append(f"relay is saturated: {sessions} connections open (stress)")
         reachable = getattr(api, "reachable_within", None)
         if reachable is not None and not reachable(max_age):
             reasons.append(f"PostStack API not reachable within the last {max_age:g} s")

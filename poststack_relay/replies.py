@@ -82,6 +82,19 @@ TRANSACTION_TIMEOUT = Reply(
     421, "4.4.2", "Error: transaction time limit exceeded, closing connection"
 )
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Error: too many authentication failures")
+TOO_MANY_JUNK_COMMANDS = Reply(
+    421, "4.7.0", "Error: too many commands without authentication, closing connection"
+)
+SHED = Reply(421, "4.7.0", "Server busy, closing idle unauthenticated session, try again later")
+
+
+def connection_rate_exceeded(retry_after: int) -> Reply:
+    """Too many new connections from the client's address in the last minute."""
+    return Reply(
+        421, "4.7.0", f"Too many connections from your address per minute, retry-after={retry_after}s"
+    )
+
+
 # One line (444 octets with code and CRLF, < 512) naming each common client's
 # implicit-TLS setting; docs/interop.md has them in full.
 NOT_TLS = Reply(

@@ -421,6 +421,7 @@ def makeRelayService(
         reactor,
         throttle=_throttle(config, fleet_state),
         metrics=metrics,
+        state=fleet_state,
     )
     service = RelayService(factory, metrics, certificates, config.drain_timeout)
     service.fleet_state = fleet_state
@@ -433,7 +434,10 @@ def makeRelayService(
         # transaction that ends during the drain still shares its 429.
         fleet.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     for index, (place, listener, tls) in enumerate(zip(places, listeners, tls_of)):
-        smtps = relay_endpoint(place, listener, tls, reactor, config.tls_detect_timeout, metrics)
+        smtps = relay_endpoint(
+            place, listener, tls, reactor, config.tls_detect_timeout, metrics,
+            config.tls_handshake_timeout,
+        )
         # An embedder's own endpoint: its errors are the embedder's.
         name, option = (None, "") if index == 0 and endpoint is not None else smtp_listener_name(listener)
         service.add_listener(listener, ListeningService(smtps, factory, name, option))

@@ -132,6 +132,22 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"error replies per session before disconnecting [default: {_config.DEFAULT_MAX_ERRORS}]"),
     ("max-auth-failures", int, "max_auth_failures",
      f"failed AUTH attempts per connection [default: {_config.DEFAULT_MAX_AUTH_FAILURES}]"),
+    ("max-connection-rate-per-ip", int, "max_connection_rate_per_ip",
+     "new connections per minute from one address (IPv6: its /64), fleet-wide with --redis-url; "
+     f"0: no limit [default: {_config.DEFAULT_MAX_CONNECTION_RATE_PER_IP}]"),
+    ("max-junk-commands", int, "max_junk_commands",
+     "commands a client may send before it authenticates (NOOP, RSET, EHLO...); 0: no limit "
+     f"[default: {_config.DEFAULT_MAX_JUNK_COMMANDS}]"),
+    ("tls-handshake-timeout", float, "tls_handshake_timeout",
+     "seconds a connection may take to finish its TLS handshake; 0: no limit "
+     f"[default: {_config.DEFAULT_TLS_HANDSHAKE_TIMEOUT:g}]"),
+    ("stress-threshold", int, "stress_threshold",
+     "percent of --max-connections open at which the relay is under stress: short time-outs, "
+     "oldest idle unauthenticated sessions shed, /readyz not ready; 0: never "
+     f"[default: {_config.DEFAULT_STRESS_THRESHOLD}]"),
+    ("stress-timeout", float, "stress_timeout",
+     "idle time-out of unauthenticated and idle sessions under stress "
+     f"[default: {_config.DEFAULT_STRESS_TIMEOUT:g}]"),
     ("tls-profile", str, "tls_profile",
      "intermediate (TLS 1.2 + 1.3) or modern (TLS 1.3 only) [default: intermediate]"),
     ("tls-reload-interval", float, "tls_reload_interval",

@@ -433,7 +433,7 @@ class SMTPInstrumentationTests(SynchronousTestCase):
         """Refused connections are counted by reason and are not sessions."""
         metrics = RelayMetrics()
         cfg = RelayConfig(tls_cert="unused.pem", hostname="relay.test", max_connections=2,
-                          max_connections_per_ip=1)
+                          max_connections_per_ip=1, stress_threshold=0)
         factory = RelayFactory(Portal(RelayRealm(lambda i: None), []), cfg, Clock(), metrics=metrics)
         a = IPv4Address("TCP", "192.0.2.1", 1)
         b = IPv4Address("TCP", "192.0.2.2", 1)

@@ -62,7 +62,7 @@ BAD_AUTH = b"AUTH PLAIN " + plain("poststack", "sk_test_wrong") + b"\r\n"
 class ConnectionLimitTests(SynchronousTestCase):
     def test_total_limit(self) -> None:
         """Past max_connections a new client gets 421 4.7.0 and is closed; a closed session frees its place."""
-        c = Connections(max_connections=3)
+        c = Connections(max_connections=3, stress_threshold=0)
         # The harness's own session is the first.
         sessions = [c.open("192.0.2.%d" % n) for n in (1, 2)]
         self.assertEqual([t.value() for _, t in sessions], [BANNER, BANNER])
@@ -122,7 +122,7 @@ class ConnectionLimitTests(SynchronousTestCase):
 
     def test_refusal_is_not_a_session(self) -> None:
         """A refused connection does not count against the limits, and its loss changes nothing."""
-        c = Connections(max_connections=1)
+        c = Connections(max_connections=1, stress_threshold=0)
         proto, transport = c.open()
         self.assertEqual(transport.value(), TOO_MANY)
         proto.connectionLost(None)
@@ -130,7 +130,7 @@ class ConnectionLimitTests(SynchronousTestCase):
 
     def test_refused_client_that_never_reads_is_dropped(self) -> None:
         """A refused connection still open after the linger time is aborted; one that closed in time is not touched."""
-        c = Connections(max_connections=1)
+        c = Connections(max_connections=1, stress_threshold=0)
         _, stuck = c.open()
         proto, polite = c.open()
         proto.connectionLost(None)
@@ -142,7 +142,7 @@ class ConnectionLimitTests(SynchronousTestCase):
 
     def test_refusal_inside_tls(self) -> None:
         """Through the implicit-TLS wrapper the 421 is sent inside TLS, after the handshake, and the connection closes."""
-        c = Connections(max_connections=1)
+        c = Connections(max_connections=1, stress_threshold=0)
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         cert_path, key_path = write_certificate(directory)

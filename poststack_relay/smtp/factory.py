@@ -1,9 +1,11 @@
-# -*- test-case-name: tests.test_smtp_limits,tests.test_shutdown -*-
+# -*- test-case-name: tests.test_smtp_limits,tests.test_shutdown,tests.test_smtp_stress,tests.test_door -*-
 """
 L{RelayFactory}: builds the SMTP sessions of one relay within its
-connection limits (in total and per client address), keeps the set of
-live ones, and drains them for a graceful shutdown.  A connection past a
-limit gets a L{RefusalProtocol} (one C{421} reply) instead of a session.
+connection limits (in total, per client address, and new connections per
+minute per client address), keeps the set of live ones, sheds idle
+unauthenticated ones under stress (L{Stress}), and drains them for a
+graceful shutdown.  A connection past a limit gets a L{RefusalProtocol}
+(one C{421} reply) instead of a session.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from .. import replies
-from ..auth import AuthThrottle
+from ..auth import AuthThrottle, throttle_client_key
 from ..config import RelayConfig
+from ..fleet import LocalState
+from ..interfaces import IFleetState
 from ..metrics import RelayMetrics
+from ..rates import RateLimit
 from ..replies import Reply
 from .login import Authenticator
 from .protocol import RelaySMTP
+from .stress import Stress, StressChange
 
 # One namespace for the SMTP side's events, as text logs show it
 # ("[poststack_relay.smtp#info]"), whichever module logs them.
@@ -45,6 +51,14 @@ def _client_key(addr: Any) -> str:
     """
     host = getattr(addr, "host", None)
     return str(host) if host is not None else str(addr)
+
+
+def _authenticated(session: RelaySMTP) -> bool:
+    return session.state.delivery is not None
+
+
+def _idle(session: RelaySMTP) -> bool:
+    return session.state.idle
 
 
 class RefusalProtocol(Protocol):
@@ -90,11 +104,17 @@ class RelayFactory(smtp.SMTPFactory):
         and refusals (L{makeRelayService} always passes one).
     @param metrics: where sessions, refusals, AUTH results and messages
         are counted; a private L{RelayMetrics} if C{None}.
+    @param state: where new connections per client address are counted
+        (the relay's fleet state, shared with C{--redis-url}); the
+        throttle's, else a private L{LocalState}, if C{None}.
 
     @ivar throttle: the L{AuthThrottle}, or C{None}.
     @ivar sessions: the live sessions (built and not yet disconnected).
     @ivar stopping: true once L{drain} was called: new connections get
         C{421 4.3.2} and sessions close between transactions.
+    @ivar stress: the stress policy (L{Stress}): short time-outs and
+        shedding past the high-water mark.
+    @ivar connection_rate: new connections per minute per client address.
     """
 
     # What buildProtocol builds (it does not use this: it passes the factory
@@ -109,6 +129,7 @@ class RelayFactory(smtp.SMTPFactory):
         clock: IReactorTime,
         throttle: Optional[AuthThrottle] = None,
         metrics: Optional[RelayMetrics] = None,
+        state: Optional[IFleetState] = None,
     ) -> None:
         smtp.SMTPFactory.__init__(self, portal)  # type: ignore[no-untyped-call]  # Twisted's is untyped
         self.metrics = metrics if metrics is not None else RelayMetrics()
@@ -123,6 +144,14 @@ class RelayFactory(smtp.SMTPFactory):
         self._drain_done = False
         self._drain_call: Optional[IDelayedCall] = None
         self.authenticator = Authenticator(portal, throttle, self.metrics)
+        if state is None:
+            state = throttle.state if throttle is not None else LocalState(clock)
+        self.connection_rate = RateLimit(
+            state, clock, config.max_connection_rate_per_ip, 60.0, "conn"
+        )
+        self.stress: Stress[RelaySMTP] = Stress(
+            clock, config.max_connections, config.stress_threshold
+        )
         host = config.hostname.encode("ascii", "replace")
         self.greeting = b"220 " + host + b" ESMTP PostStack relay\r\n"
         self.helo_reply = b"250 " + host + b"\r\n"
@@ -149,47 +178,120 @@ class RelayFactory(smtp.SMTPFactory):
     def _refusal(self, client: str) -> Optional[Reply]:
         if self.stopping:
             return replies.SHUTTING_DOWN
-        if len(self.sessions) >= self.config.max_connections:
-            return replies.TOO_MANY_CONNECTIONS
         if self._per_client.get(client, 0) >= self.config.max_connections_per_ip:
             return replies.TOO_MANY_CONNECTIONS_FROM_CLIENT
+        full = len(self.sessions) >= self.config.max_connections
+        victim = self.stress.victim(_authenticated, _idle) if full else None
+        if full and victim is None:
+            return replies.TOO_MANY_CONNECTIONS
+        # Counted only for a connection that the other limits let in, and
+        # before any session is shed for it.
+        wait = self.connection_rate.hit(throttle_client_key(client))
+        if wait is not None:
+            return replies.connection_rate_exceeded(wait)
+        if victim is not None:
+            self._shed(victim, client)
         return None
+
+    def _refused(self, client: str, refusal: Reply) -> Protocol:
+        _log.info(
+            "refused connection from {client}: {reason}",
+            event="connection_refused",
+            client=client,
+            reason=refusal.text,
+            sessions=len(self.sessions),
+            from_client=self._per_client.get(client, 0),
+        )
+        if refusal is replies.SHUTTING_DOWN:
+            self.metrics.refused["stopping"].inc()
+        elif refusal is replies.TOO_MANY_CONNECTIONS:
+            self.metrics.refused["max_connections"].inc()
+        elif refusal is replies.TOO_MANY_CONNECTIONS_FROM_CLIENT:
+            self.metrics.refused["max_connections_per_ip"].inc()
+        else:
+            self.metrics.refused["max_connection_rate_per_ip"].inc()
+        return RefusalProtocol(refusal, self.clock)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         """
         A new session for a client at C{addr}, or a L{RefusalProtocol} if a
-        connection limit is reached or the relay is stopping.
+        connection limit is reached or the relay is stopping.  Under
+        stress with every place taken, the oldest idle unauthenticated
+        session is shed to make room.
         """
         client = _client_key(addr)
         refusal = self._refusal(client)
         if refusal is not None:
-            _log.info(
-                "refused connection from {client}: {reason}",
-                event="connection_refused",
-                client=client,
-                reason=refusal.text,
-                sessions=len(self.sessions),
-                from_client=self._per_client.get(client, 0),
-            )
-            if refusal is replies.SHUTTING_DOWN:
-                self.metrics.refused["stopping"].inc()
-            elif refusal is replies.TOO_MANY_CONNECTIONS:
-                self.metrics.refused["max_connections"].inc()
-            else:
-                self.metrics.refused["max_connections_per_ip"].inc()
-            return RefusalProtocol(refusal, self.clock)
+            return self._refused(client, refusal)
         p = RelaySMTP(self)
         self.sessions.add(p)
         self._session_keys[p] = client
         self._per_client[client] = self._per_client.get(client, 0) + 1
         self.metrics.connections_total.inc()
         self.metrics.connections_open.inc()
+        self._stress_changed(self.stress.opened(p, len(self.sessions)))
         return p
+
+    def _shed(self, victim: RelaySMTP, client: str) -> None:
+        _log.info(
+            "{session} shed under stress (idle, not authenticated) client={client} for {newcomer}",
+            event="session_shed",
+            session=victim.session,
+            client=victim.client,
+            newcomer=client,
+        )
+        self.metrics.sessions_shed_total.inc()
+        victim.state.reply(replies.SHED, error=False)
+        victim.state.closed()
+        victim.close()
+        # Its place is free now, though its connection may linger a moment.
+        self.session_closed(victim)
+
+    @property
+    def stressed(self) -> bool:
+        """
+        The relay is under stress (see L{Stress}); C{/readyz} says not ready.
+        """
+        return self.stress.on
+
+    def _stress_changed(self, change: Optional[StressChange]) -> None:
+        if change is None:
+            return
+        self.metrics.stress.set(1 if change.on else 0)
+        if change.on:
+            _log.info(
+                "under stress: {sessions} sessions open (high-water mark {high} of {limit}); "
+                "idle time-out {timeout}s for idle and unauthenticated sessions",
+                event="stress_on",
+                sessions=change.sessions,
+                high=self.stress.high,
+                limit=self.config.max_connections,
+                timeout=self.config.stress_timeout,
+                lasted=change.lasted,
+            )
+        else:
+            _log.info(
+                "stress over after {lasted:.1f}s: {sessions} sessions open",
+                event="stress_off",
+                sessions=change.sessions,
+                lasted=change.lasted,
+            )
+        timeout = self.session_timeout()
+        for session in self.sessions:
+            session.retime(timeout)
+
+    def session_timeout(self) -> float:
+        """
+        The idle time-out of sessions now: C{stress_timeout} under stress,
+        else C{idle_timeout}.
+        """
+        return self.config.stress_timeout if self.stress.on else self.config.idle_timeout
 
     def session_closed(self, session: RelaySMTP) -> None:
         """
         Release C{session}'s place in the limits (called once its
-        connection is lost; calling it again does nothing).
+        connection is lost, or when it is shed; calling it again does
+        nothing).
         """
         if session not in self.sessions:
             return
@@ -201,6 +303,7 @@ class RelayFactory(smtp.SMTPFactory):
             self._per_client[client] = left
         else:
             del self._per_client[client]
+        self._stress_changed(self.stress.closed(session, len(self.sessions)))
         if self.stopping and not self.sessions:
             self._finish_drain()
 

@@ -73,7 +73,7 @@ class RelaySMTP(Protocol):
 
     def __init__(self, factory: "RelayFactory") -> None:
         self.factory = factory
-        self.timeout: float = factory.config.idle_timeout
+        self.timeout: float = factory.session_timeout()
         self._buf = b""
         self._skip_line = False
         self._paused = False
@@ -141,6 +141,12 @@ class RelaySMTP(Protocol):
             call.reset(seconds)
         else:
             self._idle = self.factory.clock.callLater(seconds, self._idle_expired)
+
+    def retime(self, seconds: float) -> None:
+        """A new idle time-out (stress began or ended), from now if the idle timer runs."""
+        self.timeout = seconds
+        if self._idle is not None:
+            self._idle.reset(seconds)
 
     def _idle_expired(self) -> None:
         self._idle = None

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_session,tests.test_smtp_commands -*-
+# -*- test-case-name: tests.test_smtp_session,tests.test_smtp_commands,tests.test_door -*-
 """
 The SMTP session and its mail transaction, as a state machine without a
 transport: command lines in, replies and requests to its shell out.
@@ -84,6 +84,7 @@ class Session:
     @ivar smtputf8: the open transaction declared C{SMTPUTF8} (RFC 6531).
     @ivar errors: error replies since the last delivered message.
     @ivar auth_failures: failed logins in this session.
+    @ivar junk: commands before a login (C{AUTH} not counted).
     @ivar stopping: the relay is stopping (L{shutdown}): close the session
         as soon as it is between transactions.
     """
@@ -101,6 +102,7 @@ class Session:
         "errors",
         "helo",
         "id",
+        "junk",
         "mail_from",
         "mode",
         "rcpt_keys",
@@ -129,6 +131,7 @@ class Session:
         self.mode = COMMAND
         self.errors = 0
         self.auth_failures = 0
+        self.junk = 0
         self.helo: Optional[bytes] = None
         self.delivery: Optional[IRelayDelivery] = None
         self.mail_from: Optional[str] = None
@@ -180,6 +183,11 @@ class Session:
             self._close()
         elif self.errors > config.max_errors:
             self.reply(replies.TOO_MANY_ERRORS)
+            self._close()
+        elif 0 < config.max_junk_commands < self.junk:
+            _log.info("{session} too many commands ({count}) before AUTH client={client}",
+                      event="junk_limit", session=self.id, count=self.junk, client=self.client)
+            self.reply(replies.TOO_MANY_JUNK_COMMANDS)
             self._close()
         elif self.stopping and self.idle:
             self.say_shutting_down()
@@ -246,10 +254,13 @@ class Session:
             self._auth_line(line)
         else:
             verb, _, arg = line.strip().partition(b" ")
+            verb = verb.upper()
+            if self.delivery is None and verb != b"AUTH":
+                self.junk += 1  # Postfix's smtpd_junk_command_limit, before AUTH
             if not verb:
                 self.reply(replies.BAD_SYNTAX)
             else:
-                handler = COMMANDS.get(verb.upper())
+                handler = COMMANDS.get(verb)
                 if handler is None:
                     self.reply(replies.UNKNOWN_COMMAND)
                 else:
