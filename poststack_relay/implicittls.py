@@ -27,6 +27,7 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -232,6 +233,17 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
         self.detectTimeout = detectTimeout
         self.handshakeTimeout = handshakeTimeout
         self.metrics = metrics if metrics is not None else RelayMetrics()
+
+    def buildProtocol(self, addr: Optional[IAddress]) -> Optional[ImplicitTLSProtocol]:  # type: ignore[override]  # None: refused
+        """
+        The wrapped factory's protocol inside TLS; C{None} (the connection
+        is closed at once, no handshake) if the wrapped factory refuses it
+        without a word.
+        """
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)
 
 
 @implementer(IStreamServerEndpoint)

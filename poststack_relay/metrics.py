@@ -58,7 +58,11 @@ AUTH_RESULTS = ("ok", "invalid", "unavailable", "throttled", "error", "malformed
 """Label values of C{auth_total}."""
 
 REFUSAL_REASONS = (
-    "stopping", "max_connections", "max_connections_per_ip", "max_connection_rate_per_ip"
+    "stopping",
+    "max_connections",
+    "max_connections_per_ip",
+    "max_connection_rate_per_ip",
+    "max_connection_rate_per_ip_dropped",
 )
 """Label values of C{connections_refused_total}."""
 
@@ -112,7 +116,8 @@ class RelayMetrics:
         self.connections_refused_total = self._counter(
             "connections_refused_total",
             "Connections answered 421 and closed: relay stopping, or a connection limit "
-            "(count or rate) reached.",
+            "(count or rate) reached; or, past the rate and told so 60 times in the minute, "
+            "closed before TLS (max_connection_rate_per_ip_dropped).",
             "reason",
         )
         self.stress = self._gauge(
@@ -217,7 +222,8 @@ class RelayMetrics:
         )
         self.fleet_state_fallbacks_total = self._counter(
             "fleet_state_fallbacks_total",
-            "Writes to the shared state (add: a failed login; remember: a credential held; "
+            "Writes to the shared state (add: a failed login or an accepted connection; "
+            "remember: a credential held; "
             "load: the notes read at (re)connection) that Redis did not take in time or at "
             "all: the relay decided with its own memory.",
             "operation",

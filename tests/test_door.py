@@ -22,6 +22,7 @@ from poststack_relay.fleet import LocalState
 from poststack_relay.implicittls import ImplicitTLSFactory
 from poststack_relay.metrics import RelayMetrics
 from poststack_relay.smtp import RefusalProtocol, RelaySMTP
+from poststack_relay.smtp.factory import POLITE_RATE_REFUSALS
 from poststack_relay.testing import write_certificate
 from poststack_relay.tls import load_certificate_options
 from tests.common.smtp import AUTH_OK, KEY, Collector, Connections, RecordingHarness, plain
@@ -67,6 +68,27 @@ class ConnectionRateTests(SynchronousTestCase):
         self.assertIsInstance(c.open("198.51.100.1")[0], RefusalProtocol)
         c.harness.clock.advance(1)
         self.assertIsInstance(c.open("198.51.100.1")[0], RelaySMTP)
+
+    def test_flood_dropped_before_tls(self) -> None:
+        """
+        Past the rate, an address is told so (421) POLITE_RATE_REFUSALS
+        times a minute; further connections are closed before TLS (the
+        factory builds nothing, so the TLS wrapper makes no handshake).
+        """
+        c = Connections(max_connection_rate_per_ip=1)
+        address = IPv4Address("TCP", "198.51.100.1", 1)
+        self.assertIsInstance(c.factory.buildProtocol(address), RelaySMTP)
+        for _ in range(POLITE_RATE_REFUSALS):
+            self.assertIsInstance(c.factory.buildProtocol(address), RefusalProtocol)
+        self.assertIsNone(c.factory.buildProtocol(address))
+        self.assertEqual(refused_value(c, "max_connection_rate_per_ip"), POLITE_RATE_REFUSALS)
+        self.assertEqual(refused_value(c, "max_connection_rate_per_ip_dropped"), 1)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        cert, key = write_certificate(directory)
+        tls = ImplicitTLSFactory(load_certificate_options(cert, key), c.factory, 2.0, Clock())
+        self.assertIsNone(tls.buildProtocol(address))
+        self.assertIsNotNone(tls.buildProtocol(IPv4Address("TCP", "198.51.100.2", 1)))
 
     def test_ipv6_per_64(self) -> None:
         """

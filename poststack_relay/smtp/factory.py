@@ -10,7 +10,7 @@ graceful shutdown.  A connection past a limit gets a L{RefusalProtocol}
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
@@ -43,6 +43,15 @@ REFUSAL_LINGER = 10.0
 # answer TLS's close_notify) before they are dropped and the drain ends:
 # a stop takes at most drain_timeout + DRAIN_FAREWELL.
 DRAIN_FAREWELL = 2.0
+
+# Connections past the connection rate that are told so (a 421 inside TLS)
+# per client address and minute; the others are closed before the TLS
+# handshake, without a word, so a flood costs no handshakes.
+POLITE_RATE_REFUSALS = 60
+# How many client addresses the polite-refusal counts remember.
+_POLITE_MAX_KEYS = 10_000
+
+_DROP: Literal["drop"] = "drop"
 
 
 def _client_key(addr: Any) -> str:
@@ -149,6 +158,10 @@ class RelayFactory(smtp.SMTPFactory):
         self.connection_rate = RateLimit(
             state, clock, config.max_connection_rate_per_ip, 60.0, "conn"
         )
+        # This relay's own memory: refusals are never shared.
+        self._polite = RateLimit(
+            LocalState(clock, max_counters=_POLITE_MAX_KEYS), clock, POLITE_RATE_REFUSALS, 60.0, "told"
+        )
         self.stress: Stress[RelaySMTP] = Stress(
             clock, config.max_connections, config.stress_threshold
         )
@@ -175,7 +188,7 @@ class RelayFactory(smtp.SMTPFactory):
         """
         return self._per_client.get(client, 0)
 
-    def _refusal(self, client: str) -> Optional[Reply]:
+    def _refusal(self, client: str) -> Union[Reply, Literal["drop"], None]:
         if self.stopping:
             return replies.SHUTTING_DOWN
         if self._per_client.get(client, 0) >= self.config.max_connections_per_ip:
@@ -186,8 +199,11 @@ class RelayFactory(smtp.SMTPFactory):
             return replies.TOO_MANY_CONNECTIONS
         # Counted only for a connection that the other limits let in, and
         # before any session is shed for it.
-        wait = self.connection_rate.hit(throttle_client_key(client))
+        key = throttle_client_key(client)
+        wait = self.connection_rate.hit(key)
         if wait is not None:
+            if self._polite.hit(key) is not None:
+                return _DROP
             return replies.connection_rate_exceeded(wait)
         if victim is not None:
             self._shed(victim, client)
@@ -212,16 +228,21 @@ class RelayFactory(smtp.SMTPFactory):
             self.metrics.refused["max_connection_rate_per_ip"].inc()
         return RefusalProtocol(refusal, self.clock)
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         """
         A new session for a client at C{addr}, or a L{RefusalProtocol} if a
         connection limit is reached or the relay is stopping.  Under
         stress with every place taken, the oldest idle unauthenticated
-        session is shed to make room.
+        session is shed to make room.  C{None} (close the connection at
+        once, before TLS) for a client past the connection rate that was
+        already told so L{POLITE_RATE_REFUSALS} times this minute.
         """
         client = _client_key(addr)
         refusal = self._refusal(client)
-        if refusal is not None:
+        if refusal == _DROP:
+            self.metrics.refused["max_connection_rate_per_ip_dropped"].inc()
+            return None
+        if isinstance(refusal, Reply):
             return self._refused(client, refusal)
         p = RelaySMTP(self)
         self.sessions.add(p)

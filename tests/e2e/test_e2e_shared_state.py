@@ -166,9 +166,10 @@ class SharedStateRelayTests(RelayTestCase):
         deadline = time.monotonic() + 8
         while True:
             _, text = await self.in_thread(http_get, base + "/metrics")
-            # smtplib's login() failed twice (PLAIN, then LOGIN).
+            # smtplib's login() failed twice (PLAIN, then LOGIN); and each
+            # of the two connections was counted (the connection rate).
             if "poststack_relay_fleet_state_up 0.0" in text and re.search(
-                r'poststack_relay_fleet_state_fallbacks_total\{operation="add"\} 2\.0', text
+                r'poststack_relay_fleet_state_fallbacks_total\{operation="add"\} 4\.0', text
             ):
                 break
             self.assertLess(time.monotonic(), deadline, text[-800:])
