@@ -359,6 +359,9 @@ class ScannerTests(TestCase):
                 "--tls-cert", chain.cert, "--tls-key", chain.key,
                 "--api-url", f"http://127.0.0.1:{free_port()}", "--hostname", "localhost",
                 "--metrics-listen", "127.0.0.1:0",
+                # A scan makes hundreds of connections a second from one
+                # address: far past the default connection rate.
+                "--max-connection-rate-per-ip", "0",
                 *extra,
             ],
             cwd=self.dir, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT,
