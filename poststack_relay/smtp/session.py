@@ -74,6 +74,36 @@ class SessionShell(Protocol):
         """
 
 
+def _limit_reached(session: "Session") -> Optional[Reply]:
+    """
+    The C{421} that closes C{session} if it failed AUTH too often, made
+    too many errors, or sent too many commands before a login (logged);
+    else C{None}.
+    """
+    config = session.config
+    if session.auth_failures >= config.max_auth_failures:
+        _log.info(
+            "{session} too many authentication failures ({count}) client={client}",
+            event="auth_limit",
+            session=session.id,
+            count=session.auth_failures,
+            client=session.client,
+        )
+        return replies.TOO_MANY_AUTH_FAILURES
+    if session.errors > config.max_errors:
+        return replies.TOO_MANY_ERRORS
+    if 0 < config.max_junk_commands < session.junk:
+        _log.info(
+            "{session} too many commands ({count}) before AUTH client={client}",
+            event="junk_limit",
+            session=session.id,
+            count=session.junk,
+            client=session.client,
+        )
+        return replies.TOO_MANY_JUNK_COMMANDS
+    return None
+
+
 class Session:
     """
     One SMTP session's state: greeting, login, transaction, limits.
@@ -170,24 +200,9 @@ class Session:
             # Closed, or a reply is still to come (an API call, or a
             # delayed 535): checked again once it is sent.
             return
-        config = self.config
-        if self.auth_failures >= config.max_auth_failures:
-            _log.info(
-                "{session} too many authentication failures ({count}) client={client}",
-                event="auth_limit",
-                session=self.id,
-                count=self.auth_failures,
-                client=self.client,
-            )
-            self.reply(replies.TOO_MANY_AUTH_FAILURES)
-            self._close()
-        elif self.errors > config.max_errors:
-            self.reply(replies.TOO_MANY_ERRORS)
-            self._close()
-        elif 0 < config.max_junk_commands < self.junk:
-            _log.info("{session} too many commands ({count}) before AUTH client={client}",
-                      event="junk_limit", session=self.id, count=self.junk, client=self.client)
-            self.reply(replies.TOO_MANY_JUNK_COMMANDS)
+        over = _limit_reached(self)
+        if over is not None:
+            self.reply(over)
             self._close()
         elif self.stopping and self.idle:
             self.say_shutting_down()
