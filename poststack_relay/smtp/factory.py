@@ -30,6 +30,7 @@ from ..rates import RateLimit
 from ..replies import Reply
 from .login import Authenticator
 from .protocol import RelaySMTP
+from .session import CLOSED, WAIT
 from .stress import Stress, StressChange
 
 # One namespace for the SMTP side's events, as text logs show it
@@ -60,6 +61,27 @@ def _client_key(addr: Any) -> str:
     """
     host = getattr(addr, "host", None)
     return str(host) if host is not None else str(addr)
+
+
+def _log_stress(change: StressChange, high: Optional[int], config: RelayConfig) -> None:
+    if change.on:
+        _log.info(
+            "under stress: {sessions} sessions open (high-water mark {high} of {limit}); "
+            "idle time-out {timeout}s for idle and unauthenticated sessions",
+            event="stress_on",
+            sessions=change.sessions,
+            high=high,
+            limit=config.max_connections,
+            timeout=config.stress_timeout,
+            lasted=change.lasted,
+        )
+    else:
+        _log.info(
+            "stress over after {lasted:.1f}s: {sessions} sessions open",
+            event="stress_off",
+            sessions=change.sessions,
+            lasted=change.lasted,
+        )
 
 
 def _authenticated(session: RelaySMTP) -> bool:
@@ -279,27 +301,13 @@ class RelayFactory(smtp.SMTPFactory):
         if change is None:
             return
         self.metrics.stress.set(1 if change.on else 0)
-        if change.on:
-            _log.info(
-                "under stress: {sessions} sessions open (high-water mark {high} of {limit}); "
-                "idle time-out {timeout}s for idle and unauthenticated sessions",
-                event="stress_on",
-                sessions=change.sessions,
-                high=self.stress.high,
-                limit=self.config.max_connections,
-                timeout=self.config.stress_timeout,
-                lasted=change.lasted,
-            )
-        else:
-            _log.info(
-                "stress over after {lasted:.1f}s: {sessions} sessions open",
-                event="stress_off",
-                sessions=change.sessions,
-                lasted=change.lasted,
-            )
+        _log_stress(change, self.stress.high, self.config)
         timeout = self.session_timeout()
         for session in self.sessions:
-            session.retime(timeout)
+            # From now, if its idle timer runs (not while it waits on the API).
+            session.timeout = timeout
+            if session.state.mode != WAIT and session.state.mode != CLOSED:
+                session.set_idle_timer(timeout)
 
     def session_timeout(self) -> float:
         """

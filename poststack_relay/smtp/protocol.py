@@ -142,12 +142,6 @@ class RelaySMTP(Protocol):
         else:
             self._idle = self.factory.clock.callLater(seconds, self._idle_expired)
 
-    def retime(self, seconds: float) -> None:
-        """A new idle time-out (stress began or ended), from now if the idle timer runs."""
-        self.timeout = seconds
-        if self._idle is not None:
-            self._idle.reset(seconds)
-
     def _idle_expired(self) -> None:
         self._idle = None
         self.state.timed_out()
