@@ -2,8 +2,8 @@
 What the relay says at start, seen from outside (real processes on
 loopback): a port already taken is one line naming the listener, the
 address and the option to change, with exit status 1 and no traceback,
-under C{twistd poststack-relay}, the C{poststack-relay} command and
-C{twist}; C{relay_listening} comes only once every listener is bound; and
+under C{twistd poststack-relay}, the C{poststack-relay} command, C{twist},
+C{--workers 2} and C{make run} (whose C{METRICS_LISTEN} reaches the relay); C{relay_listening} comes only once every listener is bound; and
 the JSON log of a relay that started, relayed a message, refused a bad
 login and a plaintext client, and stopped, holds values in its fields,
 never pieces of a sentence.
@@ -24,7 +24,7 @@ from typing import Any, Callable
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.testing import write_certificate
-from tests.common.processes import ROOT, TWISTD, free_port, wait_for_port
+from tests.common.processes import ROOT, TWISTD, find_tool, free_port, missing, wait_for_port
 from tests.common.running import COMMAND_LINE, start_program, start_sandbox
 
 #: Every wait on a process is bounded by this many seconds.
@@ -145,6 +145,51 @@ class ListenFailureTests(SynchronousTestCase):
             f"cannot listen on 127.0.0.1:{port} (SMTP listener): Address already in use; change --port or --interface",
         )
         self.assertNotIn("worker 0 started", "\n".join(lines))
+
+
+class MakeRunTests(SynchronousTestCase):
+    """C{make run} beside another program holding the metrics port: its METRICS_LISTEN, and the one line."""
+
+    def make_run(self, metrics_listen: str, sandbox_port: int) -> subprocess.CompletedProcess[str]:
+        """C{make run} with its own ports and files (RUN in a temporary directory), bounded in time."""
+        make = find_tool("make")
+        if make is None or not os.path.exists(os.path.join(ROOT, ".venv", "bin", "twistd")):
+            raise missing("make run needs make and the tree's .venv (make venv)")
+        run = os.path.abspath(self.mktemp())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTSTACK_RELAY_")}
+        # -o: never reinstall the venv from a test; RUN: the certificate, pid, log and database here.
+        return subprocess.run(
+            [make, "-s", "-C", ROOT, "-o", ".venv/.installed", "run", f"RUN={run}",
+             f"RELAY_PORT={free_port()}", f"SANDBOX_PORT={sandbox_port}", f"METRICS_LISTEN={metrics_listen}"],
+            env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )
+
+    def test_metrics_port_taken(self) -> None:
+        """METRICS_LISTEN reaches the relay; a taken one: one line naming --metrics-listen, make fails, the sandbox is stopped."""
+        sock, metrics = held_port()
+        self.addCleanup(sock.close)
+        sandbox_port = free_port()
+        result = self.make_run(f"127.0.0.1:{metrics}", sandbox_port)
+        self.assertNotEqual(result.returncode, 0, result)
+        output = result.stdout + result.stderr
+        self.assertIn(f"Sandbox API: http://127.0.0.1:{sandbox_port}", output)
+        self.assertIn(f"metrics on 127.0.0.1:{metrics}", output)  # make run's own banner
+        self.assertEqual(
+            [line.split("] ", 1)[-1] for line in output.splitlines() if "cannot listen" in line],
+            [f"cannot listen on 127.0.0.1:{metrics} (metrics listener): Address already in use; "
+             "change --metrics-listen (HOST:PORT, or off)"],
+        )
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("poststack-relay listening on", output)
+        # make run's trap stops the sandbox it started when the relay ends.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", sandbox_port), timeout=1).close()
+            except OSError:
+                break
+            self.assertLess(time.monotonic(), deadline, "the sandbox still listens")
+            time.sleep(0.2)
 
 
 # JSON keys every line has; the others are the event's own fields.
