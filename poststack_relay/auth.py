@@ -11,8 +11,9 @@ Two kinds of login, both over AUTH PLAIN or LOGIN:
 
 Results are cached for a short time, keyed by a keyed SHA-256 digest of
 the credentials, never by the secret itself.  L{AuthThrottle} counts
-failed logins per client address and per mailbox username, slows down and
-then refuses guessers (see docs/security-auth.md).
+failed logins per client address, per mailbox from an address and per
+mailbox, slows guessers down and refuses them per address, never per
+mailbox alone (see docs/security-auth.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -34,10 +36,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .api import APIUnavailable
+from .api import APIUnavailable, MailboxSuspended
 from .config import mask_secret
 from .fleet import LocalState
 from .interfaces import IEmailAPI, IFleetState, IRelayDelivery
+from .rates import RateLimit
 
 _log = Logger()
 
@@ -48,6 +51,13 @@ class AuthUnavailable(Exception):
     """
     The credentials could not be checked now (API unreachable): answer
     C{454 4.7.0}.
+    """
+
+
+class MailboxLoginsDisabled(Exception):
+    """
+    A mailbox login on a relay without a service key: about the relay, not
+    the password (no check, not a failed guess).
     """
 
 
@@ -80,6 +90,7 @@ class Identity:
 class _CacheEntry:
     expires: float
     identity: Optional[Identity]
+    suspended: bool = False
 
 
 @implementer(ICredentialsChecker)
@@ -138,7 +149,7 @@ class PostStackChecker:
             kind = "mailbox"
             if self._service_key is None:
                 _log.info("mailbox login refused: no service key configured", event="auth_no_service_key")
-                return _fail(UnauthorizedLogin("mailbox logins are not configured"))
+                return _fail(MailboxLoginsDisabled())
         else:
             return _fail(UnauthorizedLogin("unknown username"))
 
@@ -147,6 +158,8 @@ class PostStackChecker:
         entry = self._cache.get(digest)
         if entry is not None:
             if entry.expires > now:
+                if entry.suspended:
+                    return _fail(MailboxSuspended())
                 if entry.identity is None:
                     return _fail(UnauthorizedLogin("cached failure"))
                 return succeed(entry.identity)
@@ -181,19 +194,26 @@ class PostStackChecker:
         def remember(identity: Optional[Identity]) -> Identity:
             ttl = self._positive_ttl if identity is not None else self._negative_ttl
             if ttl > 0:
-                self._cache[digest] = _CacheEntry(self._clock.seconds() + ttl, identity)
-                while len(self._cache) > self._max_entries:
-                    self._cache.popitem(last=False)
+                self._store(digest, _CacheEntry(self._clock.seconds() + ttl, identity))
             if identity is None:
                 raise UnauthorizedLogin("invalid credentials")
             return identity
 
         def unavailable(failure: Any) -> Any:
-            failure.trap(APIUnavailable)
+            if failure.trap(APIUnavailable, MailboxSuspended) is MailboxSuspended:
+                # The right password: remembered as long as a failure.
+                if self._negative_ttl > 0:
+                    self._store(digest, _CacheEntry(self._clock.seconds() + self._negative_ttl, None, True))
+                raise MailboxSuspended()
             raise AuthUnavailable()
 
         d.addCallbacks(remember, unavailable)
         return d
+
+    def _store(self, digest: bytes, entry: _CacheEntry) -> None:
+        self._cache[digest] = entry
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
 
 
 # How many client addresses and usernames L{AuthThrottle} remembers at most.
@@ -242,21 +262,43 @@ def throttle_client_key(client: str) -> str:
     return str(address)
 
 
+@attrs.frozen
+class Lockout:
+    """
+    Why a login is refused without a check, and for how long.
+
+    @ivar reason: C{"client"} (every login from the address) or
+        C{"mailbox"} (this mailbox from this address).
+    @ivar seconds: whole seconds (at least 1) until the count that refuses
+        it is forgotten, if no failure comes meanwhile.
+    """
+
+    reason: str
+    seconds: int
+
+
 class AuthThrottle:
     """
-    Remembers failed logins per client address and per username, shared by
-    every session of a relay, and by every relay of a fleet when its
-    C{state} is shared (L{poststack_relay.fleet}).
+    Remembers failed logins, shared by every session of a relay, and by
+    every relay of a fleet when its C{state} is shared
+    (L{poststack_relay.fleet}).  Three counts:
+
+      - per client address (IPv6: its /64), every username: C{per_ip}
+        failures refuse every login from it;
+      - per mailbox and client address: C{per_user} failures refuse that
+        mailbox's logins from that address only;
+      - per mailbox, from every address: never refuses (a stranger who
+        knows the address must not lock its user out), it only makes the
+        delays grow.
 
     A count is forgotten once C{window} seconds pass with no new failure
     for it (the window restarts at each failure, so a slow guesser never
     gets a fresh count).  Each failure delays its C{535} reply by
     C{delay * 2 ** (n - 1)} seconds, at most C{max_delay}, where C{n} is the
-    larger of the address's and the username's counts.  Once a count
-    reaches its limit, further logins from that address or for that
-    username are refused (L{refusal}) without checking the credentials:
-    no API call, no answer to learn from.  A refused attempt is not a
-    failure and does not extend the window.
+    largest of the three counts.  A refused attempt (L{refusal}) is not a
+    failure and does not extend the window.  Checks still in flight count
+    toward the limits (L{started}, L{finished}), so guesses sent in
+    parallel cannot pass a limit before their failures are known.
 
     A successful login resets nothing: an attacker with a valid account of
     its own could otherwise clear its address's count between guesses.
@@ -268,14 +310,16 @@ class AuthThrottle:
     @param window: seconds a count lives after its last failure.
     @param per_ip: failures from one client address (IPv6: /64) before
         its logins are refused.
-    @param per_user: failures for one username before its logins are
-        refused.
+    @param per_user: failures for one mailbox from one client address
+        before that mailbox's logins from that address are refused.
     @param delay: seconds of delay before the first failure's reply.
     @param max_delay: the longest delay.
-    @param max_keys: most addresses and usernames remembered (for the
-        state made when none is given).
+    @param max_keys: most counts remembered (for the state made when none
+        is given).
     @param state: where the counts live; a relay-local L{LocalState} if
         C{None}.
+    @param rate: AUTH attempts per client address per minute
+        (C{--max-auth-rate-per-ip}), or C{None} for no limit.
     """
 
     def __init__(
@@ -283,11 +327,12 @@ class AuthThrottle:
         clock: Optional[IReactorTime],
         window: float = 300.0,
         per_ip: int = 10,
-        per_user: int = 10,
+        per_user: int = 5,
         delay: float = 0.5,
         max_delay: float = 8.0,
         max_keys: int = DEFAULT_THROTTLE_MAX_KEYS,
         state: Optional[IFleetState] = None,
+        rate: Optional[RateLimit] = None,
     ) -> None:
         self.window = window
         self.per_ip = per_ip
@@ -299,40 +344,72 @@ class AuthThrottle:
                 raise ValueError("AuthThrottle needs a clock or a state")
             state = LocalState(clock, max_counters=max_keys)
         self.state: IFleetState = state
+        self.rate = rate
+        # Checks in flight in this relay, per limited key.
+        self._in_flight: dict[str, int] = {}
 
     def __len__(self) -> int:
         """
-        How many addresses and usernames are remembered.
+        How many counts are remembered.
         """
         return len(self.state)
 
     def _keys(self, client: Optional[str], user: Optional[str]) -> list[str]:
+        """The limited keys (address, mailbox from it), then the mailbox's own."""
         keys = []
-        if client is not None:
-            keys.append("ip:" + throttle_client_key(client))
+        where = throttle_client_key(client) if client is not None else None
+        if where is not None:
+            keys.append("ip:" + where)
         if user is not None:
+            if where is not None:
+                keys.append(f"pair:{where} {user}")
             keys.append("user:" + user)
         return keys
 
     def failures(self, client: Optional[str] = None, user: Optional[str] = None) -> int:
         """
-        The current failure count of a client address or of a username
-        (the larger, if both are given).
+        The largest current failure count of a client address, of a
+        mailbox from it, or of a mailbox from every address.
         """
         return max([0, *self.state.counts(self._keys(client, user))])
 
-    def refusal(self, client: str, user: Optional[str]) -> Optional[str]:
+    def rate_limited(self, client: str) -> Optional[int]:
         """
-        Why a login from C{client} for C{user} (a L{throttle_user_key}) must
-        be refused now: C{"client"} or C{"user"}; C{None} if it may be
-        checked.
+        One more AUTH attempt from C{client}: C{None} if the rate allows it
+        (and counts it), else the whole seconds to wait.
         """
-        counts = self.state.counts(self._keys(client, user))
-        if counts[0] >= self.per_ip:
-            return "client"
-        if len(counts) > 1 and counts[1] >= self.per_user:
-            return "user"
+        if self.rate is None:
+            return None
+        return self.rate.hit(throttle_client_key(client))
+
+    def refusal(self, client: str, user: Optional[str]) -> Optional[Lockout]:
+        """
+        The L{Lockout} refusing a login from C{client} for C{user} (a
+        L{throttle_user_key}) now, or C{None} if it may be checked.
+        """
+        keys = self._keys(client, user)[:2]
+        counts = self.state.counts(keys)
+        for key, count, limit, reason in zip(keys, counts, (self.per_ip, self.per_user), ("client", "mailbox")):
+            if count + self._in_flight.get(key, 0) >= limit:
+                left = self.state.seconds_left([key])[0] if count >= limit else 0.0
+                # Refused for checks in flight: if they fail, the count
+                # lives a whole window from now.
+                return Lockout(reason, max(1, math.ceil(left if left > 0 else self.window)))
         return None
+
+    def started(self, client: str, user: Optional[str]) -> None:
+        """A login passed L{refusal} and is being checked."""
+        for key in self._keys(client, user)[:2]:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def finished(self, client: str, user: Optional[str]) -> None:
+        """The check of a login L{started} gave its answer."""
+        for key in self._keys(client, user)[:2]:
+            left = self._in_flight.get(key, 0) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
 
     def failed(self, client: str, user: Optional[str]) -> float:
         """

@@ -88,12 +88,18 @@ DEFAULT_STRESS_THRESHOLD = 80
 DEFAULT_STRESS_TIMEOUT = 10.0
 TLS_PROFILES = ("intermediate", "modern")
 DEFAULT_TLS_RELOAD_INTERVAL = 60.0
-# AUTH failure throttling, per client address and per username: each failure
-# within the window adds a growing delay before the 535; past the limit the
-# client gets 454 4.7.0 until the window has passed without failures.
+# AUTH failure throttling, per client address, per mailbox from an address
+# and per mailbox: each failure within the window adds a growing delay before
+# the 535; past a limit (per address, per mailbox from an address: never per
+# mailbox alone) that address gets 454 4.7.0 until the window has passed
+# without failures.
 DEFAULT_AUTH_FAILURE_WINDOW = 300.0
 DEFAULT_AUTH_FAILURES_PER_IP = 10
-DEFAULT_AUTH_FAILURES_PER_USER = 10
+DEFAULT_AUTH_FAILURES_PER_USER = 5
+# AUTH attempts per client address per minute (Postfix's
+# smtpd_client_auth_rate_limit), fleet-wide with --redis-url: ten new
+# logins a second for a whole minute, far above what an honest sender needs.
+DEFAULT_MAX_AUTH_RATE_PER_IP = 600
 DEFAULT_AUTH_FAILURE_DELAY = 0.5
 DEFAULT_AUTH_FAILURE_MAX_DELAY = 8.0
 DEFAULT_AUTH_CACHE_TTL = 60.0
@@ -249,7 +255,12 @@ class RelayConfig:
     @ivar auth_failure_window: seconds AUTH failures are remembered.
     @ivar auth_failures_per_ip: failures from one address within the window
         before AUTH is refused with 454 4.7.0.
-    @ivar auth_failures_per_user: the same per username.
+    @ivar auth_failures_per_user: failures for one mailbox from one address
+        within the window before that mailbox's AUTH from that address is
+        refused with 454 4.7.0 (failures for a mailbox from every address
+        only make the delays grow).
+    @ivar max_auth_rate_per_ip: AUTH attempts per client address per
+        minute before 421 4.7.0 (0: no limit).
     @ivar auth_failure_delay: seconds of delay before the first 535; it
         doubles with each further failure.
     @ivar auth_failure_max_delay: the most a 535 is delayed.
@@ -360,6 +371,9 @@ class RelayConfig:
     auth_cache_ttl: float = attrs.field(default=DEFAULT_AUTH_CACHE_TTL, validator=_not_negative)
     auth_negative_ttl: float = attrs.field(
         default=DEFAULT_AUTH_NEGATIVE_TTL, validator=_not_negative
+    )
+    max_auth_rate_per_ip: int = attrs.field(
+        default=DEFAULT_MAX_AUTH_RATE_PER_IP, validator=_not_negative
     )
     proxy_protocol: bool = False
     systemd_socket: str = ""

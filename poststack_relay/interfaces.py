@@ -46,7 +46,8 @@ class IEmailAPI(Interface):
         """
         Check a mailbox login with the relay's service key.  Fires with the
         mailbox's own address, or C{None} for bad credentials; fails with
-        L{APIUnavailable} when the API cannot tell.
+        L{MailboxSuspended} for the right password of a suspended mailbox,
+        with L{APIUnavailable} when the API cannot tell.
         """
 
     def send_email(
@@ -122,6 +123,13 @@ class IFleetState(Interface):
         """
         Add one to each key's count and restart its window of C{window}
         seconds; return the new counts as far as this relay knows them.
+        """
+
+    def seconds_left(keys: Sequence[str]) -> list[float]:
+        """
+        Seconds until each key's count is forgotten if nothing is added to
+        it (0 for one not counted), as far as this relay knows: what a
+        refusal tells the client about when to come back.
         """
 
     def remember(subject: str, value: str, seconds: float) -> None:

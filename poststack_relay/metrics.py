@@ -54,7 +54,10 @@ SESSION_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 60
 TLS_FAILURE_REASONS = ("plaintext", "timeout", "handshake", "closed", "handshake_timeout")
 """Label values of C{tls_handshake_failures_total} (see C{docs/metrics.md})."""
 
-AUTH_RESULTS = ("ok", "invalid", "unavailable", "throttled", "error", "malformed")
+AUTH_RESULTS = (
+    "ok", "invalid", "repeated", "suspended", "disabled", "unavailable", "throttled", "rate_limited",
+    "error", "malformed",
+)
 """Label values of C{auth_total}."""
 
 REFUSAL_REASONS = (

@@ -162,9 +162,33 @@ AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 AUTH_AUTHZID = Reply(
     535, "5.7.8", "Authentication failed: authorization identity must be empty or equal the username"
 )
-# Too many failed logins from the client's address or for the username
-# (AuthThrottle): refused without checking the credentials.
-AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
+# An AUTH line (command or response) over RFC 4954's 12,288 octets.
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")
+# The password was right, but PostStack has suspended the mailbox.
+MAILBOX_SUSPENDED = Reply(
+    535, "5.7.1", "Mailbox is suspended in PostStack: ask your PostStack administrator to reactivate it"
+)
+# A mailbox login on a relay started without --service-key: about the relay, not the password.
+MAILBOX_LOGINS_DISABLED = Reply(
+    454, "4.7.0", "Mailbox logins are not enabled on this relay: use username poststack with an API key"
+)
+
+
+def auth_throttled(seconds: int) -> Reply:
+    """
+    Too many failed logins from the client's address, or for this mailbox
+    from it (AuthThrottle): refused without checking the credentials;
+    C{seconds} until that count is forgotten.
+    """
+    return Reply(454, "4.7.0", f"Too many failed logins, try again in {seconds} s")
+
+
+def auth_rate_limited(seconds: int) -> Reply:
+    """
+    Too many AUTH attempts from the client's address in the last minute
+    (C{--max-auth-rate-per-ip}); the connection is closed.
+    """
+    return Reply(421, "4.7.0", f"Too many AUTH attempts from your address, retry-after={seconds}s")
 
 # MAIL / RCPT / DATA
 NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")

@@ -35,7 +35,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -44,6 +44,7 @@ from .api import HTTPEmailAPI, make_http_client
 from .auth import AuthThrottle, PostStackChecker, RelayRealm
 from .config import ConfigError, RelayConfig, mask_secret
 from .places import ListenerConfig
+from .rates import RateLimit
 from .delivery import RelayDelivery
 from .endpoints import adopted_endpoint, listening_endpoint, relay_endpoint
 from .fleet.service import make_fleet_state
@@ -419,7 +420,7 @@ def makeRelayService(
         _portal(config, api, reactor, holds, translator),
         config,
         reactor,
-        throttle=_throttle(config, fleet_state),
+        throttle=_throttle(config, fleet_state, reactor),
         metrics=metrics,
         state=fleet_state,
     )
@@ -484,11 +485,12 @@ def _portal(
     return Portal(realm, [checker])
 
 
-def _throttle(config: RelayConfig, state: IFleetState) -> AuthThrottle:
+def _throttle(config: RelayConfig, state: IFleetState, clock: IReactorTime) -> AuthThrottle:
     """
-    The AUTH failure throttle shared by every session (and the fleet, when
-    C{state} is shared).
+    The AUTH failure throttle and AUTH rate shared by every session (and
+    the fleet, when C{state} is shared).
     """
+    rate = config.max_auth_rate_per_ip
     return AuthThrottle(
         None,
         window=config.auth_failure_window,
@@ -497,6 +499,7 @@ def _throttle(config: RelayConfig, state: IFleetState) -> AuthThrottle:
         delay=config.auth_failure_delay,
         max_delay=config.auth_failure_max_delay,
         state=state,
+        rate=RateLimit(state, clock, rate, 60.0, "auth") if rate else None,
     )
 
 

@@ -159,8 +159,8 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      "AUTH failures from one address in the window before 454 "
      f"[default: {_config.DEFAULT_AUTH_FAILURES_PER_IP}]"),
     ("auth-failures-per-user", int, "auth_failures_per_user",
-     "AUTH failures for one username in the window before 454 "
-     f"[default: {_config.DEFAULT_AUTH_FAILURES_PER_USER}]"),
+     "AUTH failures for one mailbox from one address in the window before 454 for that "
+     f"mailbox from that address [default: {_config.DEFAULT_AUTH_FAILURES_PER_USER}]"),
     ("auth-failure-delay", float, "auth_failure_delay",
      "seconds before the first 535, doubling per failure "
      f"[default: {_config.DEFAULT_AUTH_FAILURE_DELAY:g}]"),
@@ -171,6 +171,9 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
      f"is told 421 4.3.2 [default: {_config.DEFAULT_DRAIN_TIMEOUT:g}]"),
     ("auth-cache-ttl", float, "auth_cache_ttl",
      f"seconds a good credential check is reused [default: {_config.DEFAULT_AUTH_CACHE_TTL:g}]"),
+    ("max-auth-rate-per-ip", int, "max_auth_rate_per_ip",
+     "AUTH attempts per client address per minute before 421; 0: no limit "
+     f"[default: {_config.DEFAULT_MAX_AUTH_RATE_PER_IP}]"),
     ("metrics-listen", str, "metrics_listen",
      "HOST:PORT of the HTTP listener for /metrics (Prometheus), /healthz and /readyz; "
      f"off disables it [default: {_config.DEFAULT_METRICS_LISTEN}]"),

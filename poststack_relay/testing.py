@@ -31,7 +31,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from .api import APIError, APIUnavailable
+from .api import APIError, APIUnavailable, MailboxSuspended
 from .interfaces import IEmailAPI
 from .replies import reply_for_status
 from .translate import EmailRequest
@@ -63,6 +63,8 @@ class MemoryEmailAPI:
         not in C{api_keys}, as PostStack does; off by default, so a test
         that does not model keys may send with any key.
     @ivar checks: How many key checks and mailbox logins were asked for.
+    @ivar suspended: Mailbox addresses (lower case) whose right password
+        gives L{MailboxSuspended}, as PostStack's 403 "Mailbox is suspended".
     """
 
     api_keys: set[str] = attrs.field(factory=set)
@@ -75,6 +77,7 @@ class MemoryEmailAPI:
     checks: int = 0
     refuse_unknown_keys: bool = False
     tenants: list[Optional[str]] = attrs.field(factory=list)
+    suspended: set[str] = attrs.field(factory=set)
 
     def check_api_key(self, api_key: str) -> Deferred[bool]:
         """
@@ -89,13 +92,16 @@ class MemoryEmailAPI:
     def authenticate_mailbox(self, email: str, password: str) -> Deferred[Optional[str]]:
         """
         Fires with the mailbox's own address for the right password, else
-        C{None}; fails with L{APIUnavailable} while C{unavailable}.
+        C{None}; fails with L{APIUnavailable} while C{unavailable}, with
+        L{MailboxSuspended} for the right password of a C{suspended} one.
         """
         self.checks += 1
         if self.unavailable:
             return fail(APIUnavailable())
         for address, secret in self.mailboxes.items():
             if address.lower() == email.lower() and secret == password:
+                if address.lower() in self.suspended:
+                    return fail(MailboxSuspended())
                 return succeed(address)
         return succeed(None)
 

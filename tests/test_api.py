@@ -34,6 +34,7 @@ from poststack_relay.api import (
     APIUnavailable,
     BodyProducer,
     HTTPEmailAPI,
+    MailboxSuspended,
     body_bytes,
     json_body,
 )
@@ -211,10 +212,15 @@ class AuthenticateMailboxTests(SandboxMixin, SynchronousTestCase):
         )
 
     def test_suspended(self) -> None:
-        """A suspended mailbox (403 Mailbox is suspended) is None."""
-        self.assertIsNone(
-            self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"))
+        """
+        A suspended mailbox (403 Mailbox is suspended, after the right
+        password) is MailboxSuspended, not a failed login.
+        """
+        self.failureResultOf(
+            self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"), MailboxSuspended
         )
+        # With a wrong password it is a failed login like any other.
+        self.assertIsNone(self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "x")))
 
     def test_api_down(self) -> None:
         """A 5xx, a 429, a reset or a hang is APIUnavailable, never None."""
@@ -269,7 +275,9 @@ class AuthenticateMailboxTests(SandboxMixin, SynchronousTestCase):
         """A wrong password or a suspended mailbox logs no service-key error."""
         with capturedLogs() as events:
             self.successResultOf(self.api.authenticate_mailbox("alice@yourdomain.com", "nope"))
-            self.successResultOf(self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"))
+            self.failureResultOf(
+                self.api.authenticate_mailbox("bob@yourdomain.com", "bob-password"), MailboxSuspended
+            )
         self.assertEqual([e for e in events if e.get("event") == "api_service_key_rejected"], [])
 
     def test_authorization_header_refused(self) -> None:
@@ -295,12 +303,12 @@ class AuthenticateMailboxTests(SandboxMixin, SynchronousTestCase):
         self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), APIUnavailable)
 
     def test_200_inactive(self) -> None:
-        """A 200 naming a mailbox that is not active is a failed login."""
+        """A 200 naming a mailbox that is not active is MailboxSuspended."""
         resource, _ = scripted(
             200, b'{"mailbox": {"email_address": "a@yourdomain.com", "status": "suspended"}}'
         )
         api = self.make_api(resource)
-        self.assertIsNone(self.successResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw")))
+        self.failureResultOf(api.authenticate_mailbox("a@yourdomain.com", "pw"), MailboxSuspended)
 
     def test_404(self) -> None:
         """A 404 from the mailbox endpoint is a failed login."""

@@ -9,7 +9,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from poststack_relay.auth import AuthUnavailable, Identity, PostStackChecker
+from poststack_relay.api import MailboxSuspended
+from poststack_relay.auth import AuthUnavailable, Identity, MailboxLoginsDisabled, PostStackChecker
 from poststack_relay.testing import MemoryEmailAPI
 
 KEY = "sk_live_abcdefghijklmnop"
@@ -63,9 +64,22 @@ class CheckerTests(SynchronousTestCase):
         )
 
     def test_mailbox_without_service_key(self) -> None:
-        """Without a service key, mailbox logins are refused."""
+        """Without a service key, mailbox logins are refused as not enabled (not as a wrong password)."""
         c = checker(self.api, self.clock, service_key=None)
-        self.failureResultOf(c.requestAvatarId(UsernamePassword(b"alice@yourdomain.com", b"pw")), UnauthorizedLogin)
+        self.failureResultOf(
+            c.requestAvatarId(UsernamePassword(b"alice@yourdomain.com", b"pw")), MailboxLoginsDisabled
+        )
+        self.assertEqual(self.api.checks, 0)
+
+    def test_suspended_mailbox(self) -> None:
+        """The right password of a suspended mailbox is MailboxSuspended, also from the cache."""
+        self.api.suspended.add("alice@yourdomain.com")
+        c = checker(self.api, self.clock, service_key="sk_test_service")
+        for _ in range(2):
+            self.failureResultOf(
+                c.requestAvatarId(UsernamePassword(b"alice@yourdomain.com", b"pw")), MailboxSuspended
+            )
+        self.assertEqual(self.api.checks, 1)
 
     def test_api_down(self) -> None:
         """An unreachable API is AuthUnavailable, not a failed login."""

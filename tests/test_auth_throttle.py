@@ -9,7 +9,7 @@ All synchronous: a StringTransport per connection, a Clock, an in-memory API.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Optional
 
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -38,7 +38,13 @@ AUTH_FAILED = (
     b"535 5.7.8 Authentication credentials invalid: use username poststack with an API key "
     b"(sk_live_...), or your mailbox address with its mailbox password"
 )
-THROTTLED = b"454 4.7.0 Too many failed logins, try again later"
+
+
+def throttled(seconds: int) -> bytes:
+    """The 454 of a lock-out that ends in C{seconds}."""
+    return b"454 4.7.0 Too many failed logins, try again in %d s" % seconds
+
+
 TOO_MANY_AUTH_FAILURES = b"421 4.7.0 Error: too many authentication failures"
 
 
@@ -146,6 +152,11 @@ class AuthThrottleUnitTests(SynchronousTestCase):
     def throttle(self, **kwargs: Any) -> AuthThrottle:
         return AuthThrottle(self.clock, **kwargs)
 
+    def reason(self, t: AuthThrottle, client: str, user: Optional[str] = None) -> Optional[str]:
+        """Why C{t} refuses a login now (C{"client"}, C{"mailbox"}), or C{None}."""
+        lockout = t.refusal(client, user)
+        return None if lockout is None else lockout.reason
+
     def test_delays_double_up_to_the_cap(self) -> None:
         """Each failure's delay doubles from auth_failure_delay and stops at the maximum."""
         t = self.throttle(delay=0.5, max_delay=8.0, per_ip=100)
@@ -171,18 +182,62 @@ class AuthThrottleUnitTests(SynchronousTestCase):
             t.failed("192.0.2.1", None)
         self.assertIsNone(t.refusal("192.0.2.1", None))
         t.failed("192.0.2.1", None)
-        self.assertEqual(t.refusal("192.0.2.1", None), "client")
-        self.assertEqual(t.refusal("192.0.2.1", "bob@x.com"), "client")
+        self.assertEqual(self.reason(t, "192.0.2.1", None), "client")
+        self.assertEqual(self.reason(t, "192.0.2.1", "bob@x.com"), "client")
         self.assertIsNone(t.refusal("192.0.2.2", None))
 
-    def test_user_limit_across_addresses(self) -> None:
-        """Failures for one username from many addresses add up; other usernames are unaffected."""
+    def test_mailbox_never_locked_by_other_addresses(self) -> None:
+        """
+        Failures for one mailbox from many addresses never refuse it from
+        an address that has not failed; per_user failures for it from one
+        address refuse that mailbox from that address only.
+        """
         t = self.throttle(per_ip=100, per_user=3)
-        for n in range(3):
+        for n in range(50):
             t.failed(f"192.0.2.{n}", "alice@x.com")
-        self.assertEqual(t.refusal("198.51.100.9", "alice@x.com"), "user")
+        self.assertIsNone(t.refusal("198.51.100.9", "alice@x.com"))
+        self.assertEqual(t.failures(user="alice@x.com"), 50)
+        for _ in range(3):
+            t.failed("198.51.100.9", "alice@x.com")
+        self.assertEqual(self.reason(t, "198.51.100.9", "alice@x.com"), "mailbox")
         self.assertIsNone(t.refusal("198.51.100.9", "bob@x.com"))
         self.assertIsNone(t.refusal("198.51.100.9", None))
+        self.assertIsNone(t.refusal("198.51.100.10", "alice@x.com"))
+
+    def test_lockout_says_when_it_ends(self) -> None:
+        """A refusal carries the whole seconds left of the count's window (at least 1)."""
+        t = self.throttle(window=300.0, per_ip=2)
+        t.failed("192.0.2.1", None)
+        self.clock.advance(100)
+        t.failed("192.0.2.1", None)
+        self.clock.advance(12.5)
+        lockout = t.refusal("192.0.2.1", None)
+        assert lockout is not None
+        self.assertEqual((lockout.reason, lockout.seconds), ("client", 288))
+        self.clock.advance(287.4)  # t = 399.9
+        lockout = t.refusal("192.0.2.1", None)
+        assert lockout is not None
+        self.assertEqual(lockout.seconds, 1)
+        self.clock.advance(0.1)
+        self.assertIsNone(t.refusal("192.0.2.1", None))
+
+    def test_checks_in_flight_count(self) -> None:
+        """
+        Guesses sent in parallel cannot pass the limit before their
+        failures are known: checks in flight count toward it.
+        """
+        t = self.throttle(per_ip=100, per_user=2, window=300.0)
+        t.started("192.0.2.1", "alice@x.com")
+        t.started("192.0.2.1", "alice@x.com")
+        lockout = t.refusal("192.0.2.1", "alice@x.com")
+        assert lockout is not None
+        self.assertEqual((lockout.reason, lockout.seconds), ("mailbox", 300))
+        self.assertIsNone(t.refusal("192.0.2.2", "alice@x.com"))
+        t.finished("192.0.2.1", "alice@x.com")
+        self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
+        t.finished("192.0.2.1", "alice@x.com")
+        t.finished("192.0.2.1", "alice@x.com")  # one too many: harmless
+        self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
 
     def test_delay_follows_the_larger_count(self) -> None:
         """The delay grows with the username's count even from a fresh address."""
@@ -200,7 +255,7 @@ class AuthThrottleUnitTests(SynchronousTestCase):
             self.clock.advance(100)
         # Last failure at t=200: refused until t=500.
         self.clock.advance(199)  # t=499
-        self.assertEqual(t.refusal("192.0.2.1", None), "client")
+        self.assertEqual(self.reason(t, "192.0.2.1", None), "client")
         self.clock.advance(1)  # t=500
         self.assertIsNone(t.refusal("192.0.2.1", None))
         self.assertEqual(t.failures("192.0.2.1"), 0)
@@ -212,7 +267,7 @@ class AuthThrottleUnitTests(SynchronousTestCase):
         for _ in range(5):
             t.failed("192.0.2.1", None)
             self.clock.advance(299)
-        self.assertEqual(t.refusal("192.0.2.1", None), "client")
+        self.assertEqual(self.reason(t, "192.0.2.1", None), "client")
 
     def test_memory_is_bounded(self) -> None:
         """At most max_keys addresses and usernames are kept; the oldest are forgotten first."""
@@ -231,7 +286,7 @@ class AuthThrottleUnitTests(SynchronousTestCase):
         t = self.throttle(window=10.0)
         for n in range(50):
             t.failed(f"192.0.2.{n}", f"u{n}@x.com")
-        self.assertEqual(len(t), 100)
+        self.assertEqual(len(t), 150)  # per address, per mailbox from it, per mailbox
         self.clock.advance(10)
         self.assertIsNone(t.refusal("198.51.100.1", None))
         self.assertEqual(len(t), 0)
@@ -241,11 +296,11 @@ class AuthThrottleUnitTests(SynchronousTestCase):
         t = self.throttle(per_ip=2)
         t.failed("2001:db8:1:2::1", None)
         t.failed("2001:db8:1:2:ffff:ffff:ffff:ffff", None)
-        self.assertEqual(t.refusal("2001:db8:1:2::abcd", None), "client")
+        self.assertEqual(self.reason(t, "2001:db8:1:2::abcd", None), "client")
         self.assertIsNone(t.refusal("2001:db8:1:3::1", None))
         t.failed("::ffff:192.0.2.1", None)
         t.failed("192.0.2.1", None)
-        self.assertEqual(t.refusal("192.0.2.1", None), "client")
+        self.assertEqual(self.reason(t, "192.0.2.1", None), "client")
 
     def test_client_keys(self) -> None:
         """Client keys: IPv4 as is, IPv6 as its /64, anything unparseable as given."""
@@ -311,7 +366,8 @@ class ThrottledSessionTests(SynchronousTestCase):
         for _ in range(4):
             self.assertEqual(h.attempt(plain("poststack", KEY)), AUTH_OK)
             self.assertEqual(h.attempt(plain("poststack", "sk_test_guess")), AUTH_FAILED)
-        self.assertEqual(h.attempt(plain("poststack", KEY)), THROTTLED)
+        # The last failure's 8 s delay was waited out: 292 s of its window are left.
+        self.assertEqual(h.attempt(plain("poststack", KEY)), throttled(292))
 
     def test_refusal_makes_no_api_call(self) -> None:
         """At the per-address limit even a good key gets 454 4.7.0, without any API call."""
@@ -319,8 +375,8 @@ class ThrottledSessionTests(SynchronousTestCase):
         for n in range(10):
             self.assertEqual(h.attempt(plain("poststack", f"sk_test_guess_{n}")), AUTH_FAILED)
         checks = h.api.checks
-        self.assertEqual(h.attempt(plain("poststack", KEY)), THROTTLED)
-        self.assertEqual(h.attempt(plain(MAILBOX, MAILBOX_PASSWORD)), THROTTLED)
+        self.assertEqual(h.attempt(plain("poststack", KEY)), throttled(292))
+        self.assertEqual(h.attempt(plain(MAILBOX, MAILBOX_PASSWORD)), throttled(292))
         self.assertEqual(h.api.checks, checks)
         # Another address is not affected.
         self.assertEqual(h.attempt(plain("poststack", KEY), host="198.51.100.1"), AUTH_OK)
@@ -332,7 +388,7 @@ class ThrottledSessionTests(SynchronousTestCase):
         checks = h.api.checks
         conn = h.connect()
         self.assertEqual(conn.send(b"AUTH LOGIN " + b64("poststack") + b"\r\n"), [b"334 UGFzc3dvcmQ6"])
-        self.assertEqual(conn.send(b64(KEY) + b"\r\n"), [THROTTLED])
+        self.assertEqual(conn.send(b64(KEY) + b"\r\n"), [throttled(292)])
         self.assertEqual(h.api.checks, checks)
         self.assertEqual(conn.send(b"NOOP\r\n"), [b"250 2.0.0 Ok"])
 
@@ -342,20 +398,45 @@ class ThrottledSessionTests(SynchronousTestCase):
         for _ in range(2):
             h.attempt(plain("poststack", "sk_test_x"))
         h.clock.advance(250)
-        self.assertEqual(h.attempt(plain("poststack", KEY)), THROTTLED)
+        # The last failure was at t=8 (after the first one's delay), now t=266.
+        self.assertEqual(h.attempt(plain("poststack", KEY)), throttled(42))
         h.clock.advance(50)
         self.assertEqual(h.attempt(plain("poststack", KEY)), AUTH_OK)
 
-    def test_mailbox_username_limit(self) -> None:
-        """Wrong passwords for one mailbox from many addresses lock that mailbox only, with few API calls."""
-        h = ThrottleHarness(auth_failures_per_user=10, auth_failures_per_ip=10)
+    def test_mailbox_not_locked_by_strangers(self) -> None:
+        """
+        Issue 18: wrong passwords for one mailbox from many addresses never
+        lock its user out: the right password from an address that has not
+        failed gets 235 (after the failures' delays grew to the maximum).
+        """
+        h = ThrottleHarness(auth_failures_per_user=5, auth_failures_per_ip=10)
         for n in range(100):
             reply = h.attempt(plain("Alice@YourDomain.com", f"guess{n}"), host=f"10.1.0.{n}")
-            self.assertEqual(reply, AUTH_FAILED if n < 10 else THROTTLED, n)
-        self.assertEqual(h.api.checks, 10)
-        self.assertEqual(h.attempt(plain(MAILBOX, MAILBOX_PASSWORD), host="10.2.0.1"), THROTTLED)
-        self.assertEqual(h.attempt(plain("bob@yourdomain.com", "bobpass"), host="10.2.0.1"), AUTH_OK)
-        self.assertEqual(h.attempt(plain("poststack", KEY), host="10.2.0.1"), AUTH_OK)
+            self.assertEqual(reply, AUTH_FAILED, n)
+        self.assertEqual(h.api.checks, 100)
+        # The mailbox's count makes each failure wait the longest delay.
+        conn = h.connect("10.1.1.1")
+        conn.send(b"AUTH PLAIN " + plain(MAILBOX, "guess-again") + b"\r\n")
+        h.clock.advance(h.config.auth_failure_max_delay - 0.01)
+        self.assertEqual(conn.output(), [])
+        h.clock.advance(0.01)
+        self.assertEqual(conn.output(), [AUTH_FAILED])
+        conn = h.connect("10.2.0.1")
+        self.assertEqual(conn.send(b"AUTH PLAIN " + plain(MAILBOX, MAILBOX_PASSWORD) + b"\r\n"), [AUTH_OK])
+
+    def test_mailbox_locked_from_one_address(self) -> None:
+        """
+        auth_failures_per_user failures for one mailbox from one address
+        lock that mailbox from that address only, without API calls.
+        """
+        h = ThrottleHarness(auth_failures_per_user=5, auth_failures_per_ip=10)
+        for n in range(5):
+            self.assertEqual(h.attempt(plain(MAILBOX, f"guess{n}")), AUTH_FAILED)
+        checks = h.api.checks
+        self.assertEqual(h.attempt(plain(MAILBOX, MAILBOX_PASSWORD)), throttled(292))
+        self.assertEqual(h.api.checks, checks)
+        self.assertEqual(h.attempt(plain("bob@yourdomain.com", "bobpass")), AUTH_OK)
+        self.assertEqual(h.attempt(plain(MAILBOX, MAILBOX_PASSWORD), host="10.2.0.1"), AUTH_OK)
 
     def test_poststack_is_not_a_throttled_username(self) -> None:
         """Failures for poststack from many addresses never lock out API-key users elsewhere."""
@@ -372,7 +453,7 @@ class ThrottledSessionTests(SynchronousTestCase):
         replies = [h.attempt(plain("poststack", "sk_live_guess%06d" % n)) for n in range(1000)]
         self.assertLessEqual(h.api.checks, 10)
         self.assertEqual(replies[:10], [AUTH_FAILED] * 10)
-        self.assertEqual(set(replies[10:]), {THROTTLED})
+        self.assertEqual(set(replies[10:]), {throttled(292)})
 
     def test_thousand_same_wrong_key_one_api_call(self) -> None:
         """Without the throttle, the negative cache alone turns 1000 tries of one wrong key into 1 API call per TTL."""
@@ -578,9 +659,11 @@ class AuthEdgeCaseTests(SynchronousTestCase):
         )
 
     def test_overlong_login_password_line(self) -> None:
-        """An over-long LOGIN password line is 500 5.5.2, leaves AUTH, and the username is forgotten."""
+        """An over-long LOGIN password line is 500 5.5.6, leaves AUTH, and the username is forgotten."""
         self.send(b"AUTH LOGIN " + b64("poststack") + b"\r\n")
-        self.assertEqual(self.send(b"A" * (MAX_AUTH_LINE + 4) + b"\r\n"), [b"500 5.5.2 Error: line too long"])
+        self.assertEqual(
+            self.send(b"A" * (MAX_AUTH_LINE + 4) + b"\r\n"), [b"500 5.5.6 Authentication Exchange line is too long"]
+        )
         self.assertEqual(self.send(b"NOOP\r\n"), [b"250 2.0.0 Ok"])
         # A new LOGIN starts from the username prompt.
         self.assertEqual(self.send(b"AUTH LOGIN\r\n"), [b"334 VXNlcm5hbWU6"])

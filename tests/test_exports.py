@@ -183,7 +183,7 @@ class APINamesTests(SynchronousTestCase):
                 [
                     "APIEndpoints", "APIError", "APIUnavailable", "Answer", "BodyProducer",
                     "CircuitBreaker", "DEFAULT_BACKOFF_BASE", "DEFAULT_BACKOFF_CAP",
-                    "DEFAULT_MAX_ATTEMPTS", "HTTPEmailAPI", "IEmailAPI", "MAX_ANSWER",
+                    "DEFAULT_MAX_ATTEMPTS", "HTTPEmailAPI", "IEmailAPI", "MAX_ANSWER", "MailboxSuspended",
                     "NETWORK_ERRORS", "PreparedURL", "RequestSlots", "RetryPolicy",
                     "STREAM_MIN_CONTENT", "USER_AGENT", "body_bytes", "json_body",
                     "make_http_client", "parse_retry_after",

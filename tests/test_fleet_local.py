@@ -40,6 +40,19 @@ class LocalStateTests(SynchronousTestCase):
         self.assertEqual(len(self.state), 0)
         self.assertEqual(self.state.add(["a"], 10), [1])
 
+    def test_seconds_left(self) -> None:
+        """
+        The seconds until a count is forgotten: its window from its last
+        addition; 0 once it is gone, or for a key never counted.
+        """
+        self.state.add(["a"], 10)
+        self.clock.advance(4)
+        self.assertEqual(self.state.seconds_left(["a", "b"]), [6.0, 0.0])
+        self.state.add(["a"], 10)
+        self.assertEqual(self.state.seconds_left(["a"]), [10.0])
+        self.clock.advance(10)
+        self.assertEqual(self.state.seconds_left(["a"]), [0.0])
+
     def test_put_count(self) -> None:
         """
         What the fleet says replaces a smaller count of this relay's.

@@ -90,6 +90,10 @@ class SharedStateTests(TestCase):
         await self.until(lambda: b.counts(["ip:192.0.2.1"]) == [1])
         self.assertEqual(b.add(["ip:192.0.2.1"], 30), [2])
         await self.until(lambda: a.counts(["ip:192.0.2.1", "user:alice@example.com"]) == [2, 1])
+        # Each relay knows how long the fleet's count lives.
+        for state in (a, b):
+            left = state.seconds_left(["ip:192.0.2.1", "ip:192.0.2.9"])
+            self.assertTrue(25 < left[0] <= 30 and left[1] == 0, left)
         # Key names are digests: no address or mailbox in Redis.
         names = _keys(self.server.port)
         self.assertEqual(len(names), 2)

@@ -282,10 +282,10 @@ class RepliesDocTests(SynchronousTestCase):
 
     def test_undocumented_constant_is_caught(self) -> None:
         """A Reply constant whose row is missing from the doc is reported."""
-        doc = _without_row(self.doc, replies.AUTH_THROTTLED.text)
+        doc = _without_row(self.doc, replies.MAILBOX_SUSPENDED.text)
         self.assertEqual(
             missing_constants(doc),
-            ["poststack_relay.replies.AUTH_THROTTLED: 454 4.7.0 " + replies.AUTH_THROTTLED.text],
+            ["poststack_relay.replies.MAILBOX_SUSPENDED: 535 5.7.1 " + replies.MAILBOX_SUSPENDED.text],
         )
 
     def test_undocumented_translation_error_is_caught(self) -> None:

@@ -13,7 +13,16 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.smtp import MAX_AUTH_LINE, MAX_COMMAND_LINE
-from tests.common.smtp import AUTH_OK, KEY, LINE_TOO_LONG, TOO_MANY_ERRORS, Harness, RecordingHarness, plain
+from tests.common.smtp import (
+    AUTH_LINE_TOO_LONG,
+    AUTH_OK,
+    KEY,
+    LINE_TOO_LONG,
+    TOO_MANY_ERRORS,
+    Harness,
+    RecordingHarness,
+    plain,
+)
 
 class AuthTests(SynchronousTestCase):
     def test_mail_before_auth(self) -> None:
@@ -190,7 +199,7 @@ class AuthEdgeTests(SynchronousTestCase):
         return line
 
     def test_longest_sasl_line(self) -> None:
-        """A SASL response of exactly 12288 octets is checked (535), however the CRLF arrives; one more octet is too long (500)."""
+        """A SASL response of exactly 12288 octets is checked (535), however the CRLF arrives; one more octet is too long (500 5.5.6, RFC 4954)."""
         line = self.sasl_line(MAX_AUTH_LINE)
         for pieces in (
             [line + b"\r\n"],
@@ -211,8 +220,29 @@ class AuthEdgeTests(SynchronousTestCase):
         ):
             h = self.helo()
             h.send(b"AUTH PLAIN\r\n")
-            self.assertEqual(h.feed(*pieces), [LINE_TOO_LONG])
+            self.assertEqual(h.feed(*pieces), [AUTH_LINE_TOO_LONG])
             self.assertEqual(h.send(b"NOOP\r\n"), [b"250 2.0.0 Ok"])
+
+    def test_longest_auth_command_line(self) -> None:
+        """
+        RFC 4954: an AUTH command line with its initial response may have
+        12288 octets (not the 2048 of other commands), however the CRLF
+        arrives; one more octet is 500 5.5.6, and the session goes on.
+        """
+        command = b"AUTH PLAIN "
+        line = command + self.sasl_line(MAX_AUTH_LINE - len(command) - 1) + b"="
+        self.assertEqual(len(line), MAX_AUTH_LINE)
+        for pieces in ([line + b"\r\n"], [line, b"\r\n"], [line[:3000], line[3000:] + b"\r", b"\n"]):
+            out = self.helo().feed(*pieces)
+            self.assertEqual(len(out), 1, pieces)
+            self.assertTrue(out[0].startswith(b"535 5.7.8 "), (out, [len(p) for p in pieces]))
+        for pieces in ([line + b"A\r\n"], [line + b"A", b"\r\n"], [line + b"AB", b"CD\r\n"]):
+            h = self.helo()
+            self.assertEqual(h.feed(*pieces), [AUTH_LINE_TOO_LONG])
+            self.assertEqual(h.send(b"NOOP\r\n"), [b"250 2.0.0 Ok"])
+        # Other commands keep their 2048 octets.
+        h = self.helo()
+        self.assertEqual(h.feed(b"NOOP " + b"x" * 3000 + b"\r\n"), [LINE_TOO_LONG])
 
     def test_longest_command_line(self) -> None:
         """A command line of exactly 2048 octets is a command, however the CRLF arrives; 2049 is too long."""

@@ -59,6 +59,12 @@ AUTH_LIMIT = b"421 4.7.0 Error: too many authentication failures"
 BAD_AUTH = b"AUTH PLAIN " + plain("poststack", "sk_test_wrong") + b"\r\n"
 
 
+def guesses(count: int) -> bytes:
+    """C{count} AUTH PLAIN commands, each with another wrong key (each a new guess)."""
+    return b"".join(b"AUTH PLAIN " + plain("poststack", f"sk_test_wrong{n}") + b"\r\n" for n in range(count))
+
+
+
 class ConnectionLimitTests(SynchronousTestCase):
     def test_total_limit(self) -> None:
         """Past max_connections a new client gets 421 4.7.0 and is closed; a closed session frees its place."""
@@ -261,8 +267,8 @@ class AuthFailureLimitTests(SynchronousTestCase):
     def test_third_failure_closes(self) -> None:
         """The third failed AUTH gets its 535, then 421 4.7.0 and the connection closes."""
         h = self.helo()
-        for _ in range(2):
-            out = h.send(BAD_AUTH)
+        for n in range(2):
+            out = h.send(b"AUTH PLAIN " + plain("poststack", f"sk_test_wrong{n}") + b"\r\n")
             self.assertEqual(len(out), 1)
             self.assertTrue(out[0].startswith(b"535 5.7.8 "), out)
         out = h.send(BAD_AUTH)
@@ -282,7 +288,7 @@ class AuthFailureLimitTests(SynchronousTestCase):
     def test_pipelined_failures(self) -> None:
         """Pipelined failing AUTHs stop at the limit: three 535s, the 421, nothing more checked or answered."""
         h = self.helo()
-        out = h.send(BAD_AUTH * 50 + b"NOOP\r\n")
+        out = h.send(guesses(50) + b"NOOP\r\n")
         self.assertEqual(len(out), 4, out)
         self.assertEqual(out[3], AUTH_LIMIT)
 
@@ -314,9 +320,26 @@ class AuthFailureLimitTests(SynchronousTestCase):
         out = h.send(BAD_AUTH)
         self.assertEqual(out[1:], [AUTH_LIMIT])
         h = self.helo(max_auth_failures=5)
-        out = h.send(BAD_AUTH * 5)
+        out = h.send(guesses(5))
         self.assertEqual(len(out), 6)
         self.assertEqual(out[5], AUTH_LIMIT)
+
+    def test_same_guess_again_counts_once(self) -> None:
+        """
+        The same wrong credentials again on one connection (smtplib tries
+        PLAIN, then LOGIN, with one secret) get 535 each time but count as
+        one failure; a different wrong secret is a new one.
+        """
+        h = self.helo()
+        login_again = (
+            b"AUTH LOGIN\r\n" + base64.b64encode(b"poststack") + b"\r\n"
+            + base64.b64encode(b"sk_test_wrong") + b"\r\n"
+        )
+        out = h.send(BAD_AUTH + login_again + BAD_AUTH + login_again)
+        self.assertEqual([o[:4] for o in out], [b"535 ", b"334 ", b"334 ", b"535 ", b"535 ", b"334 ", b"334 ", b"535 "])
+        self.assertFalse(h.transport.disconnecting)
+        out = h.send(guesses(2))
+        self.assertEqual(out[2:], [AUTH_LIMIT], out)
 
     def test_async_failure_closes_before_pipelined_input(self) -> None:
         """When the limit is reached by a check that answers later, buffered input after it is never served."""

@@ -107,7 +107,7 @@ class AuthenticatorTests(SynchronousTestCase):
         for _ in range(2):
             self.successResultOf(self.login())
         checked = self.checker.checked
-        self.assertEqual(self.login(), replies.AUTH_THROTTLED)
+        self.assertEqual(self.login(), replies.auth_throttled(300))
         self.assertEqual(self.checker.checked, checked)
         self.assertEqual(self.counted("throttled"), 1.0)
 

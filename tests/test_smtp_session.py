@@ -150,12 +150,22 @@ class AuthTests(SessionTestCase):
     def test_refused_unchecked(self) -> None:
         """A login the shell refuses at once (the throttle) is answered at once, counted as an error, and leaves no wait."""
         session, shell = self.make()
-        shell.refusal = replies.AUTH_THROTTLED
+        shell.refusal = replies.auth_throttled(30)
         session.line_received(b"EHLO c")
         shell.take()
         session.line_received(PLAIN)
-        self.assertEqual(shell.take()[1:], [("write", replies.AUTH_THROTTLED.line())])
+        self.assertEqual(shell.take()[1:], [("write", replies.auth_throttled(30).line())])
         self.assertEqual((session.mode, session.errors, session.delivery), (COMMAND, 1, None))
+
+    def test_refused_with_421_closes(self) -> None:
+        """A login refused at once with 421 (the AUTH rate) closes the session after the reply."""
+        session, shell = self.make()
+        shell.refusal = replies.auth_rate_limited(12)
+        session.line_received(b"EHLO c")
+        shell.take()
+        session.line_received(PLAIN)
+        self.assertEqual(shell.take()[1:], [("write", replies.auth_rate_limited(12).line()), ("close",)])
+        self.assertEqual(session.mode, CLOSED)
 
     def test_login_exchange(self) -> None:
         """AUTH LOGIN reads two continuation lines in AUTH mode, then asks for the check."""

@@ -33,7 +33,7 @@ from .answers import Answer
 from .body import STREAM_MIN_CONTENT, BodyProducer, body_bytes, json_body
 from .breaker import CircuitBreaker
 from .client import HTTPEmailAPI
-from .errors import NETWORK_ERRORS, APIError, APIUnavailable
+from .errors import NETWORK_ERRORS, APIError, APIUnavailable, MailboxSuspended
 from .retry import (
     DEFAULT_BACKOFF_BASE,
     DEFAULT_BACKOFF_CAP,
@@ -56,6 +56,7 @@ __all__ = [
     "APIError",
     "APIUnavailable",
     "Answer",
+    "MailboxSuspended",
     "BodyProducer",
     "CircuitBreaker",
     "HTTPEmailAPI",

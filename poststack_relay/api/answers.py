@@ -28,7 +28,7 @@ from ..replies import (
     api_error_text,
     reply_for_status,
 )
-from .errors import APIError, APIUnavailable
+from .errors import APIError, APIUnavailable, MailboxSuspended
 
 __all__ = [
     "Answer",
@@ -150,7 +150,9 @@ def key_check_outcome(answer: Answer) -> bool:
 def mailbox_outcome(answer: Answer, email: str, service_key: str, password: str) -> Optional[str]:
     """
     C{POST /mailboxes/authenticate}: the mailbox's own address for a good
-    login of an active mailbox, C{None} for a failed one.  A 401/403 that
+    login of an active mailbox, C{None} for a failed one; L{MailboxSuspended}
+    for the right password of a mailbox that is not active (a 200 with
+    another status, or a 403 about the mailbox).  A 401/403 that
     refuses the service key itself (see L{blames_bearer_key}) is the
     operator's problem, not the user's: it is logged as an error and is
     L{APIUnavailable}, so the user hears a temporary 454 rather than a
@@ -170,10 +172,14 @@ def mailbox_outcome(answer: Answer, email: str, service_key: str, password: str)
         if mailbox.get("status", "active") == "active":
             address = mailbox.get("email_address")
             return address if isinstance(address, str) and address else email
-        return None
+        raise MailboxSuspended()
     if status in (401, 403):
         blames_key = blames_bearer_key(body)
         if blames_key is False:
+            if status == 403:
+                # The API answers 403 about the mailbox (not the key) only
+                # after the right password: "Mailbox is suspended".
+                raise MailboxSuspended()
             return None
         message, code = api_error_text(body, status, (service_key, password))
         if blames_key:

@@ -24,7 +24,7 @@ from twisted.web.client import (
 
 from ..replies import Reply
 
-__all__ = ["NETWORK_ERRORS", "APIError", "APIUnavailable", "AttemptError", "Refused"]
+__all__ = ["NETWORK_ERRORS", "APIError", "APIUnavailable", "AttemptError", "MailboxSuspended", "Refused"]
 
 NETWORK_ERRORS = (
     ConnectError,
@@ -51,6 +51,13 @@ class APIUnavailable(Exception):
     service key was refused): the caller should answer with a temporary
     failure.  The optional argument is a short reason for logs;
     it never holds a key.
+    """
+
+
+class MailboxSuspended(Exception):
+    """
+    A mailbox login with the right password, for a mailbox PostStack does
+    not let send (suspended): not a wrong password, and not a guess.
     """
 
 

@@ -108,6 +108,17 @@ class LocalState:
         self._bound(self._counts, self.max_counters)
         return out
 
+    def seconds_left(self, keys: Sequence[str]) -> list[float]:
+        """
+        See L{IFleetState.seconds_left}.
+        """
+        now = self._clock.seconds()
+        out = []
+        for key in keys:
+            entry = self._counts.get(key)
+            out.append(max(0.0, entry.expires - now) if entry is not None else 0.0)
+        return out
+
     def put_count(self, key: str, count: int, window: float) -> None:
         """
         Set a counter to what the fleet says it is, for C{window} seconds,

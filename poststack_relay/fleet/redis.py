@@ -206,6 +206,10 @@ class RedisState:
         self._call("add", ADD_SCRIPT, names, [milliseconds(window), self.channel])
         return counts
 
+    def seconds_left(self, keys: Sequence[str]) -> list[float]:
+        """See L{IFleetState.seconds_left}: from the mirror."""
+        return self.mirror.seconds_left([self.keys.counter(k) for k in keys])
+
     def remember(self, subject: str, value: str, seconds: float) -> None:
         """See L{IFleetState.remember}: in the mirror now, in Redis in the background."""
         name = self.keys.note(subject)

@@ -7,6 +7,9 @@ the reply the session sends.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 from typing import Optional, Union
 
 import attrs
@@ -18,7 +21,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import replies
-from ..auth import AuthThrottle, AuthUnavailable, throttle_user_key
+from ..api import MailboxSuspended
+from ..auth import AuthThrottle, AuthUnavailable, MailboxLoginsDisabled, throttle_user_key
 from ..interfaces import IRelayDelivery
 from ..metrics import RelayMetrics
 from ..replies import Reply
@@ -49,7 +53,8 @@ class LoginOutcome:
 
     @ivar reply: what to answer (after C{delay} seconds).
     @ivar delivery: the avatar, for good credentials.
-    @ivar failed_login: were the credentials wrong (not merely unchecked)?
+    @ivar failed_login: were the credentials wrong (not merely unchecked),
+        a guess not made before on this connection?
     """
 
     reply: Reply
@@ -62,45 +67,86 @@ class Authenticator:
     """
     Checks the logins of every session of a relay.
 
-    @param throttle: failed-login bookkeeping, or C{None} for none.
+    @param throttle: failed-login bookkeeping and the AUTH rate, or
+        C{None} for none.
     """
 
     def __init__(self, portal: Portal, throttle: Optional[AuthThrottle], metrics: RelayMetrics) -> None:
         self._portal = portal
         self._throttle = throttle
         self._metrics = metrics
+        # Keys the digests of a connection's failed credentials (never
+        # stored anywhere else, never the secrets themselves).
+        self._pepper = os.urandom(32)
+
+    def _refusal(self, user_key: Optional[str], shown: str, session: str, client: str) -> Optional[Reply]:
+        """The reply refusing a login at once (rate, lock-out), or C{None}."""
+        throttle = self._throttle
+        if throttle is None:
+            return None
+        wait = throttle.rate_limited(client)
+        if wait is not None:
+            _log.info(
+                "{session} auth refused: over the AUTH rate, retry in {seconds}s client={client}",
+                event="auth_rate_limited",
+                session=session,
+                seconds=wait,
+                client=client,
+            )
+            self._metrics.auth["rate_limited"].inc()
+            return replies.auth_rate_limited(wait)
+        lockout = throttle.refusal(client, user_key)
+        if lockout is None:
+            return None
+        # Refused before the credentials are checked: no API call, and
+        # nothing a guesser could learn from.
+        _log.info(
+            "{session} auth refused: too many failures for this {reason} for {seconds}s "
+            "user={user} client={client}",
+            event="auth_throttled",
+            session=session,
+            reason=lockout.reason,
+            seconds=lockout.seconds,
+            user=shown,
+            client=client,
+        )
+        self._metrics.auth["throttled"].inc()
+        return replies.auth_throttled(lockout.seconds)
 
     def login(
-        self, username: bytes, password: bytes, session: str, client: str
+        self,
+        username: bytes,
+        password: bytes,
+        session: str,
+        client: str,
+        tried: Optional[set[bytes]] = None,
     ) -> Union[Reply, "Deferred[LoginOutcome]"]:
         """
         Check a login from the session C{session} of the client address
-        C{client}: the reply refusing it at once (too many failures), or a
-        Deferred that fires with its L{LoginOutcome} (and never fails).
+        C{client}: the reply refusing it at once (AUTH rate, too many
+        failures), or a Deferred that fires with its L{LoginOutcome} (and
+        never fails).
+
+        @param tried: the connection's own memory of the credentials that
+            failed on it (keyed digests): the same wrong credentials again
+            on one connection (smtplib tries PLAIN, then LOGIN) are checked
+            but not counted as another guess.
         """
         shown = username_label(username)
         throttle = self._throttle
         metrics = self._metrics
         user_key = throttle_user_key(username)
+        refusal = self._refusal(user_key, shown, session, client)
+        if refusal is not None:
+            return refusal
         if throttle is not None:
-            refusal = throttle.refusal(client, user_key)
-            if refusal is not None:
-                # Refused before the credentials are checked: no API call,
-                # and nothing a guesser could learn from.
-                _log.info(
-                    "{session} auth refused: too many failures for this {reason} "
-                    "user={user} client={client}",
-                    event="auth_throttled",
-                    session=session,
-                    reason=refusal,
-                    user=shown,
-                    client=client,
-                )
-                metrics.auth["throttled"].inc()
-                return replies.AUTH_THROTTLED
+            throttle.started(client, user_key)
+        digest = hmac.new(self._pepper, username + b"\0" + password, hashlib.sha256).digest()
         d = self._portal.login(UsernamePassword(username, password), None, IRelayDelivery)
 
         def succeeded(result: tuple[object, IRelayDelivery, object]) -> LoginOutcome:
+            if throttle is not None:
+                throttle.finished(client, user_key)
             _, avatar, _ = result
             metrics.auth["ok"].inc()
             # The text is made here, braces doubled: one of these per
@@ -119,21 +165,32 @@ class Authenticator:
             return LoginOutcome(replies.AUTH_OK, delivery=avatar)
 
         def failed(failure: Failure) -> LoginOutcome:
+            if throttle is not None:
+                throttle.finished(client, user_key)
             delay = 0.0
-            invalid = False
-            if isinstance(failure.value, UnauthorizedLogin):
+            counted = False
+            error = failure.value
+            if isinstance(error, UnauthorizedLogin):
                 reply = replies.AUTH_FAILED
-                outcome = "invalid"
-                invalid = True
-                if throttle is not None:
-                    delay = throttle.failed(client, user_key)
-            elif isinstance(failure.value, AuthUnavailable):
-                reply = replies.AUTH_UNAVAILABLE
-                outcome = "unavailable"
+                if tried is not None and digest in tried:
+                    # The same guess again on this connection: not a new one.
+                    outcome = "repeated"
+                else:
+                    outcome = "invalid"
+                    counted = True
+                    if tried is not None:
+                        tried.add(digest)
+                    if throttle is not None:
+                        delay = throttle.failed(client, user_key)
+            elif isinstance(error, MailboxSuspended):
+                reply, outcome = replies.MAILBOX_SUSPENDED, "suspended"
+            elif isinstance(error, MailboxLoginsDisabled):
+                reply, outcome = replies.MAILBOX_LOGINS_DISABLED, "disabled"
+            elif isinstance(error, AuthUnavailable):
+                reply, outcome = replies.AUTH_UNAVAILABLE, "unavailable"
             else:
                 _log.failure("credential check crashed", failure, event="auth_crash")
-                reply = replies.AUTH_UNAVAILABLE
-                outcome = "error"
+                reply, outcome = replies.AUTH_UNAVAILABLE, "error"
             metrics.auth[outcome].inc()
             _log.info(
                 "{session} auth failed ({outcome}) user={user} client={client}",
@@ -144,6 +201,6 @@ class Authenticator:
                 client=client,
                 delay=delay,
             )
-            return LoginOutcome(reply, failed_login=invalid, delay=delay)
+            return LoginOutcome(reply, failed_login=counted, delay=delay)
 
         return d.addCallbacks(succeeded, failed)

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 _log = Logger(namespace="poststack_relay.smtp")
 
 # Longest command line accepted (Postfix: line_length_limit = 2048), and the
-# longest SASL response line (RFC 4954 section 4: 12288 octets).
+# longest AUTH command line and SASL response line (RFC 4954 sections 3 and
+# 4: 12288 octets).
 MAX_COMMAND_LINE = 2048
 MAX_AUTH_LINE = 12288
 # Input buffered while waiting on the API before the socket is paused.
@@ -52,6 +53,11 @@ CLOSE_LINGER = 5.0
 
 _SESSION_PREFIX = os.urandom(3).hex()
 _session_ids = itertools.count(1)
+
+
+def _is_auth(line: bytes) -> bool:
+    """Is C{line} (at least its start) an C{AUTH} command, whose limit is RFC 4954's?"""
+    return line[:16].lstrip()[:5].upper() == b"AUTH "
 
 
 class RelaySMTP(Protocol):
@@ -69,7 +75,7 @@ class RelaySMTP(Protocol):
 
     # Slots: idle connections are many (docs/performance.md, S3).
     __slots__ = ("_auth_delay", "_buf", "_idle", "_linger", "_paused", "_processing", "_skip_line",
-                 "_started", "_transaction_call", "factory", "state", "timeout", "write")
+                 "_started", "_transaction_call", "_tried", "factory", "state", "timeout", "write")
 
     def __init__(self, factory: "RelayFactory") -> None:
         self.factory = factory
@@ -83,6 +89,9 @@ class RelaySMTP(Protocol):
         self._auth_delay: Optional[IDelayedCall] = None
         self._linger: Optional[IDelayedCall] = None
         self._started: Optional[float] = None
+        # Digests of the credentials that failed on this connection (made
+        # at its first AUTH check).
+        self._tried: Optional[set[bytes]] = None
         self.state = Session(self, factory.config, factory.metrics, factory.helo_reply,
                              factory.ehlo_reply, f"{_SESSION_PREFIX}{next(_session_ids):x}")
 
@@ -261,13 +270,14 @@ class RelaySMTP(Protocol):
             self._buf = rest + self._buf if self._buf else rest
             mode = state.mode
             if (mode == COMMAND or mode == AUTH) and b"\n" not in self._buf:
-                limit = MAX_AUTH_LINE if mode == AUTH else MAX_COMMAND_LINE
-                # A line of exactly `limit` octets may be waiting for its LF.
-                if len(self._buf) > limit + 1:
-                    self._buf = b""
-                    if not self._skip_line:
-                        self._skip_line = True
-                        state.line_too_long()
+                # A line of exactly the limit may be waiting for its LF.
+                if len(self._buf) > MAX_COMMAND_LINE + 1:
+                    auth = mode == AUTH or _is_auth(self._buf)
+                    if not auth or len(self._buf) > MAX_AUTH_LINE + 1:
+                        self._buf = b""
+                        if not self._skip_line:
+                            self._skip_line = True
+                            state.line_too_long(auth)
                 return
 
     def _take_lines(self, buf: bytes) -> int:
@@ -288,9 +298,11 @@ class RelaySMTP(Protocol):
                 continue
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if len(line) > (MAX_AUTH_LINE if state.mode == AUTH else MAX_COMMAND_LINE):
-                state.line_too_long()
-                continue
+            if len(line) > MAX_COMMAND_LINE:
+                auth = state.mode == AUTH or _is_auth(line)
+                if not auth or len(line) > MAX_AUTH_LINE:
+                    state.line_too_long(auth)
+                    continue
             state.line_received(line)
         return pos
 
@@ -306,7 +318,11 @@ class RelaySMTP(Protocol):
 
     def authenticate(self, username: bytes, password: bytes) -> Optional[Reply]:
         """L{SessionShell.authenticate}: through the factory's L{Authenticator}."""
-        result = self.factory.authenticator.login(username, password, self.state.id, self.state.client)
+        if self._tried is None:
+            self._tried = set()
+        result = self.factory.authenticator.login(
+            username, password, self.state.id, self.state.client, self._tried
+        )
         if isinstance(result, Reply):
             return result
         self.set_idle_timer(None)

@@ -282,12 +282,15 @@ class Session:
                     handler(self, arg.strip())
         self._check()
 
-    def line_too_long(self) -> None:
-        """A command or SASL line over the limit was discarded."""
+    def line_too_long(self, auth: bool = False) -> None:
+        """
+        A command or SASL line over the limit was discarded; C{auth}: an
+        C{AUTH} command or SASL line (over RFC 4954's 12,288 octets).
+        """
         if self.mode == AUTH:
             self.mode = COMMAND
             self._sasl = None
-        self.reply(replies.LINE_TOO_LONG)
+        self.reply(replies.AUTH_LINE_TOO_LONG if auth else replies.LINE_TOO_LONG)
 
     def data_received(self, data: bytes) -> Optional[bytes]:
         """Message content; at its end, the input that followed (see L{end_of_data})."""
@@ -374,6 +377,8 @@ class Session:
             if refusal is not None:
                 self.mode = COMMAND
                 self.reply(refusal)
+                if refusal.code == 421:
+                    self._close()  # 421: the server closes the connection
             return
         if step.outcome is not None:
             self._metrics.auth[step.outcome].inc()

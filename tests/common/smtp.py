@@ -79,6 +79,7 @@ START = b"354 End data with <CR><LF>.<CR><LF>"
 BEGIN = b"MAIL FROM:<you@yourdomain.com>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n"
 AUTH_OK = b"235 2.7.0 Authentication successful"
 LINE_TOO_LONG = b"500 5.5.2 Error: line too long"
+AUTH_LINE_TOO_LONG = b"500 5.5.6 Authentication Exchange line is too long"
 TIMEOUT = b"421 4.4.2 Error: timeout exceeded, closing connection"
 TOO_MANY_ERRORS = b"421 4.7.0 Error: too many errors, closing connection"
 
