@@ -277,6 +277,12 @@ class Lockout:
     seconds: int
 
 
+# A mailbox with this many times auth_failures_per_user failures (from
+# every address) in the window is under attack: each address then gets one
+# failure for it per window instead of auth_failures_per_user.
+UNDER_ATTACK = 4
+
+
 class AuthThrottle:
     """
     Remembers failed logins, shared by every session of a relay, and by
@@ -287,9 +293,11 @@ class AuthThrottle:
         failures refuse every login from it;
       - per mailbox and client address: C{per_user} failures refuse that
         mailbox's logins from that address only;
-      - per mailbox, from every address: never refuses (a stranger who
-        knows the address must not lock its user out), it only makes the
-        delays grow.
+      - per mailbox, from every address: never refuses by itself (a
+        stranger who knows the address must not lock its user out); it
+        makes the delays grow, and past C{UNDER_ATTACK * per_user} failures
+        each address gets one failure per window for that mailbox (an
+        address that has not failed for it is always checked).
 
     A count is forgotten once C{window} seconds pass with no new failure
     for it (the window restarts at each failure, so a slow guesser never
@@ -387,9 +395,14 @@ class AuthThrottle:
         The L{Lockout} refusing a login from C{client} for C{user} (a
         L{throttle_user_key}) now, or C{None} if it may be checked.
         """
-        keys = self._keys(client, user)[:2]
+        keys = self._keys(client, user)
         counts = self.state.counts(keys)
-        for key, count, limit, reason in zip(keys, counts, (self.per_ip, self.per_user), ("client", "mailbox")):
+        per_user = self.per_user
+        if len(counts) == 3 and counts[2] >= UNDER_ATTACK * per_user:
+            # The mailbox is being guessed from many addresses: one guess
+            # per window for it from each.
+            per_user = 1
+        for key, count, limit, reason in zip(keys[:2], counts, (self.per_ip, per_user), ("client", "mailbox")):
             if count + self._in_flight.get(key, 0) >= limit:
                 left = self.state.seconds_left([key])[0] if count >= limit else 0.0
                 # Refused for checks in flight: if they fail, the count

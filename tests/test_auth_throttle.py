@@ -204,6 +204,27 @@ class AuthThrottleUnitTests(SynchronousTestCase):
         self.assertIsNone(t.refusal("198.51.100.9", None))
         self.assertIsNone(t.refusal("198.51.100.10", "alice@x.com"))
 
+    def test_mailbox_under_attack(self) -> None:
+        """
+        Past UNDER_ATTACK * per_user failures for a mailbox, each address
+        gets one failure per window for it; an address that has not failed
+        for it is still checked, and other mailboxes keep per_user.
+        """
+        t = self.throttle(per_ip=100, per_user=5, window=300.0)
+        for n in range(19):
+            t.failed(f"192.0.2.{n}", "alice@x.com")
+        self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
+        t.failed("192.0.2.19", "alice@x.com")  # the 20th
+        lockout = t.refusal("192.0.2.1", "alice@x.com")
+        assert lockout is not None
+        self.assertEqual((lockout.reason, lockout.seconds), ("mailbox", 300))
+        self.assertIsNone(t.refusal("198.51.100.1", "alice@x.com"))
+        t.failed("192.0.2.1", "bob@x.com")
+        self.assertIsNone(t.refusal("192.0.2.1", "bob@x.com"))
+        # Once the attack's failures are forgotten, per_user again.
+        self.clock.advance(300)
+        self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
+
     def test_lockout_says_when_it_ends(self) -> None:
         """A refusal carries the whole seconds left of the count's window (at least 1)."""
         t = self.throttle(window=300.0, per_ip=2)

@@ -20,8 +20,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from poststack_relay import replies
-from poststack_relay.auth import AuthThrottle, AuthUnavailable
+from poststack_relay.api import MailboxSuspended
+from poststack_relay.auth import AuthThrottle, AuthUnavailable, MailboxLoginsDisabled
+from poststack_relay.fleet import LocalState
 from poststack_relay.metrics import RelayMetrics
+from poststack_relay.rates import RateLimit
 from poststack_relay.smtp.login import Authenticator, LoginOutcome, username_label
 
 SECRET = b"sk_live_secret_0123456789"
@@ -110,6 +113,58 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual(self.login(), replies.auth_throttled(300))
         self.assertEqual(self.checker.checked, checked)
         self.assertEqual(self.counted("throttled"), 1.0)
+
+    def test_same_guess_again_counts_once(self) -> None:
+        """
+        The same wrong credentials again with the connection's memory: 535
+        at once, counted as repeated, not failed; other credentials count.
+        """
+        assert self.throttle is not None
+        self.checker.answer = lambda c: fail(UnauthorizedLogin())
+        tried: set[bytes] = set()
+        first = self.successResultOf(self.authenticator.login(b"a@x.com", b"pw1", "s1", "192.0.2.7", tried))
+        again = self.successResultOf(self.authenticator.login(b"a@x.com", b"pw1", "s1", "192.0.2.7", tried))
+        self.assertEqual((first.failed_login, again.failed_login, again.delay), (True, False, 0.0))
+        self.assertEqual(again.reply, replies.AUTH_FAILED)
+        self.assertEqual(self.throttle.failures("192.0.2.7", "a@x.com"), 1)
+        self.assertEqual((self.counted("invalid"), self.counted("repeated")), (1.0, 1.0))
+        # Nothing secret is kept: digests only.
+        self.assertEqual(len(tried), 1)
+        self.assertNotIn(b"pw1", next(iter(tried)))
+        other = self.successResultOf(self.authenticator.login(b"a@x.com", b"pw2", "s1", "192.0.2.7", tried))
+        self.assertTrue(other.failed_login)
+        self.assertEqual(self.throttle.failures("192.0.2.7", "a@x.com"), 2)
+
+    def test_suspended_and_disabled_are_not_guesses(self) -> None:
+        """A suspended mailbox (535 5.7.1) and mailbox logins not enabled (454) are not failed guesses."""
+        assert self.throttle is not None
+        for error, reply, result in (
+            (MailboxSuspended(), replies.MAILBOX_SUSPENDED, "suspended"),
+            (MailboxLoginsDisabled(), replies.MAILBOX_LOGINS_DISABLED, "disabled"),
+        ):
+            self.checker.answer = lambda c, error=error: fail(error)
+            outcome = self.successResultOf(self.login(b"a@x.com"))
+            self.assertEqual(outcome, LoginOutcome(reply))
+            self.assertEqual(self.counted(result), 1.0)
+        self.assertEqual(self.throttle.failures("192.0.2.7", "a@x.com"), 0)
+
+    def test_rate_limited(self) -> None:
+        """Past the AUTH rate a login is refused with 421 and a retry-after hint, unchecked."""
+        throttle = AuthThrottle(self.clock, rate=RateLimit(LocalState(self.clock), self.clock, 2))
+        authenticator = Authenticator(Portal(Realm(), [self.checker]), throttle, self.metrics)
+        self.clock.advance(30)
+        for _ in range(2):
+            self.successResultOf(authenticator.login(b"poststack", SECRET, "s1", "192.0.2.7"))
+        with capturedLogs() as events:
+            reply = authenticator.login(b"poststack", SECRET, "s1", "192.0.2.7")
+        # Both in the bucket that started at 0: allowed again once it slides out.
+        self.assertEqual(reply, replies.auth_rate_limited(60))
+        self.assertEqual(self.checker.checked, 2)
+        self.assertEqual(self.counted("rate_limited"), 1.0)
+        [event] = [e for e in events if e.get("event") == "auth_rate_limited"]
+        self.assertEqual((event["seconds"], event["client"]), (60, "192.0.2.7"))
+        # Another address is not affected.
+        self.successResultOf(authenticator.login(b"poststack", SECRET, "s1", "192.0.2.8"))
 
     def test_no_throttle(self) -> None:
         """Without a throttle failures are never delayed nor refused."""

@@ -32,8 +32,9 @@ class SharedStateRelayTests(RelayTestCase):
         self.relay_options = {
             "redis_url": self.redis.url,
             "redis_timeout": 0.2,
-            # smtplib's login() tries PLAIN, then LOGIN: two failures each.
-            "auth_failures_per_user": 6,
+            # smtplib's login() tries PLAIN, then LOGIN: one failure each
+            # (the same secret again on one connection is not a new guess).
+            "auth_failures_per_user": 3,
             "auth_failures_per_ip": 100,
             "auth_failure_delay": 0.0,
             "api_deadline": 3.0,
@@ -52,8 +53,10 @@ class SharedStateRelayTests(RelayTestCase):
         port = await relay.port()
         return relay, port.getHost().port
 
-    def client(self, port: int) -> smtplib.SMTP_SSL:
-        return smtplib.SMTP_SSL("localhost", port, context=self.context(), timeout=30)
+    def client(self, port: int, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
+        return smtplib.SMTP_SSL(
+            "localhost", port, context=self.context(), timeout=30, source_address=(source, 0)
+        )
 
     async def both_up(self, *relays: Any) -> None:
         deadline = time.monotonic() + 10
@@ -64,9 +67,10 @@ class SharedStateRelayTests(RelayTestCase):
 
     async def test_mailbox_lockout_is_shared(self) -> None:
         """
-        Three wrong logins (six failures: PLAIN and LOGIN each) on relay A:
-        relay B refuses that mailbox with 454 before checking, even with
-        the right password.
+        Three wrong logins (three failures: PLAIN, then LOGIN with the same
+        secret, each) from one address on relay A: relay B refuses that
+        mailbox from that address with 454 before checking, even with the
+        right password; from another address B lets it in.
         """
         b, b_port = await self.second_relay()
         await self.both_up(self.relay, b)
@@ -82,18 +86,20 @@ class SharedStateRelayTests(RelayTestCase):
                         codes.append(e.smtp_code)
             return codes
 
-        self.assertEqual(await self.in_thread(guesses), [535, 535, 535])
+        # The third login()'s PLAIN reached the limit: its LOGIN hears 454.
+        self.assertEqual(await self.in_thread(guesses), [535, 535, 454])
         await deferLater(reactor, 0.3, lambda: None)
 
-        def right_on_b() -> int:
-            with self.client(b_port) as c:
+        def right_on_b(source: str) -> int:
+            with self.client(b_port, source) as c:
                 try:
                     c.login(user, password)
                 except smtplib.SMTPAuthenticationError as e:
                     return e.smtp_code
                 return 235
 
-        self.assertEqual(await self.in_thread(right_on_b), 454)
+        self.assertEqual(await self.in_thread(right_on_b, "127.0.0.1"), 454)
+        self.assertEqual(await self.in_thread(right_on_b, "127.0.0.2"), 235)
 
     async def test_rate_limit_is_shared(self) -> None:
         """
@@ -166,10 +172,12 @@ class SharedStateRelayTests(RelayTestCase):
         deadline = time.monotonic() + 8
         while True:
             _, text = await self.in_thread(http_get, base + "/metrics")
-            # smtplib's login() failed twice (PLAIN, then LOGIN); and each
-            # of the two connections was counted (the connection rate).
+            # Six additions: smtplib's failed login() counted once (its
+            # LOGIN repeats the PLAIN's secret), the AUTH rate counting each
+            # of the three AUTH exchanges, and the connection rate each of
+            # the two connections.
             if "poststack_relay_fleet_state_up 0.0" in text and re.search(
-                r'poststack_relay_fleet_state_fallbacks_total\{operation="add"\} 4\.0', text
+                r'poststack_relay_fleet_state_fallbacks_total\{operation="add"\} 6\.0', text
             ):
                 break
             self.assertLess(time.monotonic(), deadline, text[-800:])
