@@ -281,6 +281,8 @@ class Lockout:
 # every address) in the window is under attack: each address then gets one
 # failure for it per window instead of auth_failures_per_user.
 UNDER_ATTACK = 4
+# The per-mailbox count lives this many windows after its last failure.
+MAILBOX_MEMORY = 12
 
 
 class AuthThrottle:
@@ -297,11 +299,13 @@ class AuthThrottle:
         stranger who knows the address must not lock its user out); it
         makes the delays grow, and past C{UNDER_ATTACK * per_user} failures
         each address gets one failure per window for that mailbox (an
-        address that has not failed for it is always checked).
+        address that has not failed for it is always checked).  It lives
+        C{MAILBOX_MEMORY} windows after its last failure, so pausing for a
+        window does not end the attack's count.
 
-    A count is forgotten once C{window} seconds pass with no new failure
-    for it (the window restarts at each failure, so a slow guesser never
-    gets a fresh count).  Each failure delays its C{535} reply by
+    A count is forgotten once C{window} seconds (the mailbox's own count:
+    C{MAILBOX_MEMORY} windows) pass with no new failure for it (the window
+    restarts at each failure, so a slow guesser never gets a fresh count).  Each failure delays its C{535} reply by
     C{delay * 2 ** (n - 1)} seconds, at most C{max_delay}, where C{n} is the
     largest of the three counts.  A refused attempt (L{refusal}) is not a
     failure and does not extend the window.  Checks still in flight count
@@ -428,7 +432,14 @@ class AuthThrottle:
         """
         Record a failed login; return the seconds to wait before replying.
         """
-        highest = max(self.state.add(self._keys(client, user), self.window))
+        keys = self._keys(client, user)
+        counts = self.state.add(keys[:2], self.window)
+        if user is not None:
+            # The mailbox's own count lives longer: a guesser who pauses
+            # for one window must not find the mailbox no longer under
+            # attack (and each address with its per_user guesses back).
+            counts += self.state.add(keys[-1:], self.window * MAILBOX_MEMORY)
+        highest = max(counts)
         if self.delay <= 0:
             return 0.0
         return float(min(self.delay * 2 ** min(highest - 1, 62), self.max_delay))

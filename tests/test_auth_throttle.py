@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay.auth import (
+    MAILBOX_MEMORY,
     AuthThrottle,
     PostStackChecker,
     RelayRealm,
@@ -221,8 +222,15 @@ class AuthThrottleUnitTests(SynchronousTestCase):
         self.assertIsNone(t.refusal("198.51.100.1", "alice@x.com"))
         t.failed("192.0.2.1", "bob@x.com")
         self.assertIsNone(t.refusal("192.0.2.1", "bob@x.com"))
-        # Once the attack's failures are forgotten, per_user again.
+        # Pausing for a window is not enough: the mailbox's count lives
+        # MAILBOX_MEMORY windows, so each address still gets one guess.
         self.clock.advance(300)
+        self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
+        t.failed("192.0.2.1", "alice@x.com")
+        self.assertIsNotNone(t.refusal("192.0.2.1", "alice@x.com"))
+        # Once the attack is forgotten, per_user again.
+        self.clock.advance(300 * MAILBOX_MEMORY)
+        t.failed("192.0.2.1", "alice@x.com")
         self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
 
     def test_lockout_says_when_it_ends(self) -> None:
@@ -303,12 +311,19 @@ class AuthThrottleUnitTests(SynchronousTestCase):
         self.assertEqual(t.failures("10.0.3.231", "user999@x.com"), 1)
 
     def test_expired_entries_are_dropped(self) -> None:
-        """Counts whose window passed take no memory once the throttle is next used."""
+        """
+        Counts whose window passed are forgotten (the mailboxes' after
+        MAILBOX_MEMORY windows) and take no memory once the throttle is
+        next used.
+        """
         t = self.throttle(window=10.0)
         for n in range(50):
             t.failed(f"192.0.2.{n}", f"u{n}@x.com")
         self.assertEqual(len(t), 150)  # per address, per mailbox from it, per mailbox
         self.clock.advance(10)
+        self.assertEqual((t.failures("192.0.2.1"), t.failures(user="u1@x.com")), (0, 1))
+        self.clock.advance(10 * (MAILBOX_MEMORY - 1))
+        self.assertEqual(t.failures(user="u1@x.com"), 0)
         self.assertIsNone(t.refusal("198.51.100.1", None))
         self.assertEqual(len(t), 0)
 

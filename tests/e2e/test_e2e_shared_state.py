@@ -173,9 +173,9 @@ class SharedStateRelayTests(RelayTestCase):
         while True:
             _, text = await self.in_thread(http_get, base + "/metrics")
             # Six additions: smtplib's failed login() counted once (its
-            # LOGIN repeats the PLAIN's secret), the AUTH rate counting each
-            # of the three AUTH exchanges, and the connection rate each of
-            # the two connections.
+            # LOGIN repeats the PLAIN's secret; an API-key login has no
+            # mailbox count), the AUTH rate counting each of the three AUTH
+            # exchanges, and the connection rate each of the two connections.
             if "poststack_relay_fleet_state_up 0.0" in text and re.search(
                 r'poststack_relay_fleet_state_fallbacks_total\{operation="add"\} 6\.0', text
             ):
