@@ -283,10 +283,7 @@ class Session:
         self._check()
 
     def line_too_long(self, auth: bool = False) -> None:
-        """
-        A command or SASL line over the limit was discarded; C{auth}: an
-        C{AUTH} command or SASL line (over RFC 4954's 12,288 octets).
-        """
+        """A command line (C{auth}: an C{AUTH} or SASL line, RFC 4954) over the limit was discarded."""
         if self.mode == AUTH:
             self.mode = COMMAND
             self._sasl = None
@@ -319,9 +316,11 @@ class Session:
     # -- answers to the shell's asynchronous steps ---------------------------
 
     def resume(self, reply: Reply) -> None:
-        """A credential check or a delivery finished: send its reply and read on."""
+        """A credential check or a delivery finished (or was refused): send its reply and read on; a 421 closes."""
         self.mode = COMMAND
         self.reply(reply)
+        if reply.code == 421:
+            self._close()
         self._check()
 
     def login_result(self, delivery: Optional[IRelayDelivery], failed_login: bool) -> None:
@@ -360,10 +359,9 @@ class Session:
         self._sasl_step(self._sasl.start(initial))
 
     def _auth_line(self, line: bytes) -> None:
-        sasl = self._sasl
-        assert sasl is not None
+        assert self._sasl is not None
         self.mode = COMMAND
-        self._sasl_step(sasl.respond(line))
+        self._sasl_step(self._sasl.respond(line))
 
     def _sasl_step(self, step: Step) -> None:
         if isinstance(step, Challenge):
@@ -375,10 +373,7 @@ class Session:
             self.mode = WAIT
             refusal = self._shell.authenticate(step.username, step.password)
             if refusal is not None:
-                self.mode = COMMAND
-                self.reply(refusal)
-                if refusal.code == 421:
-                    self._close()  # 421: the server closes the connection
+                self.resume(refusal)  # refused unchecked (the throttle, the AUTH rate)
             return
         if step.outcome is not None:
             self._metrics.auth[step.outcome].inc()

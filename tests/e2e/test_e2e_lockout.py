@@ -207,5 +207,7 @@ class AuthRateTests(RelayTestCase):
         self.assertEqual(code, 421, text)
         match = re.fullmatch(rb"4\.7\.0 Too many AUTH attempts from your address, retry-after=(\d+)s", text)
         assert match is not None, text
-        self.assertTrue(1 <= int(match.group(1)) <= 60, text)
+        # The sliding window: up to a minute for the current bucket to end,
+        # plus the part of the next one it takes to slide out.
+        self.assertTrue(1 <= int(match.group(1)) <= 120, text)
         self.assertEqual(out[4:], ["closed", 235])
