@@ -55,9 +55,11 @@ _SESSION_PREFIX = os.urandom(3).hex()
 _session_ids = itertools.count(1)
 
 
-def _is_auth(line: bytes) -> bool:
-    """Is C{line} (at least its start) an C{AUTH} command, whose limit is RFC 4954's?"""
-    return line[:16].lstrip()[:5].upper() == b"AUTH "
+def _limit(mode: str, line: bytes) -> int:
+    """The longest line allowed: RFC 4954's for an C{AUTH} command (C{line} starts it) or SASL line."""
+    if mode == AUTH or line[:16].lstrip()[:5].upper() == b"AUTH ":
+        return MAX_AUTH_LINE
+    return MAX_COMMAND_LINE
 
 
 class RelaySMTP(Protocol):
@@ -89,9 +91,7 @@ class RelaySMTP(Protocol):
         self._auth_delay: Optional[IDelayedCall] = None
         self._linger: Optional[IDelayedCall] = None
         self._started: Optional[float] = None
-        # Digests of the credentials that failed on this connection (made
-        # at its first AUTH check).
-        self._tried: Optional[set[bytes]] = None
+        self._tried: Optional[set[bytes]] = None  # digests of failed credentials, from the 1st check
         self.state = Session(self, factory.config, factory.metrics, factory.helo_reply,
                              factory.ehlo_reply, f"{_SESSION_PREFIX}{next(_session_ids):x}")
 
@@ -270,14 +270,13 @@ class RelaySMTP(Protocol):
             self._buf = rest + self._buf if self._buf else rest
             mode = state.mode
             if (mode == COMMAND or mode == AUTH) and b"\n" not in self._buf:
-                # A line of exactly the limit may be waiting for its LF.
-                if len(self._buf) > MAX_COMMAND_LINE + 1:
-                    auth = mode == AUTH or _is_auth(self._buf)
-                    if not auth or len(self._buf) > MAX_AUTH_LINE + 1:
-                        self._buf = b""
-                        if not self._skip_line:
-                            self._skip_line = True
-                            state.line_too_long(auth)
+                limit = _limit(mode, self._buf)
+                # A line of exactly `limit` octets may be waiting for its LF.
+                if len(self._buf) > limit + 1:
+                    self._buf = b""
+                    if not self._skip_line:
+                        self._skip_line = True
+                        state.line_too_long(limit == MAX_AUTH_LINE)
                 return
 
     def _take_lines(self, buf: bytes) -> int:
@@ -298,11 +297,9 @@ class RelaySMTP(Protocol):
                 continue
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if len(line) > MAX_COMMAND_LINE:
-                auth = state.mode == AUTH or _is_auth(line)
-                if not auth or len(line) > MAX_AUTH_LINE:
-                    state.line_too_long(auth)
-                    continue
+            if len(line) > MAX_COMMAND_LINE and len(line) > (limit := _limit(state.mode, line)):
+                state.line_too_long(limit == MAX_AUTH_LINE)
+                continue
             state.line_received(line)
         return pos
 
@@ -318,11 +315,8 @@ class RelaySMTP(Protocol):
 
     def authenticate(self, username: bytes, password: bytes) -> Optional[Reply]:
         """L{SessionShell.authenticate}: through the factory's L{Authenticator}."""
-        if self._tried is None:
-            self._tried = set()
-        result = self.factory.authenticator.login(
-            username, password, self.state.id, self.state.client, self._tried
-        )
+        tried = self._tried = self._tried if self._tried is not None else set()
+        result = self.factory.authenticator.login(username, password, self.state.id, self.state.client, tried)
         if isinstance(result, Reply):
             return result
         self.set_idle_timer(None)
