@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -265,6 +265,8 @@ class RelayDelivery:
             # Never crash on input; never a wrong 250.
             if failure.check(TranslationError):
                 reply: Reply = failure.value.reply
+            elif failure.check(CancelledError):
+                reply = replies.LOCAL_ERROR  # the relay stopped meanwhile: not sent
             else:
                 _log.failure(
                     "translation failed unexpectedly", failure, event="translate_crash", session=session

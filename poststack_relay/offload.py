@@ -20,9 +20,12 @@ shortens the switch interval to L{SWITCH_INTERVAL} (and puts it back when
 they are done); the translation code keeps each call into C short
 (windows of 64 KiB to 256 KiB) for the same reason.
 
-It is a service: started, it runs work in its threads; stopping, it waits
-for the work it runs (bounded: a translation always ends) and then stops
-its threads.  Not running, it runs everything at once.
+It is a service: started, it runs work in its threads; stopping (after the
+relay's drain), it waits for the work it runs (bounded: a translation
+always ends) and then stops its threads.  Work that ends after stopping
+began fails with L{CancelledError}: its session was already told
+C{421} by the drain, so its message must not be sent.  Not running, it
+runs everything at once.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import sys
 from typing import Any, Callable, Optional, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IReactorCore
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -60,6 +64,7 @@ class TranslationPool(Service):
         self._pool: Optional[ThreadPool] = None
         self._trigger: Any = None
         self.busy = 0
+        self._stopping = False
         self._switch = sys.getswitchinterval()
         self._idle: list[Deferred[None]] = []
 
@@ -87,18 +92,21 @@ class TranslationPool(Service):
         d.addBoth(self._finished)
         return d
 
-    def _finished(self, result: _T) -> _T:
+    def _finished(self, result: Any) -> Any:
         self.busy -= 1
         if not self.busy:
             sys.setswitchinterval(self._switch)
             waiters, self._idle = self._idle, []
             for waiter in waiters:
                 waiter.callback(None)
+        if self._stopping and not isinstance(result, Failure):
+            raise CancelledError("the relay stopped while this was translated")
         return result
 
     def startService(self) -> None:
         """Start the pool (its threads start as work comes)."""
         Service.startService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
+        self._stopping = False
         pool = ThreadPool(minthreads=0, maxthreads=self._threads, name="poststack-translate")
         pool.start()
         self._pool = pool
@@ -111,6 +119,7 @@ class TranslationPool(Service):
     def stopService(self) -> "Deferred[None]":
         """Wait for the work running and queued in the threads, then stop them."""
         Service.stopService(self)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
+        self._stopping = True
         idle: Deferred[None] = Deferred()
         if self.busy:
             self._idle.append(idle)

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from poststack_relay import replies
@@ -111,7 +111,7 @@ class ThreadTests(TestCase):
             await self.pool.run(lambda: 1 // 0)
 
     async def test_stop_waits_for_work(self) -> None:
-        """Stopping waits until the work in the threads is done, then stops the threads; the switch interval is short only meanwhile."""
+        """Stopping waits until the work in the threads is done (and cancels its result), then stops the threads; the switch interval is short only meanwhile."""
         go = threading.Event()
         self.addCleanup(go.set)
         before = sys.getswitchinterval()
@@ -121,7 +121,8 @@ class ThreadTests(TestCase):
         self.assertNoResult(stopped)
         self.assertEqual(self.pool.busy, 1)
         go.set()
-        self.assertTrue(await work)
+        with self.assertRaises(CancelledError):
+            await work  # it ended after stopping began: its result is not used
         await stopped
         self.assertEqual(sys.getswitchinterval(), before)
         self.assertEqual(self.pool.busy, 0)
@@ -151,3 +152,25 @@ class ThreadTests(TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(len(api.sent), 1)
 
+
+
+class StopDuringTranslationTests(TestCase):
+    timeout = 30
+
+    async def test_not_sent_after_stop(self) -> None:
+        """A translation that ends after the pool began stopping (the drain gave up): 451, nothing sent."""
+        pool = TranslationPool(reactor, 1, LARGE)
+        pool.startService()
+        api = MemoryEmailAPI()
+        delivery = RelayDelivery(ALICE, api, translator=pool)
+        go = threading.Event()
+        self.addCleanup(go.set)
+        blocker = pool.run(go.wait, 20)  # the one thread is busy: the translation waits its turn
+        replied = delivery.deliver(ENV, flat(400))
+        stopped = pool.stopService()
+        go.set()
+        with self.assertRaises(CancelledError):
+            await blocker
+        self.assertEqual(await replied, replies.LOCAL_ERROR)
+        await stopped
+        self.assertEqual(api.sent, [])
