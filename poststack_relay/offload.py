@@ -24,8 +24,9 @@ It is a service: started, it runs work in its threads; stopping (after the
 relay's drain), it waits for the work it runs (bounded: a translation
 always ends) and then stops its threads.  Work that ends after stopping
 began fails with L{CancelledError}: its session was already told
-C{421} by the drain, so its message must not be sent.  Not running, it
-runs everything at once.
+C{421} by the drain, so its message must not be sent.  The same from the
+drain's deadline on (L{abandon}), which comes before the pool stops.  Not
+running, it runs everything at once.
 """
 
 from __future__ import annotations
@@ -102,6 +103,19 @@ class TranslationPool(Service):
         if self._stopping and not isinstance(result, Failure):
             raise CancelledError("the relay stopped while this was translated")
         return result
+
+    def abandon(self) -> None:
+        """
+        The drain deadline passed: every session was told C{421 4.3.2}, so
+        work that ends from now on fails with L{CancelledError} (its
+        message must not be sent); the threads run on until L{stopService}.
+        """
+        self._stopping = True
+
+    @property
+    def abandoned(self) -> bool:
+        """Work that ends now fails with L{CancelledError} (L{abandon}, or stopping)."""
+        return self._stopping
 
     def startService(self) -> None:
         """Start the pool (its threads start as work comes)."""

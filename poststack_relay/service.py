@@ -428,6 +428,9 @@ def makeRelayService(
     service.fleet_state = fleet_state
     # Stopped after the drain: waits for translations still running.
     translator.setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
+    # From the drain deadline on (sessions told 421), no translation that
+    # ends is sent: the client will send the message again.
+    factory.deadline_hooks.append(translator.abandon)
     if isinstance(api, HTTPEmailAPI):
         _APIClientService(api, connections).setServiceParent(service)  # type: ignore[no-untyped-call]  # Service: unannotated in Twisted
     if fleet is not None:

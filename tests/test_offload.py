@@ -174,3 +174,26 @@ class StopDuringTranslationTests(TestCase):
         self.assertEqual(await replied, replies.LOCAL_ERROR)
         await stopped
         self.assertEqual(api.sent, [])
+
+    async def test_not_sent_after_the_drain_deadline(self) -> None:
+        """
+        A translation that ends after the drain deadline (its session was
+        told 421 4.3.2 then) but before the pool stops: 451, nothing sent.
+        """
+        pool = TranslationPool(reactor, 1, LARGE)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        api = MemoryEmailAPI()
+        delivery = RelayDelivery(ALICE, api, translator=pool)
+        go = threading.Event()
+        self.addCleanup(go.set)
+        blocker = pool.run(go.wait, 20)
+        replied = delivery.deliver(ENV, flat(400))
+        self.assertFalse(pool.abandoned)
+        pool.abandon()
+        self.assertTrue(pool.abandoned)
+        go.set()
+        with self.assertRaises(CancelledError):
+            await blocker
+        self.assertEqual(await replied, replies.LOCAL_ERROR)
+        self.assertEqual(api.sent, [])

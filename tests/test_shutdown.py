@@ -35,6 +35,7 @@ from zope.interface import implementer
 import twisted.internet
 from poststack_relay import RelayConfig, makeRelayService, tap
 from poststack_relay.api import APIError
+from poststack_relay.offload import TranslationPool
 from poststack_relay.replies import Reply
 from poststack_relay.service import _APIClientService
 from poststack_relay.smtp import CLOSE_LINGER, DRAIN_FAREWELL, RefusalProtocol, RelaySMTP
@@ -359,6 +360,27 @@ class ServiceStopTests(SynchronousTestCase):
         self.assertTrue(pool.running)
         proto.connectionLost(None)
         self.assertFalse(pool.running)
+        self.successResultOf(d)
+
+    def test_translations_abandoned_at_the_deadline(self) -> None:
+        """
+        At the drain deadline (not before) the translation pool is told that
+        no translation ending from then on may be sent: its session was told
+        421 4.3.2, and the pool itself stops only after the drain.
+        """
+        reactor = MemoryReactorClock()
+        service = makeRelayService(self.config(drain_timeout=7), reactor, api=MemoryEmailAPI(api_keys={KEY}))
+        [pool] = [child for child in service if isinstance(child, TranslationPool)]
+        service.startService()
+        proto, transport = self.session(service)
+        proto.dataReceived(LOGIN + b"MAIL FROM:<you@yourdomain.com>\r\n")
+        d = service.stopService()
+        reactor.advance(6.9)
+        self.assertFalse(pool.abandoned)
+        reactor.advance(0.2)
+        self.assertTrue(pool.abandoned)
+        self.assertEqual(lines(transport)[-1], SHUTTING_DOWN)
+        proto.connectionLost(None)
         self.successResultOf(d)
 
     def test_drain_timeout_from_config(self) -> None:

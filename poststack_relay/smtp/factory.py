@@ -10,7 +10,7 @@ graceful shutdown.  A connection past a limit gets a L{RefusalProtocol}
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
@@ -146,6 +146,9 @@ class RelayFactory(smtp.SMTPFactory):
     @ivar stress: the stress policy (L{Stress}): short time-outs and
         shedding past the high-water mark.
     @ivar connection_rate: new connections per minute per client address.
+    @ivar deadline_hooks: called when the drain deadline passes, before the
+        sessions are told C{421 4.3.2} (the translation pool's
+        L{abandon<poststack_relay.offload.TranslationPool.abandon>}).
     """
 
     # What buildProtocol builds (it does not use this: it passes the factory
@@ -175,6 +178,7 @@ class RelayFactory(smtp.SMTPFactory):
         self._drain_done = False
         self._drain_call: Optional[IDelayedCall] = None
         self.authenticator = Authenticator(portal, throttle, self.metrics)
+        self.deadline_hooks: list[Callable[[], None]] = []
         if state is None:
             state = throttle.state if throttle is not None else LocalState(clock)
         self.connection_rate = RateLimit(
@@ -371,6 +375,8 @@ class RelayFactory(smtp.SMTPFactory):
 
     def _drain_expired(self) -> None:
         self._drain_call = None
+        for hook in self.deadline_hooks:
+            hook()
         remaining = list(self.sessions)
         told = [session for session in remaining if session.deadline_passed()]
         _log.info(
