@@ -36,6 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .addresses import address_key
 from .api import APIUnavailable, MailboxSuspended
 from .config import mask_secret
 from .fleet import LocalState
@@ -229,7 +230,9 @@ def throttle_user_key(username: bytes) -> Optional[str]:
     C{poststack} is shared by every API-key user, so counting its failures
     would let one guesser lock every API-key client out; and the password
     (the key) cannot serve as the key either, since a guesser changes it on
-    every try.  API-key logins are throttled per client address only (and
+    every try.  A mailbox is counted under its L{address_key}, so that
+    respelling it (C{xn--} for a U-label, NFD for NFC) gives no fresh
+    count.  API-key logins are throttled per client address only (and
     repeated wrong keys are answered from the negative cache).  Names that
     are neither C{poststack} nor an address can never log in and are not
     worth remembering.
@@ -238,10 +241,13 @@ def throttle_user_key(username: bytes) -> Optional[str]:
         name = username.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    name = name.strip().lower()
-    if name == API_KEY_USERNAME or "@" not in name:
+    name = name.strip()
+    if name.lower() == API_KEY_USERNAME or "@" not in name:
         return None
-    return name
+    # The mailbox's one comparison form (as the sender policy's): every
+    # spelling of one mailbox (case, U-label or A-label domain, local part
+    # NFC or not) shares its counts.
+    return address_key(name)
 
 
 def throttle_client_key(client: str) -> str:

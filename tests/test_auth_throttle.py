@@ -348,12 +348,38 @@ class AuthThrottleUnitTests(SynchronousTestCase):
     def test_user_keys(self) -> None:
         """Mailbox names are throttled lower-cased; poststack (the shared API-key name) and other names are not."""
         self.assertEqual(throttle_user_key(b"Alice@YourDomain.com"), "alice@yourdomain.com")
-        self.assertEqual(throttle_user_key("J\u00f6rg@b\u00fccher.de".encode()), "j\u00f6rg@b\u00fccher.de")
+        self.assertEqual(throttle_user_key("J\u00f6rg@b\u00fccher.de".encode()), "j\u00f6rg@xn--bcher-kva.de")
         self.assertIsNone(throttle_user_key(b"poststack"))
         self.assertIsNone(throttle_user_key(b"PostStack"))
         self.assertIsNone(throttle_user_key(b"admin"))
         self.assertIsNone(throttle_user_key(b"\xff@x.com"))
 
+
+    def test_user_key_spellings(self) -> None:
+        """
+        Every spelling of one mailbox is one key (the policy's address_key):
+        U-label or A-label domain, NFC or NFD local part, case, blanks.
+        """
+        spellings = [
+            "J\u00f6rg@B\u00fccher.example",
+            "j\u00f6rg@xn--bcher-kva.example",
+            "jo\u0308rg@bu\u0308cher.example",
+            " JO\u0308RG@XN--BCHER-KVA.EXAMPLE ",
+            "j\u00f6rg@b\u00fccher\uff0eexample",
+        ]
+        keys = {throttle_user_key(name.encode("utf-8")) for name in spellings}
+        self.assertEqual(keys, {"j\u00f6rg@xn--bcher-kva.example"})
+
+    def test_respelling_gives_no_fresh_count(self) -> None:
+        """A mailbox's failures from an address refuse it from there however it is spelled."""
+        throttle = AuthThrottle(Clock(), per_ip=100, per_user=2)
+        for _ in range(2):
+            throttle.failed("192.0.2.1", throttle_user_key("j\u00f6rg@b\u00fccher.example".encode()))
+        other = throttle_user_key(b"j\xc3\xb6rg@xn--bcher-kva.example")
+        lockout = throttle.refusal("192.0.2.1", other)
+        self.assertIsNotNone(lockout)
+        assert lockout is not None
+        self.assertEqual(lockout.reason, "mailbox")
 
 class ThrottledSessionTests(SynchronousTestCase):
     """The throttle as the SMTP session uses it."""
