@@ -66,6 +66,7 @@ __all__ = [
     "MAX_DOMAIN",
     "MAX_LOCAL_PART",
     "MAX_PATH",
+    "address_domain",
     "address_key",
     "api_address",
     "api_domain",
@@ -206,6 +207,23 @@ def header_address_problem(address: str) -> str | None:
     ):
         return TOO_LONG
     return None
+
+
+def address_domain(value: str) -> str | None:
+    """
+    The domain, lower-cased, of an address or of the address in
+    C{Name <local@domain>} (the API's C{from}); C{None} without one.
+    """
+    value = value.strip()
+    if value.endswith(">") and "<" in value:
+        value = value[value.rindex("<") + 1 : -1]
+    _, at, domain = value.rpartition("@")
+    domain = domain.strip().rstrip(".")
+    if not (at and domain):
+        return None
+    # The API's form (an internationalised domain as A-labels): the same
+    # key for MAIL FROM in UTF-8 and the API's from, and ASCII in replies.
+    return (api_domain(domain) or domain).lower()
 
 
 def bare_address(address: str) -> str:

@@ -112,6 +112,10 @@ LOG_FORMATS = ("text", "json")
 DEFAULT_WORKERS = 1
 # Seconds a quota 429 is remembered per credential (poststack_relay.holds).
 DEFAULT_API_QUOTA_HOLD = 60.0
+# Seconds a sender domain the API refused is remembered per credential
+# (poststack_relay.holds): long enough that a client retrying at once is
+# answered before DATA, short enough that a domain just verified sends soon.
+DEFAULT_SENDER_DOMAIN_HOLD = 60.0
 MAX_WORKERS = 256
 
 
@@ -299,6 +303,11 @@ class RelayConfig:
     @ivar api_quota_hold: seconds a credential's quota 429 is remembered:
         its next C{MAIL FROM}s are answered with that 429's C{451 4.7.0}
         before any DATA (L{poststack_relay.holds}); 0: not remembered.
+    @ivar sender_domain_hold: seconds a sender domain the API refused for
+        a credential (not verified, not the account's, out of the key's
+        scope) is remembered: C{MAIL FROM} on it with that credential gets
+        C{550 5.7.1} before any DATA (L{poststack_relay.holds}); 0: not
+        remembered.
     """
 
     tls_cert: str
@@ -387,6 +396,9 @@ class RelayConfig:
     )
     redis_timeout: float = attrs.field(default=DEFAULT_REDIS_TIMEOUT, validator=_positive)
     api_quota_hold: float = attrs.field(default=DEFAULT_API_QUOTA_HOLD, validator=_not_negative)
+    sender_domain_hold: float = attrs.field(
+        default=DEFAULT_SENDER_DOMAIN_HOLD, validator=_not_negative
+    )
     redis_tls_ca: Optional[str] = None
 
     def __attrs_post_init__(self) -> None:

@@ -41,9 +41,14 @@ __all__ = [
     "OUTCOME_DEFERRED",
     "OUTCOME_REJECTED",
     "OUTCOME_RELAYED",
+    "REFUSED_NOT_OWNED",
+    "REFUSED_NO_DOMAIN",
+    "SENDER_REFUSED_EVENT",
+    "SENDER_REFUSED_FIELDS",
     "TRANSACTION_EVENT",
     "TRANSACTION_FIELDS",
     "RelayDelivery",
+    "log_sender_refusal",
     "log_transaction",
     "transaction_outcome",
 ]
@@ -84,6 +89,56 @@ The fields of every C{smtp_transaction} event besides C{event}, always all
 present (C{None} where they do not apply); documented in
 C{docs/logging.md}.  Their names are stable: log queries rely on them.
 """
+
+
+SENDER_REFUSED_EVENT = "smtp_sender_refused"
+"""The C{event} of a C{MAIL FROM} refused by the sender policy or a hold."""
+
+SENDER_REFUSED_FIELDS = (
+    "session",
+    "client",
+    "identity",
+    "mail_from",
+    "reason",
+    "reply_code",
+    "reply_enhanced",
+    "reply_text",
+)
+"""The fields of every C{smtp_sender_refused} event besides C{event}."""
+
+# Why the sender policy refused a MAIL FROM (the holds' reasons are
+# poststack_relay.holds.HELD_*).
+REFUSED_NO_DOMAIN = "no_domain"
+"""Not an address on a domain (e.g. the SMTP username as the sender)."""
+REFUSED_NOT_OWNED = "not_owned"
+"""A mailbox login's sender is not its own address."""
+
+
+def log_sender_refusal(
+    *, session: str, client: str, identity: str, mail_from: str, reason: str, reply: Reply
+) -> None:
+    """
+    Emit the C{smtp_sender_refused} event of one refused C{MAIL FROM}
+    (fields: L{SENDER_REFUSED_FIELDS}), e.g. C{s1c sender refused
+    client=203.0.113.9 identity=sk_live_ab… from=<a@x.com>
+    reason=sender_domain reply=550 5.7.1: Sender address rejected: ...}.
+    """
+    text = (
+        f"{session} sender refused client={client} identity={identity} from=<{mail_from}> "
+        f"reason={reason} reply={reply.code} {reply.enhanced}: {reply.text}"
+    )
+    _log.info(
+        text.replace("{", "{{").replace("}", "}}"),
+        event=SENDER_REFUSED_EVENT,
+        session=session,
+        client=client,
+        identity=identity,
+        mail_from=mail_from,
+        reason=reason,
+        reply_code=reply.code,
+        reply_enhanced=reply.enhanced,
+        reply_text=reply.text,
+    )
 
 
 def transaction_outcome(reply: Reply, email_id: Optional[str]) -> str:
@@ -199,19 +254,27 @@ class RelayDelivery:
         self._holds = holds
         self._translator = translator
 
-    def validate_sender(self, address: str) -> Optional[Reply]:
+    def validate_sender(self, address: str, session: str = "-", client: str = "-") -> Optional[Reply]:
         """
         Is C{address} (from C{MAIL FROM}) an acceptable envelope sender for
-        this identity?  C{None} if so, else the rejection: the API's 429
-        for this credential while it is remembered
-        (L{poststack_relay.holds}), else the sender policy
-        (L{poststack_relay.policy.envelope_sender_reply}).
+        this identity?  C{None} if so, else the rejection, logged
+        (L{log_sender_refusal}): the sender policy
+        (L{poststack_relay.policy.envelope_sender_reply}), else what the
+        API said about this credential or this sender's domain while it
+        is remembered (L{poststack_relay.holds}).
         """
-        if self._holds is not None:
-            held = self._holds.refusal(self.identity.api_key)
-            if held is not None:
-                return held
-        return policy.envelope_sender_reply(self.identity.mailbox, address)
+        identity = self.identity
+        rejection = policy.envelope_sender_reply(identity.mailbox, address)
+        if rejection is not None:
+            reason = REFUSED_NOT_OWNED if rejection == replies.SENDER_NOT_OWNED else REFUSED_NO_DOMAIN
+        else:
+            held = None if self._holds is None else self._holds.held(identity.api_key, address)
+            if held is None:
+                return None
+            reason, rejection = held
+        log_sender_refusal(session=session, client=client, identity=identity.label,
+                           mail_from=address, reason=reason, reply=rejection)
+        return rejection
 
     def _prepare(self, raw: bytes, envelope: Envelope, scan: Optional[MimeScan]) -> EmailRequest:
         """
@@ -297,7 +360,7 @@ class RelayDelivery:
                     if self._holds is not None:
                         self._holds.learned(
                             identity.api_key, err.status, err.code, err.retry_after, err.reply,
-                            identity.label,
+                            identity.label, err.sender_domain,
                         )
                     return err.reply
                 _log.failure(

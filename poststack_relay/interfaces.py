@@ -76,9 +76,10 @@ class IRelayDelivery(Interface):
 
     identity = Attribute("The L{Identity} that logged in.")
 
-    def validate_sender(address: str) -> Optional[Reply]:
+    def validate_sender(address: str, session: str, client: str) -> Optional[Reply]:
         """
         C{None} if C{address} may be the envelope sender, else the reply.
+        C{session} and C{client} are for the log of a refusal.
         """
 
     def deliver(

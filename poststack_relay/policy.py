@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from . import replies
-from .addresses import address_key, has_dotted_domain
+from .addresses import address_key, has_domain, has_dotted_domain
 from .replies import Reply
 
 __all__ = ["envelope_sender_reply", "from_header_reply", "owns", "sender_header_reply"]
@@ -50,7 +50,10 @@ def envelope_sender_reply(mailbox: str | None, address: str) -> Reply | None:
     if address == "":
         # The null sender: permitted; the From header then names the sender.
         return None
-    if not has_dotted_domain(address):
+    if not (has_domain(address) and has_dotted_domain(address)):
+        # Not an address on a domain: the username, a@localhost,
+        # a@.example.com, no @ at all (RFC 5321 has no Mailbox without a
+        # Domain; MAIL's syntax check leaves these to this rule).
         return replies.SENDER_NO_DOMAIN
     if mailbox is not None and not owns(mailbox, address):
         return replies.SENDER_NOT_OWNED

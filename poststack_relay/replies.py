@@ -387,6 +387,26 @@ def quota_held(text: str) -> Reply:
     return Reply(451, "4.7.0", clean_text(text))
 
 
+def sender_domain_refused(domain: str, status: int, api_message: Optional[str] = None) -> Reply:
+    """
+    The API refused the sender's C{domain} for this credential with
+    C{status} (422: not verified; 404: not the account's; 403: outside the
+    key's scope): after DATA (with the API's C{api_message}), and at
+    C{MAIL FROM} while the relays remember it (L{poststack_relay.holds}).
+    550 5.7.1, a policy refusal (RFC 5321 4.2.3 and 4.3.2: 550 is valid
+    after MAIL and after DATA, 553 after MAIL only; RFC 3463 X.7.1: not
+    authorized), not 5.6.0 (a media error).
+    """
+    if status == 422:
+        why = f"the domain {domain} is not verified in PostStack; verify it (PostStack dashboard, Domains)"
+    elif status == 404:
+        why = f"the domain {domain} is not a PostStack sending domain of this account; add and verify it"
+    else:
+        why = f"this API key may not send from {domain}; use a key allowed to send from it"
+    said = f"PostStack API: {api_message}, HTTP {status}" if api_message else f"PostStack API said HTTP {status} recently"
+    return Reply(550, "5.7.1", clean_text(f"Sender address rejected: {why}, or send from a verified domain ({said})"))
+
+
 def redact(text: str, secrets: Iterable[Optional[str]]) -> str:
     """
     C{text} with every occurrence of each (non-empty) secret replaced.

@@ -394,7 +394,7 @@ def makeRelayService(
     ]
     connections: Optional[HTTPConnectionPool] = None
     fleet_state, fleet = make_fleet_state(config, reactor, metrics)
-    holds = CredentialHolds(fleet_state, config.api_quota_hold)
+    holds = CredentialHolds(fleet_state, config.api_quota_hold, config.sender_domain_hold)
     if api is None:
         # treq over a persistent pool that never retries by itself: POST
         # retries are the relay's decision.

@@ -185,6 +185,10 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str, str]] = [
     ("api-quota-hold", float, "api_quota_hold",
      "seconds a credential's quota 429 is remembered: its next MAIL FROMs get that 451 before "
      f"any DATA; 0: not remembered [default: {_config.DEFAULT_API_QUOTA_HOLD:g}]"),
+    ("sender-domain-hold", float, "sender_domain_hold",
+     "seconds a sender domain the API refused (e.g. not verified) is remembered per credential: "
+     "MAIL FROM on it gets 550 5.7.1 before any DATA; 0: not remembered "
+     f"[default: {_config.DEFAULT_SENDER_DOMAIN_HOLD:g}]"),
     ("redis-url", str, "redis_url",
      "redis://HOST:PORT/DB or rediss://...: share AUTH failure counts and what the API said "
      "about a credential with the other relays of a fleet [default: none, each relay alone]"),

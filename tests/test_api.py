@@ -38,6 +38,7 @@ from poststack_relay.api import (
     body_bytes,
     json_body,
 )
+from poststack_relay.api.answers import refuses_sender_domain
 from poststack_relay.replies import (
     API_BAD_ANSWER,
     API_NO_ANSWER,
@@ -381,12 +382,18 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         )
 
     def test_403_scope(self) -> None:
-        """403 (a domain-scoped key sending from another domain) is 550 5.7.1."""
-        self.assertReply(
-            self.api.send_email(SCOPED_KEY, email(**{"from": "you@anotherdomain.com"})),
-            550,
-            "5.7.1",
-            "PostStack API: API key is not allowed to send from anotherdomain.com",
+        """403 (a domain-scoped key sending from another domain) is 550 5.7.1 naming the domain; the error carries it."""
+        d = self.api.send_email(SCOPED_KEY, email(**{"from": "You <you@AnotherDomain.com>"}))
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual((error.status, error.sender_domain), (403, "anotherdomain.com"))
+        self.assertEqual(
+            error.reply,
+            Reply(
+                550, "5.7.1",
+                "Sender address rejected: this API key may not send from anotherdomain.com; use a key allowed "
+                "to send from it, or send from a verified domain (PostStack API: API key is not allowed to "
+                "send from anotherdomain.com, HTTP 403)",
+            ),
         )
 
     def test_404_template(self) -> None:
@@ -400,13 +407,15 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         )
 
     def test_404_domain(self) -> None:
-        """404 (unknown sender domain) is 554 5.6.0."""
-        self.assertReply(
-            self.api.send_email(FULL_KEY, email(**{"from": "you@unknown.example"})),
-            554,
-            "5.6.0",
-            "PostStack API: Domain not found",
-        )
+        """404 (unknown sender domain) is 550 5.7.1 naming the domain and saying to add it."""
+        d = self.api.send_email(FULL_KEY, email(**{"from": "you@unknown.example"}))
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(error.sender_domain, "unknown.example")
+        self.assertEqual((error.reply.code, error.reply.enhanced), (550, "5.7.1"))
+        self.assertTrue(error.reply.text.startswith(
+            "Sender address rejected: the domain unknown.example is not a PostStack sending domain of this "
+            "account; add and verify it"), error.reply.text)
+        self.assertTrue(error.reply.text.endswith("(PostStack API: Domain not found, HTTP 404)"))
 
     def test_409(self) -> None:
         """409 (same idempotency key, different body) is 554 5.6.0 naming the key reuse."""
@@ -439,13 +448,34 @@ class SendEmailTests(SandboxMixin, SynchronousTestCase):
         )
 
     def test_422_domain(self) -> None:
-        """422 (unverified domain) is 554 5.6.0 with the API's message."""
-        self.assertReply(
-            self.api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"})),
-            554,
-            "5.6.0",
-            "PostStack API: Domain not verified (HTTP 422)",
+        """422 (unverified domain) is 550 5.7.1 naming the domain, saying to verify it, with the API's message."""
+        d = self.api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"}))
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual((error.status, error.sender_domain), (422, "pendingdomain.com"))
+        self.assertEqual(
+            error.reply,
+            Reply(
+                550, "5.7.1",
+                "Sender address rejected: the domain pendingdomain.com is not verified in PostStack; verify it "
+                "(PostStack dashboard, Domains), or send from a verified domain (PostStack API: Domain not "
+                "verified, HTTP 422)",
+            ),
         )
+
+    def test_sender_domain_rule(self) -> None:
+        """Only a 403/404/422 whose message names a domain (or the From domain) refuses the sender's domain."""
+        for status, message, expected in [
+            (422, "Domain not verified", True),
+            (404, "Domain not found", True),
+            (403, "API key is not allowed to send from x.example", True),
+            (422, "Template not published", False),
+            (404, "Template not found", False),
+            (403, "This API key has sending access only", False),
+            (400, "Invalid domain in from", False),
+            (409, "Domain conflict", False),
+        ]:
+            self.assertEqual(refuses_sender_domain(status, message, "x.example"), expected, (status, message))
+        self.assertFalse(refuses_sender_domain(422, "Domain not verified", None))
 
     def test_422_template(self) -> None:
         """422 (unpublished template) is 554 5.6.0 with the API's message."""

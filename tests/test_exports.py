@@ -110,7 +110,7 @@ class TranslateNamesTests(SynchronousTestCase):
         )
         self.assertEqual(
             sorted(addresses.__all__),
-            ["BAD_DOMAIN", "MAX_ADDRESS", "MAX_DOMAIN", "MAX_LOCAL_PART", "MAX_PATH", "address_key",
+            ["BAD_DOMAIN", "MAX_ADDRESS", "MAX_DOMAIN", "MAX_LOCAL_PART", "MAX_PATH", "address_domain", "address_key",
              "api_address", "api_domain", "bare_address", "has_domain",
              "has_dotted_domain", "header_address_problem", "is_header_address", "path_problem"],
         )

@@ -15,7 +15,8 @@ from poststack_relay.auth import Identity
 from poststack_relay.delivery import RelayDelivery
 from poststack_relay.fleet import LocalState
 from poststack_relay.config import DEFAULT_API_QUOTA_HOLD
-from poststack_relay.holds import MAX_RATE_HOLD, CredentialHolds
+from poststack_relay.holds import HELD_QUOTA, HELD_RATE, HELD_SENDER_DOMAIN, MAX_RATE_HOLD, CredentialHolds
+from poststack_relay import replies
 from poststack_relay.replies import Reply, reply_for_status
 from poststack_relay.sandbox import (
     IN_TREE_DATA_PATH,
@@ -111,6 +112,88 @@ class HoldsTests(SynchronousTestCase):
         self.assertNotIn(KEY, repr(held))
 
 
+def unverified(domain: str = "pendingdomain.com") -> APIError:
+    return APIError(reply_for_status(422, {"error": "Domain not verified"}), 422, "unprocessable_entity",
+                    sender_domain=domain)
+
+
+class SenderDomainHoldsTests(SynchronousTestCase):
+    """A sender domain the API refused, held per (key, domain) for sender_domain_hold seconds."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.state = LocalState(self.clock)
+        self.holds = CredentialHolds(self.state, sender_domain_hold=90.0)
+
+    def learn(self, error: APIError, key: str = KEY) -> None:
+        self.holds.learned(key, error.status, error.code, error.retry_after, error.reply, "k",
+                           error.sender_domain)
+
+    def test_held_per_key_and_domain(self) -> None:
+        """The next MAIL FROM on that domain (any local part, any case, a display form) with that key is held; not another domain or key; not after the hold."""
+        self.learn(unverified())
+        reason, reply = self.holds.held(KEY, "Other@PendingDomain.COM") or ("", None)
+        self.assertEqual(reason, HELD_SENDER_DOMAIN)
+        self.assertEqual(
+            reply,
+            Reply(550, "5.7.1", "Sender address rejected: the domain pendingdomain.com is not verified in "
+                  "PostStack; verify it (PostStack dashboard, Domains), or send from a verified domain "
+                  "(PostStack API said HTTP 422 recently)"),
+        )
+        self.assertEqual(self.holds.refusal(KEY, "you@pendingdomain.com"), reply)
+        for key, sender in ((KEY, "you@yourdomain.com"), (OTHER, "you@pendingdomain.com"), (KEY, ""),
+                            (KEY, "poststack")):
+            self.assertIsNone(self.holds.held(key, sender), (key, sender))
+        self.assertIsNone(self.holds.refusal(KEY))  # the credential itself is not held
+        self.clock.advance(89.9)
+        self.assertIsNotNone(self.holds.held(KEY, "you@pendingdomain.com"))
+        self.clock.advance(0.1)
+        self.assertIsNone(self.holds.held(KEY, "you@pendingdomain.com"))
+
+    def test_statuses(self) -> None:
+        """404 and 403 refusals are held with their own text."""
+        for status, words in ((404, "is not a PostStack sending domain of this account"),
+                              (403, "this API key may not send from x.example")):
+            self.learn(APIError(reply_for_status(status, None), status, None, sender_domain="x.example"), OTHER)
+            reply = self.holds.refusal(OTHER, "a@x.example")
+            assert reply is not None
+            self.assertIn(words, reply.text)
+            self.assertIn(f"HTTP {status}", reply.text)
+
+    def test_off_and_not_a_domain_refusal(self) -> None:
+        """sender_domain_hold 0 holds nothing; an API error without a sender domain holds no domain."""
+        off = CredentialHolds(LocalState(self.clock), sender_domain_hold=0.0)
+        off.learned(KEY, 422, None, None, unverified().reply, "k", "pendingdomain.com")
+        self.assertIsNone(off.held(KEY, "you@pendingdomain.com"))
+        self.learn(APIError(reply_for_status(422, {"error": "Template not published"}), 422))
+        self.assertIsNone(self.holds.held(KEY, "you@pendingdomain.com"))
+
+    def test_state_never_holds_the_key_or_domain(self) -> None:
+        """What goes to the (shareable) state is a digest and the status, logged once per new hold."""
+        notes: list[tuple[str, str, float]] = []
+        real = self.state.remember
+        self.state.remember = lambda s, v, t: (notes.append((s, v, t)), real(s, v, t))[1]  # type: ignore[method-assign]  # spy
+        with capturedLogs() as events:
+            self.learn(unverified())
+            self.learn(unverified())
+        self.assertEqual([(v, t) for _, v, t in notes], [("422", 90.0)] * 2)
+        self.assertNotIn("pendingdomain", repr(notes))
+        self.assertNotIn(KEY, repr(notes))
+        held = [e for e in events if e.get("event") == "sender_domain_held"]
+        self.assertEqual(len(held), 1)
+        self.assertEqual((held[0]["domain"], held[0]["status"], held[0]["seconds"]), ("pendingdomain.com", 422, 90.0))
+        self.assertNotIn(KEY, repr(held))
+
+    def test_credential_hold_first(self) -> None:
+        """A held credential answers before its domain: the 429s say more (they hold every domain)."""
+        self.learn(unverified())
+        self.holds.throttled(KEY, 5)
+        self.assertEqual(self.holds.held(KEY, "you@pendingdomain.com")[0], HELD_RATE)  # type: ignore[index]  # not None here
+        error = quota()
+        self.holds.learned(OTHER, error.status, error.code, None, error.reply, "k")
+        self.assertEqual(self.holds.held(OTHER, "you@x.com")[0], HELD_QUOTA)  # type: ignore[index]  # not None here
+
+
 class DeliveryTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -135,6 +218,29 @@ class DeliveryTests(SynchronousTestCase):
         self.assertIsNone(self.other.validate_sender("you@yourdomain.com"))
         self.clock.advance(7)
         self.assertIsNone(self.delivery.validate_sender("you@yourdomain.com"))
+
+    def test_mail_from_refused_after_domain_refusal(self) -> None:
+        """
+        After DATA got the API's refusal of the sender domain, the next
+        MAIL FROM on that domain with that key is refused (and logged); the
+        policy still comes first.
+        """
+        self.api.next_error = unverified()
+        self.successResultOf(self.delivery.deliver(Envelope("you@pendingdomain.com", ("u@example.com",)), RAW))
+        with capturedLogs() as events:
+            held = self.delivery.validate_sender("you@pendingdomain.com", "s1", "192.0.2.1")
+            self.assertEqual(self.delivery.validate_sender("poststack", "s1", "192.0.2.1"),
+                             replies.SENDER_NO_DOMAIN)
+        assert held is not None
+        self.assertEqual((held.code, held.enhanced), (550, "5.7.1"))
+        self.assertIsNone(self.delivery.validate_sender("you@yourdomain.com"))
+        self.assertIsNone(self.other.validate_sender("you@pendingdomain.com"))
+        self.assertEqual(
+            [(e["session"], e["client"], e["reason"], e["mail_from"]) for e in events
+             if e.get("event") == "smtp_sender_refused"],
+            [("s1", "192.0.2.1", "sender_domain", "you@pendingdomain.com"),
+             ("s1", "192.0.2.1", "no_domain", "poststack")],
+        )
 
 
 class ClientTests(SynchronousTestCase):

@@ -45,6 +45,8 @@ from poststack_relay.delivery import (
     IDEMPOTENCY_CLIENT,
     IDEMPOTENCY_DERIVED,
     IDEMPOTENCY_RANDOM,
+    SENDER_REFUSED_EVENT,
+    SENDER_REFUSED_FIELDS,
     TRANSACTION_EVENT,
     TRANSACTION_FIELDS,
     RelayDelivery,
@@ -672,8 +674,9 @@ class DocumentationTests(SynchronousTestCase):
                         names.update(re.findall(r'\bevent="([a-z_]+)"', f.read()))
         self.assertIn("auth_failed", names)
         self.assertGreater(len(names), 20)
-        names.add(TRANSACTION_EVENT)
-        missing = sorted(n for n in names | set(TRANSACTION_FIELDS) if f"`{n}`" not in doc)
+        names.update((TRANSACTION_EVENT, SENDER_REFUSED_EVENT))
+        fields = set(TRANSACTION_FIELDS) | set(SENDER_REFUSED_FIELDS)
+        missing = sorted(n for n in names | fields if f"`{n}`" not in doc)
         self.assertEqual(missing, [])
 
 

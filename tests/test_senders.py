@@ -18,6 +18,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from treq.testing import StubTreq
 
@@ -25,6 +26,8 @@ from poststack_relay.api import HTTPEmailAPI, IEmailAPI
 from poststack_relay.auth import Identity, PostStackChecker, RelayRealm
 from poststack_relay.config import RelayConfig
 from poststack_relay.delivery import RelayDelivery
+from poststack_relay.fleet import LocalState
+from poststack_relay.holds import CredentialHolds
 from poststack_relay.replies import Reply
 from poststack_relay.sandbox import IN_TREE_DATA_PATH, SandboxResource, SandboxStore, load_sandbox_data
 from poststack_relay.smtp import RelayFactory, RelaySMTP
@@ -70,13 +73,16 @@ class Session:
     One SMTP session over a StringTransport against C{api}.
     """
 
-    def __init__(self, api: IEmailAPI, clock: Optional[Clock] = None, **config: Any) -> None:
+    def __init__(
+        self, api: IEmailAPI, clock: Optional[Clock] = None, holds: Optional[CredentialHolds] = None,
+        **config: Any,
+    ) -> None:
         self.clock = clock or Clock()
         cfg = RelayConfig(metrics_listen="off", 
             tls_cert="unused.pem", hostname="relay.test", service_key="sk_test_relay_service", **config
         )
         checker = PostStackChecker(api, self.clock, cfg.service_key)
-        portal = Portal(RelayRealm(lambda i: RelayDelivery(i, api)), [checker])
+        portal = Portal(RelayRealm(lambda i: RelayDelivery(i, api, True, holds)), [checker])
         self.factory = RelayFactory(portal, cfg, self.clock)
         proto = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
         assert isinstance(proto, RelaySMTP)
@@ -123,6 +129,19 @@ class MailboxEnvelopeTests(SynchronousTestCase):
         """MAIL FROM another address, even on the same domain or with a sub-address, is 550 5.7.1."""
         for address in (b"bob@yourdomain.com", b"alice+x@yourdomain.com", b"alice@yourdomain.com.evil.com"):
             self.assertEqual(self.s.send(b"MAIL FROM:<" + address + b">\r\n"), [ENVELOPE_NOT_OWNED])
+
+    def test_refusals_logged_with_reason(self) -> None:
+        """A refused MAIL FROM is one smtp_sender_refused event with its reason: the username as sender, another address."""
+        with capturedLogs() as events:
+            self.s.send(b"MAIL FROM:<poststack>\r\nMAIL FROM:<bob@yourdomain.com>\r\nMAIL FROM:<alice@yourdomain.com>\r\n")
+        refused = [e for e in events if e.get("event") == "smtp_sender_refused"]
+        self.assertEqual(
+            [(e["session"], e["client"], e["identity"], e["mail_from"], e["reason"], e["reply_code"], e["reply_enhanced"])
+             for e in refused],
+            [(self.s.proto.session, "192.0.2.7", MAILBOX, "poststack", "no_domain", 553, "5.1.7"),
+             (self.s.proto.session, "192.0.2.7", MAILBOX, "bob@yourdomain.com", "not_owned", 550, "5.7.1")],
+        )
+        self.assertEqual(refused[1]["reply_text"], ENVELOPE_NOT_OWNED.decode()[10:])
 
     def test_route_does_not_hide_the_address(self) -> None:
         """A source route before another address does not pass as the mailbox."""
@@ -304,6 +323,12 @@ class SenderFieldTests(SynchronousTestCase):
         self.assertEqual(self.refused(raw, "b@c.d"), "Message has more than 1000 header fields; remove some headers")
 
 
+UNVERIFIED = (
+    b"550 5.7.1 Sender address rejected: the domain pendingdomain.com is not verified in PostStack; "
+    b"verify it (PostStack dashboard, Domains), or send from a verified domain"
+)
+
+
 class APIKeyScopeTests(SynchronousTestCase):
     """
     API-key identities: the sender rules are the API's (a domain-scoped key,
@@ -328,19 +353,20 @@ class APIKeyScopeTests(SynchronousTestCase):
         )
         self.api = api
 
-    def session(self, key: str) -> Session:
-        s = Session(self.api, self.clock)
+    def session(self, key: str, holds: Optional[CredentialHolds] = None) -> Session:
+        s = Session(self.api, self.clock, holds)
         s.login("poststack", key)
         return s
 
     def test_scoped_key_other_domain(self) -> None:
-        """A key scoped to yourdomain.com sending from anotherdomain.com gets the API's 403 as 550 5.7.1."""
+        """A key scoped to yourdomain.com sending from anotherdomain.com gets the API's 403 as 550 5.7.1 naming the domain."""
         s = self.session("sk_test_yourdomain_only")
         out = s.transaction("you@anotherdomain.com", message(b"From: you@anotherdomain.com\r\n"))
         self.assertEqual(
             out[-1],
-            b"550 5.7.1 PostStack API: API key is not allowed to send from anotherdomain.com "
-            b"(not permitted for this key or sender domain)",
+            b"550 5.7.1 Sender address rejected: this API key may not send from anotherdomain.com; use a key "
+            b"allowed to send from it, or send from a verified domain (PostStack API: API key is not allowed "
+            b"to send from anotherdomain.com, HTTP 403)",
         )
         self.assertEqual(self.store.emails(), [])
 
@@ -354,13 +380,51 @@ class APIKeyScopeTests(SynchronousTestCase):
         """The API judges the From header, not the envelope: an in-scope envelope does not carry an out-of-scope From."""
         s = self.session("sk_test_yourdomain_only")
         out = s.transaction("you@yourdomain.com", message(b"From: you@anotherdomain.com\r\n"))
-        self.assertTrue(out[-1].startswith(b"550 5.7.1 PostStack API: "), out)
+        self.assertTrue(out[-1].startswith(b"550 5.7.1 Sender address rejected: this API key may not send from anotherdomain.com;"), out)
 
     def test_unverified_domain(self) -> None:
-        """A full-access key sending from an unverified domain gets the API's 422 as 554 5.6.0."""
+        """A full-access key sending from an unverified domain gets the API's 422 as 550 5.7.1 naming the domain and saying to verify it."""
         s = self.session("sk_test_full_access")
         out = s.transaction("you@pendingdomain.com", message(b"From: you@pendingdomain.com\r\n"))
-        self.assertEqual(out[-1], b"554 5.6.0 PostStack API: Domain not verified (HTTP 422)")
+        self.assertEqual(out[-1], UNVERIFIED + b" (PostStack API: Domain not verified, HTTP 422)")
+
+    def test_unverified_domain_held_at_mail_from(self) -> None:
+        """
+        After the API's 422 the next MAIL FROM on that domain with that key is
+        refused 550 5.7.1 before any DATA, and logged with its reason; another
+        domain and another key are not; after --sender-domain-hold it is asked again.
+        """
+        holds = CredentialHolds(LocalState(self.clock), sender_domain_hold=60.0)
+        s = self.session("sk_test_full_access", holds)
+        s.transaction("you@pendingdomain.com", message(b"From: you@pendingdomain.com\r\n"))
+        with capturedLogs() as events:
+            out = s.send(b"MAIL FROM:<Other@PendingDomain.com>\r\n")
+        self.assertEqual(out, [UNVERIFIED + b" (PostStack API said HTTP 422 recently)"])
+        [event] = [e for e in events if e.get("event") == "smtp_sender_refused"]
+        self.assertEqual(
+            {k: event[k] for k in ("mail_from", "reason", "reply_code", "reply_enhanced", "identity")},
+            {"mail_from": "Other@PendingDomain.com", "reason": "sender_domain", "reply_code": 550,
+             "reply_enhanced": "5.7.1", "identity": "sk_test_fu\u2026"},
+        )
+        self.assertNotIn("sk_test_full_access", repr(event))
+        self.assertEqual(s.send(b"MAIL FROM:<you@yourdomain.com>\r\nRSET\r\n"), [b"250 2.1.0 Ok", b"250 2.0.0 Ok"])
+        other = self.session("sk_test_sending_access", holds)
+        self.assertEqual(other.send(b"MAIL FROM:<you@pendingdomain.com>\r\n"), [b"250 2.1.0 Ok"])
+        self.clock.advance(59)
+        self.assertEqual(s.send(b"MAIL FROM:<you@pendingdomain.com>\r\n")[0][:9], b"550 5.7.1")
+        self.clock.advance(1)
+        self.assertEqual(s.send(b"MAIL FROM:<you@pendingdomain.com>\r\n"), [b"250 2.1.0 Ok"])
+
+    def test_template_422_not_held(self) -> None:
+        """A 422 that is not about the domain (an unpublished template) stays 554 5.6.0 and holds nothing."""
+        holds = CredentialHolds(LocalState(self.clock))
+        s = self.session("sk_test_full_access", holds)
+        out = s.transaction(
+            "you@yourdomain.com",
+            message(b"From: you@yourdomain.com\r\nX-PostStack-Template-Id: tpl_draft000000000000000\r\n"),
+        )
+        self.assertEqual(out[-1], b"554 5.6.0 PostStack API: Template not published (HTTP 422)")
+        self.assertEqual(s.send(b"MAIL FROM:<you@yourdomain.com>\r\n"), [b"250 2.1.0 Ok"])
 
     def test_session_usable_after_refusal(self) -> None:
         """After the API's refusal the same session can send within its scope."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from poststack_relay import replies
+from poststack_relay.policy import envelope_sender_reply
 from poststack_relay.smtp.envelope import Sender, mail_parameters_problem, parse_mail, parse_rcpt
 
 LIMIT = 1000
@@ -76,9 +77,12 @@ class ParseMailTests(SynchronousTestCase):
         self.assertEqual(parse_mail(b"FROM:<\xff@b.com>", LIMIT), replies.SENDER_BAD_SYNTAX)
 
     def test_no_domain(self) -> None:
-        """A sender without a usable domain gets the reply that says what a sender must be."""
+        """A sender without a usable domain is left to the sender policy, which refuses it with the reply that says what a sender must be."""
         for address in (b"you", b"you@", b"you@localhost", b"you@.example.com", b"you@[]"):
-            self.assertEqual(parse_mail(b"FROM:<" + address + b">", LIMIT), replies.SENDER_NO_DOMAIN, address)
+            parsed = parse_mail(b"FROM:<" + address + b">", LIMIT)
+            self.assertEqual(parsed, Sender(address.decode(), False), address)
+            assert isinstance(parsed, Sender)
+            self.assertEqual(envelope_sender_reply(None, parsed.address), replies.SENDER_NO_DOMAIN, address)
 
     def test_path_problems(self) -> None:
         """Comments, RFC 5321 length limits and bad characters have their own replies."""

@@ -36,7 +36,7 @@ class FakeDelivery:
         self.rejection = rejection
         self.checked: list[str] = []
 
-    def validate_sender(self, address: str) -> Optional[Reply]:
+    def validate_sender(self, address: str, session: str = "-", client: str = "-") -> Optional[Reply]:
         self.checked.append(address)
         return self.rejection
 
@@ -274,14 +274,17 @@ class TransactionTests(SessionTestCase):
         self.assertIsNone(session.mail_from)
 
     def test_syntax_checked_before_policy(self) -> None:
-        """A MAIL that is bad SMTP syntax is refused without asking the avatar."""
+        """A MAIL that is bad SMTP syntax is refused without asking the avatar; an address without a domain is the avatar's (policy) to refuse."""
         session, shell, delivery = self.logged_in()
         session.line_received(b"MAIL FROM:<a@b.com> FOO=1")
-        session.line_received(b"MAIL FROM:<you>")
+        session.line_received(b"MAIL FROM:<a@b.com")
         self.assertEqual(delivery.checked, [])
+        session.line_received(b"MAIL FROM:<you>")
+        self.assertEqual(delivery.checked, ["you"])
         self.assertEqual(
             shell.written(),
-            [line(replies.UNSUPPORTED_PARAMETER.with_text("Unsupported option: FOO")), line(replies.SENDER_NO_DOMAIN)],
+            [line(replies.UNSUPPORTED_PARAMETER.with_text("Unsupported option: FOO")), line(replies.MAIL_SYNTAX),
+             line(replies.SENDER_OK)],
         )
 
     def test_recipient_limit_is_not_an_error(self) -> None:

@@ -20,6 +20,7 @@ import attrs
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from ..addresses import address_domain
 from ..replies import (
     API_BAD_ANSWER,
     API_BAD_ANSWER_IDEMPOTENT,
@@ -27,6 +28,7 @@ from ..replies import (
     API_SERVICE_KEY_REJECTED,
     api_error_text,
     reply_for_status,
+    sender_domain_refused,
 )
 from .errors import APIError, APIUnavailable, MailboxSuspended
 
@@ -36,6 +38,7 @@ __all__ = [
     "email_id",
     "key_check_outcome",
     "mailbox_outcome",
+    "refuses_sender_domain",
     "send_outcome",
 ]
 
@@ -209,8 +212,29 @@ def mailbox_outcome(answer: Answer, email: str, service_key: str, password: str)
     raise APIUnavailable(f"HTTP {status}")
 
 
+_NAMES_DOMAIN = re.compile(r"\bdomain\b", re.I)
+
+
+def refuses_sender_domain(status: int, message: str, sender_domain: Optional[str]) -> bool:
+    """
+    Does an error answer of C{POST /emails} refuse the sender's domain for
+    this credential?  A 422, 404 or 403 whose message names a domain, or
+    the domain itself: "Domain not verified", "Domain not found", "API key
+    is not allowed to send from example.com".  The other 4xx of those
+    statuses ("Template not published", "Template not found", a key
+    without sending permission) do not.
+    """
+    if sender_domain is None or status not in (403, 404, 422):
+        return False
+    return _NAMES_DOMAIN.search(message) is not None or sender_domain in message.lower()
+
+
 def send_outcome(
-    answer: Answer, api_key: str, service_key: Optional[str], retry_safe: bool
+    answer: Answer,
+    api_key: str,
+    service_key: Optional[str],
+    retry_safe: bool,
+    sender: Any = None,
 ) -> str:
     """
     C{POST /emails}: the email id of the final answer.
@@ -222,6 +246,9 @@ def send_outcome(
     @param retry_safe: the client's resend of the message carries the same
         idempotency key (its own or a derived one: C{EmailRequest.retry_safe}),
         so it cannot be sent twice; for the no-id reply's hint.
+    @param sender: the request's C{from}: an answer that refuses its
+        domain (L{refuses_sender_domain}) is answered with the C{550 5.7.1}
+        naming it, and the L{APIError} carries the domain.
     @raise APIError: with the SMTP reply for any other answer.
     """
     status, body = answer.status, answer.body
@@ -258,6 +285,14 @@ def send_outcome(
             event="api_service_key_rejected",
         )
         raise APIError(API_SERVICE_KEY_REJECTED, status=status, code=code, request_id=request_id)
+    sender_domain = address_domain(sender) if isinstance(sender, str) else None
+    message, _ = api_error_text(body, status, (api_key,))
+    if refuses_sender_domain(status, message, sender_domain):
+        assert sender_domain is not None
+        raise APIError(
+            sender_domain_refused(sender_domain, status, message),
+            status=status, code=code, request_id=request_id, sender_domain=sender_domain,
+        )
     retry_after = None
     if answer.retry_after is not None and answer.retry_after > 0:
         retry_after = str(max(1, math.ceil(answer.retry_after)))

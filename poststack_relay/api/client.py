@@ -342,6 +342,6 @@ class HTTPEmailAPI:
                 raise APIError(API_DOWN if e.reason == "breaker" else API_BUSY) from None
             except AttemptError as e:
                 raise APIError(e.reply) from None
-            return send_outcome(answer, api_key, self._service_key, request.retry_safe)
+            return send_outcome(answer, api_key, self._service_key, request.retry_safe, request.payload.get("from"))
 
         return Deferred.fromCoroutine(send())

@@ -72,6 +72,9 @@ class APIError(Exception):
     @ivar request_id: the API's C{x-request-id}, for support.
     @ivar retry_after: seconds the last answer's C{Retry-After} still asked
         for, if any.
+    @ivar sender_domain: the domain of the message's C{From} when the
+        answer refused it for this credential (not verified, not the
+        account's, out of the key's scope), else C{None}.
     """
 
     reply: Reply
@@ -79,6 +82,7 @@ class APIError(Exception):
     code: Optional[str] = None
     request_id: Optional[str] = None
     retry_after: Optional[float] = None
+    sender_domain: Optional[str] = None
 
     def __str__(self) -> str:
         return f"{self.reply.code} {self.reply.enhanced} {self.reply.text}"

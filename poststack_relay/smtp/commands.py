@@ -75,7 +75,7 @@ def mail(session: Session, arg: bytes) -> None:
         session.reply(sender)
         return
     # Whether this identity may send as this address: the avatar's policy.
-    rejection = delivery.validate_sender(sender.address)
+    rejection = delivery.validate_sender(sender.address, session.id, session.client)
     if rejection is not None:
         session.reply(rejection)
     else:

@@ -117,14 +117,9 @@ def parse_mail(arg: bytes, max_message_size: int) -> Union[Sender, Reply]:
         problem = path_problem(_raw_path(m), address)
         if problem is not None:
             return replies.SENDER_PATH_PROBLEMS[problem]
-        if not has_domain(address):
-            # Path syntax, as for RCPT: RFC 5321 has no Mailbox without a
-            # Domain, nor a Domain that starts with a dot (path_problem
-            # leaves both to its caller).  The reply is the one that says
-            # what a sender must be.  (The sender policy,
-            # policy.envelope_sender_reply, refuses most such addresses
-            # too, but not a@.example.com: it is not a second copy.)
-            return replies.SENDER_NO_DOMAIN
+        # An address without a domain (the SMTP username, a@localhost,
+        # a@.example.com) is left to the sender policy, the one place that
+        # refuses it (policy.envelope_sender_reply, logged with its reason).
     return Sender(address, smtputf8)
 
 

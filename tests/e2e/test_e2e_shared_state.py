@@ -139,6 +139,39 @@ class SharedStateRelayTests(RelayTestCase):
         self.assertEqual(other[0], 250, other)
         self.assertEqual(len(self.stored()), 1)
 
+    async def test_sender_domain_hold_is_shared(self) -> None:
+        """
+        Relay A's message from the unverified pendingdomain.com gets 550
+        5.7.1 after DATA; relay B then refuses that key's MAIL FROM on the
+        domain at once, before any DATA, with the same 550 5.7.1.
+        """
+        b, b_port = await self.second_relay()
+        await self.both_up(self.relay, b)
+        pending = MESSAGE.replace(b"you@yourdomain.com", b"you@pendingdomain.com")
+
+        def on_a() -> tuple[int, bytes]:
+            with self.client(self.port) as c:
+                c.login("poststack", FULL_KEY)
+                c.mail("you@pendingdomain.com")
+                c.rcpt("user@example.com")
+                return c.data(pending)
+
+        code, text = await self.in_thread(on_a)
+        self.assertEqual(code, 550)
+        self.assertIn(b"the domain pendingdomain.com is not verified in PostStack", text)
+        await deferLater(reactor, 0.3, lambda: None)
+
+        def on_b() -> tuple[int, bytes]:
+            with self.client(b_port) as c:
+                c.login("poststack", FULL_KEY)
+                return c.mail("you@pendingdomain.com")
+
+        held = await self.in_thread(on_b)
+        self.assertEqual(held[0], 550)
+        self.assertTrue(held[1].startswith(b"5.7.1 Sender address rejected: the domain pendingdomain.com "), held)
+        self.assertTrue(held[1].endswith(b"(PostStack API said HTTP 422 recently)"), held)
+        self.assertEqual(self.stored(), [])
+
     async def test_redis_gone_mail_flows(self) -> None:
         """
         Redis stopped: mail and failed logins are answered as usual, the

@@ -291,11 +291,13 @@ class PostfixSmarthostTests(InteropTestCase):
         await postfix.wait_queue_empty()
 
         self.assertEqual(bounced.recipient, "user@example.com")
-        self.assertEqual(bounced.dsn, "5.6.0")
+        self.assertEqual(bounced.dsn, "5.7.1")
         self.assertEqual(
             bounced.text,
-            "host localhost[127.0.0.1] said: 554 5.6.0 PostStack API: Domain not verified"
-            " (HTTP 422) (in reply to end of DATA command)",
+            "host localhost[127.0.0.1] said: 550 5.7.1 Sender address rejected: the domain"
+            " pendingdomain.com is not verified in PostStack; verify it (PostStack dashboard, Domains),"
+            " or send from a verified domain (PostStack API: Domain not verified, HTTP 422)"
+            " (in reply to end of DATA command)",
         )
         # Postfix's own bounce notice to the sender (from MAILER-DAEMON@localhost)
         # goes the same way and is refused too: nothing at all is stored.
@@ -323,8 +325,8 @@ class PostfixSmarthostTests(InteropTestCase):
         # The sender reads our reply in the notice.
         self.assertRegex(
             payload["text"],
-            r"<user@example\.com>: host localhost\[127\.0\.0\.1\] said: 554 5\.6\.0 PostStack API:"
-            r"\s+Domain not verified \(HTTP 422\)",
+            r"<user@example\.com>: host localhost\[127\.0\.0\.1\] said: 550 5\.7\.1 Sender address"
+            r"\s+rejected:\s+the\s+domain\s+pendingdomain\.com\s+is\s+not\s+verified\s+in\s+PostStack;\s+verify\s+it",
         )
         self.assertEqual(
             [a["content_type"] for a in payload.get("attachments", [])],
