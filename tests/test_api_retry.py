@@ -393,9 +393,9 @@ class NotRetriedTests(RetryMixin, SynchronousTestCase):
         self.assertEqual(len(self.recorder.seen), 2)
 
     def test_422(self) -> None:
-        """422, from the data or injected, is not retried."""
+        """422, from the data (the sender domain: 550) or injected (554), is not retried."""
         self.assertOneRequest(
-            self.api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"})), 554
+            self.api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"})), 550
         )
         self.sandbox.inject_fault("422")
         d = self.api.send_email(FULL_KEY, email())

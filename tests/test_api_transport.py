@@ -390,7 +390,7 @@ class LoopbackTests(TestCase):
         api = await self.start()
         with self.assertRaises(APIError) as caught:
             await api.send_email(FULL_KEY, email(**{"from": "you@pendingdomain.com"}))
-        self.assertEqual((caught.exception.status, caught.exception.reply.code), (422, 554))
+        self.assertEqual((caught.exception.status, caught.exception.reply.code), (422, 550))
         self.sandbox.inject_fault("429", retry_after="3")
         with self.assertRaises(APIError) as caught:
             await api.send_email(FULL_KEY, email())

@@ -336,7 +336,7 @@ class APIKeyScopeEndToEndTests(RelayTestCase):
     """An API-key identity's sender rules are the API's."""
 
     async def test_scoped_key_other_domain(self) -> None:
-        """A key scoped to yourdomain.com sending from anotherdomain.com gets 550 5.7.1 with the API's text."""
+        """A key scoped to yourdomain.com sending from anotherdomain.com gets 550 5.7.1 naming the domain, with the API's text."""
 
         def send(sender: str) -> tuple[int, str]:
             with smtplib.SMTP_SSL("localhost", self.port, context=self.context(), timeout=30) as s:
@@ -351,8 +351,9 @@ class APIKeyScopeEndToEndTests(RelayTestCase):
             await self.in_thread(send, "you@anotherdomain.com"),
             (
                 550,
-                "5.7.1 PostStack API: API key is not allowed to send from anotherdomain.com "
-                "(not permitted for this key or sender domain)",
+                "5.7.1 Sender address rejected: this API key may not send from anotherdomain.com; use a key "
+                "allowed to send from it, or send from a verified domain (PostStack API: API key is not "
+                "allowed to send from anotherdomain.com, HTTP 403)",
             ),
         )
         self.assertEqual(self.stored(), [])

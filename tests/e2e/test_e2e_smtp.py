@@ -240,7 +240,7 @@ class SMTPSSLTests(RelayTestCase):
         self.assertEqual(self.stored(), [])
 
     async def test_api_422_then_usable(self) -> None:
-        """An API 422 (unverified domain) is a 5xx with the API's text; the session then sends fine."""
+        """An API 422 (unverified domain) is 550 5.7.1 naming the domain, with the API's text; the session then sends fine."""
 
         def send() -> tuple[tuple[int, str], tuple[int, str]]:
             with self.smtp() as s:
@@ -256,9 +256,9 @@ class SMTPSSLTests(RelayTestCase):
                 return bad, good
 
         bad, good = await self.in_thread(send)
-        self.assertEqual(bad[0], 554, bad)
-        self.assertTrue(bad[1].startswith("5.6.0 PostStack API: "), bad)
-        self.assertIn("not verified", bad[1].lower())
+        self.assertEqual(bad[0], 550, bad)
+        self.assertTrue(bad[1].startswith("5.7.1 Sender address rejected: the domain pendingdomain.com "), bad)
+        self.assertIn("(PostStack API: Domain not verified, HTTP 422)", bad[1])
         self.assertEqual(good[0], 250)
         self.assertEqual(len(self.stored()), 1)
 
