@@ -476,6 +476,8 @@ class _RelayProcesses(SynchronousTestCase):
     """
 
     drain_timeout = "20"
+    #: More settings of the relay, as environment variables.
+    relay_env: dict[str, str] = {}
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start C{twistd -n} with C{args}, its output in a file; stopped at clean-up."""
@@ -530,6 +532,7 @@ class _RelayProcesses(SynchronousTestCase):
                 "POSTSTACK_RELAY_HOSTNAME": "localhost",
                 "POSTSTACK_RELAY_DRAIN_TIMEOUT": self.drain_timeout,
                 "POSTSTACK_RELAY_METRICS_LISTEN": "127.0.0.1:0",
+                **self.relay_env,
             },
         )
         wait_for_port(self.port, self.relay)
@@ -610,6 +613,9 @@ class DrainDeadlineProcessTests(_RelayProcesses):
     """
 
     drain_timeout = "2"
+    # 20 logins at once from one address: their checks in flight count
+    # toward the per-address failure limit (10) until answered.
+    relay_env = {"POSTSTACK_RELAY_AUTH_FAILURES_PER_IP": "100"}
 
     def test_every_client_hears_421_at_the_deadline(self) -> None:
         """10 clients waiting on the API after the dot and 10 still in DATA each hear 421 4.3.2 (or 250 had they finished) about 2 s after SIGTERM; the relay exits 0 soon after."""
