@@ -193,11 +193,13 @@ class Server:
         self.out = open(self.log_path + ".out", "wb")
         self.process = subprocess.Popen(
             self.argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT,
-            # S2 opens a connection per message from one address, far past the
-            # default connection rate: the benchmark measures the message path,
-            # not that defence (a relay without the option ignores the variable).
+            # S2 opens a connection (and logs in) per message from one address,
+            # far past the default connection and AUTH rates: the benchmark
+            # measures the message path, not those defences (a relay without
+            # the options ignores the variables).
             env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
-                     POSTSTACK_RELAY_MAX_CONNECTION_RATE_PER_IP="0"),
+                     POSTSTACK_RELAY_MAX_CONNECTION_RATE_PER_IP="0",
+                     POSTSTACK_RELAY_MAX_AUTH_RATE_PER_IP="0"),
         )
         self.pid = self.process.pid  # taskset execs the server: same PID
 
