@@ -104,6 +104,27 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(self.counted("error"), 1.0)
 
+    def test_avatar_crash_is_an_answer(self) -> None:
+        """
+        A realm whose avatar cannot be logged (an embedder's) still gives
+        an outcome (454, logged), never a failed Deferred that would leave
+        the session waiting with its idle timer stopped; the check is no
+        longer in flight.
+        """
+
+        @implementer(IRealm)
+        class NoIdentityRealm:
+            def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+                return interfaces[0], object(), lambda: None
+
+        authenticator = Authenticator(Portal(NoIdentityRealm(), [self.checker]), self.throttle, self.metrics)
+        outcome = self.successResultOf(authenticator.login(b"poststack", SECRET, "s1", "192.0.2.7"))
+        self.assertEqual(outcome, LoginOutcome(replies.AUTH_UNAVAILABLE))
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(self.counted("error"), 1.0)
+        assert self.throttle is not None
+        self.assertIsNone(self.throttle.refusal("192.0.2.7", None))
+
     def test_throttled(self) -> None:
         """Past the client's failure limit a login is refused unchecked with 454 4.7.0."""
         self.checker.answer = lambda c: fail(UnauthorizedLogin())

@@ -203,4 +203,12 @@ class Authenticator:
             )
             return LoginOutcome(reply, failed_login=counted, delay=delay)
 
-        return d.addCallbacks(succeeded, failed)
+        def crashed(failure: Failure) -> LoginOutcome:
+            # Never fail (the session waits for this answer with its idle
+            # timer stopped): e.g. an embedder's realm whose avatar has no
+            # identity to log.
+            _log.failure("credential check crashed", failure, event="auth_crash")
+            metrics.auth["error"].inc()
+            return LoginOutcome(replies.AUTH_UNAVAILABLE)
+
+        return d.addCallbacks(succeeded, failed).addErrback(crashed)
