@@ -277,10 +277,14 @@ class Lockout:
         C{"mailbox"} (this mailbox from this address).
     @ivar seconds: whole seconds (at least 1) until the count that refuses
         it is forgotten, if no failure comes meanwhile.
+    @ivar pending: the limit is reached only with checks still in flight
+        (their answers unknown): the login waits for them
+        (L{AuthThrottle.after_checks}) instead of being refused.
     """
 
     reason: str
     seconds: int
+    pending: bool = False
 
 
 # A mailbox with this many times auth_failures_per_user failures (from
@@ -363,8 +367,10 @@ class AuthThrottle:
             state = LocalState(clock, max_counters=max_keys)
         self.state: IFleetState = state
         self.rate = rate
-        # Checks in flight in this relay, per limited key.
+        # Checks in flight in this relay, per limited key, and the logins
+        # waiting for one of them to answer.
         self._in_flight: dict[str, int] = {}
+        self._waiting: dict[str, list[Deferred[None]]] = {}
 
     def __len__(self) -> int:
         """
@@ -413,12 +419,29 @@ class AuthThrottle:
             # per window for it from each.
             per_user = 1
         for key, count, limit, reason in zip(keys[:2], counts, (self.per_ip, per_user), ("client", "mailbox")):
-            if count + self._in_flight.get(key, 0) >= limit:
-                left = self.state.seconds_left([key])[0] if count >= limit else 0.0
-                # Refused for checks in flight: if they fail, the count
-                # lives a whole window from now.
+            if count >= limit:
+                left = self.state.seconds_left([key])[0]
                 return Lockout(reason, max(1, math.ceil(left if left > 0 else self.window)))
+            if count + self._in_flight.get(key, 0) >= limit:
+                # Only checks in flight would pass the limit: this login
+                # waits for their answers (a burst of correct logins from
+                # one address is not refused; parallel guesses cannot
+                # overshoot the limit).
+                return Lockout(reason, 1, pending=True)
         return None
+
+    def after_checks(self, client: str, user: Optional[str]) -> "Deferred[None]":
+        """
+        A Deferred that fires when one of the checks in flight for
+        C{client} (and C{user}) has answered; then ask L{refusal} again.
+        """
+        waiter: Deferred[None] = Deferred()
+        keys = [key for key in self._keys(client, user)[:2] if self._in_flight.get(key)]
+        if not keys:
+            waiter.callback(None)
+        else:
+            self._waiting.setdefault(keys[0], []).append(waiter)
+        return waiter
 
     def started(self, client: str, user: Optional[str]) -> None:
         """A login passed L{refusal} and is being checked."""
@@ -427,12 +450,16 @@ class AuthThrottle:
 
     def finished(self, client: str, user: Optional[str]) -> None:
         """The check of a login L{started} gave its answer."""
+        woken: list[Deferred[None]] = []
         for key in self._keys(client, user)[:2]:
             left = self._in_flight.get(key, 0) - 1
             if left > 0:
                 self._in_flight[key] = left
             else:
                 self._in_flight.pop(key, None)
+            woken += self._waiting.pop(key, [])
+        for waiter in woken:
+            waiter.callback(None)
 
     def failed(self, client: str, user: Optional[str]) -> float:
         """

@@ -253,19 +253,24 @@ class AuthThrottleUnitTests(SynchronousTestCase):
     def test_checks_in_flight_count(self) -> None:
         """
         Guesses sent in parallel cannot pass the limit before their
-        failures are known: checks in flight count toward it.
+        failures are known: checks in flight count toward it (the login
+        waits for their answers: a pending lock-out, not a refusal).
         """
         t = self.throttle(per_ip=100, per_user=2, window=300.0)
         t.started("192.0.2.1", "alice@x.com")
         t.started("192.0.2.1", "alice@x.com")
         lockout = t.refusal("192.0.2.1", "alice@x.com")
         assert lockout is not None
-        self.assertEqual((lockout.reason, lockout.seconds), ("mailbox", 300))
+        self.assertEqual((lockout.reason, lockout.pending), ("mailbox", True))
+        waiting = t.after_checks("192.0.2.1", "alice@x.com")
+        self.assertNoResult(waiting)
         self.assertIsNone(t.refusal("192.0.2.2", "alice@x.com"))
         t.finished("192.0.2.1", "alice@x.com")
+        self.successResultOf(waiting)
         self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
         t.finished("192.0.2.1", "alice@x.com")
         t.finished("192.0.2.1", "alice@x.com")  # one too many: harmless
+        self.successResultOf(t.after_checks("192.0.2.1", "alice@x.com"))  # none in flight
         self.assertIsNone(t.refusal("192.0.2.1", "alice@x.com"))
 
     def test_delay_follows_the_larger_count(self) -> None:

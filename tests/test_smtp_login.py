@@ -135,6 +135,52 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual(self.checker.checked, checked)
         self.assertEqual(self.counted("throttled"), 1.0)
 
+    def test_burst_of_good_logins_waits_not_refused(self) -> None:
+        """
+        More logins at once from one address than the failure limit, all
+        correct: the ones past the limit wait for the checks in flight
+        (which might have been failures) and then succeed; none is refused.
+        """
+        pending: list[Deferred[Any]] = []
+
+        def answer(credentials: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d
+
+        self.checker.answer = answer
+        results = [self.login() for _ in range(4)]  # per_ip=2
+        self.assertFalse([r for r in results if isinstance(r, replies.Reply)])
+        self.assertEqual(self.checker.checked, 2)
+        while pending:
+            pending.pop(0).callback(b"poststack")
+        self.assertEqual(self.checker.checked, 4)
+        for result in results:
+            self.assertEqual(self.successResultOf(result).reply, replies.AUTH_OK)
+        self.assertFalse(self.counted("throttled"))
+
+    def test_waiting_login_refused_once_checks_in_flight_fail(self) -> None:
+        """
+        Parallel guesses cannot overshoot the limit: a login waiting for
+        checks in flight is refused without a check when they fail.
+        """
+        pending: list[Deferred[Any]] = []
+
+        def answer(credentials: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            return d
+
+        self.checker.answer = answer
+        results = [self.login(password=b"sk_live_wrong_%d" % n) for n in range(3)]
+        self.assertEqual(self.checker.checked, 2)
+        while pending:
+            pending.pop(0).errback(UnauthorizedLogin())
+        self.assertEqual(self.checker.checked, 2)
+        third = self.successResultOf(results[2])
+        self.assertEqual(third.reply.code, 454)
+        self.assertFalse(third.failed_login)
+
     def test_same_guess_again_counts_once(self) -> None:
         """
         The same wrong credentials again with the connection's memory: 535

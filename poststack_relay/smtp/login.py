@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from .. import replies
 from ..api import MailboxSuspended
-from ..auth import AuthThrottle, AuthUnavailable, MailboxLoginsDisabled, throttle_user_key
+from ..auth import AuthThrottle, AuthUnavailable, Lockout, MailboxLoginsDisabled, throttle_user_key
 from ..interfaces import IRelayDelivery
 from ..metrics import RelayMetrics
 from ..replies import Reply
@@ -79,8 +79,8 @@ class Authenticator:
         # stored anywhere else, never the secrets themselves).
         self._pepper = os.urandom(32)
 
-    def _refusal(self, user_key: Optional[str], shown: str, session: str, client: str) -> Optional[Reply]:
-        """The reply refusing a login at once (rate, lock-out), or C{None}."""
+    def _rate_refusal(self, session: str, client: str) -> Optional[Reply]:
+        """The reply refusing a login over the AUTH rate, or C{None}."""
         throttle = self._throttle
         if throttle is None:
             return None
@@ -95,9 +95,10 @@ class Authenticator:
             )
             self._metrics.auth["rate_limited"].inc()
             return replies.auth_rate_limited(wait)
-        lockout = throttle.refusal(client, user_key)
-        if lockout is None:
-            return None
+        return None
+
+    def _lockout_refusal(self, lockout: Lockout, shown: str, session: str, client: str) -> Reply:
+        """The reply refusing a locked-out login, logged and counted."""
         # Refused before the credentials are checked: no API call, and
         # nothing a guesser could learn from.
         _log.info(
@@ -132,14 +133,36 @@ class Authenticator:
             on one connection (smtplib tries PLAIN, then LOGIN) are checked
             but not counted as another guess.
         """
+        refusal = self._rate_refusal(session, client)
+        if refusal is not None:
+            return refusal
+        return self._check(username, password, session, client, tried)
+
+    def _check(
+        self,
+        username: bytes,
+        password: bytes,
+        session: str,
+        client: str,
+        tried: Optional[set[bytes]],
+    ) -> Union[Reply, "Deferred[LoginOutcome]"]:
+        """L{login} past the AUTH rate: the lock-outs, then the check."""
         shown = username_label(username)
         throttle = self._throttle
         metrics = self._metrics
         user_key = throttle_user_key(username)
-        refusal = self._refusal(user_key, shown, session, client)
-        if refusal is not None:
-            return refusal
         if throttle is not None:
+            lockout = throttle.refusal(client, user_key)
+            if lockout is not None and lockout.pending:
+                # Only checks in flight would pass the limit: wait for one
+                # of them to answer, then decide again.
+                def again(_: None) -> Union[LoginOutcome, "Deferred[LoginOutcome]"]:
+                    result = self._check(username, password, session, client, tried)
+                    return LoginOutcome(result) if isinstance(result, Reply) else result
+
+                return throttle.after_checks(client, user_key).addCallback(again)
+            if lockout is not None:
+                return self._lockout_refusal(lockout, shown, session, client)
             throttle.started(client, user_key)
         digest = hmac.new(self._pepper, username + b"\0" + password, hashlib.sha256).digest()
         d = self._portal.login(UsernamePassword(username, password), None, IRelayDelivery)
@@ -165,8 +188,15 @@ class Authenticator:
             return LoginOutcome(replies.AUTH_OK, delivery=avatar)
 
         def failed(failure: Failure) -> LoginOutcome:
-            if throttle is not None:
-                throttle.finished(client, user_key)
+            try:
+                return answer(failure)
+            finally:
+                # After the failure is counted: the logins waiting for this
+                # check decide with it.
+                if throttle is not None:
+                    throttle.finished(client, user_key)
+
+        def answer(failure: Failure) -> LoginOutcome:
             delay = 0.0
             counted = False
             error = failure.value
